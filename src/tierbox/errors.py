@@ -1,0 +1,96 @@
+"""One error hierarchy for tierbox.
+
+Every error tierbox raises derives from :class:`TierboxError`; foreign errors
+are translated at the boundary with ``raise ... from exc``::
+
+    TierboxError
+    ├── UsageError                 bad input from the caller (CLI exit code 2)
+    │   ├── SpecError              malformed spec: memory string, limits, command
+    │   ├── UnknownTierError       a tier name that does not exist
+    │   └── ImageNotFoundError     an image that is not in the store
+    ├── TierUnavailableError       the tier exists but cannot run on this host
+    ├── ImageError                 store corruption, digest mismatch, bad archive
+    │   └── UnsafeImageError       a hostile archive: ../ paths, escaping links, devices
+    ├── CommandError               an external command failed (argv, exit code, stderr)
+    ├── SandboxError               a sandbox operation failed
+    │   ├── SandboxNotFoundError   no sandbox with that id
+    │   ├── SandboxClosedError     the sandbox was already closed
+    │   └── NotSupportedError      the tier cannot do this (e.g. snapshot)
+    └── HostError                  the host lacks something (cgroups, mounts)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TierboxError(Exception):
+    """Root of every error tierbox raises."""
+
+
+class UsageError(TierboxError):
+    """The caller asked for something malformed; the CLI exits with code 2."""
+
+
+class SpecError(UsageError):
+    """A sandbox spec, limit string or command is malformed."""
+
+
+class UnknownTierError(UsageError):
+    """A tier name that tierbox does not know."""
+
+
+class ImageNotFoundError(UsageError):
+    """The image is not in the store."""
+
+
+class TierUnavailableError(TierboxError):
+    """The tier exists but cannot run on this host; the message says why."""
+
+
+class ImageError(TierboxError):
+    """The image store or an image archive is broken."""
+
+
+class UnsafeImageError(ImageError):
+    """An image archive tried to write outside its root or create devices."""
+
+
+class HostError(TierboxError):
+    """The host lacks a facility tierbox needs (cgroups, mount namespaces)."""
+
+
+class SandboxError(TierboxError):
+    """A sandbox operation failed."""
+
+
+class SandboxNotFoundError(SandboxError, UsageError):
+    """No sandbox with that id exists."""
+
+
+class SandboxClosedError(SandboxError):
+    """The sandbox was closed already."""
+
+
+class NotSupportedError(SandboxError):
+    """The tier cannot perform this operation."""
+
+
+class CommandError(TierboxError):
+    """An external command failed; carries its argv, exit code and stderr."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int | None,
+        stderr: str,
+        *,
+        message: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        what = message or f"command failed: {' '.join(self.argv)}"
+        code = "timed out" if returncode is None else f"exit code {returncode}"
+        tail = stderr.strip()[-2000:]
+        super().__init__(f"{what} ({code})" + (f": {tail}" if tail else ""))

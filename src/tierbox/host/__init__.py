@@ -1,0 +1,1 @@
+"""Host facilities: the command runner, cgroups, mount namespaces, process capture."""

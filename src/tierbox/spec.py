@@ -1,0 +1,245 @@
+"""The data model shared by every tier: specs, limits, results and how runs end."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierbox.errors import SpecError
+
+DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20  # 1 MiB per stream, like a terminal scrollback
+
+
+class NetworkPolicy(enum.StrEnum):
+    """What network a sandbox gets. ``none`` means loopback only (the default)."""
+
+    NONE = "none"
+    HOST = "host"
+
+
+class TerminationKind(enum.StrEnum):
+    """How a run ended."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    OOM_KILLED = "oom_killed"
+    TIMED_OUT = "timed_out"
+    CPU_LIMIT = "cpu_limit"
+    OUTPUT_LIMIT = "output_limit"
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How a run ended, with the evidence that says so.
+
+    ``evidence`` holds counter values and limits, e.g. ``{"limit_mib": 64,
+    "peak_mib": 64.0, "oom_kill": 1}`` for an OOM kill.
+    """
+
+    kind: TerminationKind
+    exit_code: int | None = None
+    signal: int | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shell_status(self) -> int:
+        """The exit status a shell would report: code, or 128+signal."""
+        if self.kind is TerminationKind.EXITED and self.exit_code is not None:
+            return self.exit_code
+        if self.kind is TerminationKind.OOM_KILLED:
+            return 137
+        if self.signal is not None:
+            return 128 + self.signal
+        if self.kind is TerminationKind.TIMED_OUT:
+            return 124
+        return self.exit_code if self.exit_code is not None else 1
+
+    def describe(self) -> str:
+        """One line a person can read."""
+        ev = ", ".join(f"{k}={v}" for k, v in self.evidence.items())
+        base = {
+            TerminationKind.EXITED: f"exited with code {self.exit_code}",
+            TerminationKind.SIGNALED: f"killed by signal {self.signal}",
+            TerminationKind.OOM_KILLED: "killed: out of memory",
+            TerminationKind.TIMED_OUT: "killed: timed out",
+            TerminationKind.CPU_LIMIT: "stopped: CPU budget exhausted",
+            TerminationKind.OUTPUT_LIMIT: "killed: output limit exceeded",
+        }[self.kind]
+        return f"{base} ({ev})" if ev else base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "evidence": self.evidence,
+        }
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What one command produced; stdout and stderr are capped at the output limit."""
+
+    stdout: bytes
+    stderr: bytes
+    termination: Termination
+    duration_s: float
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """Shell-style status: the exit code, or 128+signal, 137 on OOM."""
+        return self.termination.shell_status
+
+    @property
+    def ok(self) -> bool:
+        return self.termination.kind is TerminationKind.EXITED and self.termination.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stdout": self.stdout.decode(errors="replace"),
+            "stderr": self.stderr.decode(errors="replace"),
+            "exit_code": self.exit_code,
+            "termination": self.termination.to_dict(),
+            "duration_s": round(self.duration_s, 6),
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+        }
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Resource use of a sandbox right now."""
+
+    memory_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    cpu_s: float | None = None
+    pids: int | None = None
+    oom_kills: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memory_bytes": self.memory_bytes,
+            "memory_peak_bytes": self.memory_peak_bytes,
+            "cpu_s": self.cpu_s,
+            "pids": self.pids,
+            "oom_kills": self.oom_kills,
+        }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits. ``None`` means no limit from tierbox.
+
+    ``output_bytes`` caps each of stdout and stderr; the run is stopped and
+    reported as ``output_limit`` when a stream exceeds it.
+    """
+
+    memory_mib: int | None = 256
+    cpus: float | None = None
+    pids: int | None = 128
+    timeout_s: float | None = 60.0
+    disk_mib: int | None = None
+    output_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.memory_mib is not None and self.memory_mib < 4:
+            raise SpecError(f"memory_mib={self.memory_mib} is too small: give at least 4 MiB")
+        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
+            raise SpecError(f"cpus={self.cpus} is out of range: give a number like 0.5 or 2")
+        if self.pids is not None and self.pids < 1:
+            raise SpecError(f"pids={self.pids} must be at least 1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise SpecError(f"timeout_s={self.timeout_s} must be positive")
+        if self.output_bytes < 1:
+            raise SpecError(f"output_bytes={self.output_bytes} must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memory_mib": self.memory_mib,
+            "cpus": self.cpus,
+            "pids": self.pids,
+            "timeout_s": self.timeout_s,
+            "disk_mib": self.disk_mib,
+            "output_bytes": self.output_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Limits:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a tier needs to create a sandbox."""
+
+    image: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    network: NetworkPolicy = NetworkPolicy.NONE
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    user: str | None = None  # "uid[:gid]"; None means the tier's non-root default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "limits": self.limits.to_dict(),
+            "network": self.network.value,
+            "env": self.env,
+            "workdir": self.workdir,
+            "user": self.user,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxSpec:
+        return cls(
+            image=data.get("image"),
+            limits=Limits.from_dict(data.get("limits", {})),
+            network=NetworkPolicy(data.get("network", "none")),
+            env=dict(data.get("env", {})),
+            workdir=data.get("workdir", "/"),
+            user=data.get("user"),
+        )
+
+
+_SIZE_UNITS = {
+    "": 1 / (1024 * 1024),  # bare numbers are bytes, as in docker --memory
+    "b": 1 / (1024 * 1024),
+    "k": 1 / 1024,
+    "kb": 1 / 1024,
+    "kib": 1 / 1024,
+    "m": 1,
+    "mb": 1,
+    "mib": 1,
+    "g": 1024,
+    "gb": 1024,
+    "gib": 1024,
+}
+
+
+def parse_memory_mib(text: str) -> int:
+    """Parse ``256m``, ``1g``, ``512MiB`` (Docker style) into MiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise SpecError(f"bad memory size {text!r}: use a number with a unit, like 256m or 1g")
+    mib = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if mib < 1:
+        raise SpecError(f"memory size {text!r} is below 1 MiB: did you forget the unit (256m)?")
+    return int(mib)
+
+
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """Parse ``10s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _TIME_UNITS:
+        raise SpecError(f"bad duration {text!r}: use a number with a unit, like 10s, 500ms or 2m")
+    value = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise SpecError(f"duration {text!r} must be positive")
+    return value

@@ -1,0 +1,481 @@
+"""The ``container`` tier (crun, runc as fallback) and the OCI machinery it
+shares with the ``gvisor`` tier.
+
+A sandbox is an OCI bundle whose rootfs is an overlayfs over the image's
+read-only unpacked layers, placed in a child of the sandbox's tierbox cgroup
+(so OOM counters survive the runtime deleting its own cgroup). One-shot runs
+use ``<runtime> run`` with the workload as PID 1, which is exactly what the raw
+engine does; long-lived sandboxes run catatonit as PID 1 and ``exec`` into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import (
+    CommandError,
+    HostError,
+    SandboxClosedError,
+    SandboxError,
+    SpecError,
+    TierUnavailableError,
+)
+from tierbox.host import capture, mntns
+from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.host.procs import kill_tree
+from tierbox.host.runner import run, which
+from tierbox.paths import MARKER, run_dir
+from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
+from tierbox.tiers import _state, oci
+from tierbox.tiers.base import Availability, Instance, Tier
+from tierbox.tiers.outcome import classify
+
+INIT_BINARY = "/usr/bin/catatonit"  # Debian package catatonit: static, reaps zombies
+
+
+def container_id(sandbox_id: str) -> str:
+    return f"{MARKER}-{sandbox_id}"
+
+
+def _version(binary: str) -> str:
+    try:
+        out = run([binary, "--version"], timeout_s=10).stdout.decode()
+    except CommandError:
+        return ""
+    return out.splitlines()[0] if out else ""
+
+
+class OciInstance(Instance):
+    """A long-lived OCI container: PID 1 is an init, work arrives by ``exec``."""
+
+    def __init__(self, tier: OciTier, sandbox_id: str, spec: SandboxSpec, state: dict[str, Any]) -> None:
+        self.tier = tier
+        self.tier_name = tier.name
+        self.id = sandbox_id
+        self.spec = spec
+        self.cg = SandboxCgroup(relpath=state["cgroup"], version=cgroup_version())
+        self.dir = Path(state["dir"])
+        self.init_pid = int(state["init_pid"])
+        self.image_env: dict[str, str] = dict(state.get("image_env", {}))
+        self.cwd: str = state.get("cwd", "/")
+        self._counter = itertools.count()
+        self._closed = False
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "cgroup": self.cg.relpath,
+            "dir": str(self.dir),
+            "init_pid": self.init_pid,
+            "image_env": self.image_env,
+            "cwd": self.cwd,
+        }
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if not argv:
+            raise SpecError("no command given: pass the program and its arguments")
+        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        n = next(self._counter)
+        proc_file = self.dir / f"exec-{os.getpid()}-{threading.get_native_id()}-{n}.json"
+        pid_file = proc_file.with_suffix(".pid")
+        oci.write_json(
+            proc_file,
+            oci.process_json(argv, self.spec, env=self.tier.merged_env(self.image_env, self.spec, env), cwd=self.cwd),
+        )
+        cmd = [*self.tier.runtime_argv(), "exec", *self.tier.exec_pid_args(pid_file)]
+        cmd += ["--process", str(proc_file), container_id(self.id)]
+        before = self.cg.oom_kills()
+        started = time.monotonic()
+        proc = self.tier.popen(
+            self.cg,
+            cmd,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+        def _kill() -> None:
+            self.tier.kill_exec(self, pid_file)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+        try:
+            cap = capture.communicate(
+                proc,
+                stdin=stdin,
+                timeout_s=timeout,
+                output_bytes=self.spec.limits.output_bytes,
+                kill=_kill,
+                started=started,
+            )
+        finally:
+            proc_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
+        result = classify(
+            cap,
+            limits=self.spec.limits,
+            timeout_s=timeout,
+            cg=self.cg,
+            oom_kills_before=before,
+            status_from_runtime=True,
+        )
+        self.tier.check_runtime_failure(cap.returncode, cap.stderr, argv)
+        return result
+
+    # ---- files -------------------------------------------------------------
+    def _container_root(self) -> Path:
+        return Path(f"/proc/{self.init_pid}/root")
+
+    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._check_open()
+        uid, gid = oci.parse_user(self.spec.user)
+        root = self._container_root() if _on_tmpfs(path) else self.dir / "rootfs"
+        target = _state.safe_join(root, path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            target.chmod(mode)
+            os.chown(target, uid, gid)
+        except OSError as exc:
+            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def get_file(self, path: str) -> bytes:
+        self._check_open()
+        try:
+            return _state.safe_join(self._container_root(), path).read_bytes()
+        except OSError as exc:
+            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def list_dir(self, path: str) -> list[str]:
+        self._check_open()
+        try:
+            return sorted(os.listdir(_state.safe_join(self._container_root(), path)))
+        except OSError as exc:
+            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+
+    def stats(self) -> Stats:
+        return self.cg.stats()
+
+    def close(self) -> Termination | None:
+        if self._closed:
+            return None
+        self._closed = True
+        self.tier.delete_container(self.id)
+        self.tier.release(self.id, self.cg, self.dir)
+        return None
+
+
+def _on_tmpfs(path: str) -> bool:
+    norm = "/" + path.strip("/")
+    return any(norm == p or norm.startswith(p + "/") for p in ("/tmp", "/dev/shm"))
+
+
+class OciTier(Tier):
+    """Shared machinery of tiers driven by an OCI runtime binary."""
+
+    #: subclasses set these
+    runtime: str = ""
+    instance_cls = OciInstance
+    seccomp = True
+
+    # ---- runtime specifics (overridden by gvisor) --------------------------
+    def runtime_argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def exec_pid_args(self, pid_file: Path) -> list[str]:
+        return ["--pid-file", str(pid_file)]
+
+    def kill_exec(self, inst: OciInstance, pid_file: Path) -> None:
+        """Stop one exec'd process tree (its host pid is in ``pid_file``)."""
+        with contextlib.suppress(OSError, ValueError):
+            kill_tree(int(pid_file.read_text().strip()))
+
+    def check_runtime_failure(self, returncode: int, stderr: bytes, argv: Sequence[str]) -> None:
+        """Turn a runtime's own failure (not the workload's) into an error."""
+        text = stderr.decode(errors="replace")
+        if returncode != 0 and ("executable file not found" in text or "No such file or directory" in text):
+            first = text.strip().splitlines()[-1] if text.strip() else ""
+            if "exec" in first or "executable" in first:
+                raise SandboxError(f"command not found in the sandbox: {argv[0]!r} ({first})")
+
+    def cgroups_path(self, cg: SandboxCgroup) -> str | None:
+        """None when the runtime is told to manage no cgroups and is started
+        inside ours; then the workload is charged to our cgroup directly,
+        where the v1 OOM counter (which does not propagate to parents) lands."""
+        return None
+
+    def popen(self, cg: SandboxCgroup, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start the runtime; with cgroups_path None it starts inside ``cg``."""
+        if self.cgroups_path(cg) is None:
+            return cg.popen(argv, **kwargs)
+        return subprocess.Popen(list(argv), **kwargs)
+
+    def _start_detached(self, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path) -> None:
+        """``run --detach``. Output goes to a file, not a pipe: the container's
+        init inherits the runtime's stdio and would hold a pipe open forever."""
+        argv = [*self.runtime_argv(), "run", "--detach", "--pid-file", str(pid_file), "--bundle", str(d), cid]
+        log = d / "runtime.log"
+        with open(log, "wb") as out:
+            proc = self.popen(cg, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise CommandError(argv, None, log.read_text(errors="replace")) from None
+        if rc != 0:
+            raise CommandError(argv, rc, log.read_text(errors="replace"), message=f"{self.runtime} could not start {cid}")
+
+    # ---- shared life cycle -------------------------------------------------
+    def image_config(self, spec: SandboxSpec) -> tuple[Path, dict[str, str], str, list[str], list[str]]:
+        """(rootfs, env, cwd, entrypoint, cmd) of the spec's image."""
+        from tierbox.images.store import default_store
+
+        if not spec.image:
+            raise SpecError(f"the {self.name} tier needs an image: e.g. busybox")
+        store = default_store()
+        record = store.resolve(spec.image)
+        rootfs = store.rootfs(spec.image)
+        cfg = record.config
+        cwd = spec.workdir if spec.workdir != "/" else (cfg.workdir or "/")
+        return rootfs, dict(cfg.env), cwd, list(cfg.entrypoint), list(cfg.cmd)
+
+    def merged_env(
+        self, image_env: Mapping[str, str], spec: SandboxSpec, extra: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        env = {"PATH": oci.DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
+        env.update(image_env)
+        env.update(spec.env)
+        if extra:
+            env.update(extra)
+        return env
+
+    def _prepare(self, spec: SandboxSpec) -> tuple[str, Path, SandboxCgroup, Path, dict[str, str], str, list[str]]:
+        """Make the sandbox dir, cgroup and overlay rootfs. Returns
+        (id, dir, cgroup, rootfs mountpoint, image env, cwd, default argv)."""
+        lower, image_env, cwd, entrypoint, cmd = self.image_config(spec)
+        self.runtime_argv()  # creates the runtime namespace before we mount under it
+        sandbox_id = _state.new_id()
+        d = _state.sandbox_dir(sandbox_id)
+        merged = d / "rootfs"
+        for sub in ("upper", "work", "rootfs"):
+            (d / sub).mkdir(parents=True)
+        cg: SandboxCgroup | None = None
+        try:
+            cg = SandboxCgroup.create(sandbox_id, spec.limits)
+            cg.enable_child_controllers()
+            mntns.mount_overlay(lower, d / "upper", d / "work", merged)
+        except BaseException:
+            self.release(sandbox_id, cg, d)
+            raise
+        return sandbox_id, d, cg, merged, image_env, cwd, entrypoint + cmd
+
+    def release(self, sandbox_id: str, cg: SandboxCgroup | None, d: Path) -> None:
+        """Undo _prepare: cgroup, mount, directory (deleted off the hot path)."""
+        if cg is not None:
+            cg.destroy()
+        for m in mntns.mounts_under(d):
+            mntns.umount(m)
+        _discard_dir(d)
+
+    def _argv(self, argv: Sequence[str], entrypoint_cmd: list[str], spec: SandboxSpec) -> list[str]:
+        if argv:
+            return list(argv)
+        if entrypoint_cmd:
+            return entrypoint_cmd
+        raise SpecError(f"no command given and image {spec.image} has no default command")
+
+    def run(self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None) -> ExecResult:
+        """One-shot: the workload is PID 1 of a fresh container."""
+        sandbox_id, d, cg, merged, image_env, cwd, default = self._prepare(spec)
+        exited = False  # the runtime deletes its container itself once PID 1 is reaped
+        try:
+            process = oci.process_json(
+                self._argv(argv, default, spec), spec, env=self.merged_env(image_env, spec, None), cwd=cwd
+            )
+            config = oci.bundle_config(
+                rootfs=merged,
+                process=process,
+                spec=spec,
+                cgroups_path=self.cgroups_path(cg),
+                hostname=MARKER,
+                seccomp=self.seccomp,
+            )
+            oci.write_json(d / "config.json", config)
+            cid = container_id(sandbox_id)
+            started = time.monotonic()
+            proc = self.popen(
+                cg,
+                [*self.runtime_argv(), "run", "--bundle", str(d), cid],
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            cap = capture.communicate(
+                proc,
+                stdin=stdin,
+                timeout_s=spec.limits.timeout_s,
+                output_bytes=spec.limits.output_bytes,
+                kill=cg.kill_all,
+                started=started,
+            )
+            exited = True
+            result = classify(
+                cap,
+                limits=spec.limits,
+                timeout_s=spec.limits.timeout_s,
+                cg=cg,
+                oom_kills_before=0,
+                status_from_runtime=True,
+            )
+            self.check_runtime_failure(cap.returncode, cap.stderr, argv or default)
+            return result
+        finally:
+            if not exited:
+                self.delete_container(sandbox_id)
+            self.release(sandbox_id, cg, d)
+
+    def create(self, spec: SandboxSpec) -> OciInstance:
+        sandbox_id, d, cg, merged, image_env, cwd, _default = self._prepare(spec)
+        cid = container_id(sandbox_id)
+        try:
+            process = oci.process_json(
+                [oci.INIT_PATH, "-P"], spec, env=self.merged_env(image_env, spec, None), cwd="/"
+            )
+            config = oci.bundle_config(
+                rootfs=merged,
+                process=process,
+                spec=spec,
+                cgroups_path=self.cgroups_path(cg),
+                hostname=MARKER,
+                init_source=INIT_BINARY,
+                seccomp=self.seccomp,
+            )
+            oci.write_json(d / "config.json", config)
+            pid_file = d / "init.pid"
+            self._start_detached(cg, d, cid, pid_file)
+            state = {
+                "cgroup": cg.relpath,
+                "dir": str(d),
+                "init_pid": int(pid_file.read_text().strip()),
+                "image_env": image_env,
+                "cwd": cwd,
+            }
+        except BaseException:
+            self.delete_container(sandbox_id)
+            self.release(sandbox_id, cg, d)
+            raise
+        return self.instance_cls(self, sandbox_id, spec, state)
+
+    def attach(self, sandbox_id: str, state: dict[str, Any]) -> OciInstance:
+        return self.instance_cls(self, sandbox_id, SandboxSpec.from_dict(state["spec"]), state)
+
+    def delete_container(self, sandbox_id: str) -> None:
+        run(
+            [*self.runtime_argv(), "delete", "--force", container_id(sandbox_id)],
+            check=False,
+            timeout_s=30,
+        )
+
+    def reap(self) -> list[str]:
+        """Delete containers named tierbox-* that no live sandbox owns."""
+        removed = []
+        live = {s["id"] for s in _state.list_states() if s.get("owner_alive", True)}
+        state_root = self.state_root()
+        if state_root.is_dir():
+            for entry in state_root.iterdir():
+                if entry.name.startswith(MARKER + "-") and entry.name[len(MARKER) + 1 :] not in live:
+                    self.delete_container(entry.name[len(MARKER) + 1 :])
+                    removed.append(f"{self.runtime} container {entry.name}")
+        return removed
+
+    def state_root(self) -> Path:
+        return run_dir() / self.runtime
+
+
+_trash_lock = threading.Lock()
+
+
+def _discard_dir(d: Path) -> None:
+    """Remove a sandbox dir off the hot path: rename into trash (instant),
+    delete in a background thread. ``tierbox gc`` empties trash a crash left."""
+    trash = d.parent / ".trash"  # same filesystem and mount: rename cannot fail with EXDEV
+    trash.mkdir(parents=True, exist_ok=True)
+    target = trash / f"{d.name}-{time.monotonic_ns()}"
+    try:
+        os.rename(d, target)
+    except OSError:
+        shutil.rmtree(d, ignore_errors=True)
+        return
+    threading.Thread(target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False).start()
+
+
+class ContainerTier(OciTier):
+    name = "container"
+    isolation = (
+        "namespaces (pid, net, ipc, uts, mount, cgroup), no capabilities, seccomp, "
+        "non-root, read-only root; shares the host kernel"
+    )
+
+    @cache  # noqa: B019 - one tier object per process
+    def _engine(self) -> tuple[str, str]:
+        """(runtime name, path): crun, else runc."""
+        for name in ("crun", "runc"):
+            path = which(name)
+            if path:
+                return name, path
+        raise TierUnavailableError("no OCI runtime: apt-get install crun (or runc)")
+
+    @property
+    def runtime(self) -> str:  # type: ignore[override]
+        return self._engine()[0]
+
+    def runtime_argv(self) -> list[str]:
+        name, path = self._engine()
+        root = str(self.state_root())
+        if name == "crun":
+            return [*mntns.runtime_prefix(), path, "--root", root, "--cgroup-manager=disabled"]
+        return [path, "--root", root]
+
+    def cgroups_path(self, cg: SandboxCgroup) -> str | None:
+        # runc has no "manage no cgroups" mode: it gets a child of ours, and on
+        # cgroup v1 an OOM kill of a non-init process may then go uncounted.
+        return None if self.runtime == "crun" else cg.child_relpath
+
+    def available(self) -> Availability:
+        try:
+            name, path = self._engine()
+            cgroup_version()
+        except (TierUnavailableError, HostError) as exc:
+            return Availability(False, str(exc))
+        if not Path(INIT_BINARY).exists():
+            return Availability(False, "catatonit is missing: apt-get install catatonit", engine=name)
+        why = f"{name} (OCI runtime)"
+        if name == "crun" and mntns.hybrid_cgroups():
+            why += " in a private mount namespace hiding the hybrid cgroup2 mount"
+        return Availability(True, why, engine=name, version=_version(path))
+

@@ -1,0 +1,205 @@
+"""OCI runtime bundles (config.json) for the container and gvisor tiers.
+
+Written in Python from the runtime-spec, with the hardening Docker and Podman
+apply by default: non-root user, no capabilities, no_new_privs, the standard
+seccomp profile, masked /proc paths, read-only root, loopback-only network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import HostError, SpecError
+from tierbox.spec import NetworkPolicy, SandboxSpec
+
+SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
+DEFAULT_USER = (65534, 65534)  # nobody:nogroup
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INIT_PATH = "/.tierbox/init"  # where the long-lived sandbox's init is bind-mounted
+
+MASKED_PATHS = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/dev/block",
+]
+READONLY_PATHS = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+]
+
+
+def parse_user(user: str | None) -> tuple[int, int]:
+    if user is None:
+        return DEFAULT_USER
+    uid_s, _, gid_s = user.partition(":")
+    try:
+        uid = int(uid_s)
+        gid = int(gid_s) if gid_s else uid
+    except ValueError as exc:
+        raise SpecError(f"bad user {user!r}: give a numeric uid[:gid], like 1000:1000") from exc
+    return uid, gid
+
+
+_DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+@cache
+def seccomp_profile() -> dict[str, Any]:
+    """The standard default profile, converted from Docker's JSON format to
+    the OCI one for a process holding no capabilities on this architecture."""
+    try:
+        raw = json.loads(SECCOMP_PROFILE.read_text())
+    except OSError as exc:
+        raise HostError(
+            f"{SECCOMP_PROFILE} is missing: apt-get install golang-github-containers-common"
+        ) from exc
+    arch = _DOCKER_ARCH.get(platform.machine(), platform.machine())
+    kernel = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+    architectures: list[str] = []
+    for entry in raw.get("archMap", []):
+        if entry["architecture"] == f"SCMP_ARCH_{platform.machine().upper()}":
+            architectures = [entry["architecture"], *entry.get("subArchitectures", [])]
+    syscalls = []
+    for rule in raw["syscalls"]:
+        inc = rule.get("includes") or {}
+        exc = rule.get("excludes") or {}
+        if inc.get("caps"):  # needs a capability we never grant
+            continue
+        if inc.get("arches") and arch not in inc["arches"]:
+            continue
+        if exc.get("arches") and arch in exc["arches"]:
+            continue
+        if inc.get("minKernel"):
+            want = tuple(int(x) for x in inc["minKernel"].split(".")[:2])
+            if kernel < want:
+                continue
+        out: dict[str, Any] = {"names": rule["names"], "action": rule["action"]}
+        if rule.get("args"):
+            out["args"] = rule["args"]
+        if "errnoRet" in rule:
+            out["errnoRet"] = rule["errnoRet"]
+        syscalls.append(out)
+    profile: dict[str, Any] = {
+        "defaultAction": raw["defaultAction"],
+        "architectures": architectures,
+        "syscalls": syscalls,
+    }
+    if "defaultErrnoRet" in raw:
+        profile["defaultErrnoRet"] = raw["defaultErrnoRet"]
+    return profile
+
+
+def process_json(
+    argv: Sequence[str],
+    spec: SandboxSpec,
+    *,
+    env: Mapping[str, str],
+    cwd: str,
+) -> dict[str, Any]:
+    uid, gid = parse_user(spec.user)
+    return {
+        "terminal": False,
+        "user": {"uid": uid, "gid": gid},
+        "args": list(argv),
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "cwd": cwd,
+        "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+        "noNewPrivileges": True,
+        "rlimits": [
+            {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
+            {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+        ],
+    }
+
+
+def bundle_config(
+    *,
+    rootfs: Path,
+    process: dict[str, Any],
+    spec: SandboxSpec,
+    cgroups_path: str | None,
+    hostname: str,
+    init_source: str | None = None,
+    seccomp: bool = True,
+) -> dict[str, Any]:
+    """The whole config.json. ``init_source``: host binary bind-mounted at
+    INIT_PATH as PID 1 of a long-lived sandbox. ``cgroups_path`` None: the
+    runtime manages no cgroup; the container stays in the one it was started in."""
+    tmp_mib = spec.limits.disk_mib or 64
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"],
+        },
+    ]
+    if init_source is not None:
+        mounts.append(
+            {"destination": INIT_PATH, "type": "bind", "source": init_source, "options": ["bind", "ro", "nosuid"]}
+        )
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    if spec.network is NetworkPolicy.NONE:
+        namespaces.append({"type": "network"})
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+        "maskedPaths": MASKED_PATHS,
+        "readonlyPaths": READONLY_PATHS,
+    }
+    if cgroups_path is not None:
+        linux["cgroupsPath"] = "/" + cgroups_path
+    if seccomp:
+        linux["seccomp"] = seccomp_profile()
+    return {
+        "ociVersion": "1.0.2",
+        "process": process,
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)

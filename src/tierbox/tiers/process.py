@@ -1,0 +1,175 @@
+"""The ``process`` tier: a plain host process in its own cgroup.
+
+This tier gives NO isolation: the workload sees the host filesystem, host
+processes and the network, and runs as the calling user. It exists as the
+baseline rung: limits (memory, pids, cpu, wall clock, output) still hold,
+through a per-sandbox cgroup and rlimits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import HostError, SandboxClosedError, SandboxError
+from tierbox.host import capture
+from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
+from tierbox.tiers import _state
+from tierbox.tiers.base import Availability, Instance, Tier
+from tierbox.tiers.outcome import classify
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NOFILE_LIMIT = 4096  # root lacks CAP_SYS_RESOURCE here; stay below the host's hard cap
+
+
+def _apply_rlimits(pid: int, spec: SandboxSpec) -> None:
+    """rlimits cgroups do not cover. Applied right after spawn: Python offers no
+    race-free hook short of ``preexec_fn``, which triples spawn time; the cgroup
+    (joined before the child exists) carries the limits that matter."""
+    with contextlib.suppress(OSError):
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+        soft = NOFILE_LIMIT if hard == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, soft))
+        if spec.limits.disk_mib is not None:
+            size = spec.limits.disk_mib * 1024 * 1024
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))
+
+
+class ProcessInstance(Instance):
+    tier_name = "process"
+
+    def __init__(self, sandbox_id: str, spec: SandboxSpec, cg: SandboxCgroup, workdir: Path) -> None:
+        self.id = sandbox_id
+        self.spec = spec
+        self.cg = cg
+        self.workdir = workdir
+        self._closed = False
+
+    def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        env = {"PATH": DEFAULT_PATH, "HOME": str(self.workdir), "LANG": "C.UTF-8"}
+        env.update(self.spec.env)
+        if extra:
+            env.update(extra)
+        return env
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if not argv:
+            raise SandboxError("no command given: pass the program and its arguments")
+        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        before = self.cg.oom_kills()
+        started = time.monotonic()
+        try:
+            proc = self.cg.popen(
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env(env),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise SandboxError(f"command not found: {argv[0]!r}") from exc
+        except PermissionError as exc:
+            raise SandboxError(f"command not executable: {argv[0]!r}") from exc
+        _apply_rlimits(proc.pid, self.spec)
+        cap = capture.communicate(
+            proc,
+            stdin=stdin,
+            timeout_s=timeout,
+            output_bytes=self.spec.limits.output_bytes,
+            kill=self.cg.kill_all,
+            started=started,
+        )
+        # Children that outlived the main process (daemonized) die with the run.
+        if self.cg.pids():
+            self.cg.kill_all()
+        return classify(
+            cap,
+            limits=self.spec.limits,
+            timeout_s=timeout,
+            cg=self.cg,
+            oom_kills_before=before,
+            status_from_runtime=False,
+        )
+
+    def _path(self, path: str) -> Path:
+        return _state.safe_join(self.workdir, path)
+
+    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        target.chmod(mode)
+
+    def get_file(self, path: str) -> bytes:
+        try:
+            return self._path(path).read_bytes()
+        except OSError as exc:
+            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._path(path)))
+        except OSError as exc:
+            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def stats(self) -> Stats:
+        return self.cg.stats()
+
+    def state(self) -> dict[str, Any]:
+        return {"cgroup": self.cg.relpath, "workdir": str(self.workdir)}
+
+    def close(self) -> Termination | None:
+        if self._closed:
+            return None
+        self._closed = True
+        self.cg.destroy()
+        shutil.rmtree(self.workdir.parent, ignore_errors=True)
+        return None
+
+
+class ProcessTier(Tier):
+    name = "process"
+    isolation = "none: host filesystem, processes and network are visible; limits via cgroup"
+
+    def available(self) -> Availability:
+        try:
+            version = cgroup_version()
+        except HostError as exc:
+            return Availability(False, str(exc), engine="subprocess")
+        return Availability(True, f"subprocess with cgroup v{version} limits", engine="subprocess")
+
+    def create(self, spec: SandboxSpec) -> ProcessInstance:
+        sandbox_id = _state.new_id()
+        workdir = _state.sandbox_dir(sandbox_id) / "work"
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            cg = SandboxCgroup.create(sandbox_id, spec.limits)
+        except BaseException:
+            _state.remove_dir(sandbox_id)
+            raise
+        return ProcessInstance(sandbox_id, spec, cg, workdir)
+
+    def attach(self, sandbox_id: str, state: dict[str, Any]) -> ProcessInstance:
+        cg = SandboxCgroup(relpath=state["cgroup"], version=cgroup_version())
+        spec = SandboxSpec.from_dict(state["spec"])
+        return ProcessInstance(sandbox_id, spec, cg, Path(state["workdir"]))
