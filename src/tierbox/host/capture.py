@@ -54,6 +54,7 @@ def communicate(
         if f is not None:
             os.set_blocking(f.fileno(), False)
             sel.register(f.fileno(), selectors.EVENT_READ)
+    in_fd = proc.stdin.fileno() if proc.stdin is not None else -3
     pending = memoryview(stdin or b"")
     if proc.stdin is not None:
         if pending:
@@ -70,7 +71,7 @@ def communicate(
                 break
             for key, _ in sel.select(wait):
                 fd = key.fd
-                if proc.stdin is not None and fd == proc.stdin.fileno():
+                if fd == in_fd and proc.stdin is not None:
                     try:
                         n = os.write(fd, pending[:65536])
                         pending = pending[n:]

@@ -217,6 +217,11 @@ class SandboxCgroup:
             return _read_keyed(CGROUP_ROOT / self.relpath / "memory.events").get("oom_kill", 0)
         return _read_keyed(self._dir("memory") / "memory.oom_control").get("oom_kill", 0)
 
+    def pids_max_hits(self) -> int:
+        """Forks refused because the pids limit was reached (pids.events "max")."""
+        d = CGROUP_ROOT / self.relpath if self.version == 2 else self._dir("pids")
+        return _read_keyed(d / "pids.events").get("max", 0)
+
     def memory_limit_bytes(self) -> int | None:
         if self.version == 2:
             return _read_int(CGROUP_ROOT / self.relpath / "memory.max")

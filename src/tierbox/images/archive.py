@@ -40,24 +40,23 @@ def inspect_archive(path: Path, wanted: str | None = None) -> ArchiveInfo:
     """
     where = f"archive {path.name}"
     try:
-        tar = tarfile.open(path, mode="r:*")
+        with tarfile.open(path, mode="r:*") as tar:
+            scanner = TarScanner()
+            members: dict[str, tarfile.TarInfo] = {}
+            for member in tar:
+                scanner.check(member, where)
+                members[clean_member_name(member.name, where)] = member
+            if "manifest.json" in members:
+                manifest = _read_json(tar, members["manifest.json"], where)
+                return _docker_info(manifest, wanted, where)
+            if "oci-layout" in members and "index.json" in members:
+                index = _read_json(tar, members["index.json"], where)
+                return _oci_info(index, wanted, where)
     except (OSError, tarfile.TarError) as exc:
         raise ImageError(
-            f"{path} is not a tar archive ({exc}): expected `docker save`, `podman save` "
-            "or `skopeo copy ... oci-archive:` output"
+            f"{path} is not a readable tar archive ({exc}): expected `docker save`, "
+            "`podman save` or `skopeo copy ... oci-archive:` output"
         ) from exc
-    with tar:
-        scanner = TarScanner()
-        members: dict[str, tarfile.TarInfo] = {}
-        for member in tar:
-            scanner.check(member, where)
-            members[clean_member_name(member.name, where)] = member
-        if "manifest.json" in members:
-            manifest = _read_json(tar, members["manifest.json"], where)
-            return _docker_info(manifest, wanted, where)
-        if "oci-layout" in members and "index.json" in members:
-            index = _read_json(tar, members["index.json"], where)
-            return _oci_info(index, wanted, where)
     raise ImageError(
         f"{path} is neither a docker-archive (no manifest.json) nor an oci-archive "
         "(no oci-layout/index.json)"

@@ -150,10 +150,16 @@ def debootstrap(
 
 
 def tidy(rootfs: Path) -> None:
-    """Drop what a container image should not carry: device nodes, downloaded .debs, apt lists.
+    """Drop what an image should not carry: device nodes, .debs, apt lists, this host's name.
 
     Runtimes populate /dev themselves, and the image scanner refuses device nodes.
+    debootstrap copies the host's /etc/hostname and /etc/resolv.conf; runtimes
+    provide their own.
     """
+    for name, text in (("hostname", "localhost\n"), ("resolv.conf", "")):
+        path = rootfs / "etc" / name
+        path.unlink(missing_ok=True)  # never write through a symlink to the host
+        path.write_text(text)
     for sub in ("dev", "var/cache/apt/archives", "var/lib/apt/lists"):
         directory = rootfs / sub
         if not directory.is_dir():

@@ -25,6 +25,46 @@ def sandbox_dir(sandbox_id: str) -> Path:
     return sandboxes_dir() / sandbox_id
 
 
+def _proc_start(pid: int) -> str:
+    """Start time of ``pid`` in clock ticks: (pid, start) names a process uniquely."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return ""
+
+
+def claim(sandbox_id: str) -> None:
+    """Mark the sandbox as owned by this process. ``tierbox gc`` treats a
+    sandbox whose owner died (and that is not persistent) as a leftover."""
+    pid = os.getpid()
+    (sandbox_dir(sandbox_id) / "owner").write_text(f"{pid} {_proc_start(pid)}")
+
+
+def is_live(sandbox_id: str) -> bool:
+    """Persistent (created by ``tierbox sandbox create``) or its owner lives."""
+    d = sandbox_dir(sandbox_id)
+    try:
+        state = json.loads((d / "state.json").read_text())
+        if state.get("persistent"):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        pid_s, _, start = (d / "owner").read_text().partition(" ")
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return False
+    return _proc_start(pid) == start and start != ""
+
+
+def live_ids() -> set[str]:
+    base = sandboxes_dir()
+    if not base.is_dir():
+        return set()
+    return {d.name for d in base.iterdir() if not d.name.startswith(".") and is_live(d.name)}
+
+
 def write_state(sandbox_id: str, state: dict[str, Any]) -> None:
     d = sandbox_dir(sandbox_id)
     d.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,10 @@ class Instance(abc.ABC):
     def snapshot(self) -> SnapshotRef:
         raise NotSupportedError(f"the {self.tier_name} tier cannot snapshot a sandbox")
 
+    def state(self) -> dict[str, Any]:
+        """What ``Tier.attach`` needs to reconnect from another process."""
+        return {}
+
     @abc.abstractmethod
     def close(self) -> Termination | None:
         """Stop the sandbox and release everything it holds. Idempotent."""
@@ -119,6 +123,7 @@ class Tier(abc.ABC):
     def restore(self, snap: SnapshotRef) -> Instance:
         raise NotSupportedError(f"the {self.name} tier cannot restore snapshots")
 
-    def reap(self) -> list[str]:
-        """Remove leftovers of crashed runs of this tier; return what was removed."""
+    def reap(self, live: set[str]) -> list[str]:
+        """Remove this tier's leftovers of sandboxes whose id is not in ``live``
+        (crashed runs); return a line per thing removed."""
         return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -35,12 +36,14 @@ from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.procs import kill_tree
 from tierbox.host.runner import run, which
 from tierbox.paths import MARKER, run_dir
-from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
+from tierbox.spec import ExecResult, Limits, SandboxSpec, Stats, Termination
 from tierbox.tiers import _state, oci
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.outcome import classify
 
-INIT_BINARY = "/usr/bin/catatonit"  # Debian package catatonit: static, reaps zombies
+INIT_BINARY = "/usr/bin/catatonit"
+_NOT_FOUND = re.compile(r"executable file .* not found|error finding executable|exec(ve)? .*: No such file")
+_CID = re.compile(rf"{MARKER}-([0-9a-f]{{12}})")  # Debian package catatonit: static, reaps zombies
 
 
 def container_id(sandbox_id: str) -> str:
@@ -98,11 +101,18 @@ class OciInstance(Instance):
         pid_file = proc_file.with_suffix(".pid")
         oci.write_json(
             proc_file,
-            oci.process_json(argv, self.spec, env=self.tier.merged_env(self.image_env, self.spec, env), cwd=self.cwd),
+            oci.process_json(
+                argv,
+                self.spec,
+                env=self.tier.merged_env(self.image_env, self.spec, env),
+                cwd=self.cwd,
+                rlimits=self.tier.process_rlimits(self.spec),
+            ),
         )
         cmd = [*self.tier.runtime_argv(), "exec", *self.tier.exec_pid_args(pid_file)]
         cmd += ["--process", str(proc_file), container_id(self.id)]
         before = self.cg.oom_kills()
+        hits = self.cg.pids_max_hits()
         started = time.monotonic()
         proc = self.tier.popen(
             self.cg,
@@ -136,6 +146,7 @@ class OciInstance(Instance):
             timeout_s=timeout,
             cg=self.cg,
             oom_kills_before=before,
+            pids_hits_before=hits,
             status_from_runtime=True,
         )
         self.tier.check_runtime_failure(cap.returncode, cap.stderr, argv)
@@ -214,12 +225,13 @@ class OciTier(Tier):
             kill_tree(int(pid_file.read_text().strip()))
 
     def check_runtime_failure(self, returncode: int, stderr: bytes, argv: Sequence[str]) -> None:
-        """Turn a runtime's own failure (not the workload's) into an error."""
-        text = stderr.decode(errors="replace")
-        if returncode != 0 and ("executable file not found" in text or "No such file or directory" in text):
-            first = text.strip().splitlines()[-1] if text.strip() else ""
-            if "exec" in first or "executable" in first:
-                raise SandboxError(f"command not found in the sandbox: {argv[0]!r} ({first})")
+        """Turn the runtime's own "no such executable" (not the workload's
+        failure) into an error, as Docker does with exit status 127."""
+        if returncode in (0, 2) or returncode > 128:
+            return
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        if lines and _NOT_FOUND.search(lines[-1]):
+            raise SandboxError(f"command not found in the sandbox: {argv[0]!r} ({lines[-1].strip()})")
 
     def cgroups_path(self, cg: SandboxCgroup) -> str | None:
         """None when the runtime is told to manage no cgroups and is started
@@ -233,10 +245,22 @@ class OciTier(Tier):
             return cg.popen(argv, **kwargs)
         return subprocess.Popen(list(argv), **kwargs)
 
-    def _start_detached(self, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path) -> None:
+    def cgroup_limits(self, spec: SandboxSpec) -> Limits:
+        """Limits for the host cgroup; engines with their own overhead add to it."""
+        return spec.limits
+
+    def process_rlimits(self, spec: SandboxSpec) -> list[dict[str, Any]]:
+        """Extra OCI rlimits for the workload."""
+        return []
+
+    def global_args(self, spec: SandboxSpec) -> list[str]:
+        """Runtime flags that depend on the sandbox (runsc's --network)."""
+        return []
+
+    def _start_detached(self, spec: SandboxSpec, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path) -> None:
         """``run --detach``. Output goes to a file, not a pipe: the container's
         init inherits the runtime's stdio and would hold a pipe open forever."""
-        argv = [*self.runtime_argv(), "run", "--detach", "--pid-file", str(pid_file), "--bundle", str(d), cid]
+        argv = [*self.runtime_argv(), *self.global_args(spec), "run", "--detach", "--pid-file", str(pid_file), "--bundle", str(d), cid]
         log = d / "runtime.log"
         with open(log, "wb") as out:
             proc = self.popen(cg, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
@@ -283,9 +307,10 @@ class OciTier(Tier):
         merged = d / "rootfs"
         for sub in ("upper", "work", "rootfs"):
             (d / sub).mkdir(parents=True)
+        _state.claim(sandbox_id)
         cg: SandboxCgroup | None = None
         try:
-            cg = SandboxCgroup.create(sandbox_id, spec.limits)
+            cg = SandboxCgroup.create(sandbox_id, self.cgroup_limits(spec))
             cg.enable_child_controllers()
             mntns.mount_overlay(lower, d / "upper", d / "work", merged)
         except BaseException:
@@ -314,7 +339,11 @@ class OciTier(Tier):
         exited = False  # the runtime deletes its container itself once PID 1 is reaped
         try:
             process = oci.process_json(
-                self._argv(argv, default, spec), spec, env=self.merged_env(image_env, spec, None), cwd=cwd
+                self._argv(argv, default, spec),
+                spec,
+                env=self.merged_env(image_env, spec, None),
+                cwd=cwd,
+                rlimits=self.process_rlimits(spec),
             )
             config = oci.bundle_config(
                 rootfs=merged,
@@ -329,7 +358,7 @@ class OciTier(Tier):
             started = time.monotonic()
             proc = self.popen(
                 cg,
-                [*self.runtime_argv(), "run", "--bundle", str(d), cid],
+                [*self.runtime_argv(), *self.global_args(spec), "run", "--bundle", str(d), cid],
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -364,7 +393,11 @@ class OciTier(Tier):
         cid = container_id(sandbox_id)
         try:
             process = oci.process_json(
-                [oci.INIT_PATH, "-P"], spec, env=self.merged_env(image_env, spec, None), cwd="/"
+                [oci.INIT_PATH, "-P"],
+                spec,
+                env=self.merged_env(image_env, spec, None),
+                cwd="/",
+                rlimits=self.process_rlimits(spec),
             )
             config = oci.bundle_config(
                 rootfs=merged,
@@ -377,7 +410,7 @@ class OciTier(Tier):
             )
             oci.write_json(d / "config.json", config)
             pid_file = d / "init.pid"
-            self._start_detached(cg, d, cid, pid_file)
+            self._start_detached(spec, cg, d, cid, pid_file)
             state = {
                 "cgroup": cg.relpath,
                 "dir": str(d),
@@ -401,16 +434,15 @@ class OciTier(Tier):
             timeout_s=30,
         )
 
-    def reap(self) -> list[str]:
-        """Delete containers named tierbox-* that no live sandbox owns."""
+    def reap(self, live: set[str]) -> list[str]:
+        """Delete containers named tierbox-<id> whose sandbox is not live."""
         removed = []
-        live = {s["id"] for s in _state.list_states() if s.get("owner_alive", True)}
         state_root = self.state_root()
         if state_root.is_dir():
-            for entry in state_root.iterdir():
-                if entry.name.startswith(MARKER + "-") and entry.name[len(MARKER) + 1 :] not in live:
-                    self.delete_container(entry.name[len(MARKER) + 1 :])
-                    removed.append(f"{self.runtime} container {entry.name}")
+            dead = {m.group(1) for e in state_root.iterdir() if (m := _CID.search(e.name))} - live
+            for sandbox_id in sorted(dead):
+                self.delete_container(sandbox_id)
+                removed.append(f"{self.runtime} container {container_id(sandbox_id)}")
         return removed
 
     def state_root(self) -> Path:

@@ -112,6 +112,7 @@ def process_json(
     *,
     env: Mapping[str, str],
     cwd: str,
+    rlimits: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     uid, gid = parse_user(spec.user)
     return {
@@ -125,6 +126,7 @@ def process_json(
         "rlimits": [
             {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
             {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+            *rlimits,
         ],
     }
 

@@ -23,6 +23,9 @@ def cgroup_evidence(cg: SandboxCgroup | None, limits: Limits) -> dict[str, Any]:
     ev: dict[str, Any] = {}
     if limits.memory_mib is not None:
         ev["limit_mib"] = limits.memory_mib
+    cg_limit = cg.memory_limit_bytes()
+    if limits.memory_mib is not None and cg_limit is not None and cg_limit // MIB != limits.memory_mib:
+        ev["cgroup_limit_mib"] = cg_limit // MIB  # workload limit plus the engine's own overhead
     if st.memory_peak_bytes is not None:
         ev["peak_mib"] = round(st.memory_peak_bytes / MIB, 1)
     return ev
@@ -36,6 +39,7 @@ def classify(
     cg: SandboxCgroup | None,
     oom_kills_before: int,
     status_from_runtime: bool,
+    pids_hits_before: int = 0,
 ) -> ExecResult:
     """Build the ExecResult. ``status_from_runtime``: the return code came from an
     OCI runtime, which reports a signal death as 128+signal rather than -signal."""
@@ -63,6 +67,10 @@ def classify(
         term = Termination(TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig)})
     else:
         term = Termination(TerminationKind.EXITED, exit_code=rc)
+    pids_hits = (cg.pids_max_hits() - pids_hits_before) if cg is not None else 0
+    if pids_hits > 0:
+        term.evidence["pids_max_hits"] = pids_hits
+        term.evidence["pids_limit"] = limits.pids
     return ExecResult(
         stdout=cap.stdout,
         stderr=cap.stderr,

@@ -75,6 +75,7 @@ class ProcessInstance(Instance):
             raise SandboxError("no command given: pass the program and its arguments")
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
         before = self.cg.oom_kills()
+        hits = self.cg.pids_max_hits()
         started = time.monotonic()
         try:
             proc = self.cg.popen(
@@ -108,11 +109,14 @@ class ProcessInstance(Instance):
             timeout_s=timeout,
             cg=self.cg,
             oom_kills_before=before,
+            pids_hits_before=hits,
             status_from_runtime=False,
         )
 
     def _path(self, path: str) -> Path:
-        return _state.safe_join(self.workdir, path)
+        """No isolation means no private filesystem: absolute paths are host
+        paths, relative ones live in the sandbox's working directory (its cwd)."""
+        return Path(path) if path.startswith("/") else _state.safe_join(self.workdir, path)
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         target = self._path(path)
@@ -162,6 +166,7 @@ class ProcessTier(Tier):
         sandbox_id = _state.new_id()
         workdir = _state.sandbox_dir(sandbox_id) / "work"
         workdir.mkdir(parents=True, exist_ok=True)
+        _state.claim(sandbox_id)
         try:
             cg = SandboxCgroup.create(sandbox_id, spec.limits)
         except BaseException:

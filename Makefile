@@ -1,0 +1,31 @@
+# tierbox: `make run` and `make test` each do all set-up on a fresh Debian 12 machine.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup:
+	bash scripts/setup.sh
+
+# The main job on built-in defaults: the same workload on every available tier,
+# ending with a comparison table.
+run: setup
+	$(PY) -m tierbox.cli bench --quick
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Skip the suites marked slow (they still run in `make test` and CI).
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint:
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	-$(PY) -m tierbox.cli gc --all

@@ -1,0 +1,360 @@
+"""The ``tierbox`` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tierbox import gc as gc_mod
+from tierbox.errors import SandboxError, TierboxError, UsageError
+from tierbox.sandbox import DEFAULT_TIER, Sandbox, make_spec
+from tierbox.sandbox import run as run_once
+from tierbox.spec import ExecResult, TerminationKind, parse_duration_s, parse_memory_mib
+from tierbox.tiers import get_tier, tier_names
+
+app = typer.Typer(
+    help="Run one workload on any rung of the isolation ladder: process, container, "
+    "gvisor, microvm, vm, wasm.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sandbox_app = typer.Typer(help="Long-lived sandboxes: create, exec, cp, ls, stats, rm.", no_args_is_help=True)
+image_app = typer.Typer(help="The image store: ls, inspect, rm, import, bootstrap.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(image_app, name="image")
+
+out = Console()
+err = Console(stderr=True)
+PASSTHROUGH = {"allow_interspersed_args": False}
+
+TierOpt = Annotated[str, typer.Option("--tier", "-t", help=f"One of: {', '.join(tier_names())}.")]
+MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Memory limit, e.g. 256m or 1g.")]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU limit in cores, e.g. 0.5.")]
+PidsOpt = Annotated[int, typer.Option("--pids", help="Maximum number of processes.")]
+TimeoutOpt = Annotated[str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s, 500ms, 2m.")]
+EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
+NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
+    if isinstance(exc, UsageError):
+        raise typer.Exit(2)
+    if isinstance(exc, SandboxError) and "command not found" in str(exc):
+        raise typer.Exit(127)
+    raise typer.Exit(125)
+
+
+def _env(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _spec_options(memory: str, cpus: float | None, pids: int, timeout: str, env: list[str] | None, network: str) -> dict[str, Any]:
+    if network not in ("none", "host"):
+        raise UsageError(f"bad --network {network!r}: use none or host")
+    return {
+        "memory_mib": parse_memory_mib(memory),
+        "cpus": cpus,
+        "pids": pids,
+        "timeout_s": parse_duration_s(timeout),
+        "env": _env(env),
+        "network": network,
+    }
+
+
+def _command(argv: list[str] | None) -> list[str]:
+    """The workload's argv; click keeps the ``--`` separator when options
+    after the image are not interspersed, so drop it here."""
+    argv = list(argv or [])
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def _emit_result(r: ExecResult, as_json: bool) -> NoReturn:
+    if as_json:
+        print(json.dumps(r.to_dict()))
+    else:
+        sys.stdout.buffer.write(r.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(r.stderr)
+        sys.stderr.buffer.flush()
+        t = r.termination
+        if t.kind is not TerminationKind.EXITED:
+            err.print(f"tierbox: {t.describe()}", highlight=False, markup=False)
+        elif r.stdout_truncated or r.stderr_truncated:
+            err.print("tierbox: output truncated at the output limit", highlight=False)
+    raise typer.Exit(r.exit_code)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command(context_settings=PASSTHROUGH)
+def run(
+    image: Annotated[str, typer.Argument(help="Image (busybox, debian:bookworm, python:3.11) or a .wasm file.")],
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments, after --.")] = None,
+    tier: TierOpt = DEFAULT_TIER,
+    memory: MemoryOpt = "256m",
+    cpus: CpusOpt = None,
+    pids: PidsOpt = 128,
+    timeout: TimeoutOpt = "60s",
+    env: EnvOpt = None,
+    network: NetOpt = "none",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run COMMAND once in a fresh sandbox; the exit status mirrors the workload's."""
+    try:
+        opts = _spec_options(memory, cpus, pids, timeout, env, network)
+        stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() and _stdin_has_data() else None
+        r = run_once(image, _command(command), tier=tier, stdin=stdin, **opts)
+    except TierboxError as exc:
+        _fail(exc)
+    _emit_result(r, as_json)
+
+
+@app.command()
+def tiers(as_json: JsonOpt = False) -> None:
+    """What runs on this host, and why not where it does not."""
+    rows = []
+    for name in tier_names():
+        tier = get_tier(name)
+        a = tier.available()
+        rows.append({"tier": name, **a.to_dict(), "isolation": tier.isolation})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table("tier", "available", "engine", "why", "isolation")
+    for r in rows:
+        table.add_row(r["tier"], "yes" if r["available"] else "[red]no[/]", r["version"] or r["engine"], r["reason"], r["isolation"])
+    out.print(table)
+
+
+@app.command()
+def gc(
+    everything: Annotated[bool, typer.Option("--all", help="Also remove live and persistent sandboxes.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove leftovers of crashed runs: containers, VMs, cgroups, mounts, directories."""
+    removed = gc_mod.collect(everything=everything)
+    if as_json:
+        print(json.dumps({"removed": removed}))
+        return
+    for line in removed:
+        out.print(f"removed {line}", highlight=False)
+    out.print(f"{len(removed)} leftovers removed", highlight=False)
+
+
+# ---- sandbox ----------------------------------------------------------------
+@sandbox_app.command("create")
+def sandbox_create(
+    image: Annotated[str, typer.Argument(help="Image to start from.")],
+    tier: TierOpt = DEFAULT_TIER,
+    memory: MemoryOpt = "256m",
+    cpus: CpusOpt = None,
+    pids: PidsOpt = 128,
+    timeout: TimeoutOpt = "60s",
+    env: EnvOpt = None,
+    network: NetOpt = "none",
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a sandbox that lives until `tierbox sandbox rm`; prints its id."""
+    try:
+        opts = _spec_options(memory, cpus, pids, timeout, env, network)
+        sb = Sandbox.create(image, tier=tier, persistent=True, **opts)
+    except TierboxError as exc:
+        _fail(exc)
+    print(json.dumps({"id": sb.id, "tier": sb.tier}) if as_json else sb.id)
+
+
+@sandbox_app.command("exec", context_settings=PASSTHROUGH)
+def sandbox_exec(
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    command: Annotated[list[str], typer.Argument(help="Command and arguments, after --.")],
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")] = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a command in a running sandbox."""
+    try:
+        sb = Sandbox.connect(sandbox_id)
+        stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() and _stdin_has_data() else None
+        r = sb.run(_command(command), stdin=stdin, env=_env(env), timeout_s=parse_duration_s(timeout) if timeout else None)
+    except TierboxError as exc:
+        _fail(exc)
+    _emit_result(r, as_json)
+
+
+def _stdin_has_data() -> bool:
+    import select
+
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)
+
+
+@sandbox_app.command("cp")
+def sandbox_cp(
+    src: Annotated[str, typer.Argument(help="ID:PATH or a host path.")],
+    dst: Annotated[str, typer.Argument(help="ID:PATH or a host path.")],
+) -> None:
+    """Copy a file into or out of a sandbox (like docker cp)."""
+    try:
+        if ":" in src and ":" not in dst:
+            sid, _, path = src.partition(":")
+            data = Sandbox.connect(sid).get_file(path)
+            if dst == "-":
+                sys.stdout.buffer.write(data)
+            else:
+                Path(dst).write_bytes(data)
+        elif ":" in dst and ":" not in src:
+            sid, _, path = dst.partition(":")
+            data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
+            Sandbox.connect(sid).put_file(path, data)
+        else:
+            raise UsageError("give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`")
+    except OSError as exc:
+        _fail(UsageError(f"{exc.filename}: {exc.strerror}"))
+    except TierboxError as exc:
+        _fail(exc)
+
+
+@sandbox_app.command("ls")
+def sandbox_ls(as_json: JsonOpt = False) -> None:
+    """List live sandboxes."""
+    rows = Sandbox.list()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table("id", "tier", "image", "memory", "persistent")
+    for r in rows:
+        table.add_row(r["id"], r["tier"], str(r["spec"].get("image")), f'{r["spec"]["limits"]["memory_mib"]} MiB', str(r.get("persistent")))
+    out.print(table)
+
+
+@sandbox_app.command("stats")
+def sandbox_stats(sandbox_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False) -> None:
+    """Current memory, peak memory, CPU time and processes of a sandbox."""
+    try:
+        st = Sandbox.connect(sandbox_id).stats()
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(st.to_dict()))
+        return
+    for k, v in st.to_dict().items():
+        out.print(f"{k:18} {v}", highlight=False)
+
+
+@sandbox_app.command("rm")
+def sandbox_rm(ids: Annotated[list[str], typer.Argument(metavar="ID...")]) -> None:
+    """Stop and remove sandboxes."""
+    for sid in ids:
+        try:
+            Sandbox.connect(sid).close()
+        except TierboxError as exc:
+            _fail(exc)
+        print(sid)
+
+
+# ---- image ------------------------------------------------------------------
+def _store() -> Any:
+    from tierbox.images.store import default_store
+
+    return default_store()
+
+
+@image_app.command("ls")
+def image_ls(as_json: JsonOpt = False) -> None:
+    """List images in the store."""
+    records = _store().list()
+    if as_json:
+        print(json.dumps([r.to_dict() for r in records], indent=1))
+        return
+    table = Table("image", "digest", "size", "created")
+    for r in records:
+        table.add_row(r.ref, r.manifest_digest[:19], f"{r.size_bytes / 2**20:.1f} MiB", r.created)
+    out.print(table)
+
+
+@image_app.command("inspect")
+def image_inspect(ref: str) -> None:
+    """Show an image's manifest digest and config as JSON."""
+    try:
+        print(json.dumps(_store().resolve(ref).to_dict(), indent=1))
+    except TierboxError as exc:
+        _fail(exc)
+
+
+@image_app.command("rm")
+def image_rm(refs: Annotated[list[str], typer.Argument(metavar="IMAGE...")]) -> None:
+    """Remove images (and their unpacked caches)."""
+    try:
+        for ref in refs:
+            _store().remove(ref)
+            print(ref)
+    except TierboxError as exc:
+        _fail(exc)
+
+
+@image_app.command("import")
+def image_import(
+    path: Annotated[Path, typer.Argument(help="docker-archive or oci-archive tarball, or a .wasm module.")],
+    name: Annotated[str | None, typer.Option("--name", help="name[:tag] to store it under.")] = None,
+) -> None:
+    """Import an image archive (docker save / podman save / skopeo copy) or wrap a .wasm module."""
+    try:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+        if path.suffix == ".wasm" or path.read_bytes()[:4] == b"\0asm":
+            from tierbox.tiers import wasm
+
+            if name is None:
+                raise UsageError("give --name for a .wasm module, e.g. --name hello")
+            rec = wasm.import_wasm(path, name)
+        else:
+            rec = _store().import_archive(path, name=name, progress=lambda line: err.print(line, highlight=False))
+    except TierboxError as exc:
+        _fail(exc)
+    print(rec.ref)
+
+
+@image_app.command("bootstrap")
+def image_bootstrap(ref: Annotated[str, typer.Argument(help="debian:bookworm or python:3.11")]) -> None:
+    """Build a base image with debootstrap (about a minute; progress shown)."""
+    try:
+        with err.status(f"bootstrapping {ref}") as status:
+            rec = _store().bootstrap(ref, progress=lambda line: status.update(f"{ref}: {line[:100]}"))
+    except TierboxError as exc:
+        _fail(exc)
+    print(rec.ref)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("tierbox: interrupted; sandbox cleaned up", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``tierbox gc``: find and remove what crashed runs left behind.
+
+A sandbox is live when it is persistent (``tierbox sandbox create``) or the
+process that created it still runs. Everything tierbox-named that belongs to
+no live sandbox is a leftover: engine containers and VMs, cgroups, mounts
+(in the host and the runtime mount namespace), sandbox directories, trash.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tierbox.errors import TierboxError
+from tierbox.host import cgroups, mntns
+from tierbox.host.runner import run
+from tierbox.paths import sandboxes_dir
+from tierbox.tiers import _state, get_tier, tier_names
+
+
+def _runtime_ns_mounts(prefix: Path) -> list[Path]:
+    """Mounts under ``prefix`` as the runtime namespace sees them."""
+    if not mntns.hybrid_cgroups() or not mntns.ns_file().exists():
+        return []
+    proc = run(
+        [*mntns.runtime_prefix(), "cat", "/proc/self/mountinfo"],
+        check=False,
+        timeout_s=10,
+    )
+    if proc.returncode != 0:
+        return []
+    tmp = sandboxes_dir() / ".mountinfo"
+    tmp.write_bytes(proc.stdout)
+    try:
+        return mntns.mounts_under(prefix, str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def collect(everything: bool = False) -> list[str]:
+    """Remove leftovers; with ``everything`` also live and persistent sandboxes."""
+    removed: list[str] = []
+    live = set() if everything else _state.live_ids()
+    for name in tier_names():
+        tier = get_tier(name)
+        if not tier.available().available:
+            continue
+        try:
+            removed += tier.reap(live)
+        except TierboxError as exc:
+            removed.append(f"{name}: reap failed: {exc}")
+    for cg in cgroups.leftover_cgroups():
+        if cg.relpath.rsplit("/", 1)[-1] not in live:
+            cg.destroy()
+            removed.append(f"cgroup {cg.relpath}")
+    base = sandboxes_dir()
+    for point in mntns.mounts_under(base):
+        if point != base and _owner(point, base) not in live:
+            mntns.umount(point)
+            removed.append(f"mount {point}")
+    for point in _runtime_ns_mounts(base):
+        if point != base and _owner(point, base) not in live:
+            run([*mntns.runtime_prefix(), "umount", "-l", str(point)], check=False)
+            removed.append(f"mount {point} (runtime namespace)")
+    if base.is_dir():
+        for d in sorted(base.iterdir()):
+            if d.name == ".trash" or (not d.name.startswith(".") and d.name not in live):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"directory {d}")
+    return removed
+
+
+def _owner(point: Path, base: Path) -> str:
+    return point.relative_to(base).parts[0]

@@ -1,0 +1,213 @@
+"""The Sandbox facade: one API over every tier.
+
+    with Sandbox.create("busybox", tier="container", memory_mib=256) as sb:
+        r = sb.run(["sh", "-c", "echo hi"])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from tierbox.errors import NotSupportedError, SandboxClosedError
+from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, Stats
+from tierbox.tiers import Instance, SnapshotRef, get_tier
+from tierbox.tiers import _state
+
+DEFAULT_TIER = "container"
+
+
+def make_spec(
+    image: str | None,
+    *,
+    memory_mib: int | None = 256,
+    cpus: float | None = None,
+    pids: int | None = 128,
+    timeout_s: float | None = 60.0,
+    output_bytes: int | None = None,
+    network: str | NetworkPolicy = NetworkPolicy.NONE,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    workdir: str = "/",
+) -> SandboxSpec:
+    limits = Limits(memory_mib=memory_mib, cpus=cpus, pids=pids, timeout_s=timeout_s)
+    if output_bytes is not None:
+        limits = replace(limits, output_bytes=output_bytes)
+    return SandboxSpec(
+        image=image,
+        limits=limits,
+        network=NetworkPolicy(network),
+        env=dict(env or {}),
+        user=user,
+        workdir=workdir,
+    )
+
+
+class Files:
+    """``sb.files.write(path, data)`` / ``sb.files.read(path)``, E2B style."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        self._sb.put_file(path, data.encode() if isinstance(data, str) else data, mode)
+
+    def read(self, path: str) -> bytes:
+        return self._sb.get_file(path)
+
+    def list(self, path: str) -> list[str]:
+        return self._sb.list_dir(path)
+
+
+class Sandbox:
+    """A live sandbox on some tier. Use it in ``with`` and it is always cleaned up."""
+
+    def __init__(self, instance: Instance, spec: SandboxSpec, *, persistent: bool = False) -> None:
+        self._inst = instance
+        self.spec = spec
+        self.persistent = persistent
+        self.files = Files(self)
+
+    # ---- construction ------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        image: str | None = None,
+        *,
+        tier: str = DEFAULT_TIER,
+        spec: SandboxSpec | None = None,
+        persistent: bool = False,
+        **options: Any,
+    ) -> Sandbox:
+        """Start a sandbox. ``options`` are make_spec's: memory_mib, cpus, pids,
+        timeout_s, network, env, user. ``persistent`` keeps it alive after
+        this process exits (the CLI's ``sandbox create``)."""
+        spec = spec or make_spec(image, **options)
+        inst = get_tier(tier).create(spec)
+        sb = cls(inst, spec, persistent=persistent)
+        sb._save()
+        return sb
+
+    @classmethod
+    def connect(cls, sandbox_id: str) -> Sandbox:
+        """Reattach to a sandbox created by another process."""
+        state = _state.read_state(sandbox_id)
+        tier = get_tier(state["tier"])
+        inst = tier.attach(sandbox_id, {**state["tier_state"], "spec": state["spec"]})
+        return cls(inst, SandboxSpec.from_dict(state["spec"]), persistent=bool(state.get("persistent")))
+
+    @staticmethod
+    def list() -> list[dict[str, Any]]:
+        """State records of live sandboxes on this host."""
+        return [s for s in _state.list_states() if _state.is_live(s["id"])]
+
+    @classmethod
+    def restore(cls, snap: SnapshotRef) -> Sandbox:
+        """A new sandbox from a snapshot."""
+        inst = get_tier(snap.tier).restore(snap)
+        spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
+        sb = cls(inst, spec)
+        sb._save()
+        return sb
+
+    def _save(self) -> None:
+        _state.write_state(
+            self.id,
+            {
+                "id": self.id,
+                "tier": self.tier,
+                "spec": self.spec.to_dict(),
+                "created": time.time(),
+                "persistent": self.persistent,
+                "owner_pid": os.getpid(),
+                "tier_state": self._inst.state(),
+            },
+        )
+
+    # ---- properties --------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._inst.id
+
+    @property
+    def tier(self) -> str:
+        return self._inst.tier_name
+
+    @property
+    def instance(self) -> Instance:
+        return self._inst
+
+    # ---- work --------------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` and wait for it (the result holds capped output and
+        how it ended)."""
+        return self._inst.exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
+
+    exec = run
+
+    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._inst.put_file(path, data, mode)
+
+    def get_file(self, path: str) -> bytes:
+        return self._inst.get_file(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        return self._inst.list_dir(path)
+
+    def stats(self) -> Stats:
+        return self._inst.stats()
+
+    def snapshot(self) -> SnapshotRef:
+        return self._inst.snapshot()
+
+    def revert(self, name: str) -> None:
+        revert = getattr(self._inst, "revert", None)
+        if revert is None:
+            raise NotSupportedError(f"the {self.tier} tier cannot revert to a snapshot")
+        revert(name)
+
+    def close(self) -> None:
+        """Stop the sandbox and free everything. Idempotent."""
+        try:
+            self._inst.close()
+        except SandboxClosedError:
+            pass
+        _state.remove_dir(self.id)
+
+    kill = close
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def run(
+    image: str | None,
+    argv: Sequence[str],
+    *,
+    tier: str = DEFAULT_TIER,
+    stdin: bytes | None = None,
+    spec: SandboxSpec | None = None,
+    **options: Any,
+) -> ExecResult:
+    """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards."""
+    spec = spec or make_spec(image, **options)
+    return get_tier(tier).run(spec, argv, stdin=stdin)

@@ -1,0 +1,135 @@
+"""A small QMP (QEMU Machine Protocol) client over a unix socket.
+
+QMP is line-delimited JSON: a greeting, ``qmp_capabilities``, then
+``{"execute": ...}`` commands answered by ``{"return": ...}`` or
+``{"error": ...}``, with asynchronous ``{"event": ...}`` lines in between.
+File descriptors (for ``getfd``, used to migrate into a file) travel as
+SCM_RIGHTS ancillary data on the command that needs them.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import SandboxError
+
+
+class QMPError(SandboxError):
+    """QEMU refused a QMP command or the monitor connection failed."""
+
+
+class QMPClient:
+    """One QMP connection. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: Path, *, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.events: list[dict[str, Any]] = []
+        self._buf = b""
+        self._sock: socket.socket | None = None
+
+    def connect(self, *, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Connect (retrying while the socket appears) and negotiate capabilities."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if time.monotonic() > deadline or (alive is not None and not alive()):
+                    raise QMPError(f"cannot connect to QMP at {self.path}: {exc}") from exc
+                time.sleep(0.002)
+        self._sock = sock
+        greeting = self._read_message(deadline)
+        if "QMP" not in greeting:
+            raise QMPError(f"unexpected QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+        return greeting
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> QMPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        fds: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Run one command; returns its ``return`` value or raises QMPError."""
+        if self._sock is None:
+            raise QMPError("QMP is not connected")
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
+        try:
+            if fds:
+                self._sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                self._sock.sendall(data)
+        except OSError as exc:
+            raise QMPError(f"QMP {command}: {exc}") from exc
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        while True:
+            reply = self._read_message(deadline)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                err = reply["error"]
+                raise QMPError(f"QMP {command} failed: {err.get('class')}: {err.get('desc')}")
+            return reply.get("return")
+
+    def wait_event(self, name: str, *, timeout_s: float) -> dict[str, Any]:
+        """Wait for an event called ``name`` (events seen earlier count too)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("event") == name:
+                    return self.events.pop(i)
+            msg = self._read_message(deadline)
+            if "event" in msg:
+                self.events.append(msg)
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        assert self._sock is not None
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QMPError(f"QMP at {self.path} did not answer in time")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError as exc:
+                raise QMPError(f"QMP at {self.path} did not answer in time") from exc
+            except OSError as exc:
+                raise QMPError(f"QMP connection lost: {exc}") from exc
+            if not chunk:
+                raise QMPError("QMP connection closed: QEMU exited")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            msg: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise QMPError(f"bad QMP message: {line[:200]!r}") from exc
+        return msg

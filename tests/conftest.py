@@ -1,0 +1,61 @@
+"""Shared fixtures: real engines only. A tier that cannot run here is skipped
+with its reason printed (and on the project's CI machines that is a failure to
+investigate, not a pass)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tierbox.host import mntns
+from tierbox.paths import MARKER, sandboxes_dir
+from tierbox.tiers import get_tier
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERBOX = [sys.executable, "-m", "tierbox.cli"]
+
+
+def require_tier(name: str) -> None:
+    a = get_tier(name).available()
+    if not a.available:
+        pytest.skip(f"tier {name} unavailable here: {a.reason}")
+
+
+def require_image(ref: str) -> None:
+    from tierbox.errors import ImageNotFoundError
+    from tierbox.images.store import default_store
+
+    try:
+        default_store().resolve(ref)
+    except ImageNotFoundError as exc:
+        pytest.skip(f"image {ref} missing: {exc} (run `make setup`)")
+
+
+def leftovers() -> dict[str, list[str]]:
+    """Everything tierbox-named on the host: must be empty between tests."""
+    cg = []
+    for ctrl in ("memory", "pids", "cpu", "freezer"):
+        d = Path("/sys/fs/cgroup") / ctrl / MARKER
+        if d.is_dir():
+            cg += [f"{ctrl}/{p.name}" for p in d.iterdir() if p.is_dir()]
+    base = sandboxes_dir()
+    mounts = [str(p) for p in mntns.mounts_under(base) if p != base]
+    dirs = [p.name for p in base.iterdir() if not p.name.startswith(".")] if base.is_dir() else []
+    procs = subprocess.run(["pgrep", "-f", f"{MARKER}-[0-9a-f]{{12}}"], capture_output=True, text=True).stdout.split()
+    procs = [p for p in procs if int(p) != os.getpid()]
+    return {"cgroups": cg, "mounts": mounts, "dirs": dirs, "processes": procs}
+
+
+def assert_clean(before: dict[str, list[str]] | None = None) -> None:
+    now = leftovers()
+    if before is not None:
+        now = {k: sorted(set(v) - set(before[k])) for k, v in now.items()}
+    assert now == {"cgroups": [], "mounts": [], "dirs": [], "processes": []}, now
+
+
+def cli(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*TIERBOX, *args], input=input, capture_output=True, timeout=timeout)

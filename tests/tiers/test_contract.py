@@ -1,0 +1,123 @@
+"""The same contract suite on every tier that runs shell workloads, with real engines."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import assert_clean, leftovers, require_image, require_tier
+from tierbox import Sandbox, TerminationKind, make_spec
+from tierbox.errors import SandboxClosedError
+from tierbox.tiers import get_tier
+
+SHELL_TIERS = ["process", "container", "gvisor"]
+IMAGE = {"process": None, "container": "busybox", "gvisor": "busybox"}
+
+
+@pytest.fixture(params=SHELL_TIERS)
+def tier(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    require_tier(name)
+    if IMAGE[name]:
+        require_image(IMAGE[name])
+    return name
+
+
+def spec(tier: str, **kw: object) -> object:
+    opts = {"memory_mib": 64, "pids": 64, "timeout_s": 20.0} | kw
+    return make_spec(IMAGE[tier], **opts)  # type: ignore[arg-type]
+
+
+def test_one_shot_exit_code_and_output(tier: str) -> None:
+    r = get_tier(tier).run(spec(tier), ["sh", "-c", "echo out; echo err >&2; exit 7"])  # type: ignore[arg-type]
+    assert r.stdout == b"out\n"
+    assert r.stderr == b"err\n"
+    assert r.termination.kind is TerminationKind.EXITED
+    assert r.exit_code == 7
+
+
+def test_stdin_reaches_the_workload(tier: str) -> None:
+    r = get_tier(tier).run(spec(tier), ["cat"], stdin=b"piped data")  # type: ignore[arg-type]
+    assert r.stdout == b"piped data"
+
+
+def test_long_lived_sandbox_exec_files_stats(tier: str) -> None:
+    before = leftovers()
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=64, pids=64, timeout_s=20) as sb:
+        assert sb.run(["sh", "-c", "echo one"]).stdout == b"one\n"
+        r = sb.run(["sh", "-c", "echo $GREETING"], env={"GREETING": "hello"})
+        assert r.stdout == b"hello\n"
+        sb.put_file("/tmp/in.txt", b"payload\n")
+        assert sb.run(["cat", "/tmp/in.txt"]).stdout == b"payload\n"
+        sb.run(["sh", "-c", "echo made-inside > /tmp/out.txt"])
+        assert sb.get_file("/tmp/out.txt") == b"made-inside\n"
+        assert "in.txt" in sb.list_dir("/tmp")
+        st = sb.stats()
+        assert st.memory_bytes is not None and st.memory_bytes > 0
+        assert st.memory_peak_bytes is not None and st.memory_peak_bytes >= st.memory_bytes
+        sid = sb.id
+    sb.close()  # idempotent
+    with pytest.raises(SandboxClosedError):
+        sb.run(["true"])
+    assert sid not in [s["id"] for s in Sandbox.list()]
+    assert_clean(before)
+
+
+def test_memory_bomb_is_oom_killed(tier: str) -> None:
+    # Doubles a shell string until the cgroup's 64 MiB limit stops it.
+    bomb = ["sh", "-c", "a=xxxxxxxx; while :; do a=$a$a; done"]
+    r = get_tier(tier).run(spec(tier, memory_mib=64), bomb)  # type: ignore[arg-type]
+    t = r.termination
+    assert t.kind is TerminationKind.OOM_KILLED, t
+    assert t.evidence["limit_mib"] == 64
+    assert t.evidence["oom_kill"] >= 1
+    assert t.evidence["peak_mib"] >= 64
+    assert r.exit_code == 137
+
+
+def test_oom_of_a_child_is_caught_even_when_pid1_exits_zero(tier: str) -> None:
+    script = "(a=xxxxxxxx; while :; do a=$a$a; done); echo survived; exit 0"
+    r = get_tier(tier).run(spec(tier, memory_mib=64), ["sh", "-c", script])  # type: ignore[arg-type]
+    if tier != "gvisor":  # the host OOM killer takes gVisor's whole Sentry, not one process
+        assert b"survived" in r.stdout
+    assert r.termination.kind is TerminationKind.OOM_KILLED, r.termination
+
+
+def test_fork_bomb_is_stopped_by_the_pids_limit(tier: str) -> None:
+    bomb = ["sh", "-c", "b() { b | b & }; b; sleep 3; echo alive"]
+    r = get_tier(tier).run(spec(tier, pids=32, timeout_s=10), bomb)  # type: ignore[arg-type]
+    assert r.termination.evidence.get("pids_max_hits", 0) > 0, r.termination
+    # the host is fine: we can still start processes
+    assert get_tier(tier).run(spec(tier), ["true"]).ok  # type: ignore[arg-type]
+
+
+def test_infinite_loop_times_out(tier: str) -> None:
+    start = time.monotonic()
+    r = get_tier(tier).run(spec(tier, timeout_s=1.5), ["sh", "-c", "while :; do :; done"])  # type: ignore[arg-type]
+    elapsed = time.monotonic() - start
+    assert r.termination.kind is TerminationKind.TIMED_OUT
+    assert r.termination.evidence["timeout_s"] == 1.5
+    assert elapsed >= 1.5
+
+
+def test_exec_timeout_keeps_the_sandbox_usable(tier: str) -> None:
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=64, pids=64) as sb:
+        r = sb.run(["sh", "-c", "sleep 30"], timeout_s=1)
+        assert r.termination.kind is TerminationKind.TIMED_OUT
+        assert sb.run(["echo", "still here"]).stdout == b"still here\n"
+
+
+def test_output_flood_is_capped(tier: str) -> None:
+    s = make_spec(IMAGE[tier], memory_mib=64, pids=64, timeout_s=30, output_bytes=64 * 1024)
+    r = get_tier(tier).run(s, ["sh", "-c", "while :; do echo flooooooooooooooooooooooood; done"])
+    assert r.termination.kind is TerminationKind.OUTPUT_LIMIT
+    assert len(r.stdout) == 64 * 1024
+    assert r.stdout_truncated
+
+
+def test_missing_command_is_a_clear_error(tier: str) -> None:
+    from tierbox.errors import SandboxError
+
+    with pytest.raises(SandboxError, match="not found"):
+        get_tier(tier).run(spec(tier), ["no-such-program-xyz"])  # type: ignore[arg-type]
