@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tierbox.errors import ImageError, UnsafeImageError, UsageError
+from tierbox.images.refs import same_ref
 from tierbox.images.safety import TarScanner, clean_member_name
 
 ArchiveKind = Literal["docker-archive", "oci-archive"]
@@ -92,7 +93,8 @@ def _docker_info(manifest: Any, wanted: str | None, where: str) -> ArchiveInfo:
                 raise UnsafeImageError(
                     f"{where}: manifest.json points at {p!r}, outside the archive; refusing it"
                 ) from None
-        if wanted is not None and wanted in (entry.get("RepoTags") or []):
+        tags = entry.get("RepoTags") or []
+        if wanted is not None and any(same_ref(wanted, str(tag)) for tag in tags):
             chosen = i
     tags = manifest[chosen].get("RepoTags") or []
     embedded = tags[0] if tags and isinstance(tags[0], str) else None
@@ -109,7 +111,7 @@ def _oci_info(index: Any, wanted: str | None, where: str) -> ArchiveInfo:
         names.append((notes.get(_OCI_REF_NAME), notes.get(_CONTAINERD_NAME)))
     chosen = 0
     for i, (ref_name, full) in enumerate(names):
-        if wanted is not None and wanted in (ref_name, full):
+        if wanted is not None and any(same_ref(wanted, n) for n in (ref_name, full) if n):
             chosen = i
     ref_name, full = names[chosen]
     if len(entries) > 1 and not ref_name:

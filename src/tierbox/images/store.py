@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,18 @@ from tierbox.errors import ImageError, ImageNotFoundError, UsageError
 from tierbox.host.runner import require, run
 from tierbox.images import archive, builtin
 from tierbox.images import bootstrap as boot
+from tierbox.images.refs import canonical_ref, parse_ref
 from tierbox.images.safety import TarScanner
+
+__all__ = [
+    "ImageConfig",
+    "ImageRecord",
+    "ImageStore",
+    "Progress",
+    "canonical_ref",
+    "default_store",
+    "parse_ref",
+]
 
 Progress = Callable[[str], None]
 
@@ -51,40 +61,7 @@ HEAVY_TIMEOUT_S = 900.0  # packing or unpacking a large rootfs
 _HASH_CHUNK_BYTES = 1 << 20
 _MAX_JSON_BLOB_BYTES = 16 << 20
 
-_COMPONENT = r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
-_NAME_RE = re.compile(rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_DROPPED_PREFIXES = ("docker.io/library/", "docker.io/", "localhost/")
-
-
-@lru_cache(maxsize=1024)
-def parse_ref(ref: str) -> tuple[str, str]:
-    """Split ``name[:tag]`` into (name, tag); the tag defaults to ``latest``.
-
-    ``docker.io/library/`` and ``localhost/`` prefixes are dropped, so names
-    from ``docker save`` and ``podman save`` match what people type.
-    """
-    text = ref.strip()
-    name, sep, tag = text.rpartition(":")
-    if not sep or "/" in tag:
-        name, tag = text, "latest"
-    for prefix in _DROPPED_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    if not _NAME_RE.fullmatch(name) or not _TAG_RE.fullmatch(tag):
-        raise UsageError(
-            f"bad image reference {ref!r}: use name[:tag] with a lowercase name, "
-            "like busybox or debian:bookworm"
-        )
-    return name, tag
-
-
-def canonical_ref(ref: str) -> str:
-    """``busybox`` -> ``busybox:latest``."""
-    name, tag = parse_ref(ref)
-    return f"{name}:{tag}"
 
 
 @dataclass(frozen=True)
@@ -365,7 +342,7 @@ class ImageStore:
         self._tmp_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="build-", dir=self._tmp_root))
         bundle = work / "bundle"
-        image = f"{self.layout}:tierbox-tmp-{work.name}"
+        image = f"{self.layout}:tierbox-tmp-{uuid.uuid4().hex[:16]}"
         tagged = False
         try:
             with self._lock(exclusive=True):

@@ -1,0 +1,383 @@
+"""Host side of the guest agent protocol (guest side: ``tierbox/guest/agent.c``).
+
+The agent listens on a virtio-serial port that QEMU exposes on the host as a
+unix socket. Every frame, both ways, is::
+
+    u32 magic "TBX1" | u32 type | u32 id | u32 len | payload[len]   (little endian)
+
+Requests (host -> guest), each answered with frames carrying the same id:
+
+============  ==================================================  =========================
+type          payload                                             answer
+============  ==================================================  =========================
+HELLO    1    a nonce                                             OK: ``key=value`` lines + nonce
+EXEC     2    8 x u32 (timeout_ms, output_cap, pids_max, uid,     STDOUT/STDERR chunks, then
+              gid, flags, argc, envc), then NUL-terminated        EXIT: ``key=value`` lines
+              workdir, argv..., env ``K=V``...                    (or ERR when it cannot start)
+STDIN    3    a chunk of the running exec's stdin; empty = EOF    -
+PUT      4    u32 mode, uid, gid, path; then DATA_IN chunks,      OK or ERR
+              an empty one ends the file
+GET      5    path                                                DATA chunks, then OK (or ERR)
+STATS    6    -                                                   OK: ``key=value`` lines
+SYNC     7    u64 realtime ns, random bytes                       OK (clock set, RNG reseeded)
+LIST     8    path                                                OK: NUL-separated names
+POWEROFF 9    -                                                   OK, then the guest powers off
+KILL    10    - (id of the running exec)                          the exec ends with reason=killed
+============  ==================================================  =========================
+
+ERR payloads are ``u32 errno`` + a message. Payloads are at most 1 MiB.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import itertools
+import os
+import secrets
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierbox.errors import SandboxError
+
+MAGIC = 0x31584254
+HEADER = struct.Struct("<IIII")
+MAX_FRAME = 1 << 20
+CHUNK = 256 * 1024
+
+T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL, T_DATA_IN = range(
+    1, 12
+)
+T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA = range(101, 107)
+F_STDIN = 1
+
+
+class AgentError(SandboxError):
+    """The agent answered with an error (errno and message from the guest)."""
+
+    def __init__(self, err: int, message: str) -> None:
+        self.errno = err
+        self.message = message
+        name = errno_mod.errorcode.get(err, str(err))
+        super().__init__(f"{message} ({name})")
+
+
+class AgentGoneError(SandboxError):
+    """The agent's connection closed: QEMU exited or the guest died."""
+
+
+class AgentTimeoutError(SandboxError):
+    """The agent did not answer in time."""
+
+
+def parse_kv(payload: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in payload.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key in out:  # repeated keys (kmsg) accumulate
+            out[key] += "\n" + value
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class ExecOutcome:
+    """What the agent reported about one exec."""
+
+    stdout: bytes
+    stderr: bytes
+    fields: dict[str, str] = field(default_factory=dict)
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_s: float = 0.0
+
+
+class AgentClient:
+    """A connection to the guest agent's socket. Not thread-safe: callers lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
+
+    # ---- connection ---------------------------------------------------------
+    def connect(self, *, deadline: float, alive: Callable[[], bool]) -> None:
+        """Connect to QEMU's end of the port, retrying until it exists."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if not alive():
+                    raise AgentGoneError("QEMU exited before its agent socket appeared") from exc
+                if time.monotonic() > deadline:
+                    raise AgentTimeoutError(f"agent socket {self.path} did not appear") from exc
+                time.sleep(0.002)
+        self._sock = sock
+        self._buf.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # ---- frames ---------------------------------------------------------------
+    def _send(self, ftype: int, fid: int, payload: bytes = b"") -> None:
+        if self._sock is None:
+            raise AgentGoneError("the agent connection is closed")
+        try:
+            self._sock.sendall(HEADER.pack(MAGIC, ftype, fid, len(payload)) + payload)
+        except OSError as exc:
+            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+
+    def _frame_from_buf(self) -> tuple[int, int, bytes] | None:
+        while len(self._buf) >= HEADER.size:
+            magic, ftype, fid, length = HEADER.unpack_from(self._buf)
+            if magic != MAGIC or length > MAX_FRAME:
+                # not at a frame boundary (stale bytes after a restore): resync
+                idx = self._buf.find(struct.pack("<I", MAGIC), 1)
+                del self._buf[: idx if idx > 0 else len(self._buf) - 3]
+                continue
+            if len(self._buf) < HEADER.size + length:
+                return None
+            payload = bytes(self._buf[HEADER.size : HEADER.size + length])
+            del self._buf[: HEADER.size + length]
+            return ftype, fid, payload
+        return None
+
+    def _recv_into_buf(self, deadline: float | None) -> None:
+        assert self._sock is not None
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise AgentTimeoutError("the guest agent did not answer in time")
+        self._sock.settimeout(left)
+        try:
+            chunk = self._sock.recv(1 << 20)
+        except TimeoutError as exc:
+            raise AgentTimeoutError("the guest agent did not answer in time") from exc
+        except OSError as exc:
+            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+        if not chunk:
+            raise AgentGoneError("the agent connection closed (QEMU exited)")
+        self._buf += chunk
+
+    def _recv(self, deadline: float | None) -> tuple[int, int, bytes]:
+        while True:
+            frame = self._frame_from_buf()
+            if frame is not None:
+                return frame
+            self._recv_into_buf(deadline)
+
+    def _reply(self, fid: int, deadline: float | None) -> tuple[int, bytes]:
+        """The next answer frame for request ``fid`` (others are stale: dropped)."""
+        while True:
+            ftype, rid, payload = self._recv(deadline)
+            if rid != fid:
+                continue
+            if ftype == T_ERR:
+                err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+                raise AgentError(err, payload[4:].decode(errors="replace"))
+            return ftype, payload
+
+    # ---- requests -----------------------------------------------------------------
+    def hello(self, *, deadline: float) -> dict[str, str]:
+        """Resynchronise and identify the agent; drops anything stale on the line."""
+        nonce = secrets.token_hex(8).encode()
+        fid = next(self._ids)
+        self._send(T_HELLO, fid, nonce)
+        while True:
+            ftype, payload = self._reply(fid, deadline)
+            info = parse_kv(payload)
+            if ftype == T_OK and info.get("nonce") == nonce.decode():
+                return info
+
+    def sync(self, *, deadline: float, realtime_ns: int | None = None) -> None:
+        """Set the guest clock to ours and mix fresh host randomness into its RNG."""
+        ns = time.time_ns() if realtime_ns is None else realtime_ns
+        fid = next(self._ids)
+        self._send(T_SYNC, fid, struct.pack("<Q", ns) + os.urandom(64))
+        self._reply(fid, deadline)
+
+    def stats(self, *, deadline: float) -> dict[str, str]:
+        fid = next(self._ids)
+        self._send(T_STATS, fid)
+        return parse_kv(self._reply(fid, deadline)[1])
+
+    def list_dir(self, path: str, *, deadline: float) -> list[str]:
+        fid = next(self._ids)
+        self._send(T_LIST, fid, path.encode() + b"\0")
+        payload = self._reply(fid, deadline)[1]
+        return sorted(n.decode(errors="surrogateescape") for n in payload.split(b"\0") if n)
+
+    def put(self, path: str, data: bytes, *, mode: int, uid: int, gid: int, deadline: float) -> None:
+        fid = next(self._ids)
+        self._send(T_PUT, fid, struct.pack("<III", mode, uid, gid) + path.encode() + b"\0")
+        view = memoryview(data)
+        for off in range(0, len(data), CHUNK):
+            self._send(T_DATA_IN, fid, bytes(view[off : off + CHUNK]))
+        self._send(T_DATA_IN, fid, b"")
+        self._reply(fid, deadline)
+
+    def get(self, path: str, *, deadline: float, max_bytes: int | None = None) -> bytes:
+        fid = next(self._ids)
+        self._send(T_GET, fid, path.encode() + b"\0")
+        out = bytearray()
+        while True:
+            ftype, payload = self._reply(fid, deadline)
+            if ftype == T_OK:
+                return bytes(out)
+            out += payload
+            if max_bytes is not None and len(out) > max_bytes:
+                raise SandboxError(f"{path} is larger than {max_bytes} bytes")
+
+    def poweroff(self, *, deadline: float) -> None:
+        fid = next(self._ids)
+        self._send(T_POWEROFF, fid)
+        self._reply(fid, deadline)
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        workdir: str,
+        uid: int,
+        gid: int,
+        stdin: bytes | None,
+        timeout_s: float | None,
+        output_bytes: int,
+        pids_max: int | None,
+        host_deadline: float | None,
+    ) -> ExecOutcome:
+        """Run a command; returns when the agent reports its end.
+
+        ``timeout_s`` is enforced by the agent inside the guest. ``host_deadline``
+        (monotonic) is the host's own limit for a guest that stopped answering:
+        past it a KILL is sent, and AgentTimeoutError raised 2 s later.
+        """
+        if self._sock is None:
+            raise AgentGoneError("the agent connection is closed")
+        fid = next(self._ids)
+        head = struct.pack(
+            "<8I",
+            int(timeout_s * 1000) if timeout_s else 0,
+            min(output_bytes, 0xFFFFFFFF),
+            pids_max or 0,
+            uid,
+            gid,
+            F_STDIN if stdin is not None else 0,
+            len(argv),
+            len(env),
+        )
+        strings = [workdir, *argv, *(f"{k}={v}" for k, v in env.items())]
+        body = head + b"".join(s.encode(errors="surrogateescape") + b"\0" for s in strings)
+        if len(body) > MAX_FRAME:
+            raise SandboxError("command line and environment exceed 1 MiB")
+        out = bytearray(HEADER.pack(MAGIC, T_EXEC, fid, len(body)) + body)
+        if stdin is not None:
+            view = memoryview(stdin)
+            for off in range(0, len(stdin), CHUNK):
+                piece = bytes(view[off : off + CHUNK])
+                out += HEADER.pack(MAGIC, T_STDIN, fid, len(piece)) + piece
+            out += HEADER.pack(MAGIC, T_STDIN, fid, 0)
+        pending = memoryview(bytes(out))
+        stdout, stderr = bytearray(), bytearray()
+        trunc = [False, False]
+        started = time.monotonic()
+        sock = self._sock
+        sel = selectors.DefaultSelector()
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        killed_at: float | None = None
+        try:
+            while True:
+                frame = self._frame_from_buf()
+                if frame is not None:
+                    ftype, rid, payload = frame
+                    if rid != fid:
+                        continue
+                    if ftype in (T_STDOUT, T_STDERR):
+                        k = 0 if ftype == T_STDOUT else 1
+                        buf = stdout if k == 0 else stderr
+                        room = output_bytes - len(buf)
+                        if len(payload) > room:
+                            trunc[k] = True
+                        buf += payload[: max(room, 0)]
+                        continue
+                    if ftype in (T_ERR, T_EXIT):
+                        # finish the frames in flight (unread stdin): the agent
+                        # drops them, but a half-sent frame would desync the line
+                        sock.setblocking(True)
+                        sock.settimeout(5.0)
+                        try:
+                            sock.sendall(pending)
+                        except OSError as exc:
+                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+                    if ftype == T_ERR:
+                        err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+                        raise AgentError(err, payload[4:].decode(errors="replace"))
+                    if ftype == T_EXIT:
+                        fields = parse_kv(payload)
+                        return ExecOutcome(
+                            stdout=bytes(stdout),
+                            stderr=bytes(stderr),
+                            fields=fields,
+                            stdout_truncated=trunc[0] or fields.get("stdout_truncated") == "1",
+                            stderr_truncated=trunc[1] or fields.get("stderr_truncated") == "1",
+                            duration_s=time.monotonic() - started,
+                        )
+                    continue
+                now = time.monotonic()
+                if killed_at is not None and now > killed_at + 2.0:
+                    raise AgentTimeoutError(
+                        "the guest agent stopped answering (no result "
+                        f"{now - started:.1f} s after the command started)"
+                    )
+                if host_deadline is not None and killed_at is None and now > host_deadline:
+                    killed_at = now
+                    kill = HEADER.pack(MAGIC, T_KILL, fid, 0)
+                    pending = memoryview(bytes(pending) + kill)
+                wait = None
+                if host_deadline is not None:
+                    wait = max(0.0, (killed_at + 2.0 if killed_at else host_deadline) - now)
+                sel.modify(
+                    sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0)
+                )
+                for _key, mask in sel.select(wait):
+                    if mask & selectors.EVENT_WRITE and pending:
+                        try:
+                            n = sock.send(pending)
+                        except BlockingIOError:
+                            n = 0
+                        except OSError as exc:
+                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+                        pending = pending[n:]
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            chunk = sock.recv(1 << 20)
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+                        if not chunk:
+                            raise AgentGoneError("the agent connection closed (QEMU exited)")
+                        self._buf += chunk
+        finally:
+            sel.close()
+            if self._sock is not None:
+                self._sock.setblocking(True)
+                self._sock.settimeout(None)

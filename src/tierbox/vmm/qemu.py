@@ -1,0 +1,388 @@
+"""QEMU ``-M microvm``: the argv for a machine, the process, the accelerator.
+
+One QEMU process per guest, in its own process group and session, named
+``tierbox-<id>`` (``-name``) so leftovers can be found after a crash. The
+machine has no NIC, no PCI, no firmware option ROMs; its devices are
+virtio-mmio: the root disk (read-only), a virtio-serial port for the agent
+(a unix socket on the host: this host has no vhost-vsock), and virtio-rng.
+The serial console goes to ``console.log``; QMP listens on ``qmp.sock``.
+
+Guest RAM is a memory-backend-file: ``share=on`` on a tmpfs file for a booted
+guest (so a snapshot can skip RAM in the migration stream, ``x-ignore-shared``,
+and copy the file instead), ``share=off`` on a snapshot's RAM file for a
+restored guest (private copy-on-write pages over the page cache, so clones
+share what they have not written).
+
+The device part of the argv must be byte-for-byte the same for a machine and
+anything restored from its snapshot; :func:`device_args` is the one place it
+is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import CommandError
+from tierbox.host.cgroups import SandboxCgroup
+from tierbox.host.runner import run, which
+from tierbox.paths import MARKER
+
+QEMU_BINARY = "qemu-system-x86_64"
+#: Below this the Debian cloud kernel plus the initramfs do not reach the agent.
+MIN_MEMORY_MIB = 48
+DEFAULT_MEMORY_MIB = 256
+#: The machine type and the options that keep it lean (no legacy PIT/PIC, no ROMs).
+MACHINE = "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=ram0"
+#: seccomp filter for QEMU itself: no exec, no privilege changes, no obsolete calls.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: The CPU model under TCG (KVM uses ``host``). Fixed: a snapshot only
+#: restores into the same model.
+TCG_CPU = "max"
+
+
+def qemu_path() -> str | None:
+    return which(QEMU_BINARY)
+
+
+@cache
+def qemu_version() -> str:
+    exe = qemu_path()
+    if exe is None:
+        return ""
+    try:
+        out = run([exe, "--version"], timeout_s=10).stdout.decode()
+    except CommandError:
+        return ""
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0]
+
+
+@cache
+def host_tsc_khz() -> int:
+    """The host TSC frequency: under TCG the guest's TSC is the host's."""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
+        if m:
+            return int(float(m.group(1)) * 1000)
+    return 2_000_000
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a guest looks like from outside; fixed for its snapshots' lifetime."""
+
+    memory_mib: int
+    vcpus: int
+    accel: str  # "tcg" or "kvm"
+    disk: str | None  # read-only root disk image
+    rw_mib: int  # cap of the writable tmpfs layer (0: tmpfs default, half the RAM)
+    agent: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memory_mib": self.memory_mib,
+            "vcpus": self.vcpus,
+            "accel": self.accel,
+            "disk": self.disk,
+            "rw_mib": self.rw_mib,
+            "agent": self.agent,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Machine:
+        return cls(
+            memory_mib=int(d["memory_mib"]),
+            vcpus=int(d["vcpus"]),
+            accel=str(d["accel"]),
+            disk=d.get("disk"),
+            rw_mib=int(d.get("rw_mib", 0)),
+            agent=bool(d.get("agent", True)),
+        )
+
+
+@dataclass(frozen=True)
+class Files:
+    """The host-side files of one running QEMU."""
+
+    dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+
+def ram_file(sandbox_id: str) -> Path:
+    """Where a booted guest's RAM lives: tmpfs, never the disk under /run."""
+    base = Path(os.environ.get("TIERBOX_MICROVM_RAM_DIR", "/dev/shm"))
+    return base / f"{MARKER}-{sandbox_id}.ram"
+
+
+def process_name(sandbox_id: str) -> str:
+    return f"{MARKER}-{sandbox_id}"
+
+
+def device_args(m: Machine, files: Files, *, ram_path: Path, ram_share: bool) -> list[str]:
+    """Everything but the boot source: identical for boot, snapshot and restore."""
+    args = [
+        "-M", MACHINE,
+        "-object",
+        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={ram_path},"
+        f"share={'on' if ram_share else 'off'},prealloc=off",
+        "-m", f"{m.memory_mib}M",
+        "-smp", str(m.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-chardev", f"file,id=con,path={files.console}",
+        "-serial", "chardev:con",
+        "-chardev", f"socket,id=qmp,path={files.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={files.agent},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=tierbox.agent",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
+    ]  # fmt: skip
+    if m.accel == "kvm":
+        args += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        args += ["-accel", "tcg", "-cpu", TCG_CPU]
+    if m.disk:
+        args += [
+            "-drive", f"id=root,file={m.disk},format=raw,if=none,readonly=on,cache=unsafe",
+            "-device", "virtio-blk-device,drive=root",
+        ]  # fmt: skip
+    return args
+
+
+def kernel_cmdline(m: Machine, hz: int) -> str:
+    parts = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",  # reboot at once on panic; -no-reboot turns that into QEMU exiting
+        "8250.nr_uarts=1",
+        "cryptomgr.notests",  # crypto self-tests cost ~0.3 s under TCG
+        "random.trust_cpu=on",
+        f"tierbox.disk={1 if m.disk else 0}",
+        f"tierbox.rw_mib={m.rw_mib}",
+        f"tierbox.agent={1 if m.agent else 0}",
+    ]
+    if m.accel == "tcg":
+        # without these the kernel hangs calibrating its clocks under TCG
+        khz = host_tsc_khz()
+        parts += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // hz}", "no_timer_check"]
+    return " ".join(parts)
+
+
+def boot_argv(
+    sandbox_id: str,
+    m: Machine,
+    files: Files,
+    *,
+    vmlinux: Path,
+    initramfs: Path,
+    hz: int,
+    ram_path: Path,
+) -> list[str]:
+    exe = qemu_path() or QEMU_BINARY
+    return [
+        exe,
+        "-name", f"{process_name(sandbox_id)},debug-threads=on",
+        *device_args(m, files, ram_path=ram_path, ram_share=True),
+        "-kernel", str(vmlinux),
+        "-initrd", str(initramfs),
+        "-append", kernel_cmdline(m, hz),
+        "-pidfile", str(files.pidfile),
+        "-sandbox", SANDBOX,
+    ]  # fmt: skip
+
+
+def restore_argv(
+    sandbox_id: str,
+    m: Machine,
+    files: Files,
+    *,
+    ram_path: Path,
+    ram_share: bool,
+    incoming_fd: int,
+    paused: bool = False,
+) -> list[str]:
+    """Start a machine that loads its state from ``incoming_fd`` (a migration stream).
+
+    No kernel is given: the guest's memory comes from the snapshot, so QEMU
+    need not read (or keep a copy of) the 50 MB vmlinux.
+    """
+    exe = qemu_path() or QEMU_BINARY
+    argv = [
+        exe,
+        "-name", f"{process_name(sandbox_id)},debug-threads=on",
+        *device_args(m, files, ram_path=ram_path, ram_share=ram_share),
+        "-global", "migration.x-ignore-shared=on",
+        "-incoming", f"fd:{incoming_fd}",
+        "-pidfile", str(files.pidfile),
+        "-sandbox", SANDBOX,
+    ]  # fmt: skip
+    if paused:
+        argv.append("-S")
+    return argv
+
+
+class QemuProcess:
+    """A running QEMU, in its own process group."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None, files: Files) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.files = files
+        self._returncode: int | None = None
+
+    @classmethod
+    def start(
+        cls,
+        argv: list[str],
+        files: Files,
+        *,
+        cgroup: SandboxCgroup | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> QemuProcess:
+        log = open(files.log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            kwargs: dict[str, Any] = {
+                "stdin": subprocess.DEVNULL,
+                "stdout": log,
+                "stderr": log,
+                "start_new_session": True,
+                "pass_fds": pass_fds,
+                "close_fds": True,
+            }
+            if cgroup is not None:
+                popen = cgroup.popen(argv, **kwargs)
+            else:
+                popen = subprocess.Popen(argv, **kwargs)
+        finally:
+            log.close()
+        return cls(popen.pid, popen, files)
+
+    @classmethod
+    def adopt(cls, pid: int, files: Files) -> QemuProcess:
+        """A QEMU started by another process (reattaching to a sandbox)."""
+        return cls(pid, None, files)
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _pid_is_qemu(self.pid, self.files)
+
+    @property
+    def returncode(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.poll()
+        return self._returncode
+
+    def kill(self, *, timeout_s: float = 5.0) -> int | None:
+        """SIGKILL the whole process group and reap it. Idempotent."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            return self.popen.returncode
+        deadline = time.monotonic() + timeout_s
+        while _pid_is_qemu(self.pid, self.files) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._returncode = -9
+        return self._returncode
+
+    def wait(self, timeout_s: float) -> int | None:
+        if self.popen is None:
+            deadline = time.monotonic() + timeout_s
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return None if self.alive() else self._returncode
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_tail(self, n_bytes: int = 2000) -> str:
+        return _tail(self.files.log, n_bytes)
+
+    def console_tail(self, n_bytes: int = 4000) -> str:
+        return _tail(self.files.console, n_bytes)
+
+
+def _tail(path: Path, n_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - n_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pid_is_qemu(pid: int, files: Files) -> bool:
+    """True if ``pid`` is alive and is the QEMU of these files (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    return str(files.agent).encode() in cmdline
+
+
+def find_marked_qemus() -> dict[str, int]:
+    """Sandbox id -> pid of every running QEMU named ``tierbox-<id>``."""
+    out: dict[str, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(QEMU_BINARY.encode()):
+            continue
+        for i, a in enumerate(args[:-1]):
+            if a == b"-name":
+                m = re.match(rb"^" + MARKER.encode() + rb"-([0-9a-f]+)(,|$)", args[i + 1])
+                if m:
+                    out[m.group(1).decode()] = int(name)
+    return out
+
+
+def console_panic(text: str) -> str | None:
+    """The guest kernel's panic line in console output, if it panicked."""
+    for line in text.splitlines():
+        if "Kernel panic" in line:
+            return re.sub(r"^\[\s*[\d.]+\]\s*", "", line).strip()
+    return None

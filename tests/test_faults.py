@@ -1,0 +1,101 @@
+"""Faults that must not leak: many cycles, a killed tierbox, an output flood."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import TIERBOX, assert_clean, cli, leftovers, require_image, require_tier
+from tierbox import Sandbox
+from tierbox.paths import sandboxes_dir
+
+
+@pytest.mark.parametrize(("tier", "cycles"), [("process", 200), ("container", 200), ("gvisor", 40)])
+def test_create_exec_close_cycles_leave_nothing(tier: str, cycles: int) -> None:
+    require_tier(tier)
+    image = None if tier == "process" else "busybox"
+    if image:
+        require_image(image)
+    before = leftovers()
+    for _ in range(cycles):
+        with Sandbox.create(image, tier=tier, memory_mib=32, pids=16) as sb:
+            assert sb.run(["true"]).ok
+    time.sleep(0.5)  # background directory removal
+    assert_clean(before)
+
+
+@pytest.mark.parametrize("tier", ["container", "gvisor", "process"])
+def test_kill_9_then_gc_removes_every_leftover(tier: str) -> None:
+    require_tier(tier)
+    require_image("busybox")
+    before = leftovers()
+    proc = subprocess.Popen([*TIERBOX, "run", "--tier", tier, "busybox", "--", "sleep", "60"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = leftovers()
+        if set(now["cgroups"]) - set(before["cgroups"]) and (tier == "process" or set(now["processes"]) - set(before["processes"])):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = leftovers()
+    assert set(left["cgroups"]) - set(before["cgroups"]), "the crash should leave a cgroup behind"
+    p = cli("gc", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "removed" in json_loads(p.stdout)
+    assert_clean(before)
+    assert cli("run", "--tier", tier, "busybox", "--", "true").returncode == 0
+
+
+def json_loads(data: bytes) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = json.loads(data)
+    return out
+
+
+def test_gc_keeps_live_sandboxes() -> None:
+    require_tier("container")
+    require_image("busybox")
+    with Sandbox.create("busybox", tier="container") as sb:
+        assert cli("gc").returncode == 0
+        assert sb.run(["echo", "alive"]).stdout == b"alive\n"
+        assert (sandboxes_dir() / sb.id).exists()
+
+
+def test_one_gigabyte_of_output_is_capped_and_tierbox_memory_stays_bounded() -> None:
+    require_tier("container")
+    require_image("busybox")
+    code = (
+        "import resource, sys\n"
+        "from tierbox import run\n"
+        "r = run('busybox', ['sh', '-c', 'head -c 1000000000 /dev/zero'], tier='container', timeout_s=120)\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(r.termination.kind.value, len(r.stdout), rss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True)
+    kind, captured, rss_kib = out.stdout.split()
+    assert kind == "output_limit"
+    assert int(captured) == 1 << 20
+    assert int(rss_kib) < 200 * 1024, f"tierbox used {rss_kib} KiB for a 1 GB flood"
+
+
+def test_ctrl_c_cleans_up() -> None:
+    require_tier("container")
+    require_image("busybox")
+    before = leftovers()
+    proc = subprocess.Popen([*TIERBOX, "run", "busybox", "--", "sleep", "60"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not set(leftovers()["processes"]) - set(before["processes"]):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    time.sleep(0.5)
+    assert_clean(before)
