@@ -45,7 +45,9 @@ def leftovers() -> dict[str, list[str]]:
     base = sandboxes_dir()
     mounts = [str(p) for p in mntns.mounts_under(base) if p != base]
     dirs = [p.name for p in base.iterdir() if not p.name.startswith(".")] if base.is_dir() else []
-    procs = subprocess.run(["pgrep", "-f", f"{MARKER}-[0-9a-f]{{12}}"], capture_output=True, text=True).stdout.split()
+    procs = subprocess.run(
+        ["pgrep", "-f", f"{MARKER}-[0-9a-f]{{12}}"], capture_output=True, text=True
+    ).stdout.split()
     procs = [p for p in procs if int(p) != os.getpid()]
     return {"cgroups": cg, "mounts": mounts, "dirs": dirs, "processes": procs}
 
@@ -57,5 +59,7 @@ def assert_clean(before: dict[str, list[str]] | None = None) -> None:
     assert now == {"cgroups": [], "mounts": [], "dirs": [], "processes": []}, now
 
 
-def cli(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    *args: str, input: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*TIERBOX, *args], input=input, capture_output=True, timeout=timeout)

@@ -37,7 +37,16 @@ def test_run_json() -> None:
 
 
 def test_oom_exits_137_with_an_explanation() -> None:
-    p = cli("run", "--memory", "32m", "busybox", "--", "sh", "-c", "a=xxxxxxxx; while :; do a=$a$a; done")
+    p = cli(
+        "run",
+        "--memory",
+        "32m",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "a=xxxxxxxx; while :; do a=$a$a; done",
+    )
     assert p.returncode == 137
     assert b"out of memory" in p.stderr
     assert b"limit_mib=32" in p.stderr

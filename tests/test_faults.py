@@ -38,7 +38,9 @@ def test_kill_9_then_gc_removes_every_leftover(tier: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         now = leftovers()
-        if set(now["cgroups"]) - set(before["cgroups"]) and (tier == "process" or set(now["processes"]) - set(before["processes"])):
+        if set(now["cgroups"]) - set(before["cgroups"]) and (
+            tier == "process" or set(now["processes"]) - set(before["processes"])
+        ):
             break
         time.sleep(0.05)
     time.sleep(0.3)
@@ -75,11 +77,14 @@ def test_one_gigabyte_of_output_is_capped_and_tierbox_memory_stays_bounded() -> 
     code = (
         "import resource, sys\n"
         "from tierbox import run\n"
-        "r = run('busybox', ['sh', '-c', 'head -c 1000000000 /dev/zero'], tier='container', timeout_s=120)\n"
+        "flood = ['sh', '-c', 'head -c 1000000000 /dev/zero']\n"
+        "r = run('busybox', flood, tier='container', timeout_s=120)\n"
         "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(r.termination.kind.value, len(r.stdout), rss)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True
+    )
     kind, captured, rss_kib = out.stdout.split()
     assert kind == "output_limit"
     assert int(captured) == 1 << 20
@@ -90,9 +95,13 @@ def test_ctrl_c_cleans_up() -> None:
     require_tier("container")
     require_image("busybox")
     before = leftovers()
-    proc = subprocess.Popen([*TIERBOX, "run", "busybox", "--", "sleep", "60"], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*TIERBOX, "run", "busybox", "--", "sleep", "60"], stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not set(leftovers()["processes"]) - set(before["processes"]):
+    while time.monotonic() < deadline and not set(leftovers()["processes"]) - set(
+        before["processes"]
+    ):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tierbox import gc as gc_mod
 from tierbox.errors import SandboxError, TierboxError, UsageError
-from tierbox.sandbox import DEFAULT_TIER, Sandbox, make_spec
+from tierbox.sandbox import DEFAULT_TIER, Sandbox
 from tierbox.sandbox import run as run_once
 from tierbox.spec import ExecResult, TerminationKind, parse_duration_s, parse_memory_mib
 from tierbox.tiers import get_tier, tier_names
@@ -27,8 +27,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-sandbox_app = typer.Typer(help="Long-lived sandboxes: create, exec, cp, ls, stats, rm.", no_args_is_help=True)
-image_app = typer.Typer(help="The image store: ls, inspect, rm, import, bootstrap.", no_args_is_help=True)
+sandbox_app = typer.Typer(
+    help="Long-lived sandboxes: create, exec, cp, ls, stats, rm.", no_args_is_help=True
+)
+image_app = typer.Typer(
+    help="The image store: ls, inspect, rm, import, bootstrap.", no_args_is_help=True
+)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(image_app, name="image")
 
@@ -40,7 +44,9 @@ TierOpt = Annotated[str, typer.Option("--tier", "-t", help=f"One of: {', '.join(
 MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Memory limit, e.g. 256m or 1g.")]
 CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU limit in cores, e.g. 0.5.")]
 PidsOpt = Annotated[int, typer.Option("--pids", help="Maximum number of processes.")]
-TimeoutOpt = Annotated[str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s, 500ms, 2m.")]
+TimeoutOpt = Annotated[
+    str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s, 500ms, 2m.")
+]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
 NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -65,7 +71,9 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def _spec_options(memory: str, cpus: float | None, pids: int, timeout: str, env: list[str] | None, network: str) -> dict[str, Any]:
+def _spec_options(
+    memory: str, cpus: float | None, pids: int, timeout: str, env: list[str] | None, network: str
+) -> dict[str, Any]:
     if network not in ("none", "host"):
         raise UsageError(f"bad --network {network!r}: use none or host")
     return {
@@ -107,8 +115,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 @app.command(context_settings=PASSTHROUGH)
 def run(
-    image: Annotated[str, typer.Argument(help="Image (busybox, debian:bookworm, python:3.11) or a .wasm file.")],
-    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments, after --.")] = None,
+    image: Annotated[
+        str, typer.Argument(help="Image (busybox, debian:bookworm, python:3.11) or a .wasm file.")
+    ],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="Command and arguments, after --.")
+    ] = None,
     tier: TierOpt = DEFAULT_TIER,
     memory: MemoryOpt = "256m",
     cpus: CpusOpt = None,
@@ -141,13 +153,21 @@ def tiers(as_json: JsonOpt = False) -> None:
         return
     table = Table("tier", "available", "engine", "why", "isolation")
     for r in rows:
-        table.add_row(r["tier"], "yes" if r["available"] else "[red]no[/]", r["version"] or r["engine"], r["reason"], r["isolation"])
+        table.add_row(
+            r["tier"],
+            "yes" if r["available"] else "[red]no[/]",
+            r["version"] or r["engine"],
+            r["reason"],
+            r["isolation"],
+        )
     out.print(table)
 
 
 @app.command()
 def gc(
-    everything: Annotated[bool, typer.Option("--all", help="Also remove live and persistent sandboxes.")] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Also remove live and persistent sandboxes.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove leftovers of crashed runs: containers, VMs, cgroups, mounts, directories."""
@@ -186,7 +206,9 @@ def sandbox_create(
 def sandbox_exec(
     sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
     command: Annotated[list[str], typer.Argument(help="Command and arguments, after --.")],
-    timeout: Annotated[str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")] = None,
+    timeout: Annotated[
+        str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")
+    ] = None,
     env: EnvOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -194,7 +216,12 @@ def sandbox_exec(
     try:
         sb = Sandbox.connect(sandbox_id)
         stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() and _stdin_has_data() else None
-        r = sb.run(_command(command), stdin=stdin, env=_env(env), timeout_s=parse_duration_s(timeout) if timeout else None)
+        r = sb.run(
+            _command(command),
+            stdin=stdin,
+            env=_env(env),
+            timeout_s=parse_duration_s(timeout) if timeout else None,
+        )
     except TierboxError as exc:
         _fail(exc)
     _emit_result(r, as_json)
@@ -229,7 +256,9 @@ def sandbox_cp(
             data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
             Sandbox.connect(sid).put_file(path, data)
         else:
-            raise UsageError("give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`")
+            raise UsageError(
+                "give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`"
+            )
     except OSError as exc:
         _fail(UsageError(f"{exc.filename}: {exc.strerror}"))
     except TierboxError as exc:
@@ -245,12 +274,20 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
         return
     table = Table("id", "tier", "image", "memory", "persistent")
     for r in rows:
-        table.add_row(r["id"], r["tier"], str(r["spec"].get("image")), f'{r["spec"]["limits"]["memory_mib"]} MiB', str(r.get("persistent")))
+        table.add_row(
+            r["id"],
+            r["tier"],
+            str(r["spec"].get("image")),
+            f"{r['spec']['limits']['memory_mib']} MiB",
+            str(r.get("persistent")),
+        )
     out.print(table)
 
 
 @sandbox_app.command("stats")
-def sandbox_stats(sandbox_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False) -> None:
+def sandbox_stats(
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False
+) -> None:
     """Current memory, peak memory, CPU time and processes of a sandbox."""
     try:
         st = Sandbox.connect(sandbox_id).stats()
@@ -316,32 +353,42 @@ def image_rm(refs: Annotated[list[str], typer.Argument(metavar="IMAGE...")]) -> 
 
 @image_app.command("import")
 def image_import(
-    path: Annotated[Path, typer.Argument(help="docker-archive or oci-archive tarball, or a .wasm module.")],
-    name: Annotated[str | None, typer.Option("--name", help="name[:tag] to store it under.")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="docker-archive or oci-archive tarball, or a .wasm module.")
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="name[:tag] to store it under.")
+    ] = None,
 ) -> None:
     """Import an image archive (docker save / podman save / skopeo copy) or wrap a .wasm module."""
     try:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
         if path.suffix == ".wasm" or path.read_bytes()[:4] == b"\0asm":
-            from tierbox.tiers import wasm
+            from tierbox.tiers.wasm import import_wasm
 
             if name is None:
                 raise UsageError("give --name for a .wasm module, e.g. --name hello")
-            rec = wasm.import_wasm(path, name)
+            rec = import_wasm(path, name)
         else:
-            rec = _store().import_archive(path, name=name, progress=lambda line: err.print(line, highlight=False))
+            rec = _store().import_archive(
+                path, name=name, progress=lambda line: err.print(line, highlight=False)
+            )
     except TierboxError as exc:
         _fail(exc)
     print(rec.ref)
 
 
 @image_app.command("bootstrap")
-def image_bootstrap(ref: Annotated[str, typer.Argument(help="debian:bookworm or python:3.11")]) -> None:
+def image_bootstrap(
+    ref: Annotated[str, typer.Argument(help="debian:bookworm or python:3.11")],
+) -> None:
     """Build a base image with debootstrap (about a minute; progress shown)."""
     try:
         with err.status(f"bootstrapping {ref}") as status:
-            rec = _store().bootstrap(ref, progress=lambda line: status.update(f"{ref}: {line[:100]}"))
+            rec = _store().bootstrap(
+                ref, progress=lambda line: status.update(f"{ref}: {line[:100]}")
+            )
     except TierboxError as exc:
         _fail(exc)
     print(rec.ref)

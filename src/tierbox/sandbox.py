@@ -1,22 +1,23 @@
 """The Sandbox facade: one API over every tier.
 
-    with Sandbox.create("busybox", tier="container", memory_mib=256) as sb:
-        r = sb.run(["sh", "-c", "echo hi"])
+with Sandbox.create("busybox", tier="container", memory_mib=256) as sb:
+    r = sb.run(["sh", "-c", "echo hi"])
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
 import time
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 from tierbox.errors import NotSupportedError, SandboxClosedError
 from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, Stats
-from tierbox.tiers import Instance, SnapshotRef, get_tier
-from tierbox.tiers import _state
+from tierbox.tiers import Instance, SnapshotRef, _state, get_tier
 
 DEFAULT_TIER = "container"
 
@@ -98,7 +99,9 @@ class Sandbox:
         state = _state.read_state(sandbox_id)
         tier = get_tier(state["tier"])
         inst = tier.attach(sandbox_id, {**state["tier_state"], "spec": state["spec"]})
-        return cls(inst, SandboxSpec.from_dict(state["spec"]), persistent=bool(state.get("persistent")))
+        return cls(
+            inst, SandboxSpec.from_dict(state["spec"]), persistent=bool(state.get("persistent"))
+        )
 
     @staticmethod
     def list() -> list[dict[str, Any]]:
@@ -162,7 +165,7 @@ class Sandbox:
     def get_file(self, path: str) -> bytes:
         return self._inst.get_file(path)
 
-    def list_dir(self, path: str) -> list[str]:
+    def list_dir(self, path: str) -> builtins.list[str]:
         return self._inst.list_dir(path)
 
     def stats(self) -> Stats:
@@ -179,10 +182,8 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the sandbox and free everything. Idempotent."""
-        try:
+        with contextlib.suppress(SandboxClosedError):
             self._inst.close()
-        except SandboxClosedError:
-            pass
         _state.remove_dir(self.id)
 
     kill = close

@@ -102,7 +102,11 @@ def communicate(
         sel.close()
     if stop is not StopReason.NONE:
         kill()
-    remaining = None if deadline is None or stop is not StopReason.NONE else max(deadline - time.monotonic(), 0)
+    remaining = (
+        None
+        if deadline is None or stop is not StopReason.NONE
+        else max(deadline - time.monotonic(), 0)
+    )
     try:
         returncode = proc.wait(timeout=remaining if stop is StopReason.NONE else 10)
     except subprocess.TimeoutExpired:

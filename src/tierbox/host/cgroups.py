@@ -85,10 +85,16 @@ class SandboxCgroup:
         """Controller name -> directory (v2: the single directory under key "")."""
         if self.version == 2:
             return {"": CGROUP_ROOT / self.relpath}
-        return {c: CGROUP_ROOT / c / self.relpath for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir()}
+        return {
+            c: CGROUP_ROOT / c / self.relpath for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir()
+        }
 
     def _dir(self, controller: str) -> Path:
-        return CGROUP_ROOT / self.relpath if self.version == 2 else CGROUP_ROOT / controller / self.relpath
+        return (
+            CGROUP_ROOT / self.relpath
+            if self.version == 2
+            else CGROUP_ROOT / controller / self.relpath
+        )
 
     @property
     def child_relpath(self) -> str:

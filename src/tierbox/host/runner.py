@@ -61,5 +61,7 @@ def run(
     except OSError as exc:
         raise CommandError(args, 127, str(exc), message=message) from exc
     if check and proc.returncode != 0:
-        raise CommandError(args, proc.returncode, proc.stderr.decode(errors="replace"), message=message)
+        raise CommandError(
+            args, proc.returncode, proc.stderr.decode(errors="replace"), message=message
+        )
     return proc

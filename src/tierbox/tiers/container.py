@@ -42,7 +42,9 @@ from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.outcome import classify
 
 INIT_BINARY = "/usr/bin/catatonit"
-_NOT_FOUND = re.compile(r"executable file .* not found|error finding executable|exec(ve)? .*: No such file")
+_NOT_FOUND = re.compile(
+    r"executable file .* not found|error finding executable|exec(ve)? .*: No such file"
+)
 _CID = re.compile(rf"{MARKER}-([0-9a-f]{{12}})")  # Debian package catatonit: static, reaps zombies
 
 
@@ -61,7 +63,9 @@ def _version(binary: str) -> str:
 class OciInstance(Instance):
     """A long-lived OCI container: PID 1 is an init, work arrives by ``exec``."""
 
-    def __init__(self, tier: OciTier, sandbox_id: str, spec: SandboxSpec, state: dict[str, Any]) -> None:
+    def __init__(
+        self, tier: OciTier, sandbox_id: str, spec: SandboxSpec, state: dict[str, Any]
+    ) -> None:
         self.tier = tier
         self.tier_name = tier.name
         self.id = sandbox_id
@@ -231,7 +235,9 @@ class OciTier(Tier):
             return
         lines = stderr.decode(errors="replace").strip().splitlines()
         if lines and _NOT_FOUND.search(lines[-1]):
-            raise SandboxError(f"command not found in the sandbox: {argv[0]!r} ({lines[-1].strip()})")
+            raise SandboxError(
+                f"command not found in the sandbox: {argv[0]!r} ({lines[-1].strip()})"
+            )
 
     def cgroups_path(self, cg: SandboxCgroup) -> str | None:
         """None when the runtime is told to manage no cgroups and is started
@@ -239,7 +245,9 @@ class OciTier(Tier):
         where the v1 OOM counter (which does not propagate to parents) lands."""
         return None
 
-    def popen(self, cg: SandboxCgroup, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    def popen(
+        self, cg: SandboxCgroup, argv: Sequence[str], **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
         """Start the runtime; with cgroups_path None it starts inside ``cg``."""
         if self.cgroups_path(cg) is None:
             return cg.popen(argv, **kwargs)
@@ -257,13 +265,27 @@ class OciTier(Tier):
         """Runtime flags that depend on the sandbox (runsc's --network)."""
         return []
 
-    def _start_detached(self, spec: SandboxSpec, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path) -> None:
+    def _start_detached(
+        self, spec: SandboxSpec, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path
+    ) -> None:
         """``run --detach``. Output goes to a file, not a pipe: the container's
         init inherits the runtime's stdio and would hold a pipe open forever."""
-        argv = [*self.runtime_argv(), *self.global_args(spec), "run", "--detach", "--pid-file", str(pid_file), "--bundle", str(d), cid]
+        argv = [
+            *self.runtime_argv(),
+            *self.global_args(spec),
+            "run",
+            "--detach",
+            "--pid-file",
+            str(pid_file),
+            "--bundle",
+            str(d),
+            cid,
+        ]
         log = d / "runtime.log"
         with open(log, "wb") as out:
-            proc = self.popen(cg, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            proc = self.popen(
+                cg, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -271,10 +293,17 @@ class OciTier(Tier):
                 proc.wait()
                 raise CommandError(argv, None, log.read_text(errors="replace")) from None
         if rc != 0:
-            raise CommandError(argv, rc, log.read_text(errors="replace"), message=f"{self.runtime} could not start {cid}")
+            raise CommandError(
+                argv,
+                rc,
+                log.read_text(errors="replace"),
+                message=f"{self.runtime} could not start {cid}",
+            )
 
     # ---- shared life cycle -------------------------------------------------
-    def image_config(self, spec: SandboxSpec) -> tuple[Path, dict[str, str], str, list[str], list[str]]:
+    def image_config(
+        self, spec: SandboxSpec
+    ) -> tuple[Path, dict[str, str], str, list[str], list[str]]:
         """(rootfs, env, cwd, entrypoint, cmd) of the spec's image."""
         from tierbox.images.store import default_store
 
@@ -297,7 +326,9 @@ class OciTier(Tier):
             env.update(extra)
         return env
 
-    def _prepare(self, spec: SandboxSpec) -> tuple[str, Path, SandboxCgroup, Path, dict[str, str], str, list[str]]:
+    def _prepare(
+        self, spec: SandboxSpec
+    ) -> tuple[str, Path, SandboxCgroup, Path, dict[str, str], str, list[str]]:
         """Make the sandbox dir, cgroup and overlay rootfs. Returns
         (id, dir, cgroup, rootfs mountpoint, image env, cwd, default argv)."""
         lower, image_env, cwd, entrypoint, cmd = self.image_config(spec)
@@ -333,7 +364,9 @@ class OciTier(Tier):
             return entrypoint_cmd
         raise SpecError(f"no command given and image {spec.image} has no default command")
 
-    def run(self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None) -> ExecResult:
+    def run(
+        self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
+    ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
         sandbox_id, d, cg, merged, image_env, cwd, default = self._prepare(spec)
         exited = False  # the runtime deletes its container itself once PID 1 is reaped
@@ -463,7 +496,9 @@ def _discard_dir(d: Path) -> None:
     except OSError:
         shutil.rmtree(d, ignore_errors=True)
         return
-    threading.Thread(target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False).start()
+    threading.Thread(
+        target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False
+    ).start()
 
 
 class ContainerTier(OciTier):
@@ -505,9 +540,10 @@ class ContainerTier(OciTier):
         except (TierUnavailableError, HostError) as exc:
             return Availability(False, str(exc))
         if not Path(INIT_BINARY).exists():
-            return Availability(False, "catatonit is missing: apt-get install catatonit", engine=name)
+            return Availability(
+                False, "catatonit is missing: apt-get install catatonit", engine=name
+            )
         why = f"{name} (OCI runtime)"
         if name == "crun" and mntns.hybrid_cgroups():
             why += " in a private mount namespace hiding the hybrid cgroup2 mount"
         return Availability(True, why, engine=name, version=_version(path))
-

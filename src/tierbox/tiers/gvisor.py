@@ -17,7 +17,7 @@ from typing import Any
 from tierbox.errors import CommandError, HostError, SandboxError
 from tierbox.host.cgroups import cgroup_version
 from tierbox.host.runner import run, which
-from tierbox.spec import Limits, NetworkPolicy, SandboxSpec
+from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec
 from tierbox.tiers.base import Availability
 from tierbox.tiers.container import INIT_BINARY, OciInstance, OciTier, container_id
 
@@ -35,6 +35,10 @@ def _platform(runsc: str) -> str:
     return "systrap" if "systrap" in text else "ptrace"
 
 
+def _why(r: ExecResult) -> str:
+    return r.stderr.decode(errors="replace").strip() or r.termination.describe()
+
+
 class GVisorInstance(OciInstance):
     """Files move through ``exec`` (cat): the sandbox's /tmp lives in the
     Sentry's memory, invisible from the host."""
@@ -44,20 +48,20 @@ class GVisorInstance(OciInstance):
         script = 'cat > "$1" && chmod "$2" "$1"'
         r = self.exec(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
         if not r.ok:
-            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {r.stderr.decode(errors='replace').strip()}")
+            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {_why(r)}")
 
     def get_file(self, path: str) -> bytes:
         self._check_open()
         r = self.exec(["cat", path])
         if not r.ok:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {r.stderr.decode(errors='replace').strip()}")
+            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {_why(r)}")
         return r.stdout
 
     def list_dir(self, path: str) -> list[str]:
         self._check_open()
         r = self.exec(["ls", "-1a", path])
         if not r.ok:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {r.stderr.decode(errors='replace').strip()}")
+            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {_why(r)}")
         return sorted(n for n in r.stdout.decode().splitlines() if n not in (".", ".."))
 
 
@@ -81,7 +85,13 @@ class GVisorTier(OciTier):
 
     def runtime_argv(self) -> list[str]:
         runsc = self._runsc()
-        return [runsc, "--root", str(self.state_root()), f"--platform={_platform(runsc)}", "--ignore-cgroups"]
+        return [
+            runsc,
+            "--root",
+            str(self.state_root()),
+            f"--platform={_platform(runsc)}",
+            "--ignore-cgroups",
+        ]
 
     def cgroup_limits(self, spec: SandboxSpec) -> Limits:
         """The host cgroup holds runsc itself (Sentry, Gofer, Go threads), so it
@@ -122,7 +132,9 @@ class GVisorTier(OciTier):
         except HostError as exc:
             return Availability(False, str(exc))
         if not Path(INIT_BINARY).exists():
-            return Availability(False, "catatonit is missing: apt-get install catatonit", engine="runsc")
+            return Availability(
+                False, "catatonit is missing: apt-get install catatonit", engine="runsc"
+            )
         version = run([runsc, "--version"], check=False, timeout_s=10).stdout.decode().splitlines()
         return Availability(
             True,
@@ -130,4 +142,3 @@ class GVisorTier(OciTier):
             engine="runsc",
             version=version[0] if version else "",
         )
-

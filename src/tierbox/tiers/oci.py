@@ -79,12 +79,12 @@ def seccomp_profile() -> dict[str, Any]:
     syscalls = []
     for rule in raw["syscalls"]:
         inc = rule.get("includes") or {}
-        exc = rule.get("excludes") or {}
+        excl = rule.get("excludes") or {}
         if inc.get("caps"):  # needs a capability we never grant
             continue
         if inc.get("arches") and arch not in inc["arches"]:
             continue
-        if exc.get("arches") and arch in exc["arches"]:
+        if excl.get("arches") and arch in excl["arches"]:
             continue
         if inc.get("minKernel"):
             want = tuple(int(x) for x in inc["minKernel"].split(".")[:2])
@@ -121,7 +121,13 @@ def process_json(
         "args": list(argv),
         "env": [f"{k}={v}" for k, v in env.items()],
         "cwd": cwd,
-        "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+        "capabilities": {
+            "bounding": [],
+            "effective": [],
+            "inheritable": [],
+            "permitted": [],
+            "ambient": [],
+        },
         "noNewPrivileges": True,
         "rlimits": [
             {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
@@ -146,7 +152,12 @@ def bundle_config(
     runtime manages no cgroup; the container stays in the one it was started in."""
     tmp_mib = spec.limits.disk_mib or 64
     mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/proc",
+            "type": "proc",
+            "source": "proc",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
         {
             "destination": "/dev",
             "type": "tmpfs",
@@ -165,8 +176,18 @@ def bundle_config(
             "source": "shm",
             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
         },
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
         {
             "destination": "/tmp",
             "type": "tmpfs",
@@ -176,7 +197,12 @@ def bundle_config(
     ]
     if init_source is not None:
         mounts.append(
-            {"destination": INIT_PATH, "type": "bind", "source": init_source, "options": ["bind", "ro", "nosuid"]}
+            {
+                "destination": INIT_PATH,
+                "type": "bind",
+                "source": init_source,
+                "options": ["bind", "ro", "nosuid"],
+            }
         )
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     if spec.network is NetworkPolicy.NONE:

@@ -24,7 +24,11 @@ def cgroup_evidence(cg: SandboxCgroup | None, limits: Limits) -> dict[str, Any]:
     if limits.memory_mib is not None:
         ev["limit_mib"] = limits.memory_mib
     cg_limit = cg.memory_limit_bytes()
-    if limits.memory_mib is not None and cg_limit is not None and cg_limit // MIB != limits.memory_mib:
+    if (
+        limits.memory_mib is not None
+        and cg_limit is not None
+        and cg_limit // MIB != limits.memory_mib
+    ):
         ev["cgroup_limit_mib"] = cg_limit // MIB  # workload limit plus the engine's own overhead
     if st.memory_peak_bytes is not None:
         ev["peak_mib"] = round(st.memory_peak_bytes / MIB, 1)
@@ -52,7 +56,9 @@ def classify(
         sig = rc - 128
     term: Termination
     if cap.stop is StopReason.TIMEOUT:
-        term = Termination(TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s})
+        term = Termination(
+            TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
+        )
     elif cap.stop is StopReason.OUTPUT_LIMIT:
         term = Termination(
             TerminationKind.OUTPUT_LIMIT,
@@ -62,9 +68,16 @@ def classify(
     elif oom_delta > 0:
         ev = cgroup_evidence(cg, limits)
         ev["oom_kill"] = oom_delta
-        term = Termination(TerminationKind.OOM_KILLED, exit_code=rc if sig is None else None, signal=sig, evidence=ev)
+        term = Termination(
+            TerminationKind.OOM_KILLED,
+            exit_code=rc if sig is None else None,
+            signal=sig,
+            evidence=ev,
+        )
     elif sig is not None:
-        term = Termination(TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig)})
+        term = Termination(
+            TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig)}
+        )
     else:
         term = Termination(TerminationKind.EXITED, exit_code=rc)
     pids_hits = (cg.pids_max_hits() - pids_hits_before) if cg is not None else 0

@@ -47,7 +47,9 @@ def _apply_rlimits(pid: int, spec: SandboxSpec) -> None:
 class ProcessInstance(Instance):
     tier_name = "process"
 
-    def __init__(self, sandbox_id: str, spec: SandboxSpec, cg: SandboxCgroup, workdir: Path) -> None:
+    def __init__(
+        self, sandbox_id: str, spec: SandboxSpec, cg: SandboxCgroup, workdir: Path
+    ) -> None:
         self.id = sandbox_id
         self.spec = spec
         self.cg = cg
