@@ -1,7 +1,9 @@
 """Wait for a child while feeding stdin and reading capped stdout/stderr.
 
 Hand-written over ``selectors`` because ``subprocess.communicate`` buffers
-without bound: a workload writing 1 GB must cost tierbox at most the cap.
+without bound (a workload writing 1 GB must cost tierbox at most the cap) and
+``Popen.wait(timeout)`` polls with sleeps, adding up to milliseconds to every
+run. A pidfd in the same selector reports the exit at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+#: After the main process exits, how long to keep reading output that its
+#: orphans may still hold open before giving up on it.
+ORPHAN_GRACE_S = 0.2
 
 
 class StopReason(enum.Enum):
@@ -47,31 +53,43 @@ def communicate(
     deadline = start + timeout_s if timeout_s is not None else None
     out_fd = proc.stdout.fileno() if proc.stdout is not None else -1
     err_fd = proc.stderr.fileno() if proc.stderr is not None else -2
-    bufs: dict[int, bytearray] = {out_fd: bytearray(), err_fd: bytearray()}
-    truncated: dict[int, bool] = {out_fd: False, err_fd: False}
+    in_fd = proc.stdin.fileno() if proc.stdin is not None else -3
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    truncated = {out_fd: False, err_fd: False}
     sel = selectors.DefaultSelector()
+    readers = 0
     for f in (proc.stdout, proc.stderr):
         if f is not None:
             os.set_blocking(f.fileno(), False)
             sel.register(f.fileno(), selectors.EVENT_READ)
-    in_fd = proc.stdin.fileno() if proc.stdin is not None else -3
+            readers += 1
     pending = memoryview(stdin or b"")
     if proc.stdin is not None:
         if pending:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+            os.set_blocking(in_fd, False)
+            sel.register(in_fd, selectors.EVENT_WRITE)
         else:
             proc.stdin.close()
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+    exited_at: float | None = None
     stop = StopReason.NONE
     try:
-        while sel.get_map():
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
+        while True:
+            now = time.monotonic()
+            if exited_at is not None and (readers == 0 or now > exited_at + ORPHAN_GRACE_S):
+                break
+            limits = [t for t in (deadline, exited_at and exited_at + ORPHAN_GRACE_S) if t]
+            wait = min(limits) - now if limits else None
+            if deadline is not None and now >= deadline:
                 stop = StopReason.TIMEOUT
                 break
             for key, _ in sel.select(wait):
                 fd = key.fd
-                if fd == in_fd and proc.stdin is not None:
+                if fd == pidfd:
+                    sel.unregister(pidfd)
+                    exited_at = time.monotonic()
+                elif fd == in_fd:
                     try:
                         n = os.write(fd, pending[:65536])
                         pending = pending[n:]
@@ -79,40 +97,33 @@ def communicate(
                         pending = pending[:0]
                     if not pending:
                         sel.unregister(fd)
-                        proc.stdin.close()
-                    continue
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    sel.unregister(fd)
-                    continue
-                buf = bufs[fd]
-                room = output_bytes - len(buf)
-                if len(chunk) > room:
-                    buf += chunk[: max(room, 0)]
-                    truncated[fd] = True
-                    stop = StopReason.OUTPUT_LIMIT
+                        if proc.stdin is not None:
+                            proc.stdin.close()
                 else:
-                    buf += chunk
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(fd)
+                        readers -= 1
+                        continue
+                    buf = bufs[fd]
+                    room = output_bytes - len(buf)
+                    if len(chunk) > room:
+                        buf += chunk[: max(room, 0)]
+                        truncated[fd] = True
+                        stop = StopReason.OUTPUT_LIMIT
+                    else:
+                        buf += chunk
             if stop is not StopReason.NONE:
                 break
     finally:
         sel.close()
+        os.close(pidfd)
     if stop is not StopReason.NONE:
         kill()
-    remaining = (
-        None
-        if deadline is None or stop is not StopReason.NONE
-        else max(deadline - time.monotonic(), 0)
-    )
-    try:
-        returncode = proc.wait(timeout=remaining if stop is StopReason.NONE else 10)
-    except subprocess.TimeoutExpired:
-        stop = StopReason.TIMEOUT
-        kill()
-        returncode = proc.wait()
+    returncode = proc.wait() if exited_at is not None else _wait_after_kill(proc, kill)
     for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None:
             with contextlib.suppress(OSError):
@@ -126,3 +137,13 @@ def communicate(
         stop=stop,
         duration_s=time.monotonic() - start,
     )
+
+
+def _wait_after_kill(proc: subprocess.Popen[bytes], kill: Callable[[], None]) -> int:
+    """The workload was killed: reap ``proc``, killing it too if it lingers."""
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        kill()
+        proc.kill()
+        return proc.wait()

@@ -51,6 +51,14 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def _write_str(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 def _read(path: Path) -> str:
     try:
         with open(path) as f:
@@ -73,6 +81,11 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return out
 
 
+@cache
+def _v1_mounted() -> tuple[str, ...]:
+    return tuple(c for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir())
+
+
 @dataclass
 class SandboxCgroup:
     """The cgroup of one sandbox. ``relpath`` is e.g. ``tierbox/abc123``."""
@@ -80,21 +93,21 @@ class SandboxCgroup:
     relpath: str
     version: int
 
+    def __post_init__(self) -> None:
+        # Paths computed once: sandbox start is a hot path.
+        if self.version == 2:
+            self._dirs = {"": CGROUP_ROOT / self.relpath}
+        else:
+            self._dirs = {c: CGROUP_ROOT / c / self.relpath for c in _v1_mounted()}
+        self._tasks = [str(d / "tasks") for d in self._dirs.values()]
+
     # ---- paths -------------------------------------------------------------
     def dirs(self) -> dict[str, Path]:
         """Controller name -> directory (v2: the single directory under key "")."""
-        if self.version == 2:
-            return {"": CGROUP_ROOT / self.relpath}
-        return {
-            c: CGROUP_ROOT / c / self.relpath for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir()
-        }
+        return self._dirs
 
     def _dir(self, controller: str) -> Path:
-        return (
-            CGROUP_ROOT / self.relpath
-            if self.version == 2
-            else CGROUP_ROOT / controller / self.relpath
-        )
+        return self._dirs[""] if self.version == 2 else self._dirs[controller]
 
     @property
     def child_relpath(self) -> str:
@@ -179,20 +192,20 @@ class SandboxCgroup:
         vfork and triples spawn time).
         """
         tid = str(threading.get_native_id())
-        home: dict[str, Path] = {}
-        for line in _read(Path("/proc/thread-self/cgroup")).splitlines():
-            _, ctrls, path = line.split(":", 2)
-            for c in ctrls.split(","):
-                home[c] = Path(path.lstrip("/"))
-        dirs = self.dirs()
-        for d in dirs.values():
-            _write(d / "tasks", tid)
+        home: dict[str, str] = {}
+        with open("/proc/thread-self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    home[c] = path
+        for tasks in self._tasks:
+            _write_str(tasks, tid)
         try:
             yield
         finally:
-            for ctrl in dirs:
+            for ctrl in self._dirs:
                 with contextlib.suppress(OSError):
-                    _write(CGROUP_ROOT / ctrl / home.get(ctrl, Path()) / "tasks", tid)
+                    _write_str(f"{CGROUP_ROOT}/{ctrl}{home.get(ctrl, '/')}/tasks", tid)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` already inside this cgroup."""
@@ -210,6 +223,12 @@ class SandboxCgroup:
             return subprocess.Popen(list(argv), **kwargs)
 
     # ---- counters ----------------------------------------------------------
+    def has_tasks(self) -> bool:
+        """Anything still running in the sandbox (one counter read)."""
+        d = self._dir("pids") if self.version == 1 else self._dirs[""]
+        count = _read_int(d / "pids.current")
+        return bool(count) if count is not None else bool(self.pids())
+
     def pids(self) -> list[int]:
         d = self._dir("pids") if self.version == 1 else CGROUP_ROOT / self.relpath
         out: list[int] = []
@@ -222,6 +241,12 @@ class SandboxCgroup:
         if self.version == 2:
             return _read_keyed(CGROUP_ROOT / self.relpath / "memory.events").get("oom_kill", 0)
         return _read_keyed(self._dir("memory") / "memory.oom_control").get("oom_kill", 0)
+
+    def reset_peak(self) -> None:
+        """Start a new peak-memory window (v1 and v2 >= 6.12 allow it)."""
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        with contextlib.suppress(OSError):
+            _write(self._dir("memory") / name, "0")
 
     def pids_max_hits(self) -> int:
         """Forks refused because the pids limit was reached (pids.events "max")."""

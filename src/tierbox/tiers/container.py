@@ -75,6 +75,7 @@ class OciInstance(Instance):
         self.init_pid = int(state["init_pid"])
         self.image_env: dict[str, str] = dict(state.get("image_env", {}))
         self.cwd: str = state.get("cwd", "/")
+        self.managed: bool = state.get("managed", True)
         self._counter = itertools.count()
         self._closed = False
 
@@ -85,6 +86,7 @@ class OciInstance(Instance):
             "init_pid": self.init_pid,
             "image_env": self.image_env,
             "cwd": self.cwd,
+            "managed": self.managed,
         }
 
     def exec(
@@ -113,13 +115,14 @@ class OciInstance(Instance):
                 rlimits=self.tier.process_rlimits(self.spec),
             ),
         )
-        cmd = [*self.tier.runtime_argv(), "exec", *self.tier.exec_pid_args(pid_file)]
+        cmd = [*self.tier.runtime_argv(self.managed), "exec", *self.tier.exec_pid_args(pid_file)]
         cmd += ["--process", str(proc_file), container_id(self.id)]
         before = self.cg.oom_kills()
         hits = self.cg.pids_max_hits()
         started = time.monotonic()
-        proc = self.tier.popen(
-            self.cg,
+        # The runtime itself puts the exec'd process into the container's
+        # cgroup (crun, runc) or runs it inside the Sentry (runsc).
+        proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -198,7 +201,7 @@ class OciInstance(Instance):
         if self._closed:
             return None
         self._closed = True
-        self.tier.delete_container(self.id)
+        self.tier.delete_container(self.id, managed=self.managed)
         self.tier.release(self.id, self.cg, self.dir)
         return None
 
@@ -217,7 +220,8 @@ class OciTier(Tier):
     seccomp = True
 
     # ---- runtime specifics (overridden by gvisor) --------------------------
-    def runtime_argv(self) -> list[str]:
+    def runtime_argv(self, managed: bool = True) -> list[str]:
+        """The runtime's argv prefix; ``managed`` False: it manages no cgroups."""
         raise NotImplementedError
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
@@ -239,17 +243,24 @@ class OciTier(Tier):
                 f"command not found in the sandbox: {argv[0]!r} ({lines[-1].strip()})"
             )
 
-    def cgroups_path(self, cg: SandboxCgroup) -> str | None:
-        """None when the runtime is told to manage no cgroups and is started
-        inside ours; then the workload is charged to our cgroup directly,
-        where the v1 OOM counter (which does not propagate to parents) lands."""
+    def cgroups_path(self, cg: SandboxCgroup, *, one_shot: bool) -> str | None:
+        """Where the runtime should put the container, or None to have it
+        manage no cgroups and inherit ours (then it is started inside ``cg``).
+
+        One-shot runs use None: the runtime deletes the cgroup it manages the
+        moment PID 1 exits, before tierbox could read the OOM counter, and on
+        cgroup v1 that counter does not propagate to a parent. Long-lived
+        sandboxes let the runtime manage our own cgroup: tierbox reads the
+        counters after each exec, while the container still exists, and the
+        runtime places exec'd processes itself.
+        """
         return None
 
     def popen(
-        self, cg: SandboxCgroup, argv: Sequence[str], **kwargs: Any
+        self, cg: SandboxCgroup, cgroups_path: str | None, argv: Sequence[str], **kwargs: Any
     ) -> subprocess.Popen[bytes]:
-        """Start the runtime; with cgroups_path None it starts inside ``cg``."""
-        if self.cgroups_path(cg) is None:
+        """Start the runtime, inside ``cg`` when it manages no cgroups."""
+        if cgroups_path is None:
             return cg.popen(argv, **kwargs)
         return subprocess.Popen(list(argv), **kwargs)
 
@@ -266,12 +277,18 @@ class OciTier(Tier):
         return []
 
     def _start_detached(
-        self, spec: SandboxSpec, cg: SandboxCgroup, d: Path, cid: str, pid_file: Path
+        self,
+        spec: SandboxSpec,
+        cg: SandboxCgroup,
+        cgroups_path: str | None,
+        d: Path,
+        cid: str,
+        pid_file: Path,
     ) -> None:
         """``run --detach``. Output goes to a file, not a pipe: the container's
         init inherits the runtime's stdio and would hold a pipe open forever."""
         argv = [
-            *self.runtime_argv(),
+            *self.runtime_argv(managed=cgroups_path is not None),
             *self.global_args(spec),
             "run",
             "--detach",
@@ -284,7 +301,13 @@ class OciTier(Tier):
         log = d / "runtime.log"
         with open(log, "wb") as out:
             proc = self.popen(
-                cg, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                cg,
+                cgroups_path,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
             )
             try:
                 rc = proc.wait(timeout=60)
@@ -369,6 +392,8 @@ class OciTier(Tier):
     ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
         sandbox_id, d, cg, merged, image_env, cwd, default = self._prepare(spec)
+        cgroups_path = self.cgroups_path(cg, one_shot=True)
+        managed = cgroups_path is not None
         exited = False  # the runtime deletes its container itself once PID 1 is reaped
         try:
             process = oci.process_json(
@@ -382,7 +407,7 @@ class OciTier(Tier):
                 rootfs=merged,
                 process=process,
                 spec=spec,
-                cgroups_path=self.cgroups_path(cg),
+                cgroups_path=cgroups_path,
                 hostname=MARKER,
                 seccomp=self.seccomp,
             )
@@ -391,7 +416,8 @@ class OciTier(Tier):
             started = time.monotonic()
             proc = self.popen(
                 cg,
-                [*self.runtime_argv(), *self.global_args(spec), "run", "--bundle", str(d), cid],
+                cgroups_path,
+                [*self.runtime_argv(managed), *self.global_args(spec), "run", "--bundle", str(d), cid],
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -418,12 +444,13 @@ class OciTier(Tier):
             return result
         finally:
             if not exited:
-                self.delete_container(sandbox_id)
+                self.delete_container(sandbox_id, managed=managed)
             self.release(sandbox_id, cg, d)
 
     def create(self, spec: SandboxSpec) -> OciInstance:
         sandbox_id, d, cg, merged, image_env, cwd, _default = self._prepare(spec)
         cid = container_id(sandbox_id)
+        cgroups_path = self.cgroups_path(cg, one_shot=False)
         try:
             process = oci.process_json(
                 [oci.INIT_PATH, "-P"],
@@ -436,23 +463,24 @@ class OciTier(Tier):
                 rootfs=merged,
                 process=process,
                 spec=spec,
-                cgroups_path=self.cgroups_path(cg),
+                cgroups_path=cgroups_path,
                 hostname=MARKER,
                 init_source=INIT_BINARY,
                 seccomp=self.seccomp,
             )
             oci.write_json(d / "config.json", config)
             pid_file = d / "init.pid"
-            self._start_detached(spec, cg, d, cid, pid_file)
+            self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
             state = {
                 "cgroup": cg.relpath,
                 "dir": str(d),
                 "init_pid": int(pid_file.read_text().strip()),
                 "image_env": image_env,
                 "cwd": cwd,
+                "managed": cgroups_path is not None,
             }
         except BaseException:
-            self.delete_container(sandbox_id)
+            self.delete_container(sandbox_id, managed=cgroups_path is not None)
             self.release(sandbox_id, cg, d)
             raise
         return self.instance_cls(self, sandbox_id, spec, state)
@@ -460,9 +488,9 @@ class OciTier(Tier):
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> OciInstance:
         return self.instance_cls(self, sandbox_id, SandboxSpec.from_dict(state["spec"]), state)
 
-    def delete_container(self, sandbox_id: str) -> None:
+    def delete_container(self, sandbox_id: str, *, managed: bool = True) -> None:
         run(
-            [*self.runtime_argv(), "delete", "--force", container_id(sandbox_id)],
+            [*self.runtime_argv(managed), "delete", "--force", container_id(sandbox_id)],
             check=False,
             timeout_s=30,
         )
@@ -521,16 +549,19 @@ class ContainerTier(OciTier):
     def runtime(self) -> str:  # type: ignore[override]
         return self._engine()[0]
 
-    def runtime_argv(self) -> list[str]:
+    def runtime_argv(self, managed: bool = True) -> list[str]:
         name, path = self._engine()
         root = str(self.state_root())
         if name == "crun":
-            return [*mntns.runtime_prefix(), path, "--root", root, "--cgroup-manager=disabled"]
+            argv = [*mntns.runtime_prefix(), path, "--root", root]
+            return argv if managed else [*argv, "--cgroup-manager=disabled"]
         return [path, "--root", root]
 
-    def cgroups_path(self, cg: SandboxCgroup) -> str | None:
-        # runc has no "manage no cgroups" mode: it gets a child of ours, and on
-        # cgroup v1 an OOM kill of a non-init process may then go uncounted.
+    def cgroups_path(self, cg: SandboxCgroup, *, one_shot: bool) -> str | None:
+        if not one_shot:
+            return cg.relpath
+        # runc has no "manage no cgroups" mode: a one-shot gets a child of ours,
+        # and on cgroup v1 an OOM kill of a non-init process then goes uncounted.
         return None if self.runtime == "crun" else cg.child_relpath
 
     def available(self) -> Availability:

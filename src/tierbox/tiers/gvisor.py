@@ -83,7 +83,7 @@ class GVisorTier(OciTier):
             raise HostError("runsc is not installed: apt-get install runsc")
         return path
 
-    def runtime_argv(self) -> list[str]:
+    def runtime_argv(self, managed: bool = True) -> list[str]:
         runsc = self._runsc()
         return [
             runsc,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import HostError, SpecError
-from tierbox.spec import NetworkPolicy, SandboxSpec
+from tierbox.host.cgroups import CPU_PERIOD_US
+from tierbox.spec import Limits, NetworkPolicy, SandboxSpec
 
 SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
 DEFAULT_USER = (65534, 65534)  # nobody:nogroup
@@ -137,6 +138,19 @@ def process_json(
     }
 
 
+def resources(limits: Limits) -> dict[str, Any]:
+    """OCI linux.resources for the limits (swap equal to memory)."""
+    out: dict[str, Any] = {}
+    if limits.memory_mib is not None:
+        size = limits.memory_mib * 1024 * 1024
+        out["memory"] = {"limit": size, "swap": size}
+    if limits.pids is not None:
+        out["pids"] = {"limit": limits.pids}
+    if limits.cpus is not None:
+        out["cpu"] = {"quota": int(limits.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+    return out
+
+
 def bundle_config(
     *,
     rootfs: Path,
@@ -214,7 +228,9 @@ def bundle_config(
         "readonlyPaths": READONLY_PATHS,
     }
     if cgroups_path is not None:
+        # The runtime manages this cgroup and rewrites its limits: give it ours.
         linux["cgroupsPath"] = "/" + cgroups_path
+        linux["resources"].update(resources(spec.limits))
     if seccomp:
         linux["seccomp"] = seccomp_profile()
     return {

@@ -567,6 +567,13 @@ def _link(
         _poll_oneoff,
         access_caller=True,
     )
+    linker.define_func(
+        WASI_MODULE,
+        "clock_time_get",
+        wasmtime.FuncType([i32, wasmtime.ValType.i64(), i32], [i32]),
+        _clock_time_get,
+        access_caller=True,
+    )
     if trap_imports:
         linker.define_unknown_imports_as_traps(module)
     try:
@@ -597,6 +604,35 @@ _SUBSCRIPTION = 48  # userdata u64 | tag u8 @8 | union @16
 _EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, error, type, nbytes, flags: 32 bytes
 _CLOCK = struct.Struct("<IxxxxQQH")  # id, timeout, precision, flags (at offset 16)
 _CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC}
+_U64 = struct.Struct("<Q")
+
+
+def _clock_time_get(caller: Any, clock_id: int, _precision: int, time_ptr: int) -> int:
+    """WASI ``clock_time_get`` on the host's clocks.
+
+    wasmtime counts the guest's monotonic clock from the start of the run, which
+    :func:`_poll_oneoff` (which sleeps on the host) cannot see; so both use the
+    host's CLOCK_MONOTONIC. The CPU-time clocks report the running thread's CPU
+    time, which is the guest's.
+    """
+    try:
+        if clock_id == 0:
+            now = time.time_ns()
+        elif clock_id == 1:
+            now = time.monotonic_ns()
+        elif clock_id in (2, 3):
+            now = time.thread_time_ns()
+        else:
+            return ERRNO_INVAL
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            return ERRNO_NOTSUP
+        memory.write(caller, _U64.pack(now), time_ptr)
+        return ERRNO_SUCCESS
+    except (IndexError, ValueError, struct.error):
+        return ERRNO_FAULT
+    except BaseException:  # an exception here would leak into other threads' wasm calls
+        return ERRNO_FAULT
 
 
 def _poll_oneoff(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:

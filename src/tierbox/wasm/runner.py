@@ -210,13 +210,13 @@ def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
     """At most ``cap`` bytes of the file, and whether there was more; then empty it."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(cap + 1)
             size = os.fstat(fh.fileno()).st_size
+            data = fh.read(min(size, cap)) if size else b""
         if size:
             os.truncate(path, 0)  # give a flood's disk space back now
     except FileNotFoundError:
         return b"", False
-    return data[:cap], size > cap
+    return data, size > cap
 
 
 def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -> Exception:

@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmarks: timing, interleaving, the runtime namespace."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tierbox.host import mntns
+
+
+def enter_runtime_namespace() -> None:
+    """Re-exec this benchmark inside tierbox's runtime mount namespace on a
+    hybrid-cgroup host, so raw ``crun`` runs as it would natively and raw and
+    tierbox are timed under identical conditions."""
+    if mntns.hybrid_cgroups() and not mntns.inside_runtime_ns():
+        mntns.ensure_runtime_ns()
+        nsenter = "/usr/bin/nsenter"
+        script = os.path.abspath(sys.argv[0])
+        os.execv(nsenter, [nsenter, f"--mount={mntns.ns_file()}", f"--wd={os.getcwd()}", "--", sys.executable, script, *sys.argv[1:]])
+
+
+def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Time each fn n times, alternating between them so that machine noise
+    hits all of them alike. Returns seconds per call."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, int(len(xs) * 0.95) - 1)]
+
+
+@dataclass
+class Promise:
+    name: str
+    measured: float
+    target: float
+    unit: str
+    higher_is_better: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.measured >= self.target if self.higher_is_better else self.measured <= self.target
+
+    def line(self) -> str:
+        rel = ">=" if self.higher_is_better else "<="
+        verdict = "PASS" if self.ok else "FAIL"
+        return f"{verdict}  {self.name}: {self.measured:.2f}{self.unit} (target {rel} {self.target}{self.unit})"
+
+
+def report(promises: list[Promise]) -> int:
+    print()
+    for pr in promises:
+        print(pr.line())
+    return 0 if all(p.ok for p in promises) else 1

@@ -1,0 +1,658 @@
+"""The wasm tier on real wasmtime: C guests compiled to WASI at test time,
+the built-in CPython and MicroPython images, limits, escapes and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_clean, leftovers, require_image
+from tierbox import Sandbox, make_spec
+from tierbox.errors import (
+    NotSupportedError,
+    SandboxClosedError,
+    SandboxError,
+    SpecError,
+    UsageError,
+)
+from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, TerminationKind
+from tierbox.tiers import get_tier
+from tierbox.tiers.wasm import WasmInstance, WasmTier
+from tierbox.wasm import engine
+from tierbox.wasm.engine import InvalidModuleError
+
+GUESTS = Path(__file__).resolve().parent / "wasm_guests"
+CLANG = "clang-14"
+CFLAGS = ["--target=wasm32-wasi", "--sysroot=/usr", "-O0"]
+EXTRA_FLAGS: dict[str, list[str]] = {
+    "bigmem": ["-Wl,--initial-memory=83886080"],  # 80 MiB of linear memory at start
+    "reactor": ["-mexec-model=reactor"],
+    "recurse": ["-O1"],  # keep frames in Wasm locals; the indirect call keeps the recursion
+}
+
+Guests = Callable[[str], Path]
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guests:
+    """Compile tests/wasm_guests/NAME.c to WASI once per source hash (cached in /tmp)."""
+    clang = shutil.which(CLANG)
+    if clang is None or not Path("/usr/lib/wasm32-wasi/libc.a").exists():
+        pytest.skip("clang-14 / wasi-libc missing: run `make setup` (scripts/setup.d/40-wasm.sh)")
+    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
+    cache = Path(tempfile.gettempdir()) / "tierbox-test-wasm-guests"
+    cache.mkdir(exist_ok=True)
+    built: dict[str, Path] = {}
+    lock = threading.Lock()
+
+    def build(name: str) -> Path:
+        with lock:
+            if name in built:
+                return built[name]
+            src = GUESTS / f"{name}.c"
+            flags = CFLAGS + EXTRA_FLAGS.get(name, [])
+            key = hashlib.sha256(src.read_bytes() + repr((flags, version)).encode()).hexdigest()
+            out = cache / key[:16] / f"{name}.wasm"  # argv[0] in the guest is NAME
+            if not out.exists():
+                out.parent.mkdir(exist_ok=True)
+                tmp = out.with_suffix(".tmp")
+                subprocess.run([clang, *flags, "-o", str(tmp), str(src)], check=True)
+                os.replace(tmp, out)
+            built[name] = out
+            return out
+
+    return build
+
+
+def spec(image: str | Path | None, **limits: object) -> SandboxSpec:
+    opts: dict[str, object] = {"memory_mib": 64, "timeout_s": 20.0} | limits
+    return SandboxSpec(image=str(image) if image else None, limits=Limits(**opts))  # type: ignore[arg-type]
+
+
+def run(image: str | Path, argv: list[str], **kw: object) -> ExecResult:
+    stdin = kw.pop("stdin", None)
+    return WasmTier().run(spec(image, **kw), argv, stdin=stdin)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- basic contract
+
+
+def test_tier_is_registered_and_available() -> None:
+    tier = get_tier("wasm")
+    assert isinstance(tier, WasmTier)
+    avail = tier.available()
+    assert avail.available, avail.reason
+    assert avail.engine == "wasmtime"
+    assert avail.version == engine.wasmtime_version()
+
+
+def test_hello_args_exit_code_stdout_stderr(guest: Guests) -> None:
+    r = run(guest("hello"), ["7", "two words"])
+    assert r.termination.kind is TerminationKind.EXITED
+    assert r.exit_code == 7
+    assert r.stdout == b"argc=3\nargv[0]=hello\nargv[1]=7\nargv[2]=two words\n"
+    assert r.stderr == b"to-stderr\n"
+    assert not r.stdout_truncated and not r.stderr_truncated
+
+
+def test_stdin_and_env_reach_the_guest(guest: Guests) -> None:
+    s = SandboxSpec(image=str(guest("hello")), env={"GREETING": "from-spec"})
+    r = WasmTier().run(s, [], stdin=b"piped data")
+    assert b"GREETING=from-spec\n" in r.stdout
+    assert b"stdin=piped data\n" in r.stdout
+    assert r.ok
+
+
+def test_host_environment_is_not_inherited(guest: Guests, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GREETING", "host-secret")
+    r = run(guest("hello"), [])
+    assert b"host-secret" not in r.stdout
+
+
+def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
+    before = leftovers()
+    tier = WasmTier()
+    inst = tier.create(spec(guest("fileops")))
+    try:
+        inst.put_file("/in/data.txt", b"payload\n")
+        r = inst.exec(["read", "/in/data.txt"])
+        assert r.stdout == b"opened /in/data.txt: payload\n", r
+        assert inst.exec(["write", "/out.txt", "made inside"]).ok
+        assert inst.get_file("/out.txt") == b"made inside\n"
+        assert inst.list_dir("/") == ["in", "out.txt"]
+        assert sorted(inst.exec(["ls", "/"]).stdout.split()) == [b"in", b"out.txt"]
+        st = inst.stats()
+        assert st.memory_peak_bytes is not None and st.memory_peak_bytes > 0
+        assert st.memory_bytes == 0  # nothing runs: an idle sandbox holds no Wasm memory
+        assert st.pids == 0 and st.oom_kills == 0
+        assert st.cpu_s is not None and st.cpu_s > 0
+        with pytest.raises(SandboxError):
+            inst.get_file("/missing")
+    finally:
+        assert inst.close() is None
+    assert inst.close() is None  # idempotent
+    with pytest.raises(SandboxClosedError):
+        inst.exec(["ls", "/"])
+    assert_clean(before)
+
+
+def test_exec_env_overrides_spec_env(guest: Guests) -> None:
+    s = SandboxSpec(image=str(guest("hello")), env={"GREETING": "spec"})
+    inst = WasmTier().create(s)
+    try:
+        assert b"GREETING=exec\n" in inst.exec([], env={"GREETING": "exec"}).stdout
+        assert b"GREETING=spec\n" in inst.exec([]).stdout
+    finally:
+        inst.close()
+
+
+def test_sandbox_without_image_runs_modules_put_into_it(guest: Guests) -> None:
+    inst = WasmTier().create(SandboxSpec(image=None))
+    try:
+        inst.put_file("/bin/hello.wasm", guest("hello").read_bytes())
+        r = inst.exec(["/bin/hello.wasm", "3"])
+        assert r.exit_code == 3
+        assert r.stdout.startswith(b"argc=2\nargv[0]=hello\nargv[1]=3\n")
+        with pytest.raises(SandboxError, match="no such file"):
+            inst.exec(["/bin/nothing.wasm"])
+    finally:
+        inst.close()
+
+
+def test_facade_create_attach_snapshot_restore(guest: Guests) -> None:
+    before = leftovers()
+    with Sandbox.create(str(guest("fileops")), tier="wasm", memory_mib=64) as sb:
+        assert sb.run(["write", "/state.txt", "v1"]).ok
+        again = Sandbox.connect(sb.id)  # what another process would do
+        assert again.run(["read", "/state.txt"]).stdout == b"opened /state.txt: v1\n"
+        snap = sb.snapshot()
+        assert snap.tier == "wasm"
+        assert sb.run(["write", "/state.txt", "v2"]).ok
+        with Sandbox.restore(snap) as restored:
+            assert restored.id != sb.id
+            assert restored.get_file("/state.txt") == b"v1\n"
+            assert restored.run(["read", "/state.txt"]).ok
+        assert sb.get_file("/state.txt") == b"v2\n"
+        shutil.rmtree(snap.path)
+    assert_clean(before)
+
+
+# ------------------------------------------------------------ isolation
+
+
+def test_host_files_are_invisible_and_escapes_fail(guest: Guests) -> None:
+    assert Path("/etc/passwd").exists()
+    inst = WasmTier().create(spec(guest("fileops")))
+    try:
+        for path in ("/etc/passwd", "../etc/passwd", "/../../../../etc/passwd", "../../../.."):
+            r = inst.exec(["open", path])
+            assert r.exit_code == 1, (path, r)
+            assert b"failed" in r.stdout and b"root:" not in r.stdout, (path, r.stdout)
+        r = inst.exec(["ls", ".."])
+        assert b"etc" not in r.stdout
+        # A symlink may be created, but following it stays inside the sandbox.
+        inst.exec(["symlink", "/etc/passwd", "/link"])
+        inst.exec(["symlink", "../../../../../etc/passwd", "/link2"])
+        for link in ("/link", "/link2"):
+            r = inst.exec(["open", link])
+            assert b"root:" not in r.stdout, (link, r)
+        # Host-side file access is confined the same way.
+        with pytest.raises(SandboxError):
+            inst.get_file("/link")
+        with pytest.raises(SandboxError):
+            inst.get_file("../../../../etc/passwd")
+        inst.put_file("../../escape.txt", b"x")
+        assert inst.get_file("/escape.txt") == b"x"
+        assert isinstance(inst, WasmInstance)
+        assert (inst.root / "escape.txt").is_file()
+    finally:
+        inst.close()
+
+
+def test_network_is_refused() -> None:
+    s = SandboxSpec(image="/nonexistent.wasm", network=NetworkPolicy.HOST)
+    with pytest.raises(NotSupportedError, match="no network"):
+        WasmTier().create(s)
+
+
+# --------------------------------------------------------------- limits
+
+
+def test_memory_bomb_is_oom_killed_at_the_limit(guest: Guests) -> None:
+    r = run(guest("membomb"), [], memory_mib=64)
+    t = r.termination
+    assert b"malloc failed after" in r.stderr, r  # growth really was refused
+    mib = int(r.stderr.split(b"after ")[1].split()[0])
+    assert 50 <= mib < 64
+    assert t.kind is TerminationKind.OOM_KILLED, t
+    assert t.evidence["limit_mib"] == 64
+    assert t.evidence["memory_grow_refused"] is True
+    assert 60 <= t.evidence["peak_mib"] <= 64
+    assert t.evidence["trap"] == "unreachable"  # abort() after malloc returned NULL
+    assert r.exit_code == 137
+
+
+def test_initial_memory_above_the_limit_is_a_clear_error(guest: Guests) -> None:
+    with pytest.raises(SpecError, match=r"needs at least 80\.0 MiB .*memory_mib=64"):
+        WasmTier().create(spec(guest("bigmem"), memory_mib=64))
+    with pytest.raises(SpecError, match="memory_mib=64"):
+        run(guest("bigmem"), [], memory_mib=64)
+    assert run(guest("bigmem"), [], memory_mib=96).stdout == b"started\n"
+
+
+def test_infinite_loop_times_out(guest: Guests) -> None:
+    r = run(guest("spin"), [], timeout_s=0.3)
+    assert r.termination.kind is TerminationKind.TIMED_OUT
+    assert r.termination.evidence == {"timeout_s": 0.3}
+    assert r.duration_s >= 0.3
+    assert r.exit_code == 128 + signal.SIGKILL
+
+
+def test_exec_timeout_overrides_spec(guest: Guests) -> None:
+    inst = WasmTier().create(spec(guest("spin"), timeout_s=600.0))
+    try:
+        r = inst.exec([], timeout_s=0.2)
+        assert r.termination.kind is TerminationKind.TIMED_OUT
+        assert r.termination.evidence["timeout_s"] == 0.2
+    finally:
+        inst.close()
+
+
+def test_sleeping_guest_times_out(guest: Guests) -> None:
+    r = run(guest("sleeper"), ["1000"], timeout_s=0.3)
+    assert r.stdout == b"sleeping 1000\n"
+    assert r.termination.kind is TerminationKind.TIMED_OUT
+
+
+def test_sleep_completes_within_the_timeout(guest: Guests) -> None:
+    r = run(guest("sleeper"), ["1"], timeout_s=20.0)
+    assert r.stdout == b"sleeping 1\nwoke\n"
+    assert r.ok
+    assert r.duration_s >= 1.0
+
+
+def test_explicit_fuel_budget_is_cpu_limit(guest: Guests) -> None:
+    r = WasmTier(fuel=5_000_000).run(spec(guest("spin")), [])
+    t = r.termination
+    assert t.kind is TerminationKind.CPU_LIMIT, t
+    assert t.evidence["fuel_limit"] == 5_000_000
+    assert t.evidence["fuel_used"] >= 5_000_000
+    assert r.exit_code == 128 + signal.SIGXCPU
+
+
+def test_fuel_budget_from_env(guest: Guests, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERBOX_WASM_FUEL", "2_000_000")
+    r = WasmTier().run(spec(guest("spin")), [])
+    assert r.termination.kind is TerminationKind.CPU_LIMIT
+    assert r.termination.evidence["fuel_limit"] == 2_000_000
+    monkeypatch.setenv("TIERBOX_WASM_FUEL", "lots")
+    with pytest.raises(SpecError, match="TIERBOX_WASM_FUEL"):
+        WasmTier().run(spec(guest("spin")), [])
+
+
+def test_fuel_budget_derived_from_cpus_times_timeout(guest: Guests) -> None:
+    tier = WasmTier(fuel_per_cpu_s=10_000_000)
+    r = tier.run(spec(guest("spin"), cpus=0.5, timeout_s=20.0), [])
+    assert r.termination.kind is TerminationKind.CPU_LIMIT
+    assert r.termination.evidence["fuel_limit"] == 100_000_000
+    # Without cpus there is no budget: the wall clock stops it instead.
+    r = tier.run(spec(guest("spin"), timeout_s=0.2), [])
+    assert r.termination.kind is TerminationKind.TIMED_OUT
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_flood_is_capped_and_stopped(guest: Guests, stream: str) -> None:
+    r = run(guest("flood"), [stream], output_bytes=4096, timeout_s=30.0)
+    t = r.termination
+    assert t.kind is TerminationKind.OUTPUT_LIMIT, t
+    assert t.evidence == {"output_bytes": 4096}
+    data, truncated = (
+        (r.stdout, r.stdout_truncated) if stream == "stdout" else (r.stderr, r.stderr_truncated)
+    )
+    assert len(data) == 4096 and truncated
+    assert data.startswith(b"flood line 0 ")
+    assert r.duration_s < 30.0  # stopped by the cap, not by the timeout
+
+
+@pytest.mark.parametrize(
+    ("mode", "trap"), [("native", "stack_overflow"), ("frames", "memory_out_of_bounds")]
+)
+def test_deep_recursion_traps(guest: Guests, mode: str, trap: str) -> None:
+    r = run(guest("recurse"), [mode])
+    t = r.termination
+    assert r.stdout == b"recursing\n"
+    assert t.kind is TerminationKind.SIGNALED, t
+    assert t.evidence["trap"] == trap
+    assert t.signal == signal.SIGSEGV
+
+
+@pytest.mark.parametrize(
+    ("mode", "trap", "sig"),
+    [
+        ("unreachable", "unreachable", signal.SIGABRT),
+        ("divzero", "integer_division_by_zero", signal.SIGFPE),
+    ],
+)
+def test_traps_are_signaled_with_the_trap_code(
+    guest: Guests, mode: str, trap: str, sig: int
+) -> None:
+    r = run(guest("crash"), [mode])
+    assert r.stdout == b"about to crash\n"
+    t = r.termination
+    assert t.kind is TerminationKind.SIGNALED, t
+    assert t.evidence["trap"] == trap
+    assert t.signal == sig
+    assert r.exit_code == 128 + sig
+
+
+# ------------------------------------------------------------ bad input
+
+
+def test_not_wasm_file_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.wasm"
+    bogus.write_text("just some text\n")
+    with pytest.raises(InvalidModuleError, match="not a WebAssembly module"):
+        run(bogus, [])
+    garbage = tmp_path / "garbage.wasm"
+    garbage.write_bytes(b"\0asm\x01\0\0\0" + os.urandom(64))
+    with pytest.raises(InvalidModuleError, match="not a valid WebAssembly module"):
+        run(garbage, [])
+    assert issubclass(InvalidModuleError, UsageError)  # the CLI exits with 2
+
+
+def test_missing_module_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        run(tmp_path / "absent.wasm", [])
+
+
+def test_non_wasi_imports_are_refused(guest: Guests) -> None:
+    with pytest.raises(InvalidModuleError, match=r"env\.host_secret.*WASI preview 1"):
+        WasmTier().create(spec(guest("hostimport")))
+
+
+def test_module_without_start_is_refused(guest: Guests) -> None:
+    with pytest.raises(InvalidModuleError, match=r"reactor.*no _start"):
+        run(guest("reactor"), [])
+
+
+def test_component_is_refused(tmp_path: Path) -> None:
+    component = tmp_path / "c.wasm"
+    component.write_bytes(b"\0asm\x0d\x00\x01\x00")
+    with pytest.raises(InvalidModuleError, match="component"):
+        run(component, [])
+
+
+def test_argv_with_nul_is_refused(guest: Guests) -> None:
+    with pytest.raises(SpecError, match="NUL"):
+        run(guest("hello"), ["a\0b"])
+
+
+# ------------------------------------------------------------ the module cache
+
+
+def test_compiled_modules_are_cached_on_disk(guest: Guests) -> None:
+    path = guest("hello")
+    digest = engine.file_digest(path)
+    cwasm = engine.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
+    run(path, [])
+    assert cwasm.is_file()
+    assert oct(cwasm.parent.stat().st_mode & 0o777) == "0o700"
+    # A fresh process loads the .cwasm instead of compiling.
+    code = (
+        "import sys, wasmtime\n"
+        "from tierbox.wasm import engine\n"
+        "calls = []\n"
+        "orig = wasmtime.Module.__init__\n"
+        "def spy(self, *a, **k):\n"
+        "    calls.append(1); orig(self, *a, **k)\n"
+        "wasmtime.Module.__init__ = spy\n"
+        f"m = engine.load_module(engine.Path({str(path)!r}))\n"
+        "print(len(calls))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out
+
+
+def test_damaged_cache_entry_is_recompiled(guest: Guests, tmp_path: Path) -> None:
+    src = guest("hello")
+    copy = tmp_path / "hello-copy.wasm"
+    copy.write_bytes(src.read_bytes() + b"")  # same digest as src
+    digest = engine.file_digest(src)
+    cwasm = engine.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
+    run(src, [])
+    code = (
+        "from tierbox.tiers.wasm import WasmTier\n"
+        "from tierbox.spec import SandboxSpec\n"
+        f"print(WasmTier().run(SandboxSpec(image={str(copy)!r}), ['5']).exit_code)\n"
+    )
+    # Damage it as a new file: this process has the old one mmapped, and truncating
+    # a mapped file in place would crash it (SIGBUS), as with any mmapped code.
+    damaged = cwasm.with_suffix(".damaged")
+    damaged.write_bytes(b"not a compiled module")
+    os.replace(damaged, cwasm)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "5", out
+    assert cwasm.read_bytes()[:4] != b"not "
+
+
+# --------------------------------------------------------------- threads
+
+
+def test_many_sandboxes_on_worker_threads(guest: Guests) -> None:
+    tier = WasmTier()
+    hello = guest("hello")
+    errors: list[BaseException] = []
+    results: dict[tuple[int, int], ExecResult] = {}
+
+    def worker(n: int) -> None:
+        try:
+            inst = tier.create(spec(hello))
+            try:
+                for i in range(5):
+                    results[(n, i)] = inst.exec([str(n), f"t{n}-{i}"])
+            finally:
+                inst.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 80
+    for (n, i), r in results.items():
+        assert r.exit_code == n
+        assert f"argv[2]=t{n}-{i}\n".encode() in r.stdout
+
+
+def test_wasm_runs_without_holding_the_gil(guest: Guests) -> None:
+    """While a guest spins on a worker thread, Python code keeps running here."""
+    box: list[ExecResult] = []
+    t = threading.Thread(target=lambda: box.append(run(guest("spin"), [], timeout_s=0.5)))
+    t.start()
+    spins = 0
+    while t.is_alive():
+        spins += 1
+    t.join()
+    assert box[0].termination.kind is TerminationKind.TIMED_OUT
+    assert spins > 10_000  # with the GIL held by the guest this would be ~0
+
+
+def test_mixed_outcomes_on_threads_do_not_cross(guest: Guests) -> None:
+    tier = WasmTier()
+    jobs: list[tuple[Path, list[str], dict[str, object], TerminationKind]] = [
+        (guest("hello"), ["3"], {}, TerminationKind.EXITED),
+        (guest("spin"), [], {"timeout_s": 0.3}, TerminationKind.TIMED_OUT),
+        (guest("flood"), [], {"output_bytes": 2048}, TerminationKind.OUTPUT_LIMIT),
+        (guest("crash"), [], {}, TerminationKind.SIGNALED),
+        (guest("sleeper"), ["100"], {"timeout_s": 0.3}, TerminationKind.TIMED_OUT),
+    ] * 3
+    got: dict[int, TerminationKind] = {}
+
+    def work(i: int) -> None:
+        path, argv, lim, _ = jobs[i]
+        got[i] = tier.run(spec(path, **lim), argv).termination.kind
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {i: job[3] for i, job in enumerate(jobs)}
+
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time, wasmtime
+    from tierbox.spec import Limits, SandboxSpec
+    from tierbox.tiers.wasm import WasmTier
+    from tierbox.wasm import engine
+
+    spin, sleeper, flood = sys.argv[1:4]
+    tier = WasmTier()
+    unlimited = Limits(timeout_s=None)
+    idle = tier.create(SandboxSpec(image=spin))  # never closed
+    store = wasmtime.Store(engine.engine())  # a bare Store alive at exit
+    for image, argv in ((spin, []), (sleeper, ["1000"]), (flood, [])):
+        lim = unlimited if image != flood else Limits(timeout_s=None, output_bytes=64 << 20)
+        job = (SandboxSpec(image=image, limits=lim), argv)
+        threading.Thread(target=tier.run, args=job, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while engine.live_runs() < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    print("exiting with", engine.live_runs(), "live runs", flush=True)
+    time.sleep(0.05)
+    """
+)
+
+
+def test_interpreter_exit_with_live_stores_is_clean(guest: Guests) -> None:
+    argv = [str(guest("spin")), str(guest("sleeper")), str(guest("flood"))]
+    p = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p
+    assert p.stdout == "exiting with 3 live runs\n", p
+    assert "panic" not in p.stderr.lower(), p.stderr
+    assert p.stderr == "", p.stderr
+
+
+# ---------------------------------------------------- built-in images
+
+
+def test_cpython_in_wasm() -> None:
+    require_image("python:wasi")
+    r = get_tier("wasm").run(make_spec("python"), ["-c", "print(2+2)"])
+    assert r.stdout == b"4\n", r
+    assert r.ok
+    r = get_tier("wasm").run(
+        make_spec("python"),
+        ["-c", "import sys, os; print(sys.platform, sys.version_info[:2], os.listdir('/'))"],
+    )
+    assert r.stdout == b"wasi (3, 12) []\n", r
+
+
+def test_cpython_sees_no_host_and_no_network() -> None:
+    require_image("python:wasi")
+    code = textwrap.dedent(
+        """
+        import os, socket
+        for p in ("/etc/passwd", "/proc/self/status", "/../../etc/hostname"):
+            try:
+                open(p).read(); print("READ", p)
+            except OSError as e:
+                print("no", p, e.errno)
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(("127.0.0.1", 22))
+            print("CONNECTED")
+        except Exception as e:  # WASI preview 1 has no socket creation at all
+            print("no network", type(e).__name__)
+        """
+    )
+    r = get_tier("wasm").run(make_spec("python"), ["-c", code])
+    assert r.ok, r
+    assert b"READ" not in r.stdout and b"CONNECTED" not in r.stdout, r.stdout
+    assert r.stdout.count(b"no ") == 4
+
+
+def test_cpython_stdin_and_files_in_a_sandbox() -> None:
+    require_image("python:wasi")
+    with Sandbox.create("python", tier="wasm") as sb:
+        sb.put_file("/data/in.txt", b"41")
+        script = (
+            "n = int(open('/data/in.txt').read()); open('/data/out.txt', 'w').write(str(n + 1))"
+        )
+        assert sb.run(["-c", script]).ok
+        assert sb.get_file("/data/out.txt") == b"42"
+        r = sb.run(["-c", "import sys; print(sys.stdin.read().upper())"], stdin=b"shout")
+        assert r.stdout == b"SHOUT\n"
+
+
+def test_cpython_memory_error_is_oom_killed() -> None:
+    require_image("python:wasi")
+    code = "blocks = []\nwhile True: blocks.append(bytearray(1 << 20))"
+    r = get_tier("wasm").run(make_spec("python", memory_mib=64), ["-c", code])
+    assert b"MemoryError" in r.stderr, r
+    assert r.termination.kind is TerminationKind.OOM_KILLED
+    assert r.termination.evidence["limit_mib"] == 64
+
+
+def test_cpython_timeout() -> None:
+    require_image("python:wasi")
+    r = get_tier("wasm").run(make_spec("python", timeout_s=1.0), ["-c", "while True: pass"])
+    assert r.termination.kind is TerminationKind.TIMED_OUT
+
+
+def test_micropython() -> None:
+    require_image("micropython:wasi")
+    r = get_tier("wasm").run(make_spec("micropython"), ["-c", "print(2+2)"])
+    assert r.stdout == b"4\n", r
+    r = get_tier("wasm").run(
+        make_spec("micropython"), ["-c", "import sys; print(sys.implementation.name)"]
+    )
+    assert r.stdout == b"micropython\n"
+
+
+def test_linux_image_is_not_a_wasm_image() -> None:
+    require_image("busybox")
+    with pytest.raises(SpecError, match="not a Wasm image"):
+        WasmTier().create(make_spec("busybox"))
+
+
+# -------------------------------------------------------- importing images
+
+
+def test_import_wasm_makes_a_runnable_image(
+    guest: Guests, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci missing: run `make setup`")
+    from tierbox.images.store import default_store
+    from tierbox.tiers.wasm import import_wasm
+    from tierbox.wasm.images import SHA_ANNOTATION, VARIANT_ANNOTATION
+
+    monkeypatch.setenv("TIERBOX_HOME", str(tmp_path / "home"))
+    rec = import_wasm(guest("hello"), "hello-wasm")
+    assert rec.ref == "hello-wasm:latest"
+    assert rec.config.entrypoint[0].endswith(".wasm")
+    assert rec.config.annotations[VARIANT_ANNOTATION] == "compat"
+    assert rec.config.annotations[SHA_ANNOTATION] == engine.file_digest(guest("hello"))
+    assert default_store().resolve("hello-wasm").ref == "hello-wasm:latest"
+    r = WasmTier().run(spec("hello-wasm"), ["9", "x"])
+    assert r.exit_code == 9
+    assert r.stdout.startswith(b"argc=3\nargv[0]=hello\nargv[1]=9\n")
+    with pytest.raises(InvalidModuleError):
+        import_wasm(guest("hostimport"), "bad-wasm")

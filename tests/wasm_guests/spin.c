@@ -1,0 +1,5 @@
+/* Spins forever without calling the host. */
+int main(void) {
+    volatile unsigned long i = 0;
+    for (;;) i++;
+}
