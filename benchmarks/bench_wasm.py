@@ -94,7 +94,8 @@ def bench_hello(report: Report, n: int) -> None:
     linker = wasmtime.Linker(eng)
     linker.define_wasi()
     pre = linker.instantiate_pre(module)
-    scratch = Path(tempfile.mkdtemp(prefix="tierbox-bench-raw-"))
+    # Same kind of filesystem as tierbox's scratch files (tmpfs when there is one).
+    scratch = Path(tempfile.mkdtemp(prefix="tierbox-bench-raw-", dir=engine._scratch_parents()[0]))
     out, err, root = scratch / "out", scratch / "err", scratch / "root"
     root.mkdir()
 
@@ -132,7 +133,9 @@ def bench_hello(report: Report, n: int) -> None:
     print(f"  hello p50: tierbox run {tb:.3f} ms, raw wasmtime-py InstancePre {rw:.3f} ms")
     print(f"  (info) exec in a live sandbox {long_lived:.3f} ms; create+exec+close {full:.3f} ms")
     ratio = tb / rw
-    report.line("hello: tierbox run / raw InstancePre (p50)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+    report.line(
+        "hello: tierbox run / raw InstancePre (p50)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5
+    )
 
 
 def bench_image(report: Report, name: str, ref: str, n: int, target_ms: float) -> None:
@@ -146,7 +149,9 @@ def bench_image(report: Report, name: str, ref: str, n: int, target_ms: float) -
         return
     assert first.stdout == b"4\n", first
     ms = p50_ms(lambda: tier.run(spec, ["-c", "print(2+2)"]), n, warmup=3)
-    report.line(f"{name} print(2+2) warm (p50)", f"{ms:.2f} ms", f"<= {target_ms:g} ms", ms <= target_ms)
+    report.line(
+        f"{name} print(2+2) warm (p50)", f"{ms:.2f} ms", f"<= {target_ms:g} ms", ms <= target_ms
+    )
 
 
 def bench_idle_rss(report: Report, count: int) -> None:
@@ -166,7 +171,10 @@ def bench_idle_rss(report: Report, count: int) -> None:
         inst.close()
     print(f"  RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB with {count} idle sandboxes")
     report.line(
-        f"RSS per idle sandbox ({count} live)", f"{per / 1024:.1f} KiB", "<= 64 KiB", per <= 64 * 1024
+        f"RSS per idle sandbox ({count} live)",
+        f"{per / 1024:.1f} KiB",
+        "<= 64 KiB",
+        per <= 64 * 1024,
     )
 
 

@@ -176,6 +176,9 @@ def test_facade_create_attach_snapshot_restore(guest: Guests) -> None:
         assert sb.run(["write", "/state.txt", "v1"]).ok
         again = Sandbox.connect(sb.id)  # what another process would do
         assert again.run(["read", "/state.txt"]).stdout == b"opened /state.txt: v1\n"
+        usage = Sandbox.connect(sb.id).stats()  # both execs, as another process sees them
+        assert usage.memory_peak_bytes is not None and usage.memory_peak_bytes > 0
+        assert usage.cpu_s is not None and usage.cpu_s > 0
         snap = sb.snapshot()
         assert snap.tier == "wasm"
         assert sb.run(["write", "/state.txt", "v2"]).ok
@@ -656,3 +659,37 @@ def test_import_wasm_makes_a_runnable_image(
     assert r.stdout.startswith(b"argc=3\nargv[0]=hello\nargv[1]=9\n")
     with pytest.raises(InvalidModuleError):
         import_wasm(guest("hostimport"), "bad-wasm")
+
+
+def test_image_files_are_copied_into_each_sandbox_but_not_the_module(
+    guest: Guests, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci missing: run `make setup`")
+    from tierbox.images.store import ImageConfig, default_store
+    from tierbox.wasm.images import VARIANT_ANNOTATION
+
+    monkeypatch.setenv("TIERBOX_HOME", str(tmp_path / "home"))
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "data").mkdir()
+    shutil.copyfile(guest("fileops"), rootfs / "bin" / "fileops.wasm")
+    (rootfs / "data" / "motd.txt").write_text("from the image\n")
+    config = ImageConfig(
+        entrypoint=["/bin/fileops.wasm"],
+        cmd=["read", "/data/motd.txt"],
+        annotations={VARIANT_ANNOTATION: "compat"},
+    )
+    default_store().add_directory("files-wasm:1", rootfs, config)
+    r = WasmTier().run(spec("files-wasm:1"), [])  # the image's cmd
+    assert r.stdout == b"opened /data/motd.txt: from the image\n", r
+    inst = WasmTier().create(spec("files-wasm:1"))
+    try:
+        assert inst.list_dir("/") == ["bin", "data"]
+        assert inst.list_dir("/bin") == []  # the module runs from the store, not from /
+        assert inst.exec(["write", "/data/motd.txt", "changed"]).ok
+        assert inst.get_file("/data/motd.txt") == b"changed\n"
+    finally:
+        inst.close()
+    again = WasmTier().run(spec("files-wasm:1"), [])
+    assert again.stdout == b"opened /data/motd.txt: from the image\n"  # each sandbox: a copy

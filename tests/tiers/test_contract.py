@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import pytest
@@ -48,11 +49,15 @@ def test_long_lived_sandbox_exec_files_stats(tier: str) -> None:
         assert sb.run(["sh", "-c", "echo one"]).stdout == b"one\n"
         r = sb.run(["sh", "-c", "echo $GREETING"], env={"GREETING": "hello"})
         assert r.stdout == b"hello\n"
-        sb.put_file("/tmp/in.txt", b"payload\n")
-        assert sb.run(["cat", "/tmp/in.txt"]).stdout == b"payload\n"
-        sb.run(["sh", "-c", "echo made-inside > /tmp/out.txt"])
-        assert sb.get_file("/tmp/out.txt") == b"made-inside\n"
-        assert "in.txt" in sb.list_dir("/tmp")
+        # unique names: the process tier shares the host's /tmp
+        tag = secrets.token_hex(4)
+        sb.put_file(f"/tmp/in-{tag}.txt", b"payload\n")
+        assert sb.run(["cat", f"/tmp/in-{tag}.txt"]).stdout == b"payload\n"
+        sb.run(["sh", "-c", f"echo made-inside > /tmp/out-{tag}.txt"])
+        assert sb.get_file(f"/tmp/out-{tag}.txt") == b"made-inside\n"
+        assert f"in-{tag}.txt" in sb.list_dir("/tmp")
+        if tier == "process":
+            sb.run(["rm", "-f", f"/tmp/in-{tag}.txt", f"/tmp/out-{tag}.txt"])
         st = sb.stats()
         assert st.memory_bytes is not None and st.memory_bytes > 0
         assert st.memory_peak_bytes is not None and st.memory_peak_bytes >= st.memory_bytes

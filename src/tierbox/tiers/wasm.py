@@ -29,12 +29,12 @@ CPU budget: ``WasmTier(fuel=N)`` or ``TIERBOX_WASM_FUEL=N`` sets N fuel units
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -61,6 +61,7 @@ from tierbox.wasm.runner import fuel_budget, run_wasi
 #: figure measured on x86-64 (CPython-in-Wasm ~4-5e9/s, tight C loops ~1e9/s).
 FUEL_PER_CPU_S = 2_000_000_000
 FUEL_ENV = "TIERBOX_WASM_FUEL"
+USAGE_FILE = "wasm-usage.json"
 
 
 __all__ = ["FUEL_PER_CPU_S", "WasmInstance", "WasmTier", "import_wasm", "main"]
@@ -147,12 +148,44 @@ class WasmInstance(Instance):
         finally:
             with self._lock:
                 self._running -= 1
+        oom = run.result.termination.kind is TerminationKind.OOM_KILLED
         with self._lock:
             self._peak = max(self._peak, run.memory_bytes)
             self._cpu_s += run.cpu_s
-            if run.result.termination.kind is TerminationKind.OOM_KILLED:
-                self._ooms += 1
+            self._ooms += oom
+        self._record_usage(run.memory_bytes, run.cpu_s, int(oom))
         return run.result
+
+    # Usage is also kept in the sandbox directory (outside the guest's /), so that
+    # `tierbox sandbox stats` in another process sees what every exec used.
+
+    def _usage_path(self) -> Path:
+        return self.root.parent / USAGE_FILE
+
+    def _record_usage(self, memory_bytes: int, cpu_s: float, ooms: int) -> None:
+        try:
+            fd = os.open(self._usage_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return  # closed meanwhile
+        with os.fdopen(fd, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                usage = json.loads(fh.read() or "{}")
+            except ValueError:
+                usage = {}
+            usage["peak"] = max(int(usage.get("peak", 0)), memory_bytes)
+            usage["cpu_s"] = float(usage.get("cpu_s", 0.0)) + cpu_s
+            usage["ooms"] = int(usage.get("ooms", 0)) + ooms
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(usage))
+
+    def _recorded_usage(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self._usage_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
 
     # ----------------------------------------------------------------- files
 
@@ -185,13 +218,17 @@ class WasmInstance(Instance):
     # ----------------------------------------------------------- the rest
 
     def stats(self) -> Stats:
+        """Peak linear memory, CPU time and OOMs of every exec so far (any process);
+        ``memory_bytes`` is 0 when idle: no Wasm memory lives between execs."""
+        usage = self._recorded_usage()
         with self._lock:
+            peak = max(self._peak, int(usage.get("peak", 0)))
             return Stats(
-                memory_bytes=self._peak if self._running else 0,
-                memory_peak_bytes=self._peak,
-                cpu_s=self._cpu_s,
+                memory_bytes=peak if self._running else 0,
+                memory_peak_bytes=peak,
+                cpu_s=max(self._cpu_s, float(usage.get("cpu_s", 0.0))),
                 pids=self._running,
-                oom_kills=self._ooms,
+                oom_kills=max(self._ooms, int(usage.get("ooms", 0))),
             )
 
     def state(self) -> dict[str, Any]:
@@ -243,10 +280,7 @@ def _argv0(path: str) -> str:
 
 class WasmTier(Tier):
     name = "wasm"
-    isolation = (
-        "WebAssembly (wasmtime, in-process): linear-memory sandbox, WASI preview 1 with only "
-        "the sandbox directory as /, no network, no host processes"
-    )
+    isolation = "Wasm linear memory + WASI p1: own directory as /, no network, no processes"
 
     def __init__(self, fuel: int | None = None, *, fuel_per_cpu_s: int = FUEL_PER_CPU_S) -> None:
         if fuel is not None and fuel < 1:
@@ -272,10 +306,10 @@ class WasmTier(Tier):
             eng.engine()
         except Exception as exc:  # a broken wasmtime install
             return Availability(False, f"wasmtime cannot start: {exc}", "wasmtime", version)
-        how = "epoch callback" if eng._C is not None else "epoch deadlines (no output stop)"
+        how = "" if eng._C is not None else " (no epoch callback: output cap checked after runs)"
         return Availability(
             True,
-            f"wasmtime {version} in-process, WASI preview 1, limits via store limits, fuel, {how}",
+            f"wasmtime {version} in-process, WASI preview 1{how}",
             engine="wasmtime",
             version=version,
         )
@@ -317,7 +351,7 @@ class WasmTier(Tier):
         workload = resolve_workload(spec.image)
         module = workload.module()
         args = list(argv) if argv else list(workload.cmd)
-        root = Path(tempfile.mkdtemp(prefix="run-", dir=eng.scratch_dir()))
+        root = eng.one_shot_root()
         try:
             workload.populate(root)
             result = run_wasi(
@@ -331,7 +365,7 @@ class WasmTier(Tier):
                 fuel=fuel_budget(spec.limits, fuel, self.fuel_per_cpu_s),
             )
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            eng.release_one_shot_root(root)
         return result.result
 
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> WasmInstance:

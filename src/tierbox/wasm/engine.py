@@ -62,6 +62,8 @@ WASM_PAGE = 65536
 TICK_S = 0.01
 #: Fuel given to a run with no CPU budget (wasmtime needs some number).
 UNLIMITED_FUEL = 1 << 62
+#: The ticker keeps ticking this long after the last run ends, then parks.
+IDLE_S = 1.0
 #: How long interpreter shutdown waits for live runs to stop.
 SHUTDOWN_GRACE_S = 5.0
 CACHE_FORMAT = 1
@@ -225,38 +227,51 @@ def _stop_error() -> int | None:
 
 
 class _Ticker:
-    """Advances the engine epoch every TICK_S while any run is live; sleeps otherwise."""
+    """Advances the engine epoch every TICK_S while runs are live, and for IDLE_S after
+    the last one ends (so back-to-back runs do not each wake a parked thread); then parks."""
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._active = 0
+        self._last_end = 0.0
+        self._parked = True
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     def acquire(self) -> None:
-        with self._cv:
+        with self._lock:
             self._active += 1
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
+                self._parked = True
+                self._wake = threading.Event()
                 self._thread = threading.Thread(
                     target=self._loop, name="tierbox-wasm-epoch", daemon=True
                 )
                 self._thread.start()
-            if self._active == 1:
-                self._cv.notify()
+            wake = self._parked
+            self._parked = False
+        if wake:
+            self._wake.set()
 
     def release(self) -> None:
-        with self._cv:
+        with self._lock:
             self._active -= 1
+            self._last_end = time.monotonic()
 
     def _loop(self) -> None:
         eng = engine()
         while True:
-            with self._cv:
-                while self._active <= 0:
-                    self._cv.wait()
-            time.sleep(TICK_S)
-            eng.increment_epoch()
+            self._wake.wait()
+            while True:
+                time.sleep(TICK_S)
+                eng.increment_epoch()
+                with self._lock:
+                    if self._active <= 0 and time.monotonic() - self._last_end > IDLE_S:
+                        self._parked = True
+                        self._wake.clear()
+                        break
 
 
 _ticker = _Ticker()
@@ -318,21 +333,71 @@ _scratch_lock = threading.Lock()
 SCRATCH_PREFIX = "tierbox-wasm-"
 
 
+def _scratch_parents() -> list[Path]:
+    """Where scratch directories go: tmpfs first (truncating and removing files on a
+    journaling filesystem costs more than a whole small Wasm run), then $TMPDIR."""
+    shm = Path("/dev/shm")
+    parents = [shm] if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else []
+    return [*parents, Path(tempfile.gettempdir())]
+
+
 def scratch_dir() -> Path:
-    """A private directory for the calling thread: stdout/stderr/stdin files of its runs."""
+    """A private directory for the calling thread: stdout/stderr/stdin files of its runs
+    and the root of one-shot runs. Only this thread uses it, so nothing is locked."""
     global _scratch_base, _scratch_pid
     local: Path | None = getattr(_tls, "scratch", None)
     if local is not None and _scratch_pid == os.getpid():
         return local
     with _scratch_lock:
         if _scratch_base is None or _scratch_pid != os.getpid():
-            _scratch_base = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+            prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
+            for parent in _scratch_parents():
+                try:
+                    _scratch_base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+                    break
+                except OSError:
+                    continue
+            else:
+                raise SandboxError("no writable directory for Wasm run scratch files")
             _scratch_pid = os.getpid()
         base = _scratch_base
     local = base / f"t{threading.get_ident()}"
     local.mkdir(mode=0o700, exist_ok=True)
     _tls.scratch = local
     return local
+
+
+def scratch_files(scratch: Path) -> tuple[str, str, str]:
+    """Paths of the stdout, stderr and stdin files in a thread's scratch directory."""
+    files: tuple[str, str, str] | None = getattr(_tls, "files", None)
+    if files is None or not files[0].startswith(str(scratch)):
+        base = str(scratch)
+        files = (f"{base}/stdout", f"{base}/stderr", f"{base}/stdin")
+        _tls.files = files
+    return files
+
+
+def one_shot_root() -> Path:
+    """An empty directory to preopen as ``/`` for a one-shot run on this thread.
+
+    Reused while runs leave it empty (creating and removing a directory per run
+    costs as much as a small run); see :func:`release_one_shot_root`.
+    """
+    root = scratch_dir() / "root"
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o755)
+    return root
+
+
+def release_one_shot_root(root: Path) -> None:
+    """After a one-shot run: keep the directory if the guest left it empty."""
+    try:
+        with os.scandir(root) as it:
+            if next(it, None) is None:
+                return
+    except OSError:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _remove_scratch() -> None:
@@ -343,8 +408,8 @@ def _remove_scratch() -> None:
 def reap_scratch() -> list[str]:
     """Remove scratch directories of tierbox processes that no longer exist."""
     removed = []
-    tmp = Path(tempfile.gettempdir())
-    for entry in tmp.glob(f"{SCRATCH_PREFIX}*"):
+    entries = [e for parent in _scratch_parents() for e in parent.glob(f"{SCRATCH_PREFIX}*")]
+    for entry in entries:
         pid_text = entry.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue

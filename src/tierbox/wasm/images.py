@@ -193,7 +193,7 @@ def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
             f"image {record.ref} is not a Wasm image: its entrypoint {words or '(none)'} is not a "
             ".wasm module. The wasm tier runs images whose entrypoint is a .wasm file "
             f"(annotation {VARIANT_ANNOTATION}=compat), such as python:wasi, or a path to a "
-            ".wasm file; import one with `python -m tierbox.tiers.wasm import FILE.wasm NAME`"
+            ".wasm file; wrap a module as an image with `tierbox image import FILE.wasm --name NAME`"
         )
     rootfs = _store_rootfs(st, record.ref)
     module_path = safe_join(rootfs, entry)

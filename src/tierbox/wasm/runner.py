@@ -41,6 +41,8 @@ from tierbox.wasm import engine as eng
 from tierbox.wasm.engine import UNLIMITED_FUEL, WasmModule
 
 MIB = 1024 * 1024
+#: Output files up to this size are left for the next run's open (which truncates).
+_KEEP_BYTES = MIB
 
 #: Native signal that best matches each trap, so shell status and `describe()`
 #: read like a crashed process: unreachable (abort()) -> SIGABRT, bad memory
@@ -114,7 +116,7 @@ def run_wasi(
             f"memory at start but memory_mib={limits.memory_mib}: raise the memory limit"
         )
     scratch = eng.scratch_dir()
-    out_path, err_path = str(scratch / "stdout"), str(scratch / "stderr")
+    out_path, err_path, in_path = eng.scratch_files(scratch)
     cap = limits.output_bytes
     run = eng.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
     budget = fuel if fuel is not None else UNLIMITED_FUEL
@@ -143,9 +145,9 @@ def run_wasi(
         wasi.stdout_file = out_path
         wasi.stderr_file = err_path
         if stdin:
-            in_path = scratch / "stdin"
-            in_path.write_bytes(stdin)
-            wasi.stdin_file = str(in_path)
+            with open(in_path, "wb") as fh:
+                fh.write(stdin)
+            wasi.stdin_file = in_path
         store.set_wasi(wasi)
         eng.begin_run(store, run)
         try:
@@ -212,8 +214,8 @@ def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             data = fh.read(min(size, cap)) if size else b""
-        if size:
-            os.truncate(path, 0)  # give a flood's disk space back now
+        if size > _KEEP_BYTES:
+            os.truncate(path, 0)  # give a flood's space back now, not at the next run
     except FileNotFoundError:
         return b"", False
     return data, size > cap
