@@ -20,10 +20,23 @@ def enter_runtime_namespace() -> None:
         mntns.ensure_runtime_ns()
         nsenter = "/usr/bin/nsenter"
         script = os.path.abspath(sys.argv[0])
-        os.execv(nsenter, [nsenter, f"--mount={mntns.ns_file()}", f"--wd={os.getcwd()}", "--", sys.executable, script, *sys.argv[1:]])
+        os.execv(
+            nsenter,
+            [
+                nsenter,
+                f"--mount={mntns.ns_file()}",
+                f"--wd={os.getcwd()}",
+                "--",
+                sys.executable,
+                script,
+                *sys.argv[1:],
+            ],
+        )
 
 
-def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 3) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], n: int, warmup: int = 3
+) -> dict[str, list[float]]:
     """Time each fn n times, alternating between them so that machine noise
     hits all of them alike. Returns seconds per call."""
     for _ in range(warmup):
@@ -56,7 +69,9 @@ class Promise:
 
     @property
     def ok(self) -> bool:
-        return self.measured >= self.target if self.higher_is_better else self.measured <= self.target
+        return (
+            self.measured >= self.target if self.higher_is_better else self.measured <= self.target
+        )
 
     def line(self) -> str:
         rel = ">=" if self.higher_is_better else "<="

@@ -71,7 +71,14 @@ def main() -> int:
         n,
     )
     show("process one-shot", t)
-    promises.append(Promise("process one-shot / raw subprocess", ratio(t, "tierbox process", "raw subprocess"), 1.2, "x"))
+    promises.append(
+        Promise(
+            "process one-shot / raw subprocess",
+            ratio(t, "tierbox process", "raw subprocess"),
+            1.2,
+            "x",
+        )
+    )
 
     # ---- container -------------------------------------------------------
     container = get_tier("container")
@@ -84,7 +91,10 @@ def main() -> int:
             check=True,
         )
 
-    fns = {"raw crun run": raw_crun, "tierbox container": lambda: container.run(SPEC, ["/bin/true"])}
+    fns = {
+        "raw crun run": raw_crun,
+        "tierbox container": lambda: container.run(SPEC, ["/bin/true"]),
+    }
     podman = shutil.which("podman")
     if podman and _podman_has_busybox(podman):
         fns["podman run --rm"] = lambda: subprocess.run(
@@ -92,7 +102,14 @@ def main() -> int:
         )
     t = interleaved(fns, n)
     show("container one-shot", t)
-    promises.append(Promise("container one-shot / raw crun run", ratio(t, "tierbox container", "raw crun run"), 1.3, "x"))
+    promises.append(
+        Promise(
+            "container one-shot / raw crun run",
+            ratio(t, "tierbox container", "raw crun run"),
+            1.3,
+            "x",
+        )
+    )
     if "podman run --rm" in t:
         promises.append(
             Promise(
@@ -120,7 +137,16 @@ def main() -> int:
         t = interleaved(
             {
                 "raw crun exec": lambda: subprocess.run(
-                    [crun, "--root", state_root, "--cgroup-manager=disabled", "exec", "--process", str(proc_file), cid],
+                    [
+                        crun,
+                        "--root",
+                        state_root,
+                        "--cgroup-manager=disabled",
+                        "exec",
+                        "--process",
+                        str(proc_file),
+                        cid,
+                    ],
                     check=True,
                 ),
                 "tierbox exec": lambda: sb.run(["/bin/true"]),
@@ -128,7 +154,11 @@ def main() -> int:
             n,
         )
     show("exec into a running container", t)
-    promises.append(Promise("container exec / raw crun exec", ratio(t, "tierbox exec", "raw crun exec"), 1.3, "x"))
+    promises.append(
+        Promise(
+            "container exec / raw crun exec", ratio(t, "tierbox exec", "raw crun exec"), 1.3, "x"
+        )
+    )
 
     # ---- gvisor ------------------------------------------------------------
     gvisor = get_tier("gvisor")
@@ -138,14 +168,33 @@ def main() -> int:
 
         def raw_runsc() -> None:
             subprocess.run(
-                [runsc, "--root", str(root), f"--platform={_platform(runsc)}", "--network=none",
-                 "run", "--bundle", str(gbundle), f"rawg-{next(_ids)}"],
+                [
+                    runsc,
+                    "--root",
+                    str(root),
+                    f"--platform={_platform(runsc)}",
+                    "--network=none",
+                    "run",
+                    "--bundle",
+                    str(gbundle),
+                    f"rawg-{next(_ids)}",
+                ],
                 check=True,
             )
 
-        t = interleaved({"raw runsc run": raw_runsc, "tierbox gvisor": lambda: gvisor.run(SPEC, ["/bin/true"])}, max(n // 3, 10))
+        t = interleaved(
+            {"raw runsc run": raw_runsc, "tierbox gvisor": lambda: gvisor.run(SPEC, ["/bin/true"])},
+            max(n // 3, 10),
+        )
         show("gvisor one-shot", t)
-        promises.append(Promise("gvisor one-shot / raw runsc run", ratio(t, "tierbox gvisor", "raw runsc run"), 1.2, "x"))
+        promises.append(
+            Promise(
+                "gvisor one-shot / raw runsc run",
+                ratio(t, "tierbox gvisor", "raw runsc run"),
+                1.2,
+                "x",
+            )
+        )
         shutil.rmtree(gbundle, ignore_errors=True)
 
     shutil.rmtree(bundle, ignore_errors=True)
@@ -154,7 +203,9 @@ def main() -> int:
 
 
 def _podman_has_busybox(podman: str) -> bool:
-    return subprocess.run([podman, "image", "exists", "busybox"], capture_output=True).returncode == 0
+    return (
+        subprocess.run([podman, "image", "exists", "busybox"], capture_output=True).returncode == 0
+    )
 
 
 def ratio(t: dict[str, list[float]], ours: str, raw: str) -> float:

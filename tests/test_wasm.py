@@ -106,6 +106,16 @@ def test_hello_args_exit_code_stdout_stderr(guest: Guests) -> None:
     assert not r.stdout_truncated and not r.stderr_truncated
 
 
+@pytest.mark.parametrize(("code", "status"), [(0, 0), (1, 1), (125, 125), (200, 200), (300, 44)])
+def test_every_exit_status_is_mirrored(guest: Guests, code: int, status: int) -> None:
+    r = run(guest("hello"), [str(code)])
+    assert r.termination.kind is TerminationKind.EXITED, r.termination
+    assert r.exit_code == status
+    assert r.stderr == b"to-stderr\n"  # exit() flushed stdio first
+    if code > 255:
+        assert r.termination.evidence == {"wasi_status": code}
+
+
 def test_stdin_and_env_reach_the_guest(guest: Guests) -> None:
     s = SandboxSpec(image=str(guest("hello")), env={"GREETING": "from-spec"})
     r = WasmTier().run(s, [], stdin=b"piped data")

@@ -27,6 +27,9 @@
 #include <limits.h>
 #include <linux/openat2.h>
 #include <linux/random.h>
+#include <linux/sched.h>
+#include <net/if.h>
+#include <sys/socket.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -597,16 +600,19 @@ static const char *env_get(char **envp, const char *key) {
 }
 
 /* Child side: never returns. */
-static void exec_child(struct exec_req *r, const char *cg, int in_fd, int out_fd, int err_fd, int errpipe) {
+static void exec_child(struct exec_req *r, const char *join_cg, int in_fd, int out_fd, int err_fd,
+                       int errpipe) {
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     signal(SIGPIPE, SIG_DFL);
     setsid();
-    char procs[128];
-    snprintf(procs, sizeof procs, "%s/cgroup.procs", cg);
     int e = 0;
-    if (write_file(procs, "0") < 0) e = errno;
+    if (join_cg) { /* clone3 could not place us: join by hand */
+        char procs[128];
+        snprintf(procs, sizeof procs, "%s/cgroup.procs", join_cg);
+        if (write_file(procs, "0") < 0) e = errno;
+    }
     write_file("/proc/self/oom_score_adj", "0");
     if (!e && chroot(ROOT) < 0) e = errno;
     if (!e && chdir(r->workdir) < 0) e = errno;
@@ -648,6 +654,35 @@ static void exec_child(struct exec_req *r, const char *cg, int in_fd, int out_fd
     int32_t code[2] = {2, last};
     if (write(errpipe, code, sizeof code) < 0) _exit(127);
     _exit(127);
+}
+
+/* The next exec's cgroup is made ahead of time, off the request's path. */
+static char next_cg[64];
+static int next_cg_fd = -1;
+static unsigned cg_seq;
+
+static void prepare_cg(void) {
+    if (next_cg_fd >= 0) return;
+    snprintf(next_cg, sizeof next_cg, CG_ROOT "/x%u", ++cg_seq);
+    if (mkdir(next_cg, 0755) < 0 && errno != EEXIST) return;
+    next_cg_fd = open(next_cg, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+}
+
+/* fork() straight into a cgroup (clone3 + CLONE_INTO_CGROUP); *joined is 0
+ * when the kernel could not, and the child must join by itself. */
+static pid_t fork_into(int cgfd, int *joined) {
+    struct clone_args ca;
+    memset(&ca, 0, sizeof ca);
+    ca.flags = CLONE_INTO_CGROUP;
+    ca.exit_signal = SIGCHLD;
+    ca.cgroup = (uint64_t)cgfd;
+    pid_t pid = cgfd >= 0 ? (pid_t)syscall(SYS_clone3, &ca, sizeof ca) : -1;
+    if (pid >= 0) {
+        *joined = 1;
+        return pid;
+    }
+    *joined = 0;
+    return fork();
 }
 
 static void cg_kill(const char *cg) {
@@ -701,17 +736,20 @@ static void do_exec(const struct frame *req, int sigfd) {
     int devnull = -1, kmsg = -1;
     unsigned char *sbuf = NULL;
     char cg[64];
-    snprintf(cg, sizeof cg, CG_ROOT "/x%u", id);
-    int made_cg = 0;
+    int made_cg = 0, cgfd = -1;
 
     if (parse_exec(&f, &r) < 0) {
         send_err(id, EINVAL, "exec: malformed request");
         goto out;
     }
-    if (mkdir(cg, 0755) < 0 && errno != EEXIST) {
-        send_err(id, errno, "mkdir %s: %s", cg, strerror(errno));
+    prepare_cg();
+    if (next_cg_fd < 0) {
+        send_err(id, errno, "mkdir %s: %s", next_cg, strerror(errno));
         goto out;
     }
+    memcpy(cg, next_cg, sizeof cg);
+    cgfd = next_cg_fd;
+    next_cg_fd = -1;
     made_cg = 1;
     if (r.pids_max) {
         char p[128], v[32];
@@ -729,12 +767,14 @@ static void do_exec(const struct frame *req, int sigfd) {
     kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (kmsg >= 0) lseek(kmsg, 0, SEEK_END);
     int64_t start = now_ms();
-    pid_t pid = fork();
+    int joined = 0;
+    pid_t pid = fork_into(cgfd, &joined);
     if (pid < 0) {
         send_err(id, errno, "fork: %s", strerror(errno));
         goto out;
     }
-    if (pid == 0) exec_child(&r, cg, (r.flags & F_STDIN) ? inp[0] : devnull, outp[1], errp[1], ep[1]);
+    if (pid == 0)
+        exec_child(&r, joined ? NULL : cg, (r.flags & F_STDIN) ? inp[0] : devnull, outp[1], errp[1], ep[1]);
     close(outp[1]);
     outp[1] = -1;
     close(errp[1]);
@@ -943,7 +983,8 @@ static void do_exec(const struct frame *req, int sigfd) {
                           oom_after);
     o += (size_t)snprintf(out + o, sizeof out - o, "mem_total_kib=%lld\n", keyed("/proc/meminfo", "MemTotal"));
     if (oom_after > oom_before) o += oom_lines(kmsg, out + o, sizeof out - o);
-    /* the group is empty once its last process is reaped; wait briefly, then rmdir */
+    send_frame(T_EXIT, id, out, o);
+    /* after the answer: the group is empty once its last process is reaped */
     for (int i = 0; i < 200 && cg_populated(cg); i++) {
         int st;
         while (waitpid(-1, &st, WNOHANG) > 0) {
@@ -951,7 +992,6 @@ static void do_exec(const struct frame *req, int sigfd) {
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
-    send_frame(T_EXIT, id, out, o);
 
 out:
     for (int i = 0; i < 2; i++) {
@@ -961,7 +1001,9 @@ out:
     }
     if (devnull >= 0) close(devnull);
     if (kmsg >= 0) close(kmsg);
+    if (cgfd >= 0) close(cgfd);
     if (made_cg) rmdir(cg);
+    prepare_cg();
     free(sbuf);
     free(f.data);
     free(r.argv);

@@ -81,6 +81,23 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return out
 
 
+_local = threading.local()
+
+
+def _thread_home() -> dict[str, str]:
+    """The calling thread's own v1 cgroups, read once per thread."""
+    home: dict[str, str] | None = getattr(_local, "home", None)
+    if home is None:
+        home = {}
+        with open("/proc/thread-self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    home[c] = path
+        _local.home = home
+    return home
+
+
 @cache
 def _v1_mounted() -> tuple[str, ...]:
     return tuple(c for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir())
@@ -99,7 +116,19 @@ class SandboxCgroup:
             self._dirs = {"": CGROUP_ROOT / self.relpath}
         else:
             self._dirs = {c: CGROUP_ROOT / c / self.relpath for c in _v1_mounted()}
-        self._tasks = [str(d / "tasks") for d in self._dirs.values()]
+        # Spawning moves a thread into each hierarchy the child must start in:
+        # the limiting and accounting ones. Not freezer (kill_all copes without
+        # it) and not cpu unless a quota is set, as each move costs a write.
+        self._tasks = [
+            str(d / "tasks")
+            for c, d in self._dirs.items()
+            if c in ("memory", "pids", "cpuacct") or (c == "cpu" and self._cpu_limited(d))
+        ]
+
+    @staticmethod
+    def _cpu_limited(d: Path) -> bool:
+        quota = _read_int(d / "cpu.cfs_quota_us")
+        return quota is not None and quota > 0
 
     # ---- paths -------------------------------------------------------------
     def dirs(self) -> dict[str, Path]:
@@ -125,6 +154,7 @@ class SandboxCgroup:
                 cg._create_v2(limits)
             else:
                 cg._create_v1(limits)
+                cg.__post_init__()  # the cpu quota now exists
         except OSError as exc:
             cg.destroy()
             raise HostError(f"cannot set up cgroup {cg.relpath}: {exc}") from exc
@@ -192,18 +222,14 @@ class SandboxCgroup:
         vfork and triples spawn time).
         """
         tid = str(threading.get_native_id())
-        home: dict[str, str] = {}
-        with open("/proc/thread-self/cgroup") as f:
-            for line in f:
-                _, ctrls, path = line.rstrip("\n").split(":", 2)
-                for c in ctrls.split(","):
-                    home[c] = path
+        home = _thread_home()
         for tasks in self._tasks:
             _write_str(tasks, tid)
         try:
             yield
         finally:
-            for ctrl in self._dirs:
+            for tasks in self._tasks:
+                ctrl = tasks[len(str(CGROUP_ROOT)) + 1 :].split("/", 1)[0]
                 with contextlib.suppress(OSError):
                     _write_str(f"{CGROUP_ROOT}/{ctrl}{home.get(ctrl, '/')}/tasks", tid)
 

@@ -57,7 +57,13 @@ from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH, parse_user
 from tierbox.vmm import artifacts, qemu
 from tierbox.vmm import snapshot as snapfmt
-from tierbox.vmm.agent import AgentClient, AgentError, AgentGoneError, AgentTimeoutError, ExecOutcome
+from tierbox.vmm.agent import (
+    AgentClient,
+    AgentError,
+    AgentGoneError,
+    AgentTimeoutError,
+    ExecOutcome,
+)
 from tierbox.vmm.qmp import QMPClient, QMPError
 
 MIB = 1024 * 1024
@@ -347,7 +353,9 @@ class MicroVMInstance(Instance):
             )
         elif sig is not None:
             term = Termination(
-                TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig), **extra}
+                TerminationKind.SIGNALED,
+                signal=sig,
+                evidence={"signal_name": _signame(sig), **extra},
             )
         else:
             term = Termination(TerminationKind.EXITED, exit_code=code, evidence=extra)
@@ -585,7 +593,9 @@ class MicroVMTier(Tier):
         try:
             artifacts.ensure_guest()
         except TierUnavailableError as exc:
-            return Availability(False, str(exc), engine=qemu.QEMU_BINARY, version=qemu.qemu_version())
+            return Availability(
+                False, str(exc), engine=qemu.QEMU_BINARY, version=qemu.qemu_version()
+            )
         accel, why = self.accelerator()
         what = "KVM" if accel == "kvm" else "TCG (software emulation, ~17x slower guest CPU)"
         return Availability(
@@ -616,9 +626,13 @@ class MicroVMTier(Tier):
             if d["key"] == key:
                 return str(d["accel"]), str(d["reason"])
         ok, detail = self._probe_kvm()
-        verdict = ("kvm", "a KVM test boot reached the agent") if ok else (
-            "tcg",
-            f"KVM unusable: a test boot failed ({detail})",
+        verdict = (
+            ("kvm", "a KVM test boot reached the agent")
+            if ok
+            else (
+                "tcg",
+                f"KVM unusable: a test boot failed ({detail})",
+            )
         )
         with contextlib.suppress(OSError):
             cache.write_text(json.dumps({"key": key, "accel": verdict[0], "reason": verdict[1]}))
@@ -627,7 +641,9 @@ class MicroVMTier(Tier):
     def _probe_kvm(self) -> tuple[bool, str]:
         machine = qemu.Machine(memory_mib=128, vcpus=1, accel="kvm", disk=None, rw_mib=0)
         try:
-            inst = self._boot(SandboxSpec(), machine, GuestConfig(0, 0, {"PATH": "/bin"}, "/"), None, 20.0)
+            inst = self._boot(
+                SandboxSpec(), machine, GuestConfig(0, 0, {"PATH": "/bin"}, "/"), None, 20.0
+            )
         except SandboxError as exc:
             first = str(exc).splitlines()[0]
             return False, first.split(": ", 1)[-1][:300]
@@ -821,7 +837,8 @@ class MicroVMTier(Tier):
         except QMPError as exc:
             detail = inst.proc.log_tail(600).strip() if not inst.proc.alive() else ""
             raise snapfmt.SnapshotError(
-                f"QEMU could not load snapshot {snap_dir}: {exc}" + (f": {detail}" if detail else "")
+                f"QEMU could not load snapshot {snap_dir}: {exc}"
+                + (f": {detail}" if detail else "")
             ) from exc
         inst._connect(deadline=deadline, hello=False)
 
@@ -848,7 +865,9 @@ class MicroVMTier(Tier):
                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
                 )
                 fd = os.open(
-                    snap_dir / snapfmt.STATE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+                    snap_dir / snapfmt.STATE,
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                    0o600,
                 )
                 try:
                     client.execute("getfd", {"fdname": "tierbox-snap"}, fds=[fd])
@@ -875,7 +894,9 @@ class MicroVMTier(Tier):
         if not proc.alive():
             raise SandboxError(f"microVM {sandbox_id} is not running any more")
         cg = (
-            SandboxCgroup(relpath=vm["cgroup"], version=cgroup_version()) if vm.get("cgroup") else None
+            SandboxCgroup(relpath=vm["cgroup"], version=cgroup_version())
+            if vm.get("cgroup")
+            else None
         )
         inst = MicroVMInstance(
             self,
@@ -895,13 +916,12 @@ class MicroVMTier(Tier):
         except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
             inst.agent.close()
             raise SandboxError(
-                f"cannot reach the agent of microVM {sandbox_id} (is another process attached?): {exc}"
+                f"cannot reach the agent of microVM {sandbox_id} "
+                f"(is another process attached?): {exc}"
             ) from exc
         return inst
 
-    def release(
-        self, sandbox_id: str, d: Path, cg: SandboxCgroup | None, ram: Path | None
-    ) -> None:
+    def release(self, sandbox_id: str, d: Path, cg: SandboxCgroup | None, ram: Path | None) -> None:
         """Remove everything a sandbox held on the host. Idempotent."""
         if ram is not None:
             ram.unlink(missing_ok=True)
@@ -915,7 +935,7 @@ class MicroVMTier(Tier):
         of microVMs that are not live (crashed owners, or QEMU already dead)."""
         live = _state.live_ids() if live is None else live
         removed: list[str] = []
-        running = qemu.find_marked_qemus()
+        running = qemu.find_marked_qemus(sandboxes_dir())
         for sid, pid in sorted(running.items()):
             d = _state.sandbox_dir(sid)
             if sid in live and d.is_dir():
@@ -927,9 +947,11 @@ class MicroVMTier(Tier):
             removed.append(f"qemu process {pid} ({qemu.process_name(sid)})")
         ram_dir = qemu.ram_file("x").parent
         if ram_dir.is_dir():
+            time.sleep(0.05)  # let the QEMUs killed above exit
+            in_use = qemu.ram_files_in_use()
             for f in sorted(ram_dir.glob(f"{MARKER}-*.ram")):
                 sid = f.name[len(MARKER) + 1 : -len(".ram")]
-                if sid not in live:
+                if sid not in live and str(f) not in in_use:
                     f.unlink(missing_ok=True)
                     removed.append(f"microVM RAM file {f}")
         base = sandboxes_dir()

@@ -49,8 +49,8 @@ HEADER = struct.Struct("<IIII")
 MAX_FRAME = 1 << 20
 CHUNK = 256 * 1024
 
-T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL, T_DATA_IN = range(
-    1, 12
+T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL, T_DATA_IN = (
+    range(1, 12)
 )
 T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA = range(101, 107)
 F_STDIN = 1
@@ -223,7 +223,9 @@ class AgentClient:
         payload = self._reply(fid, deadline)[1]
         return sorted(n.decode(errors="surrogateescape") for n in payload.split(b"\0") if n)
 
-    def put(self, path: str, data: bytes, *, mode: int, uid: int, gid: int, deadline: float) -> None:
+    def put(
+        self, path: str, data: bytes, *, mode: int, uid: int, gid: int, deadline: float
+    ) -> None:
         fid = next(self._ids)
         self._send(T_PUT, fid, struct.pack("<III", mode, uid, gid) + path.encode() + b"\0")
         view = memoryview(data)
@@ -354,9 +356,7 @@ class AgentClient:
                 wait = None
                 if host_deadline is not None:
                     wait = max(0.0, (killed_at + 2.0 if killed_at else host_deadline) - now)
-                sel.modify(
-                    sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0)
-                )
+                sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0))
                 for _key, mask in sel.select(wait):
                     if mask & selectors.EVENT_WRITE and pending:
                         try:

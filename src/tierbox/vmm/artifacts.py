@@ -172,7 +172,9 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
         if payload.startswith(magic):
             exe = require(tool, tool)
             body = payload[: len(payload) - trailer] if trailer else payload
-            proc = run([exe, *args], input=body, timeout_s=120, message=f"cannot decompress {bzimage}")
+            proc = run(
+                [exe, *args], input=body, timeout_s=120, message=f"cannot decompress {bzimage}"
+            )
             if proc.stdout[:4] != b"\x7fELF":
                 raise ImageError(f"{tool} gave no ELF image when decompressing {bzimage}")
             tmp = out.with_suffix(".tmp")
@@ -220,11 +222,14 @@ def _fetch_deb(tmp: Path) -> Path:
     if given:
         return Path(given)
     apt_cache = require("apt-cache", "apt")
-    out = run([apt_cache, "depends", "--no-recommends", "--no-suggests", KERNEL_PACKAGE]).stdout.decode()
+    out = run(
+        [apt_cache, "depends", "--no-recommends", "--no-suggests", KERNEL_PACKAGE]
+    ).stdout.decode()
     found = re.findall(r"Depends:\s*(linux-image-[\w.+~-]+)", out)
     if not found:
         raise HostError(
-            f"apt does not know {KERNEL_PACKAGE}: run `apt-get update` (is a Debian mirror reachable?)"
+            f"apt does not know {KERNEL_PACKAGE}: "
+            "run `apt-get update` (is a Debian mirror reachable?)"
         )
     package = found[0]
     run([require("apt-get", "apt"), "download", package], cwd=str(tmp), timeout_s=600)
@@ -417,7 +422,9 @@ def ensure_guest(*, build: bool = True) -> GuestArtifacts:
     initramfs = load_initramfs(kernel)
     if initramfs is None:
         if not build:
-            raise TierUnavailableError("the microVM initramfs is missing or stale: run `make setup`")
+            raise TierUnavailableError(
+                "the microVM initramfs is missing or stale: run `make setup`"
+            )
         try:
             initramfs = build_initramfs(kernel)
         except (CommandError, HostError) as exc:

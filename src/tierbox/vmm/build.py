@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"50-microvm: kernel {kernel.release} ({kernel.package} {kernel.version}), "
-        f"modules {', '.join(kernel.modules_loaded)}; initramfs {initramfs.path.stat().st_size // 1024} KiB"
+        f"modules {', '.join(kernel.modules_loaded)}; "
+        f"initramfs {initramfs.path.stat().st_size // 1024} KiB"
     )
     if not args.no_probe:
         from tierbox.tiers.microvm import MicroVMTier

@@ -196,7 +196,12 @@ def kernel_cmdline(m: Machine, hz: int) -> str:
     if m.accel == "tcg":
         # without these the kernel hangs calibrating its clocks under TCG
         khz = host_tsc_khz()
-        parts += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // hz}", "no_timer_check", "tsc=reliable"]
+        parts += [
+            f"tsc_early_khz={khz}",
+            f"lpj={khz * 1000 // hz}",
+            "no_timer_check",
+            "tsc=reliable",
+        ]
         # An emulated CPU does not speculate: Spectre/Meltdown mitigations guard
         # nothing under TCG and cost ~10% (page-table switches flush TCG's TLB).
         parts += ["mitigations=off", "init_on_alloc=0"]
@@ -314,10 +319,8 @@ class QemuProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         if self.popen is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
             return self.popen.returncode
         deadline = time.monotonic() + timeout_s
         while _pid_is_qemu(self.pid, self.files) and time.monotonic() < deadline:
@@ -366,9 +369,12 @@ def _pid_is_qemu(pid: int, files: Files) -> bool:
     return str(files.agent).encode() in cmdline
 
 
-def find_marked_qemus() -> dict[str, int]:
-    """Sandbox id -> pid of every running QEMU named ``tierbox-<id>``."""
+def find_marked_qemus(under: Path) -> dict[str, int]:
+    """Sandbox id -> pid of every running QEMU named ``tierbox-<id>`` whose
+    sockets live under ``under`` (so a test run with its own TIERBOX_RUN never
+    touches another run's guests)."""
     out: dict[str, int] = {}
+    prefix = str(under).rstrip("/").encode() + b"/"
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -378,12 +384,32 @@ def find_marked_qemus() -> dict[str, int]:
             continue
         if not args or not args[0].endswith(QEMU_BINARY.encode()):
             continue
+        if not any(prefix in a for a in args):
+            continue
         for i, a in enumerate(args[:-1]):
             if a == b"-name":
-                m = re.match(rb"^" + MARKER.encode() + rb"-([0-9a-f]+)(,|$)", args[i + 1])
+                m = re.match(rb"^" + MARKER.encode() + rb"-([0-9a-z]+)(,|$)", args[i + 1])
                 if m:
                     out[m.group(1).decode()] = int(name)
     return out
+
+
+def ram_files_in_use() -> set[str]:
+    """RAM file paths named on the command line of any running QEMU."""
+    used: set[str] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(QEMU_BINARY.encode()):
+            for a in args:
+                m = re.search(rb"mem-path=([^,]+)", a)
+                if m:
+                    used.add(m.group(1).decode(errors="replace"))
+    return used
 
 
 def console_panic(text: str) -> str | None:

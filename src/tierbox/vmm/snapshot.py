@@ -22,6 +22,7 @@ in ``.ram.verified`` keyed by inode, size and mtime, so clones do not re-hash
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,7 +128,5 @@ def _verify_ram(snap_dir: Path, expected: str) -> None:
         pass
     if sha256_file(ram) != expected:
         raise SnapshotError(f"snapshot {snap_dir} is corrupted: {RAM} does not match its sha256")
-    try:
+    with contextlib.suppress(OSError):  # a read-only snapshot dir: verify again next time
         (snap_dir / VERIFIED).write_text(f"{stamp} {expected}\n")
-    except OSError:
-        pass  # a read-only snapshot dir: verify again next time

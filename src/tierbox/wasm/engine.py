@@ -147,6 +147,9 @@ class _CApi:
         self.error_new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
             ("wasmtime_error_new", dll)
         )
+        self.set_epoch_deadline = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(
+            ("wasmtime_context_set_epoch_deadline", dll)
+        )
         self.no_finalizer = _Finalizer()  # a NULL function pointer
 
 
@@ -168,13 +171,14 @@ _shutting_down = False
 class RunControl:
     """What the epoch callback needs to decide whether one run goes on."""
 
-    __slots__ = ("cap", "deadline", "key", "outputs", "stop_reason", "wake")
+    __slots__ = ("cap", "deadline", "exit_code", "key", "outputs", "stop_reason", "wake")
 
     def __init__(self, *, timeout_s: float | None, outputs: tuple[str, ...], cap: int) -> None:
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.outputs = outputs
         self.cap = cap
-        self.stop_reason: str | None = None  # "timeout", "output" or "shutdown"
+        self.stop_reason: str | None = None  # "timeout", "output", "shutdown" or "exit"
+        self.exit_code: int | None = None  # from proc_exit
         self.wake = threading.Event()  # interrupts a guest sleeping in poll_oneoff
         self.key = 0
 
@@ -633,6 +637,9 @@ def _link(
         access_caller=True,
     )
     linker.define_func(
+        WASI_MODULE, "proc_exit", wasmtime.FuncType([i32], []), _proc_exit, access_caller=True
+    )
+    linker.define_func(
         WASI_MODULE,
         "clock_time_get",
         wasmtime.FuncType([i32, wasmtime.ValType.i64(), i32], [i32]),
@@ -670,6 +677,26 @@ _EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, error, type, nbytes, flags:
 _CLOCK = struct.Struct("<IxxxxQQH")  # id, timeout, precision, flags (at offset 16)
 _CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC}
 _U64 = struct.Struct("<Q")
+
+
+def _proc_exit(caller: Any, code: int) -> None:
+    """WASI ``proc_exit``: any status, where wasmtime's refuses 126 and above.
+
+    Raising from a host function would go through wasmtime-py's process-global
+    "last exception" slot, which another thread's call can pick up. So this
+    records the status, sets the Store's epoch deadline to now and returns; the
+    guest traps at its next epoch check (libc's ``_Exit`` traps right away with
+    ``unreachable``) and the run is reported as exited with ``code``.
+    """
+    try:
+        run: RunControl | None = getattr(_tls, "run", None)
+        if run is not None:
+            run.exit_code = code & 0xFFFFFFFF
+            run.stop_reason = "exit"
+        if _C is not None:
+            _C.set_epoch_deadline(caller._context(), 0)
+    except BaseException:  # never into wasmtime-py's shared exception slot
+        pass
 
 
 def _clock_time_get(caller: Any, clock_id: int, _precision: int, time_ptr: int) -> int:
@@ -740,12 +767,15 @@ def _poll_oneoff(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr
             run: RunControl | None = getattr(_tls, "run", None)
             if run is not None and run.deadline is not None:
                 target = min(target, int(run.deadline * 1e9) + 1)
-            delay = (target - time.monotonic_ns()) / 1e9
-            if delay > 0:
-                if run is not None:
-                    run.wake.wait(delay)
-                else:
+            while (delay := (target - time.monotonic_ns()) / 1e9) > 0:
+                if run is None:
                     time.sleep(delay)
+                elif run.wake.wait(delay) or _shutting_down:
+                    break
+            if run is not None and run.should_stop() and _C is not None:
+                # Woken by the timeout or a stop: trap at the very next epoch check
+                # rather than up to a tick later, when the guest may be done.
+                _C.set_epoch_deadline(caller._context(), 0)
             now = time.monotonic_ns()
             events = [(ud, ERRNO_SUCCESS, 0) for t, ud in waits if t <= now]
         out = b"".join(_EVENT.pack(ud, err, kind, 0, 0) for ud, err, kind in events[:nsubs])

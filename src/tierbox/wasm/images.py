@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tierbox.errors import HostError, ImageError, ImageNotFoundError, SpecError
 from tierbox.tiers._state import safe_join
-from tierbox.wasm.engine import WasmModule, file_digest, load_module
+from tierbox.wasm.engine import WasmModule, cache_dir, file_digest, load_module
 
 if TYPE_CHECKING:
     from tierbox.images.store import ImageRecord, ImageStore
@@ -117,11 +117,13 @@ class Workload:
 
 def is_module_path(image: str) -> bool:
     """Does ``SandboxSpec.image`` name a file rather than an image ref?"""
-    return (
-        image.endswith(".wasm")
-        or image.startswith(("/", "./", "../", "~"))
-        or os.path.isfile(image)
-    )
+    if image.endswith(".wasm") or image.startswith(("/", "./", "../", "~")):
+        return True
+    try:  # a bare name is an image ref unless it is a Wasm file right here
+        with open(image, "rb") as fh:
+            return fh.read(4) == b"\0asm"
+    except OSError:
+        return False
 
 
 def _argv0(module_path: str) -> str:
@@ -193,7 +195,7 @@ def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
             f"image {record.ref} is not a Wasm image: its entrypoint {words or '(none)'} is not a "
             ".wasm module. The wasm tier runs images whose entrypoint is a .wasm file "
             f"(annotation {VARIANT_ANNOTATION}=compat), such as python:wasi, or a path to a "
-            ".wasm file; wrap a module as an image with `tierbox image import FILE.wasm --name NAME`"
+            ".wasm file; wrap a module with `tierbox image import FILE.wasm --name NAME`"
         )
     rootfs = _store_rootfs(st, record.ref)
     module_path = safe_join(rootfs, entry)
@@ -385,6 +387,6 @@ def install_builtin(
             annotations=annotations,
         )
         record = _add_single_file(st, builtin.ref, src, builtin.filename, config)
-    say(f"compiling {builtin.ref} (cached under the wasm-cache)")
-    workload_for_image(builtin.ref, st).module()
+    workload_for_image(builtin.ref, st).module()  # compile once now, not on first use
+    say(f"{builtin.ref}: module compiled and cached in {cache_dir()}")
     return record

@@ -138,17 +138,22 @@ def run_wasi(
             memories=1,
         )
         store.set_fuel(budget)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = list(argv)
-        wasi.env = list(env.items())
-        wasi.preopen_dir(str(root), "/")
-        wasi.stdout_file = out_path
-        wasi.stderr_file = err_path
-        if stdin:
-            with open(in_path, "wb") as fh:
-                fh.write(stdin)
-            wasi.stdin_file = in_path
-        store.set_wasi(wasi)
+        try:
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = list(argv)
+            wasi.env = list(env.items())
+            wasi.preopen_dir(str(root), "/")
+            wasi.stdout_file = out_path
+            wasi.stderr_file = err_path
+            if stdin:
+                with open(in_path, "wb") as fh:
+                    fh.write(stdin)
+                wasi.stdin_file = in_path
+            store.set_wasi(wasi)
+        except (wasmtime.WasmtimeError, OSError) as exc:
+            raise SandboxError(
+                f"cannot set up WASI for {module.source} (sandbox directory {root}): {exc}"
+            ) from exc
         eng.begin_run(store, run)
         try:
             try:
@@ -268,17 +273,25 @@ def _classify(
             signal=int(signal.SIGKILL),
             evidence={"output_bytes": limits.output_bytes},
         )
-    if run.stop_reason == "timeout" or trap_name == "INTERRUPT":
+    if run.stop_reason == "exit" and run.exit_code is not None:
+        code = run.exit_code
+        if code == 0:
+            return Termination(TerminationKind.EXITED, exit_code=0)
+        exit_code = code  # a failing exit may still be an allocator giving up: see below
+        trap = None
+        trap_name = None
+        error = None
+    elif run.stop_reason == "timeout" or trap_name == "INTERRUPT":
         return Termination(
             TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
         )
-    if run.stop_reason == "shutdown":
+    elif run.stop_reason == "shutdown":
         return Termination(
             TerminationKind.SIGNALED,
             signal=int(signal.SIGTERM),
             evidence={"reason": "the host Python interpreter exited"},
         )
-    if trap_name == "OUT_OF_FUEL":
+    elif trap_name == "OUT_OF_FUEL":
         return Termination(
             TerminationKind.CPU_LIMIT,
             signal=int(signal.SIGXCPU),
@@ -304,6 +317,12 @@ def _classify(
             evidence=ev,
         )
     if exit_code is not None:
+        if exit_code > 255:  # a process status has 8 bits; keep the full WASI value
+            return Termination(
+                TerminationKind.EXITED,
+                exit_code=exit_code & 0xFF,
+                evidence={"wasi_status": exit_code},
+            )
         return Termination(TerminationKind.EXITED, exit_code=exit_code)
     if trap is not None:
         name = trap_name or "UNKNOWN"
