@@ -76,7 +76,8 @@ class Promise:
     def line(self) -> str:
         rel = ">=" if self.higher_is_better else "<="
         verdict = "PASS" if self.ok else "FAIL"
-        return f"{verdict}  {self.name}: {self.measured:.2f}{self.unit} (target {rel} {self.target}{self.unit})"
+        target = f"target {rel} {self.target}{self.unit}"
+        return f"{verdict}  {self.name}: {self.measured:.2f}{self.unit} ({target})"
 
 
 def report(promises: list[Promise]) -> int:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, enter_runtime_namespace, interleaved, p50, p95, report  # noqa: E402
-
-from tierbox import make_spec  # noqa: E402
-from tierbox.images.store import default_store  # noqa: E402
-from tierbox.tiers import get_tier, oci  # noqa: E402
-from tierbox.tiers.gvisor import _platform  # noqa: E402
+from _common import Promise, enter_runtime_namespace, interleaved, p50, p95, report
+from tierbox import make_spec
+from tierbox.images.store import default_store
+from tierbox.tiers import get_tier, oci
+from tierbox.tiers.gvisor import _platform
 
 SPEC = make_spec("busybox", memory_mib=128, pids=64, timeout_s=30)
 _ids = itertools.count()

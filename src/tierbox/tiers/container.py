@@ -417,7 +417,8 @@ class OciTier(Tier):
             proc = self.popen(
                 cg,
                 cgroups_path,
-                [*self.runtime_argv(managed), *self.global_args(spec), "run", "--bundle", str(d), cid],
+                [*self.runtime_argv(managed), *self.global_args(spec)]
+                + ["run", "--bundle", str(d), cid],
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
