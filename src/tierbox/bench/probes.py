@@ -245,6 +245,10 @@ def shell_probe_script(c: HostCanaries, tier: str) -> str:
     return f"""
 bb() {{ if command -v busybox >/dev/null 2>&1; then busybox "$@"; else "$@"; fi; }}
 one() {{ bb head -n 1 | bb tr -d '\\r' | bb cut -c 1-160; }}
+get() {{
+  if command -v busybox >/dev/null 2>&1; then busybox timeout 5 busybox wget -q -O - "$1"
+  else timeout 5 wget -q -O - "$1"; fi
+}}
 echo "uid=$(bb id -u 2>/dev/null)"
 echo "capeff=$(bb grep '^CapEff:' /proc/self/status 2>/dev/null | bb awk '{{print $2}}')"
 echo "nonewprivs=$(bb grep '^NoNewPrivs:' /proc/self/status 2>/dev/null | bb awk '{{print $2}}')"
@@ -257,7 +261,7 @@ out=$(bb cat {c.secret_path} 2>&1); echo "host_file_rc=$?"
 echo "host_file=$(echo "$out" | one)"
 for t in {targets}; do
   name=${{t%%:*}}; rest=${{t#*:}}; addr=${{rest%%:*}}; tok=${{rest#*:}}
-  out=$(bb wget -T 3 -q -O - "http://$addr:{c.port}/$tok" 2>&1); rc=$?
+  out=$(get "http://$addr:{c.port}/$tok" 2>&1); rc=$?
   echo "net_${{name}}_rc=$rc"
   echo "net_${{name}}=$(echo "$out" | one)"
 done

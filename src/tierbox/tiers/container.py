@@ -413,12 +413,12 @@ class OciTier(Tier):
             )
             oci.write_json(d / "config.json", config)
             cid = container_id(sandbox_id)
+            argv_run = [*self.runtime_argv(managed), *self.global_args(spec), "run"]
             started = time.monotonic()
             proc = self.popen(
                 cg,
                 cgroups_path,
-                [*self.runtime_argv(managed), *self.global_args(spec)]
-                + ["run", "--bundle", str(d), cid],
+                [*argv_run, "--bundle", str(d), cid],
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
