@@ -1,35 +1,35 @@
 """Benchmarks of the wasm tier, each checked against the promise it was built for.
 
-    .venv/bin/python benchmarks/bench_wasm.py [--quick] [--strict]
+Promises (SPECIFICATION.md, wasm tier):
+- one-shot ``WasmTier.run`` of a precompiled WASI hello: p50 <= 1.5x the same module
+  on raw wasmtime-py (``InstancePre`` + a fresh ``Store`` per run, same engine, output
+  captured through files the same way), in this process;
+- CPython-in-Wasm ``print(2+2)``, warm (module compiled and cached): p50 <= 60 ms;
+- MicroPython ``print(2+2)``: p50 <= 2 ms;
+- RSS per live idle sandbox, over 1,000 of them: <= 64 KiB.
 
-1. tierbox one-shot ``WasmTier.run`` of a precompiled WASI hello vs the same
-   module on raw wasmtime-py (``InstancePre`` + fresh ``Store`` per run, same
-   engine, same output capture through files) in this process: p50 ratio <= 1.5.
-2. CPython-in-Wasm ``print(2+2)``, warm (module compiled and cached): p50 <= 60 ms.
-3. MicroPython ``print(2+2)``: p50 <= 2 ms.
-4. RSS per live idle sandbox, over 1,000 of them: <= 64 KiB.
-
-Needs clang-14 + wasi-libc (to build hello) and the python:wasi and
-micropython:wasi images (``make setup``). Prints one line per promise:
-name, measured, target, PASS/FAIL. ``--strict`` exits 1 when any fails.
+Raw and tierbox runs alternate in one loop so noise on this shared machine hits
+both alike. Needs clang-14 + wasi-libc (to build hello) and the python:wasi and
+micropython:wasi images (``make setup``).
+Usage: python benchmarks/bench_wasm.py [N]   (exit status 1 when a promise fails)
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Promise, interleaved, p50, p95, report
 
 from tierbox.errors import TierboxError
 from tierbox.spec import Limits, SandboxSpec
@@ -38,17 +38,6 @@ from tierbox.wasm import engine
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO_C = ROOT / "tests" / "wasm_guests" / "hello.c"
-
-
-def p50_ms(fn: Callable[[], object], n: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1000
 
 
 def build_hello() -> Path:
@@ -72,29 +61,25 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class Report:
-    def __init__(self) -> None:
-        self.failed = False
-
-    def line(self, name: str, measured: str, target: str, ok: bool | None) -> None:
-        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
-        self.failed |= ok is False
-        print(f"{name:<44} {measured:>14}   target {target:<12} {verdict}", flush=True)
+def show(title: str, t: dict[str, list[float]]) -> None:
+    print(f"{title}:")
+    for name, xs in t.items():
+        print(f"  {name:<34} p50 {p50(xs) * 1000:8.3f} ms   p95 {p95(xs) * 1000:8.3f} ms")
 
 
-def bench_hello(report: Report, n: int) -> None:
+def bench_hello(n: int) -> list[Promise]:
     wasm = build_hello()
     tier = WasmTier()
     spec = SandboxSpec(image=str(wasm), limits=Limits(timeout_s=10.0))
     assert tier.run(spec, ["0"]).stdout.startswith(b"argc=2")
 
-    # Raw wasmtime-py: the same compiled module and engine, InstancePre, output to files.
+    # Raw wasmtime-py: the same compiled module and engine, InstancePre, output to files
+    # on the same kind of filesystem as tierbox's scratch files (tmpfs when there is one).
     eng = engine.engine()
     module = engine.load_module(wasm).module
     linker = wasmtime.Linker(eng)
     linker.define_wasi()
     pre = linker.instantiate_pre(module)
-    # Same kind of filesystem as tierbox's scratch files (tmpfs when there is one).
     scratch = Path(tempfile.mkdtemp(prefix="tierbox-bench-raw-", dir=engine._scratch_parents()[0]))
     out, err, root = scratch / "out", scratch / "err", scratch / "root"
     root.mkdir()
@@ -117,44 +102,46 @@ def bench_hello(report: Report, n: int) -> None:
         return out.read_bytes() + err.read_bytes()
 
     assert raw().startswith(b"argc=2")
-    tb = p50_ms(lambda: tier.run(spec, ["0"]), n)
-    rw = p50_ms(raw, n)
     inst = tier.create(spec)
-    long_lived = p50_ms(lambda: inst.exec(["0"]), n)
-    inst.close()
 
     def create_exec_close() -> None:
         i = tier.create(spec)
         i.exec(["0"])
         i.close()
 
-    full = p50_ms(create_exec_close, max(n // 4, 20))
-    shutil.rmtree(scratch, ignore_errors=True)
-    print(f"  hello p50: tierbox run {tb:.3f} ms, raw wasmtime-py InstancePre {rw:.3f} ms")
-    print(f"  (info) exec in a live sandbox {long_lived:.3f} ms; create+exec+close {full:.3f} ms")
-    ratio = tb / rw
-    report.line(
-        "hello: tierbox run / raw InstancePre (p50)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5
+    t = interleaved(
+        {
+            "raw wasmtime-py InstancePre": raw,
+            "tierbox WasmTier.run": lambda: tier.run(spec, ["0"]),
+            "exec in a live sandbox": lambda: inst.exec(["0"]),
+            "create + exec + close": create_exec_close,
+        },
+        n,
+        warmup=20,
     )
+    inst.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    show("WASI hello (precompiled)", t)
+    ratio = p50(t["tierbox WasmTier.run"]) / p50(t["raw wasmtime-py InstancePre"])
+    return [Promise("wasm one-shot hello / raw wasmtime-py InstancePre", ratio, 1.5, "x")]
 
 
-def bench_image(report: Report, name: str, ref: str, n: int, target_ms: float) -> None:
+def bench_image(title: str, ref: str, n: int, target_ms: float) -> Promise:
     tier = WasmTier()
     spec = SandboxSpec(image=ref, limits=Limits(timeout_s=30.0))
+    name = f"{title} print(2+2) warm p50"
     try:
         first = tier.run(spec, ["-c", "print(2+2)"])
     except TierboxError as exc:
-        print(f"  {ref}: {exc}")
-        report.line(f"{name} print(2+2) warm (p50)", "n/a", f"<= {target_ms:g} ms", None)
-        return
+        print(f"{ref}: {exc}")
+        return Promise(name, float("inf"), target_ms, " ms")
     assert first.stdout == b"4\n", first
-    ms = p50_ms(lambda: tier.run(spec, ["-c", "print(2+2)"]), n, warmup=3)
-    report.line(
-        f"{name} print(2+2) warm (p50)", f"{ms:.2f} ms", f"<= {target_ms:g} ms", ms <= target_ms
-    )
+    t = interleaved({ref: lambda: tier.run(spec, ["-c", "print(2+2)"])}, n, warmup=3)
+    show(title, t)
+    return Promise(name, p50(t[ref]) * 1000, target_ms, " ms")
 
 
-def bench_idle_rss(report: Report, count: int) -> None:
+def bench_idle_rss(count: int) -> Promise:
     wasm = build_hello()
     tier = WasmTier()
     spec = SandboxSpec(image=str(wasm))
@@ -169,28 +156,18 @@ def bench_idle_rss(report: Report, count: int) -> None:
     assert all(i.exec(["0"]).ok for i in live[:: max(count // 10, 1)])
     for inst in live + warm:
         inst.close()
-    print(f"  RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB with {count} idle sandboxes")
-    report.line(
-        f"RSS per idle sandbox ({count} live)",
-        f"{per / 1024:.1f} KiB",
-        "<= 64 KiB",
-        per <= 64 * 1024,
-    )
+    print(f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB with {count} idle sandboxes")
+    return Promise(f"RSS per idle wasm sandbox ({count} live)", per / 1024, 64, " KiB")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if a promise fails")
-    args = parser.parse_args()
-    n = 100 if args.quick else 500
-    print(f"wasm tier benchmarks (wasmtime {engine.wasmtime_version()}, {os.cpu_count()} CPUs)")
-    report = Report()
-    bench_hello(report, n)
-    bench_image(report, "CPython 3.12 in Wasm", "python", 10 if args.quick else 30, 60.0)
-    bench_image(report, "MicroPython in Wasm", "micropython", n // 2, 2.0)
-    bench_idle_rss(report, 1000)
-    return 1 if (args.strict and report.failed) else 0
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    print(f"wasm tier benchmarks: wasmtime {engine.wasmtime_version()}, {os.cpu_count()} CPUs")
+    promises = bench_hello(n)
+    promises.append(bench_image("CPython 3.12 in Wasm", "python", max(n // 10, 10), 60.0))
+    promises.append(bench_image("MicroPython in Wasm", "micropython", n, 2.0))
+    promises.append(bench_idle_rss(1000))
+    return report(promises)
 
 
 if __name__ == "__main__":

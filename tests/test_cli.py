@@ -75,6 +75,12 @@ def test_usage_errors_exit_2_with_a_clear_message(args: list[str], needle: bytes
     assert b"Traceback" not in p.stderr
 
 
+def test_interactive_passes_stdin() -> None:
+    p = cli("run", "-i", "busybox", "--", "tr", "a-z", "A-Z", input=b"shout")
+    assert p.stdout == b"SHOUT"
+    assert cli("run", "busybox", "--", "cat", input=b"ignored").stdout == b""
+
+
 def test_missing_command_exits_127() -> None:
     p = cli("run", "busybox", "--", "no-such-program")
     assert p.returncode == 127

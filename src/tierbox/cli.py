@@ -50,6 +50,9 @@ TimeoutOpt = Annotated[
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
 NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+InteractiveOpt = Annotated[
+    bool, typer.Option("--interactive", "-i", help="Pass this process's stdin to the workload.")
+]
 
 
 def _fail(exc: BaseException) -> NoReturn:
@@ -128,12 +131,13 @@ def run(
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
     network: NetOpt = "none",
+    interactive: InteractiveOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run COMMAND once in a fresh sandbox; the exit status mirrors the workload's."""
     try:
         opts = _spec_options(memory, cpus, pids, timeout, env, network)
-        stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() and _stdin_has_data() else None
+        stdin = sys.stdin.buffer.read() if interactive else None
         r = run_once(image, _command(command), tier=tier, stdin=stdin, **opts)
     except TierboxError as exc:
         _fail(exc)
@@ -210,12 +214,13 @@ def sandbox_exec(
         str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")
     ] = None,
     env: EnvOpt = None,
+    interactive: InteractiveOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a command in a running sandbox."""
     try:
         sb = Sandbox.connect(sandbox_id)
-        stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() and _stdin_has_data() else None
+        stdin = sys.stdin.buffer.read() if interactive else None
         r = sb.run(
             _command(command),
             stdin=stdin,
@@ -225,16 +230,6 @@ def sandbox_exec(
     except TierboxError as exc:
         _fail(exc)
     _emit_result(r, as_json)
-
-
-def _stdin_has_data() -> bool:
-    import select
-
-    try:
-        ready, _, _ = select.select([sys.stdin], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return bool(ready)
 
 
 @sandbox_app.command("cp")

@@ -379,7 +379,7 @@ def judge_shell(
         out["network"] = _probe("reached host", False, "connected to " + "; ".join(reached), run)
     else:
         out["network"] = _probe(
-            "no route to host",
+            "blocked",
             True,
             "host listener saw nothing; wget said " + " | ".join(tried),
             run,
@@ -407,7 +407,9 @@ def judge_shell(
         out["privileges"] = _probe("root in its own kernel", True, desc, run)
     wrote = kv.get("procsys_rc") == "0"
     pdesc = f"{SYSCTL}: " + ("wrote its current value back" if wrote else kv.get("procsys") or "?")
-    if not wrote:
+    if kv.get("procsys_rc") == "255":
+        out["proc_sys_write"] = _probe("not present", True, pdesc, run)
+    elif not wrote:
         out["proc_sys_write"] = _probe("refused", True, pdesc, run)
     elif shared:
         out["proc_sys_write"] = _probe("writable (host kernel)", False, pdesc, run)

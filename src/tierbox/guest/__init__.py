@@ -1,7 +1,9 @@
-"""The in-guest side of the microvm tier: its agent (C, static) and /init.
+"""The in-guest side of the microvm tier: the agent (C, built static).
 
-Both are plain files shipped with the package and built into the microVM's
-initramfs by :mod:`tierbox.vmm.artifacts` at set-up.
+``agent.c`` is shipped with the package and compiled into the microVM's
+initramfs by :mod:`tierbox.vmm.artifacts` at set-up, where it is both /init
+(it mounts the root overlay and loads the virtio modules) and the agent the
+host talks to over virtio-serial.
 """
 
 from __future__ import annotations
@@ -10,6 +12,5 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 AGENT_SOURCE = HERE / "agent.c"
-INIT_SCRIPT = HERE / "init.sh"
 
-__all__ = ["AGENT_SOURCE", "INIT_SCRIPT"]
+__all__ = ["AGENT_SOURCE"]

@@ -2,9 +2,9 @@
 own Linux kernel (Debian's cloud kernel), KVM when a test boot proves it
 works, TCG (software emulation) otherwise.
 
-Inside the guest, the initramfs mounts the image's read-only ext4 disk under
-a tmpfs overlay and starts ``tierbox-agent`` as PID 1; the host talks to it
-over a virtio-serial port (:mod:`tierbox.vmm.agent`). Each exec runs
+Inside the guest, the agent is PID 1 (the initramfs's /init): it loads the
+virtio modules, mounts the image's read-only ext4 disk under a tmpfs overlay,
+then serves the host over a virtio-serial port (:mod:`tierbox.vmm.agent`). Each exec runs
 chroot'ed into the overlay, as the sandbox user, in its own guest cgroup
 (pids limit, killed as a group on timeout or output overflow).
 

@@ -7,7 +7,7 @@ Everything lives under ``$TIERBOX_HOME/microvm`` (see :func:`microvm_home`)::
     kernel/config         its build config (HZ, which drivers are modules)
     kernel/modules/       the few modules the guest needs, with modules.dep
     kernel/kernel.json    package, version, release, digests
-    initramfs.cpio        /init, busybox-static, the modules, tierbox-agent
+    initramfs.cpio        /init (the agent), busybox-static, the modules
     initramfs.json        digests of its inputs (rebuilt when they change)
     rootfs/<digest>.ext4  one read-only root disk per image manifest digest
 
@@ -45,7 +45,7 @@ from typing import Any
 
 from tierbox import paths
 from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
-from tierbox.guest import AGENT_SOURCE, INIT_SCRIPT
+from tierbox.guest import AGENT_SOURCE
 from tierbox.host.runner import require, run, which
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -53,7 +53,7 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: ext4, tmpfs, devtmpfs, cgroup2, the 8250 serial console, the RTC).
 WANTED_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "overlay")
 #: Bump when the initramfs layout changes, so old builds are redone.
-INITRAMFS_FORMAT = 1
+INITRAMFS_FORMAT = 2
 MIB = 1024 * 1024
 
 
@@ -317,8 +317,7 @@ def initramfs_path() -> Path:
 def _initramfs_inputs(kernel: Kernel) -> str:
     """Digest of everything the initramfs is made of: rebuilt when it changes."""
     h = hashlib.sha256(f"format={INITRAMFS_FORMAT};kernel={kernel.sha256}".encode())
-    for p in (AGENT_SOURCE, INIT_SCRIPT):
-        h.update(p.read_bytes())
+    h.update(AGENT_SOURCE.read_bytes())
     busybox = which("busybox")
     if busybox:
         st = os.stat(busybox)
@@ -352,7 +351,11 @@ _GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
 def build_initramfs(kernel: Kernel, *, force: bool = False) -> Initramfs:
-    """Pack /init, the agent, busybox and the modules into a newc cpio."""
+    """Pack the agent (as /init), busybox and the modules into a newc cpio.
+
+    ``/rootfs`` holds busybox and its applets: the root of a sandbox without
+    an image. ``/etc/tierbox-modules`` lists the modules in load order.
+    """
     with _locked("initramfs"):
         existing = load_initramfs(kernel)
         if existing is not None and not force:
@@ -378,9 +381,13 @@ def build_initramfs(kernel: Kernel, *, force: bool = False) -> Initramfs:
             (st / "rootfs" / "etc" / "hostname").write_text("tierbox\n")
             (st / "bin").symlink_to("rootfs/bin")
             shutil.copytree(kernel.modules / "lib", st / "lib", symlinks=True)
-            shutil.copyfile(INIT_SCRIPT, st / "init")
-            (st / "init").chmod(0o755)
-            build_agent(st / "tierbox-agent")
+            mods = Path("/lib/modules") / kernel.release
+            order, _ = _module_closure(st / mods.relative_to("/") / "modules.dep", WANTED_MODULES)
+            (st / "etc").mkdir()
+            (st / "etc" / "tierbox-modules").write_text(
+                "".join(f"{mods / m}{' disk' if 'virtio_blk' in m else ''}\n" for m in order)
+            )
+            build_agent(st / "init")
             names = sorted(
                 str(p.relative_to(st)) for p in st.rglob("*")
             )  # sorted: the archive is reproducible
