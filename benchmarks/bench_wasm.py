@@ -30,7 +30,6 @@ import wasmtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Promise, interleaved, p50, p95, report
-
 from tierbox.errors import TierboxError
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers.wasm import WasmTier

@@ -63,3 +63,14 @@ def cli(
     *args: str, input: bytes | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*TIERBOX, *args], input=input, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_no_mounts() -> object:
+    """At the end of the run, drop the runtime namespace tierbox set up, so
+    the suite leaves no tierbox mount on the host."""
+    yield
+    from tierbox.tiers import _state
+
+    if not _state.live_ids():
+        mntns.teardown_runtime_ns()

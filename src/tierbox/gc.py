@@ -67,6 +67,8 @@ def collect(everything: bool = False) -> list[str]:
             if d.name == ".trash" or (not d.name.startswith(".") and d.name not in live):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(f"directory {d}")
+    if everything:
+        removed += mntns.teardown_runtime_ns()
     return removed
 
 

@@ -150,9 +150,17 @@ def runtime_prefix() -> list[str]:
     return [_nsenter(), f"--mount={ns_file()}", "--"]
 
 
-def teardown_runtime_ns() -> None:
-    """Drop the pinned namespace (used by ``tierbox gc --all``)."""
+def teardown_runtime_ns() -> list[str]:
+    """Drop the pinned namespace and the bind mounts made for it (``tierbox gc
+    --all``). Only when no sandbox mount is left below them."""
+    removed: list[str] = []
+    base = sandboxes_dir()
+    if any(p != base for p in mounts_under(base)):
+        return removed
     pin = ns_file()
-    if _is_mountpoint(pin, "nsfs"):
-        umount(pin)
+    for point, fstype in ((pin, "nsfs"), (base, None), (run_dir(), None)):
+        if _is_mountpoint(point, fstype):
+            umount(point)
+            removed.append(f"mount {point}")
     _ensured.discard(pin)
+    return removed
