@@ -25,7 +25,8 @@ lint:
 	$(PY) -m mypy
 
 bench: setup
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	bash scripts/setup-bench.sh
+	for b in benchmarks/bench_*.py; do $(PY) $$b || status=1; done; exit $${status:-0}
 
 clean:
 	-$(PY) -m tierbox.cli gc --all

@@ -563,6 +563,34 @@ def test_interpreter_exit_with_live_stores_is_clean(guest: Guests) -> None:
     assert p.stderr == "", p.stderr
 
 
+@pytest.mark.parametrize(("name", "argv"), [("spin", []), ("sleeper", ["1000"])])
+def test_ctrl_c_stops_a_run_on_the_main_thread(guest: Guests, name: str, argv: list[str]) -> None:
+    code = textwrap.dedent(
+        f"""
+        from tierbox.spec import Limits, SandboxSpec
+        from tierbox.tiers.wasm import WasmTier
+        print("running", flush=True)
+        spec = SandboxSpec(image={str(guest(name))!r}, limits=Limits(timeout_s=None))
+        WasmTier().run(spec, {argv!r})
+        print("not reached")
+        """
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "running\n"
+        threading.Event().wait(0.3)  # inside the guest by now
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)  # not hung: the guest has no timeout
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "KeyboardInterrupt" in err, err
+    assert "panic" not in err.lower() and "not reached" not in out
+
+
 # ---------------------------------------------------- built-in images
 
 

@@ -83,7 +83,9 @@ def accelerator(engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
         kind = "TCG" if "tcg" in low else "KVM" if "kvm" in low else "unknown"
         return {"kind": kind, "source": f"{name} tier: {info.get('reason', '')}".strip()}
     why = "; ".join(
-        f"{n} tier unavailable: {engines[n].get('reason', '')}" for n in ("microvm", "vm") if n in engines
+        f"{n} tier unavailable: {engines[n].get('reason', '')}"
+        for n in ("microvm", "vm")
+        if n in engines
     )
     return {
         "kind": "unknown",

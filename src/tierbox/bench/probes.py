@@ -386,10 +386,8 @@ def judge_shell(
         )
     kernel = kv.get("kernel", "")
     boot_id = kv.get("boot_id", "")
-    if boot_id:
-        shared = boot_id == c.host_boot_id
-    else:
-        shared = kernel == c.host_kernel
+    # boot_id identifies a running kernel; without it, fall back to the release string
+    shared = boot_id == c.host_boot_id if boot_id else kernel == c.host_kernel
     how = f"uname -r {kernel or '?'} (host {c.host_kernel}); boot_id " + (
         "same as host" if boot_id == c.host_boot_id else boot_id or "unreadable"
     )
@@ -653,7 +651,7 @@ def not_measured(reason: str) -> dict[str, dict[str, Any]]:
 
 
 def summarize(probes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """"6/8 contained; leaks: kernel, privs" plus counts for the JSON."""
+    """A one-line verdict ("6/8 contained; open: kernel") plus counts for the JSON."""
     measured = {k: v for k, v in probes.items() if v.get("contained") is not None}
     contained = [k for k, v in measured.items() if v["contained"]]
     leaks = [k for k, v in measured.items() if not v["contained"]]

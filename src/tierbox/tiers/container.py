@@ -10,9 +10,13 @@ engine does; long-lived sandboxes run catatonit as PID 1 and ``exec`` into it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import itertools
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -35,17 +39,28 @@ from tierbox.host import capture, mntns
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.procs import kill_tree
 from tierbox.host.runner import run, which
-from tierbox.paths import MARKER, run_dir
+from tierbox.paths import MARKER, home, run_dir
 from tierbox.spec import ExecResult, Limits, SandboxSpec, Stats, Termination
 from tierbox.tiers import _state, oci
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.outcome import classify
 
 INIT_BINARY = "/usr/bin/catatonit"
+BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
 _NOT_FOUND = re.compile(
     r"executable file .* not found|error finding executable|exec(ve)? .*: No such file"
 )
 _CID = re.compile(rf"{MARKER}-([0-9a-f]{{12}})")  # Debian package catatonit: static, reaps zombies
+
+
+@cache
+def _read_cached_b64(path: Path) -> str:
+    """base64 of a cache file, read once per process ("" when absent)."""
+    try:
+        return base64.b64encode(path.read_bytes()).decode()
+    except OSError:
+        _read_cached_b64.cache_clear()  # absent now; look again next time
+        return ""
 
 
 def container_id(sandbox_id: str) -> str:
@@ -276,6 +291,16 @@ class OciTier(Tier):
         """Runtime flags that depend on the sandbox (runsc's --network)."""
         return []
 
+    def annotations(self) -> dict[str, str]:
+        """OCI annotations for the runtime."""
+        return {}
+
+    def prime(self, spec: SandboxSpec) -> None:
+        """Make once-per-host caches before the first one-shot run."""
+
+    def after_start(self, cid: str) -> None:
+        """Hook run once a long-lived container is up."""
+
     def _start_detached(
         self,
         spec: SandboxSpec,
@@ -391,6 +416,7 @@ class OciTier(Tier):
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
+        self.prime(spec)
         sandbox_id, d, cg, merged, image_env, cwd, default = self._prepare(spec)
         cgroups_path = self.cgroups_path(cg, one_shot=True)
         managed = cgroups_path is not None
@@ -410,6 +436,7 @@ class OciTier(Tier):
                 cgroups_path=cgroups_path,
                 hostname=MARKER,
                 seccomp=self.seccomp,
+                annotations=self.annotations(),
             )
             oci.write_json(d / "config.json", config)
             cid = container_id(sandbox_id)
@@ -468,10 +495,12 @@ class OciTier(Tier):
                 hostname=MARKER,
                 init_source=INIT_BINARY,
                 seccomp=self.seccomp,
+                annotations=self.annotations(),
             )
             oci.write_json(d / "config.json", config)
             pid_file = d / "init.pid"
             self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
+            self.after_start(cid)
             state = {
                 "cgroup": cg.relpath,
                 "dir": str(d),
@@ -557,6 +586,42 @@ class ContainerTier(OciTier):
             argv = [*mntns.runtime_prefix(), path, "--root", root]
             return argv if managed else [*argv, "--cgroup-manager=disabled"]
         return [path, "--root", root]
+
+    # ---- precompiled seccomp ----------------------------------------------
+    # crun compiles the ~370-rule default seccomp profile with libseccomp on
+    # every start: ~16 ms of a ~24 ms start here. crun accepts the compiled
+    # filter in the annotation run.oci.seccomp_bpf_data and writes the filter
+    # it compiled to its state dir as seccomp.bpf; tierbox keeps that file,
+    # keyed by the profile, crun's version and the architecture, and hands it
+    # back to every later start. The JSON profile stays in config.json too.
+    @cache  # noqa: B019 - one tier object per process
+    def _bpf_cache(self) -> Path:
+        _name, path = self._engine()
+        key = json.dumps(
+            [oci.seccomp_profile(), _version(path), platform.machine()], sort_keys=True
+        )
+        return home() / "cache" / "seccomp" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bpf"
+
+    def annotations(self) -> dict[str, str]:
+        if self.runtime != "crun" or not self.seccomp:
+            return {}
+        data = _read_cached_b64(self._bpf_cache())
+        return {BPF_ANNOTATION: data} if data else {}
+
+    def after_start(self, cid: str) -> None:
+        cache = self._bpf_cache()
+        compiled = self.state_root() / cid / "seccomp.bpf"
+        if self.runtime == "crun" and self.seccomp and not cache.exists() and compiled.exists():
+            data = compiled.read_bytes()
+            if data and len(data) % 8 == 0:  # whole BPF instructions
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, cache)
+
+    def prime(self, spec: SandboxSpec) -> None:
+        if self.runtime == "crun" and self.seccomp and not self._bpf_cache().exists():
+            self.create(spec).close()
 
     def cgroups_path(self, cg: SandboxCgroup, *, one_shot: bool) -> str | None:
         if not one_shot:

@@ -160,6 +160,7 @@ def bundle_config(
     hostname: str,
     init_source: str | None = None,
     seccomp: bool = True,
+    annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The whole config.json. ``init_source``: host binary bind-mounted at
     INIT_PATH as PID 1 of a long-lived sandbox. ``cgroups_path`` None: the
@@ -235,6 +236,7 @@ def bundle_config(
         linux["seccomp"] = seccomp_profile()
     return {
         "ociVersion": "1.0.2",
+        "annotations": dict(annotations or {}),
         "process": process,
         "root": {"path": str(rootfs), "readonly": True},
         "hostname": hostname,

@@ -29,7 +29,7 @@ CPU budget: ``WasmTier(fuel=N)`` or ``TIERBOX_WASM_FUEL=N`` sets N fuel units
 from __future__ import annotations
 
 import argparse
-import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -61,7 +61,8 @@ from tierbox.wasm.runner import fuel_budget, run_wasi
 #: figure measured on x86-64 (CPython-in-Wasm ~4-5e9/s, tight C loops ~1e9/s).
 FUEL_PER_CPU_S = 2_000_000_000
 FUEL_ENV = "TIERBOX_WASM_FUEL"
-USAGE_FILE = "wasm-usage.json"
+USAGE_PREFIX = "wasm-usage."
+_serials = itertools.count(1)
 
 
 __all__ = ["FUEL_PER_CPU_S", "WasmInstance", "WasmTier", "import_wasm", "main"]
@@ -102,6 +103,7 @@ class WasmInstance(Instance):
         self._peak = 0
         self._cpu_s = 0.0
         self._ooms = 0
+        self._serial = next(_serials)  # names this object's usage record
 
     # ------------------------------------------------------------------ exec
 
@@ -153,39 +155,40 @@ class WasmInstance(Instance):
             self._peak = max(self._peak, run.memory_bytes)
             self._cpu_s += run.cpu_s
             self._ooms += oom
-        self._record_usage(run.memory_bytes, run.cpu_s, int(oom))
+        self._record_usage()
         return run.result
 
-    # Usage is also kept in the sandbox directory (outside the guest's /), so that
-    # `tierbox sandbox stats` in another process sees what every exec used.
+    # Usage is also kept in the sandbox directory (outside the guest's /), one small
+    # fixed-size record per Instance object overwritten in place (no lock, no truncation:
+    # this is on every exec's path), so that `tierbox sandbox stats` in another
+    # process sees what every exec used.
 
-    def _usage_path(self) -> Path:
-        return self.root.parent / USAGE_FILE
-
-    def _record_usage(self, memory_bytes: int, cpu_s: float, ooms: int) -> None:
+    def _record_usage(self) -> None:
+        with self._lock:
+            record = f"{self._peak} {self._cpu_s:.6f} {self._ooms}".encode().ljust(64)
         try:
-            fd = os.open(self._usage_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                self.root.parent / f"{USAGE_PREFIX}{os.getpid()}-{self._serial}",
+                os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                0o644,
+            )
         except OSError:
             return  # closed meanwhile
-        with os.fdopen(fd, "r+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                usage = json.loads(fh.read() or "{}")
-            except ValueError:
-                usage = {}
-            usage["peak"] = max(int(usage.get("peak", 0)), memory_bytes)
-            usage["cpu_s"] = float(usage.get("cpu_s", 0.0)) + cpu_s
-            usage["ooms"] = int(usage.get("ooms", 0)) + ooms
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps(usage))
-
-    def _recorded_usage(self) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads(self._usage_path().read_text())
-        except (OSError, ValueError):
-            return {}
-        return data
+            os.pwrite(fd, record, 0)
+        finally:
+            os.close(fd)
+
+    def _recorded_usage(self) -> tuple[int, float, int]:
+        """Sum of every process's record: peak memory, CPU seconds, OOM kills."""
+        peak, cpu, ooms = 0, 0.0, 0
+        for path in self.root.parent.glob(f"{USAGE_PREFIX}*"):
+            try:
+                p, c, o = path.read_bytes().split()
+                peak, cpu, ooms = max(peak, int(p)), cpu + float(c), ooms + int(o)
+            except (OSError, ValueError):
+                continue
+        return peak, cpu, ooms
 
     # ----------------------------------------------------------------- files
 
@@ -220,15 +223,15 @@ class WasmInstance(Instance):
     def stats(self) -> Stats:
         """Peak linear memory, CPU time and OOMs of every exec so far (any process);
         ``memory_bytes`` is 0 when idle: no Wasm memory lives between execs."""
-        usage = self._recorded_usage()
+        rec_peak, rec_cpu, rec_ooms = self._recorded_usage()
         with self._lock:
-            peak = max(self._peak, int(usage.get("peak", 0)))
+            peak = max(self._peak, rec_peak)
             return Stats(
                 memory_bytes=peak if self._running else 0,
                 memory_peak_bytes=peak,
-                cpu_s=max(self._cpu_s, float(usage.get("cpu_s", 0.0))),
+                cpu_s=max(self._cpu_s, rec_cpu),
                 pids=self._running,
-                oom_kills=max(self._ooms, int(usage.get("ooms", 0))),
+                oom_kills=max(self._ooms, rec_ooms),
             )
 
     def state(self) -> dict[str, Any]:

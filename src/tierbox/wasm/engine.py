@@ -43,6 +43,7 @@ import platform
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +107,7 @@ def engine() -> wasmtime.Engine:
                     setattr(cfg, key, value)
                 _engine = wasmtime.Engine(cfg)
                 atexit.register(_shutdown)
+                sys.unraisablehook = _unraisable(sys.unraisablehook)
             eng = _engine
     return eng
 
@@ -171,7 +173,16 @@ _shutting_down = False
 class RunControl:
     """What the epoch callback needs to decide whether one run goes on."""
 
-    __slots__ = ("cap", "deadline", "exit_code", "key", "outputs", "stop_reason", "wake")
+    __slots__ = (
+        "cap",
+        "deadline",
+        "exit_code",
+        "interrupt",
+        "key",
+        "outputs",
+        "stop_reason",
+        "wake",
+    )
 
     def __init__(self, *, timeout_s: float | None, outputs: tuple[str, ...], cap: int) -> None:
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -179,8 +190,16 @@ class RunControl:
         self.cap = cap
         self.stop_reason: str | None = None  # "timeout", "output", "shutdown" or "exit"
         self.exit_code: int | None = None  # from proc_exit
+        # KeyboardInterrupt (Ctrl-C, or the CLI's SIGTERM) caught in a callback on this
+        # run's thread: the run stops and run_wasi raises it once the Store is gone.
+        self.interrupt: BaseException | None = None
         self.wake = threading.Event()  # interrupts a guest sleeping in poll_oneoff
         self.key = 0
+
+    def interrupted(self, exc: BaseException) -> None:
+        self.interrupt = exc
+        self.stop_reason = "interrupted"
+        self.wake.set()
 
     def should_stop(self) -> bool:
         if self.stop_reason is not None:
@@ -210,8 +229,7 @@ _run_keys = itertools.count(1)
 _tls = threading.local()
 
 
-@_DeadlineCallback  # type: ignore[untyped-decorator]
-def _on_epoch(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> int | None:
+def _on_epoch_py(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> int | None:
     """Called by wasmtime on the run's own thread once its epoch deadline passes."""
     try:
         run = _runs.get(data or 0)
@@ -220,8 +238,40 @@ def _on_epoch(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> int 
         delta[0] = 1
         kind[0] = 0
         return None
+    except (KeyboardInterrupt, SystemExit) as exc:  # a signal handler ran in here
+        _interrupt(exc)
+        return _stop_error()
     except BaseException:  # never let an exception escape into Rust
         return _stop_error()
+
+
+_on_epoch = _DeadlineCallback(_on_epoch_py)
+
+
+def _unraisable(hook: Any) -> Any:
+    """Wrap ``sys.unraisablehook``: a signal handler (Ctrl-C) that raises as
+    :func:`_on_epoch_py` is entered, before its ``try``, is swallowed by ctypes and
+    reported here; it must still stop the run. ctypes then returns NULL with the
+    deadline delta unset (0), so wasmtime calls back at once and the run stops."""
+
+    def on_unraisable(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and unraisable.object is _on_epoch_py:
+            _interrupt(exc)
+            return
+        hook(unraisable)
+
+    return on_unraisable
+
+
+def _interrupt(exc: BaseException, caller: Any = None) -> None:
+    """A signal handler raised inside a callback: stop the run, re-raise it afterwards."""
+    run: RunControl | None = getattr(_tls, "run", None)
+    if run is not None:
+        run.interrupted(exc)
+    if caller is not None and _C is not None:
+        with contextlib.suppress(Exception):
+            _C.set_epoch_deadline(caller._context(), 0)
 
 
 def _stop_error() -> int | None:
@@ -387,9 +437,12 @@ def one_shot_root() -> Path:
     Reused while runs leave it empty (creating and removing a directory per run
     costs as much as a small run); see :func:`release_one_shot_root`.
     """
-    root = scratch_dir() / "root"
-    with contextlib.suppress(FileExistsError):
-        root.mkdir(mode=0o755)
+    root: Path | None = getattr(_tls, "root", None)
+    if root is None or _scratch_pid != os.getpid():
+        root = scratch_dir() / "root"
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=0o755)
+        _tls.root = root
     return root
 
 
@@ -401,6 +454,7 @@ def release_one_shot_root(root: Path) -> None:
                 return
     except OSError:
         pass
+    _tls.root = None
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -670,6 +724,7 @@ def _link(
 # WASI preview 1 errno values and record layouts (witx: typenames.witx).
 ERRNO_SUCCESS = 0
 ERRNO_FAULT = 21
+ERRNO_INTR = 27
 ERRNO_INVAL = 28
 ERRNO_NOTSUP = 58
 _SUBSCRIPTION = 48  # userdata u64 | tag u8 @8 | union @16
@@ -695,6 +750,8 @@ def _proc_exit(caller: Any, code: int) -> None:
             run.stop_reason = "exit"
         if _C is not None:
             _C.set_epoch_deadline(caller._context(), 0)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _interrupt(exc, caller)
     except BaseException:  # never into wasmtime-py's shared exception slot
         pass
 
@@ -723,6 +780,9 @@ def _clock_time_get(caller: Any, clock_id: int, _precision: int, time_ptr: int) 
         return ERRNO_SUCCESS
     except (IndexError, ValueError, struct.error):
         return ERRNO_FAULT
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _interrupt(exc, caller)
+        return ERRNO_INTR
     except BaseException:  # an exception here would leak into other threads' wasm calls
         return ERRNO_FAULT
 
@@ -785,5 +845,8 @@ def _poll_oneoff(caller: Any, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr
         return ERRNO_SUCCESS
     except (IndexError, ValueError, struct.error):
         return ERRNO_FAULT
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _interrupt(exc, caller)
+        return ERRNO_INTR
     except BaseException:  # an exception here would leak into other threads' wasm calls
         return ERRNO_FAULT

@@ -34,6 +34,7 @@ import importlib.resources
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -131,13 +132,26 @@ def _argv0(module_path: str) -> str:
     return base[: -len(".wasm")] if base.endswith(".wasm") else base
 
 
+_by_path: dict[str, tuple[tuple[int, int, int, int], Workload]] = {}
+
+
 def workload_for_file(path: str) -> Workload:
     """A bare module on the host: runs with an empty sandbox directory."""
-    full = Path(os.path.expanduser(path)).absolute()
-    if not full.is_file():
+    full = os.path.abspath(os.path.expanduser(path))
+    try:
+        st = os.stat(full)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise SpecError(f"{path}: no such file (give a .wasm file or a Wasm image name)")
-    file_digest(full, path)  # fail early on a file that is not Wasm at all
-    return Workload(source=path, module_path=full, argv0=_argv0(path))
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _by_path.get(full)
+    if found is not None and found[0] == key and found[1].source == path:
+        return found[1]
+    file_digest(Path(full), path)  # fail early on a file that is not Wasm at all
+    workload = Workload(source=path, module_path=Path(full), argv0=_argv0(path))
+    _by_path[full] = (key, workload)
+    return workload
 
 
 _by_digest: dict[tuple[str, str], Workload] = {}

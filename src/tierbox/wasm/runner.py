@@ -141,7 +141,8 @@ def run_wasi(
         try:
             wasi = wasmtime.WasiConfig()
             wasi.argv = list(argv)
-            wasi.env = list(env.items())
+            if env:
+                wasi.env = list(env.items())
             wasi.preopen_dir(str(root), "/")
             wasi.stdout_file = out_path
             wasi.stderr_file = err_path
@@ -184,6 +185,8 @@ def run_wasi(
             eng.end_run(run)
     finally:
         store.close()
+    if run.interrupt is not None:
+        raise run.interrupt
     duration = time.monotonic() - started
     cpu_s = time.thread_time() - cpu_started
     stdout, out_over = _read_capped(out_path, cap)
@@ -216,14 +219,24 @@ def run_wasi(
 def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
     """At most ``cap`` bytes of the file, and whether there was more; then empty it."""
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = fh.read(min(size, cap)) if size else b""
-        if size > _KEEP_BYTES:
-            os.truncate(path, 0)  # give a flood's space back now, not at the next run
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return b"", False
-    return data, size > cap
+    try:
+        size = os.fstat(fd).st_size
+        want = min(size, cap)
+        chunks = []
+        while want > 0:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+    finally:
+        os.close(fd)
+    if size > _KEEP_BYTES:
+        os.truncate(path, 0)  # give a flood's space back now, not at the next run
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks), size > cap
 
 
 def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -> Exception:

@@ -1,0 +1,542 @@
+"""Turn results into a rich table, results.json, report.md and report.html."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from tierbox.bench.probes import LABELS, PROBES, QUESTIONS
+from tierbox.bench.stats import fmt_bytes, fmt_ms
+
+COLUMNS = (
+    "tier",
+    "status",
+    "cold start p50",
+    "spread",
+    "warm start",
+    "exec p50",
+    "idle memory",
+    "avg per instance",
+    "density",
+    "isolation (measured)",
+    "runs ended",
+)
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def primary_workload(results: dict[str, Any]) -> str:
+    wl = results.get("config", {}).get("workloads") or ["hello"]
+    return str(wl[0])
+
+
+def _na(d: dict[str, Any], n: int = 60) -> str:
+    status = d.get("status", "-")
+    why = d.get("reason") or d.get("error") or ""
+    if status == "n/a" and why.startswith("n/a"):
+        return _short(why, n)
+    return _short(f"{status}: {why}" if why else status, n)
+
+
+def cold_cell(t: dict[str, Any], w: str) -> tuple[str, str]:
+    cs = t.get("cold_start", {}).get(w, {})
+    if cs.get("status") != "ok":
+        return (_na(cs) if cs else "-"), ""
+    spread = (
+        f"p95 {fmt_ms(cs['p95_ms'])}, n={cs['n']}"
+        + (f" (+{cs['warmup']} warm-up)" if cs.get("warmup") else "")
+        + (f", IQR {fmt_ms(cs['iqr_ms'])}" if cs["n"] >= 4 else "")
+    )
+    return fmt_ms(cs["p50_ms"]), spread
+
+
+def warm_cell(t: dict[str, Any], n: int = 60) -> str:
+    ws = t.get("warm_start", {})
+    if ws.get("status") == "ok" and ws.get("p50_ms") is not None:
+        return f"{fmt_ms(ws['p50_ms'])} (p95 {fmt_ms(ws['p95_ms'])}, n={ws['n']}, restore)"
+    return _na(ws, n) if ws else "-"
+
+
+def exec_cell(t: dict[str, Any], w: str) -> str:
+    ex = t.get("exec_latency", {}).get(w, {})
+    if ex.get("status") == "ok" and ex.get("p50_ms") is not None:
+        return f"{fmt_ms(ex['p50_ms'])} (p95 {fmt_ms(ex['p95_ms'])}, n={ex['n']})"
+    return _na(ex) if ex else "-"
+
+
+def memory_cells(t: dict[str, Any]) -> tuple[str, str]:
+    m = t.get("memory", {})
+    if m.get("status") != "ok":
+        return (_na(m) if m else "-"), ""
+    idle = m.get("idle_pss_bytes")
+    kind = "RSS growth" if t.get("tier") == "wasm" else "PSS"
+    idle_s = f"{fmt_bytes(idle)} {kind}" if idle is not None else "-"
+    if m.get("idle_cgroup_bytes"):
+        idle_s += f" (cgroup {fmt_bytes(m['idle_cgroup_bytes'])})"
+    if t.get("tier") == "wasm" and m.get("idle_note"):
+        idle_s += f" ({m['idle_note'].replace('RSS growth averaged over', 'avg of')})"
+    pts = ", ".join(
+        f"@{r['instances']} {fmt_bytes(r['avg_bytes'])}"
+        for r in m.get("checkpoints", [])
+        if r["instances"] > 1
+    )
+    return idle_s, pts or "-"
+
+
+def density_cell(t: dict[str, Any]) -> str:
+    d = t.get("density", {})
+    if d.get("status") != "ok":
+        return _na(d) if d else "-"
+    budget = fmt_bytes(d["budget_bytes"])
+    if d.get("bound") == "budget":
+        return f"{d['fit']} in {budget}"
+    text = f"≥{d['fit']} in {budget} (stopped: {d['bound']})"
+    if d.get("projected_fit"):
+        text += f"; ~{d['projected_fit']} projected"
+    elif d.get("avg_bytes_per_instance") == 0:
+        text += "; not memory-bound"
+    return text
+
+
+def isolation_cell(t: dict[str, Any]) -> str:
+    iso = t.get("isolation", {})
+    s = iso.get("summary")
+    if s:
+        return str(s["text"])
+    return _na(iso) if iso else "-"
+
+
+def terminations_cell(t: dict[str, Any]) -> str:
+    term = t.get("terminations", {})
+    if not term:
+        return "-"
+    return ", ".join(f"{n} {k}" for k, n in sorted(term.items(), key=lambda kv: -kv[1]))
+
+
+def status_cell(t: dict[str, Any]) -> str:
+    s = t.get("status", "?")
+    if s in ("unavailable", "failed"):
+        return f"{s}: {_short(t.get('error') or '', 90)}"
+    if s == "partial":
+        n = len([e for e in t.get("errors", []) if e["phase"] != "cleanup"])
+        return f"partial ({n} phase{'s' if n != 1 else ''} failed)"
+    return str(s)
+
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    w = primary_workload(results)
+    rows = []
+    for name, t in results["tiers"].items():
+        if t["status"] == "unavailable":
+            rows.append([name, status_cell(t), *["-"] * (len(COLUMNS) - 2)])
+            continue
+        cold, spread = cold_cell(t, w)
+        idle, pts = memory_cells(t)
+        rows.append(
+            [
+                name,
+                status_cell(t),
+                cold,
+                spread,
+                warm_cell(t),
+                exec_cell(t, w),
+                idle,
+                pts,
+                density_cell(t),
+                isolation_cell(t),
+                terminations_cell(t),
+            ]
+        )
+    return rows
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    acc = m.get("accelerator", {})
+    mem = m.get("memory_total_bytes")
+    return (
+        f"{m.get('cores')} cores ({m.get('cpu_model')}), {fmt_bytes(mem)} RAM, "
+        f"{m.get('os')}, kernel {m.get('kernel')}"
+        + (", itself a VM" if m.get("host_is_vm") else "")
+        + f"; accelerator for VM tiers: {acc.get('kind', 'unknown')}"
+    )
+
+
+def engines_line(results: dict[str, Any]) -> str:
+    parts = []
+    for name, e in results["machine"].get("engines", {}).items():
+        if e.get("available"):
+            parts.append(f"{name}: {e.get('version') or e.get('engine') or '?'}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- rich
+
+
+def rich_report(results: dict[str, Any]) -> Group:
+    w = primary_workload(results)
+    title = (
+        f"tierbox bench ({results['mode']}) — workload '{w}' — {results.get('duration_s', 0):.0f} s"
+    )
+    table = Table(title=title, show_lines=True, title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in summary_rows(results):
+        style = "red" if row[1].startswith(("failed", "unavailable")) else None
+        table.add_row(*row, style=style)
+    claims = Table(title="claimed vs measured here", show_lines=True, title_justify="left")
+    for col in ("claim", "claimed", "measured here", "ratio"):
+        claims.add_column(col, overflow="fold")
+    for c in results.get("claims", []):
+        claims.add_row(c["claim"], c["claimed"], c["measured"], c["ratio"])
+    parts: list[Any] = [
+        Text("machine: " + machine_line(results)),
+        Text("engines: " + engines_line(results)),
+        table,
+        claims,
+    ]
+    extra = _other_workloads(results)
+    if extra is not None:
+        parts.insert(3, extra)
+    return Group(*parts)
+
+
+def _other_workloads(results: dict[str, Any]) -> Table | None:
+    wl = results.get("config", {}).get("workloads") or []
+    if len(wl) < 2:
+        return None
+    table = Table(title="cold start by workload (p50)", title_justify="left")
+    table.add_column("tier")
+    for w in wl:
+        table.add_column(w, overflow="fold")
+    for name, t in results["tiers"].items():
+        if t["status"] == "unavailable":
+            continue
+        table.add_row(name, *[_short(cold_cell(t, w)[0], 70) for w in wl])
+    return table
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _stats_row(label: str, s: dict[str, Any]) -> list[str]:
+    if s.get("status") not in (None, "ok") or s.get("p50_ms") is None:
+        return [label, "-", "-", "-", "-", "-", "-", _na(s, 200) if s else "-"]
+    return [
+        label,
+        str(s["n"]),
+        fmt_ms(s["p50_ms"]),
+        fmt_ms(s["p95_ms"]),
+        f"{fmt_ms(s['min_ms'])} - {fmt_ms(s['max_ms'])}",
+        f"{s['spread_pct']:.0f}%",
+        str(s.get("outliers", 0)),
+        s.get("note", ""),
+    ]
+
+
+STATS_HEADER = ["", "n", "p50", "p95", "min - max", "spread (p95/p50-1)", "outliers", "note"]
+
+
+def tier_details(name: str, t: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """Sections of one tier as (kind, title, payload): kind is table or text."""
+    out: list[tuple[str, str, Any]] = []
+    if t["status"] == "unavailable":
+        out.append(("text", "", f"Unavailable here: {t.get('error')}"))
+        return out
+    out.append(
+        ("text", "", f"Status: {status_cell(t)}. Claimed isolation: {t.get('isolation_claimed')}")
+    )
+    rows = []
+    for w, cs in t.get("cold_start", {}).items():
+        rows.append(_stats_row(f"cold start: {w}", cs))
+        if cs.get("status") == "ok":
+            for part in ("create_ms", "first_exec_ms", "close_ms"):
+                sub = cs.get(part) or {}
+                if sub.get("n"):
+                    rows.append(_stats_row(f"  {part[:-3].replace('_', ' ')}: {w}", sub))
+    for w, ex in t.get("exec_latency", {}).items():
+        rows.append(_stats_row(f"exec: {w}", ex))
+    rows.append(_stats_row("warm start (restore)", t.get("warm_start", {})))
+    inst = t.get("memory", {}).get("instantiate_us")
+    if inst:
+        rows.append(_stats_row("wasmtime instantiate only", inst))
+    out.append(("table", "Timings", (STATS_HEADER, rows)))
+    m = t.get("memory", {})
+    if m.get("status") == "ok":
+        mrows = [
+            [
+                str(r["instances"]),
+                fmt_bytes(r["avg_bytes"]),
+                fmt_bytes(r["total_bytes"]),
+                fmt_bytes(r.get("avg_cgroup_bytes")),
+            ]
+            for r in m.get("checkpoints", [])
+        ]
+        out.append(("text", "", f"Memory method: {m.get('method')}. {m.get('note', '')}"))
+        out.append(
+            (
+                "table",
+                "Memory per idle instance",
+                (["instances", "avg per instance", "total", "avg cgroup charge"], mrows),
+            )
+        )
+    else:
+        out.append(("text", "", f"Memory: {_na(m, 300) if m else '-'}"))
+    d = t.get("density", {})
+    dtext = density_cell(t)
+    if d.get("stop_reason"):
+        dtext += f" — {d['stop_reason']} after {d.get('elapsed_s')} s"
+    out.append(("text", "", f"Density: {dtext}"))
+    iso = t.get("isolation", {})
+    probes = iso.get("probes") or {}
+    if probes:
+        prow = []
+        for p in PROBES:
+            v = probes.get(p)
+            if v is None:
+                continue
+            run = v.get("run")
+            ran = (
+                f"{run['termination']} ({run['exit_code']}) in {fmt_ms(run['duration_ms'])}"
+                if run
+                else "no run"
+            )
+            contained = {True: "yes", False: "NO", None: "n/a"}[v.get("contained")]
+            prow.append(
+                [f"can it {QUESTIONS[p]}?", str(v["value"]), contained, str(v["detail"]), ran]
+            )
+        summary = (iso.get("summary") or {}).get("text", "")
+        out.append(
+            (
+                "table",
+                f"Isolation probes: {summary}",
+                (["probe", "value", "contained", "evidence", "run"], prow),
+            )
+        )
+    else:
+        out.append(("text", "", f"Isolation: {_na(iso, 300) if iso else '-'}"))
+    out.append(("text", "", f"Runs ended: {terminations_cell(t)}"))
+    errs = t.get("errors", [])
+    if errs:
+        out.append(
+            ("table", "Errors", (["phase", "error"], [[e["phase"], e["error"]] for e in errs]))
+        )
+    return out
+
+
+def machine_rows(results: dict[str, Any]) -> list[list[str]]:
+    m = results["machine"]
+    acc = m.get("accelerator", {})
+    rows = [
+        ["cores", f"{m.get('cores')} ({m.get('cores_usable')} usable)"],
+        ["CPU", str(m.get("cpu_model"))],
+        ["memory", fmt_bytes(m.get("memory_total_bytes"))],
+        ["OS / kernel", f"{m.get('os')} / {m.get('kernel')} ({m.get('arch')})"],
+        ["host is a VM", "yes" if m.get("host_is_vm") else "no"],
+        ["accelerator (VM tiers)", f"{acc.get('kind')} — {acc.get('source')}"],
+        [
+            "python / tierbox / wasmtime",
+            f"{m.get('python')} / {m.get('tierbox')} / {m.get('wasmtime')}",
+        ],
+    ]
+    for name, e in m.get("engines", {}).items():
+        what = f"{e.get('engine')} {e.get('version')}".strip() or "-"
+        rows.append(
+            [f"engine: {name}", what if e.get("available") else f"unavailable: {e.get('reason')}"]
+        )
+    return rows
+
+
+def method_notes(results: dict[str, Any]) -> list[str]:
+    cfg = results.get("config", {})
+    return [
+        f"Cold start = Sandbox.create -> first result of the workload; {cfg.get('warmup')} warm-up "
+        f"run(s) discarded, up to {cfg.get('runs')} timed (each timed loop stops early at "
+        f"{cfg.get('phase_time_s')} s). p50/p95 interpolated; spread = p95/p50 - 1; outliers "
+        "(> Q3 + 1.5 IQR) are counted, kept in p95, and cannot move p50.",
+        "Warm start = Sandbox.restore(snapshot of an idle sandbox) -> first result.",
+        "Memory = PSS summed over the sandbox's host processes (cgroup pids, or the VMM "
+        "process); the bench's own process is excluded. Wasm runs in-process: its cost is the "
+        "bench's RSS growth per instance over many.",
+        f"Density = idle instances added one at a time until their measured memory exceeds "
+        f"{fmt_bytes(cfg.get('budget_bytes'))}; stopped early at {cfg.get('density_cap')} "
+        f"instances (x10 for tiers creating one in < 20 ms) or {cfg.get('density_time_s')} s, "
+        "or when the host's MemAvailable nears its floor; 'projected' divides the budget by the "
+        "measured average.",
+        "Isolation = probes run inside each tier against things the bench planted on the host "
+        "(a canary process, a secret file, a TCP listener); values come from those runs. "
+        "'contained' is judged from the host's side.",
+    ]
+
+
+def markdown(results: dict[str, Any], charts: dict[str, str]) -> str:
+    w = primary_workload(results)
+    lines = [
+        "# tierbox bench",
+        "",
+        f"Mode **{results['mode']}**, started {results['started_at']}, took "
+        f"{results.get('duration_s')} s. Primary workload: `{w}`.",
+        "",
+        "## Machine",
+        "",
+        _md_table(["fact", "value"], machine_rows(results)),
+        "",
+        "## Summary",
+        "",
+        _md_table(list(COLUMNS), summary_rows(results)),
+        "",
+        "## Claimed vs measured here",
+        "",
+        _md_table(
+            ["claim", "claimed", "measured here", "ratio"],
+            [[c["claim"], c["claimed"], c["measured"], c["ratio"]] for c in results["claims"]],
+        ),
+        "",
+    ]
+    if charts:
+        lines += ["## Charts", ""]
+        for title, file in charts.items():
+            lines += [f"![{title}]({file})", ""]
+    lines += ["## Tiers", ""]
+    for name, t in results["tiers"].items():
+        lines += [f"### {name}", ""]
+        for kind, title, payload in tier_details(name, t):
+            if kind == "text":
+                lines += [payload, ""]
+            else:
+                header, rows = payload
+                lines += [f"**{title}**", "", _md_table(header, rows), ""]
+    lines += ["## Method", ""] + [f"- {n}" for n in method_notes(results)] + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- html
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#f2f2f2}
+tr.bad td{color:#a00}
+td.no{color:#a00;font-weight:bold}
+img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
+code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], bad_col: int | None = None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        cls = ""
+        if bad_col is not None and str(r[bad_col]).startswith(("failed", "unavailable")):
+            cls = ' class="bad"'
+        cells = "".join(
+            f"<td{' class=no' if c == 'NO' else ''}>{html.escape(str(c))}</td>" for c in r
+        )
+        out.append(f"<tr{cls}>{cells}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def html_report(results: dict[str, Any], charts: dict[str, str]) -> str:
+    w = primary_workload(results)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tierbox bench</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>tierbox bench</h1>",
+        f"<p>Mode <b>{html.escape(results['mode'])}</b>, started "
+        f"{html.escape(results['started_at'])}, took {results.get('duration_s')} s. "
+        f"Primary workload: <code>{html.escape(w)}</code>.</p>",
+        "<h2>Machine</h2>",
+        _html_table(["fact", "value"], machine_rows(results)),
+        "<h2>Summary</h2>",
+        _html_table(list(COLUMNS), summary_rows(results), bad_col=1),
+        "<h2>Claimed vs measured here</h2>",
+        _html_table(
+            ["claim", "claimed", "measured here", "ratio"],
+            [[c["claim"], c["claimed"], c["measured"], c["ratio"]] for c in results["claims"]],
+        ),
+    ]
+    if charts:
+        parts.append("<h2>Charts</h2>")
+        for title, file in charts.items():
+            parts.append(
+                f"<figure><img src='{html.escape(file)}' alt='{html.escape(title)}'>"
+                f"<figcaption>{html.escape(title)}</figcaption></figure>"
+            )
+    parts.append("<h2>Tiers</h2>")
+    for name, t in results["tiers"].items():
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        for kind, title, payload in tier_details(name, t):
+            if kind == "text":
+                parts.append(f"<p>{html.escape(payload)}</p>")
+            else:
+                header, rows = payload
+                parts.append(f"<p><b>{html.escape(title)}</b></p>")
+                parts.append(_html_table(header, rows))
+    parts.append("<h2>Method</h2><ul>")
+    parts += [f"<li>{html.escape(n)}</li>" for n in method_notes(results)]
+    parts.append("</ul></body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- files
+
+
+def to_json(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=1, default=str)
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """results.json, report.md, report.html and the PNG charts in ``out_dir``."""
+    from tierbox.bench.charts import write_charts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    try:
+        charts = write_charts(results, out_dir)
+        results["charts"] = {title: path.name for title, path in charts.items()}
+    except Exception as exc:  # e.g. matplotlib missing: the reports still get written
+        charts = {}
+        results["charts"] = {}
+        results["charts_error"] = f"{type(exc).__name__}: {exc}"
+    names = {title: path.name for title, path in charts.items()}
+    (out_dir / "results.json").write_text(to_json(results) + "\n")
+    (out_dir / "report.md").write_text(markdown(results, names))
+    (out_dir / "report.html").write_text(html_report(results, names))
+    written["results.json"] = out_dir / "results.json"
+    written["report.md"] = out_dir / "report.md"
+    written["report.html"] = out_dir / "report.html"
+    for title, path in charts.items():
+        written[title] = path
+    return written
+
+
+__all__ = [
+    "COLUMNS",
+    "LABELS",
+    "html_report",
+    "markdown",
+    "rich_report",
+    "summary_rows",
+    "to_json",
+    "write_reports",
+]

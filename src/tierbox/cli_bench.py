@@ -1,0 +1,260 @@
+"""``tierbox bench``: the command. Registered in cli.py with ``app.command()(bench)``.
+
+Also runnable alone: ``python -m tierbox.cli_bench --quick``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from tierbox.errors import TierboxError, UsageError
+from tierbox.spec import parse_memory_mib
+
+
+class RichReporter:
+    """Progress bars on stderr for the long parts; notes printed above them."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.fields[tier]:<10}"),
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def start(self, tier: str, what: str, total: int | None) -> None:
+        self.done()
+        self.task = self.progress.add_task(what, total=total, tier=tier)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def done(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False, markup=False)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return items or None
+
+
+def _images(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        tier, sep, ref = pair.partition("=")
+        if not sep or not tier or not ref:
+            raise UsageError(
+                f"bad --image {pair!r}: use TIER=IMAGE, e.g. container=debian:bookworm"
+            )
+        out[tier.strip()] = ref.strip()
+    return out
+
+
+def _config(
+    *,
+    quick: bool,
+    tiers: str | None,
+    workload: str | None,
+    runs: int | None,
+    warmup: int | None,
+    instances: str | None,
+    budget: str,
+    density_cap: int | None,
+    memory: str | None,
+    image: list[str] | None,
+    no_probes: bool,
+) -> Any:
+    from tierbox.bench.runner import BenchConfig, select_tiers
+    from tierbox.bench.workloads import WORKLOADS
+
+    over: dict[str, Any] = {}
+    tier_list = _csv(tiers)
+    if tier_list:
+        select_tiers(tier_list)  # unknown names are a usage error before anything runs
+        over["tiers"] = tier_list
+    wl = _csv(workload)
+    if wl:
+        bad = [w for w in wl if w not in WORKLOADS]
+        if bad:
+            raise UsageError(f"unknown workload {bad[0]!r}: choose from {', '.join(WORKLOADS)}")
+        over["workloads"] = tuple(wl)
+    if runs is not None:
+        over["runs"] = runs
+    if warmup is not None:
+        over["warmup"] = warmup
+    if instances is not None:
+        try:
+            points = tuple(sorted({int(x) for x in _csv(instances) or []}))
+        except ValueError as exc:
+            raise UsageError(f"bad --instances {instances!r}: give counts like 10,50") from exc
+        if not points or min(points) < 1:
+            raise UsageError(f"bad --instances {instances!r}: give counts like 10,50")
+        over["instances"] = points
+    over["budget_bytes"] = parse_memory_mib(budget) * (1 << 20)
+    if density_cap is not None:
+        over["density_cap"] = density_cap
+    if memory is not None:
+        over["memory_mib"] = parse_memory_mib(memory)
+    over["images"] = _images(image)
+    over["probes"] = not no_probes
+    if quick:
+        return BenchConfig.quick(**over)
+    if runs is not None or density_cap is not None:
+        over["mode"] = "custom"
+    return BenchConfig(**over)
+
+
+def bench(
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Fewer runs and capped density: under 3 minutes here."),
+    ] = False,
+    tiers: Annotated[
+        str | None,
+        typer.Option("--tiers", "-t", help="Comma-separated tiers to run (default: all)."),
+    ] = None,
+    workload: Annotated[
+        str | None,
+        typer.Option("--workload", "-w", help="Comma-separated workloads: hello, python."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Write results.json, report.md, report.html and PNG charts here."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print results.json to stdout instead of the table.")
+    ] = False,
+    runs: Annotated[
+        int | None, typer.Option("--runs", min=1, help="Timed cold starts per workload.")
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option("--warmup", min=0, help="Discarded runs before timing.")
+    ] = None,
+    instances: Annotated[
+        str | None,
+        typer.Option("--instances", help="Memory checkpoints besides 1, e.g. 10,50."),
+    ] = None,
+    budget: Annotated[
+        str, typer.Option("--budget", help="Memory budget for density, e.g. 2g.")
+    ] = "2g",
+    density_cap: Annotated[
+        int | None,
+        typer.Option("--density-cap", min=1, help="Most instances density creates per tier."),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option("--memory", "-m", help="Memory limit per sandbox (default 128m, vm 256m)."),
+    ] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option("--image", help="TIER=IMAGE: run another image on a tier (repeatable)."),
+    ] = None,
+    no_probes: Annotated[
+        bool, typer.Option("--no-probes", help="Skip the isolation probes.")
+    ] = False,
+) -> None:
+    """Measure start time, memory, density and isolation of every tier, next to common claims."""
+    from tierbox.bench.report import rich_report, to_json, write_reports
+    from tierbox.bench.runner import run_bench
+
+    err = Console(stderr=True)
+    try:
+        cfg = _config(
+            quick=quick,
+            tiers=tiers,
+            workload=workload,
+            runs=runs,
+            warmup=warmup,
+            instances=instances,
+            budget=budget,
+            density_cap=density_cap,
+            memory=memory,
+            image=image,
+            no_probes=no_probes,
+        )
+    except TierboxError as exc:
+        err.print(f"[bold red]tierbox:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    with RichReporter(err) as rep:
+        results = run_bench(cfg, rep)
+    if out is not None:
+        written = write_reports(results, out)
+        err.print(f"wrote {', '.join(p.name for p in written.values())} to {out}", highlight=False)
+        if results.get("charts_error"):
+            err.print(f"charts skipped: {results['charts_error']}", highlight=False)
+    if as_json:
+        sys.stdout.write(to_json(results) + "\n")
+        sys.stdout.flush()
+    else:
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console.print(rich_report(results))
+    ran = [t for t in results["tiers"].values() if t["status"] != "unavailable"]
+    if ran and all(t["status"] == "failed" for t in ran):
+        raise typer.Exit(1)
+    if not ran:
+        err.print("tierbox: no selected tier is available here", highlight=False)
+        raise typer.Exit(1)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """``python -m tierbox.cli_bench``: the bench command on its own."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(bench)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app()
+    except KeyboardInterrupt:
+        Console(stderr=True).print("tierbox: interrupted; every sandbox closed", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
