@@ -462,7 +462,18 @@ def test_cli_runs_busybox_in_its_own_kernel() -> None:
 
     default_store().ensure_busybox()
     proc = subprocess.run(
-        [sys.executable, "-m", "tierbox.cli", "run", "--tier", "microvm", "busybox", "--", "uname", "-r"],
+        [
+            sys.executable,
+            "-m",
+            "tierbox.cli",
+            "run",
+            "--tier",
+            "microvm",
+            "busybox",
+            "--",
+            "uname",
+            "-r",
+        ],
         capture_output=True,
         timeout=120,
     )

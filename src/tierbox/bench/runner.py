@@ -241,7 +241,9 @@ class TierRun:
         return r
 
     @contextlib.contextmanager
-    def phase(self, slot: dict[str, Any], key: str) -> Iterator[dict[str, Any]]:
+    def phase(
+        self, slot: dict[str, Any], key: str, label: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """A result dict for one phase; an exception marks it failed (and is logged)."""
         d: dict[str, Any] = {"status": "running"}
         slot[key] = d
@@ -253,8 +255,9 @@ class TierRun:
         except Exception as exc:
             d["status"] = "failed"
             d["error"] = _err(exc)
-            self.res["errors"].append({"phase": key, "error": d["error"]})
-            self.report.note(f"{self.name}: {key} failed: {d['error'][:200]}")
+            what = label or key.replace("_", " ")
+            self.res["errors"].append({"phase": what, "error": d["error"]})
+            self.report.note(f"{self.name}: {what} failed: {d['error'][:200]}")
         finally:
             d["elapsed_s"] = round(time.monotonic() - t0, 3)
             self.report.done()
@@ -325,7 +328,7 @@ class TierRun:
         """Time create -> first result; return the last sandbox (still open)."""
         kept: Sandbox | None = None
         cfg = self.cfg
-        with self.phase(self.res["cold_start"], t.workload) as d:
+        with self.phase(self.res["cold_start"], t.workload, f"cold start ({t.workload})") as d:
             warmup = 0 if self.over_deadline() else cfg.warmup
             planned = warmup + max(1, cfg.runs if not self.over_deadline() else 1)
             d.update(image=t.image, argv=list(t.argv), planned_runs=planned - warmup)
@@ -396,7 +399,7 @@ class TierRun:
 
     # ---- 2. exec latency --------------------------------------------------
     def exec_latency(self, sb: Sandbox, t: Target) -> None:
-        with self.phase(self.res["exec_latency"], t.workload) as d:
+        with self.phase(self.res["exec_latency"], t.workload, f"exec ({t.workload})") as d:
             warm = 2
             planned = warm + (self.cfg.exec_runs if not self.over_deadline() else 3)
             self.report.start(self.name, f"exec latency ({t.workload})", planned)

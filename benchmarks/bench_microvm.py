@@ -1,0 +1,187 @@
+"""The microvm tier: cold start, restore/clone, idle clone memory, 50 clones.
+
+Promises (SPECIFICATION.md), on the accelerator the tier picked (printed on
+every line; TCG on hosts without usable KVM):
+- cold create -> first exec result (busybox image): p50 <= 2.0 s under TCG;
+- restore/clone -> first exec result: p50 <= 80 ms under TCG, printed with
+  the raw QEMU restore of the same snapshot (spawn ``-incoming`` + load the
+  state stream + ``cont``, no agent) measured in the same run as the ratio base;
+- PSS of an idle clone while 50 clones of one snapshot run: p50 <= 40 MiB;
+- 50 clones at once: all 50 answer an exec.
+
+Raw and tierbox restores alternate in one loop so noise on this shared
+machine hits both alike. Usage: python benchmarks/bench_microvm.py [N]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import p50, p95
+from tierbox.images.store import default_store
+from tierbox.spec import Limits, SandboxSpec
+from tierbox.tiers import get_tier
+from tierbox.tiers.microvm import MicroVMTier, _load_stream
+from tierbox.vmm import qemu
+from tierbox.vmm.qmp import QMPClient
+from tierbox.vmm.snapshot import RAM, STATE
+
+MIB = 1024 * 1024
+SPEC = SandboxSpec(image="busybox", limits=Limits(memory_mib=128, pids=64, timeout_s=30))
+CLONES = 50
+
+
+class Line:
+    def __init__(self, promise: str, measured: float, target: float, unit: str, accel: str) -> None:
+        self.promise, self.measured, self.target, self.unit, self.accel = (
+            promise,
+            measured,
+            target,
+            unit,
+            accel,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.measured <= self.target
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        return (
+            f"{verdict}  {self.promise}: measured {self.measured:.3f}{self.unit}, "
+            f"target <= {self.target}{self.unit}, accelerator {self.accel}"
+        )
+
+
+def pss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def raw_restore(tier: MicroVMTier, snap_dir: Path, machine: qemu.Machine) -> float:
+    """QEMU alone restoring the snapshot: spawn, load the stream, cont. Seconds."""
+    d = Path(tempfile.mkdtemp(prefix="tierbox-raw-", dir="/run"))
+    files = qemu.Files(d)
+    t0 = time.perf_counter()
+    argv = qemu.restore_argv("raw", machine, files, ram_path=snap_dir / RAM, ram_share=False)
+    proc = qemu.QemuProcess.start(argv, files)
+    try:
+        client = QMPClient(files.qmp)
+        client.connect(alive=proc.alive)
+        _load_stream(client, snap_dir / STATE, ignore_shared=True, deadline=time.monotonic() + 30)
+        client.execute("cont")
+        elapsed = time.perf_counter() - t0
+        client.close()
+        return elapsed
+    finally:
+        proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> int:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+    tier = get_tier("microvm")
+    a = tier.available()
+    if not a.available:
+        print(f"SKIP  microvm tier unavailable: {a.reason}")
+        return 0
+    assert isinstance(tier, MicroVMTier)
+    accel, why = tier.accelerator()
+    print(f"microvm: {a.reason}")
+    default_store().ensure_busybox()
+    lines: list[Line] = []
+    cold_target = 2.0 if accel == "tcg" else 0.5
+    restore_target = 0.080 if accel == "tcg" else 0.030
+
+    # ---- cold create -> first exec ----------------------------------------------------
+    tier.create(SPEC).close()  # warm: the root disk is built on first use
+    cold: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        inst = tier.create(SPEC)
+        r = inst.exec(["true"])
+        cold.append(time.perf_counter() - t0)
+        inst.close()
+        assert r.ok, r.termination.describe()
+    print(f"cold create -> first exec: p50 {p50(cold):.3f} s, p95 {p95(cold):.3f} s (n={n})")
+    lines.append(Line("cold create -> first exec result p50", p50(cold), cold_target, " s", accel))
+
+    # ---- restore -> first exec, against raw QEMU restore -------------------------------
+    base = tier.create(SPEC)
+    try:
+        base.exec(["true"])
+        snap = base.snapshot()
+        print(f"snapshot: {snap.meta['timings_s']}")
+    finally:
+        base.close()
+    snap_dir = Path(snap.path)
+    try:
+        machine = base.machine
+        restores: list[float] = []
+        raws: list[float] = []
+        for i in range(max(n * 3, 15)):
+            if i % 2 == 0:
+                raws.append(raw_restore(tier, snap_dir, machine))
+            t0 = time.perf_counter()
+            inst = tier.restore(snap)
+            r = inst.exec(["true"])
+            restores.append(time.perf_counter() - t0)
+            inst.close()
+            if i % 2 == 1:
+                raws.append(raw_restore(tier, snap_dir, machine))
+            assert r.ok, r.termination.describe()
+        ratio = p50(restores) / p50(raws)
+        print(
+            f"restore -> first exec: p50 {p50(restores) * 1000:.1f} ms, p95 "
+            f"{p95(restores) * 1000:.1f} ms; raw QEMU restore (spawn + load + cont): p50 "
+            f"{p50(raws) * 1000:.1f} ms; ratio {ratio:.2f}x"
+        )
+        lines.append(
+            Line("restore -> first exec result p50", p50(restores), restore_target, " s", accel)
+        )
+
+        # ---- 50 clones at once, PSS of idle clones --------------------------------------
+        t0 = time.perf_counter()
+        clones = tier.clone(snap, count=CLONES)
+        t_clone = time.perf_counter() - t0
+        try:
+            answered = sum(1 for c in clones if c.exec(["true"]).ok)
+            t_all = time.perf_counter() - t0
+            time.sleep(2.0)  # idle
+            psses = [pss_bytes(c.proc.pid) / MIB for c in clones]
+            total_pss = sum(psses)
+        finally:
+            for c in clones:
+                c.close()
+        print(
+            f"{CLONES} clones: started in {t_clone:.2f} s, all answered an exec after "
+            f"{t_all:.2f} s; {answered}/{CLONES} answered; idle PSS p50 "
+            f"{statistics.median(psses):.1f} MiB, max {max(psses):.1f} MiB, total "
+            f"{total_pss:.0f} MiB (guest RAM {machine.memory_mib} MiB each)"
+        )
+        lines.append(Line("PSS of an idle clone p50", statistics.median(psses), 40.0, " MiB", accel))
+        lines.append(
+            Line(f"clones of {CLONES} not answering", float(CLONES - answered), 0.0, "", accel)
+        )
+    finally:
+        shutil.rmtree(snap_dir, ignore_errors=True)
+
+    print(f"accelerator: {accel} ({why}); host {os.uname().release}, {os.cpu_count()} cpus")
+    print()
+    for line in lines:
+        print(line)
+    return 0 if all(x.ok for x in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
