@@ -70,8 +70,9 @@ def main() -> int:
     pspec = make_spec(None, memory_mib=128, pids=64, timeout_s=30)
     t = interleaved(
         {
-            "raw subprocess": lambda: subprocess.run(["/bin/true"], check=True),
+            "raw subprocess": lambda: subprocess.run(["/bin/true"], check=True, capture_output=True),
             "tierbox process": lambda: process.run(pspec, ["/bin/true"]),
+            "raw, output not captured": lambda: subprocess.run(["/bin/true"], check=True),
         },
         n,
     )

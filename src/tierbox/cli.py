@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierbox import gc as gc_mod
+from tierbox.cli_bench import bench
 from tierbox.errors import SandboxError, TierboxError, UsageError
 from tierbox.sandbox import DEFAULT_TIER, Sandbox
 from tierbox.sandbox import run as run_once
@@ -35,6 +36,9 @@ image_app = typer.Typer(
 )
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(image_app, name="image")
+app.command(
+    help="Measure every available tier side by side: start, exec, memory, density, isolation."
+)(bench)
 
 out = Console()
 err = Console(stderr=True)

@@ -131,7 +131,7 @@ def memory(results: dict[str, Any], path: Path) -> Path | None:
                 )
     ax.set_yscale("log")
     ax.set_xticks(range(len(data)))
-    ax.set_xticklabels([f"{n}\n({'RSS growth' if n == 'wasm' else 'PSS'})" for n, _ in data])
+    ax.set_xticklabels([f"{n}\n({'in-process' if n == 'wasm' else 'PSS'})" for n, _ in data])
     ax.set_ylabel("MiB per idle instance (log)")
     ax.set_title("Memory per idle instance, averaged over N instances")
     ax.grid(True, axis="y", which="both", alpha=0.3)

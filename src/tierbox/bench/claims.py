@@ -142,7 +142,7 @@ def _memory_row(results: dict[str, Any]) -> dict[str, Any]:
     reduction = (1 - w / c) * 100.0
     row["measured_reduction_pct"] = reduction
     text = (
-        f"wasm {fmt_bytes(w)} (RSS growth, avg of {wk}) vs container {fmt_bytes(c)} "
+        f"wasm {fmt_bytes(w)} (in-process growth, avg of {wk}) vs container {fmt_bytes(c)} "
         f"(PSS, avg of {ck}): {abs(reduction):.0f}% {'less' if reduction >= 0 else 'more'}"
     )
     charge = (tiers["container"]["memory"].get("checkpoints") or [{}])[-1].get("avg_cgroup_bytes")

@@ -10,6 +10,7 @@ the growth of the bench's own resident set per instance, over many.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from collections.abc import Iterable
@@ -43,6 +44,52 @@ def self_rss_bytes() -> int:
     """Resident set of the bench process (``/proc/self/statm``, field 2)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def self_vm_bytes() -> int:
+    """Virtual address space of the bench process (``/proc/self/statm``, field 1)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * _PAGE
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo2() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO = _mallinfo2()
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc malloc has handed out and not got back (``mallinfo2``):
+    unlike RSS, this grows even when freed heap pages are being reused."""
+    if _MALLINFO is None:
+        return None
+    m = _MALLINFO()
+    return int(m.uordblks + m.hblkhd)
 
 
 def _marked_pids(sandbox_id: str) -> list[int]:
@@ -104,7 +151,7 @@ def sandbox_pids(inst: Any) -> tuple[list[int], str]:
     or names, plus descendants. The bench process itself is excluded.
     """
     me = os.getpid()
-    cg = getattr(inst, "cg", None)
+    cg = getattr(inst, "cg", None) or getattr(inst, "cgroup", None)
     if cg is not None and hasattr(cg, "pids"):
         pids = [p for p in cg.pids() if p != me]
         if pids:

@@ -16,9 +16,7 @@ from tierbox.bench.stats import fmt_bytes, fmt_ms
 
 COLUMNS = (
     "tier",
-    "status",
-    "cold start p50",
-    "spread",
+    "cold start p50 (p95, n)",
     "warm start",
     "exec p50",
     "idle memory",
@@ -47,16 +45,15 @@ def _na(d: dict[str, Any], n: int = 60) -> str:
     return _short(f"{status}: {why}" if why else status, n)
 
 
-def cold_cell(t: dict[str, Any], w: str) -> tuple[str, str]:
+def cold_cell(t: dict[str, Any], w: str, n: int = 60) -> str:
     cs = t.get("cold_start", {}).get(w, {})
     if cs.get("status") != "ok":
-        return (_na(cs) if cs else "-"), ""
-    spread = (
-        f"p95 {fmt_ms(cs['p95_ms'])}, n={cs['n']}"
-        + (f" (+{cs['warmup']} warm-up)" if cs.get("warmup") else "")
-        + (f", IQR {fmt_ms(cs['iqr_ms'])}" if cs["n"] >= 4 else "")
+        return _na(cs, n) if cs else "-"
+    return (
+        f"{fmt_ms(cs['p50_ms'])} (p95 {fmt_ms(cs['p95_ms'])}, n={cs['n']}"
+        + (f" +{cs['warmup']} warm-up" if cs.get("warmup") else "")
+        + ")"
     )
-    return fmt_ms(cs["p50_ms"]), spread
 
 
 def warm_cell(t: dict[str, Any], n: int = 60) -> str:
@@ -78,12 +75,12 @@ def memory_cells(t: dict[str, Any]) -> tuple[str, str]:
     if m.get("status") != "ok":
         return (_na(m) if m else "-"), ""
     idle = m.get("idle_pss_bytes")
-    kind = "RSS growth" if t.get("tier") == "wasm" else "PSS"
+    kind = "in-process" if t.get("tier") == "wasm" else "PSS"
     idle_s = f"{fmt_bytes(idle)} {kind}" if idle is not None else "-"
     if m.get("idle_cgroup_bytes"):
         idle_s += f" (cgroup {fmt_bytes(m['idle_cgroup_bytes'])})"
     if t.get("tier") == "wasm" and m.get("idle_note"):
-        idle_s += f" ({m['idle_note'].replace('RSS growth averaged over', 'avg of')})"
+        idle_s += f" ({m['idle_note'].replace('averaged over', 'avg of')})"
     pts = ", ".join(
         f"@{r['instances']} {fmt_bytes(r['avg_bytes'])}"
         for r in m.get("checkpoints", [])
@@ -122,13 +119,20 @@ def terminations_cell(t: dict[str, Any]) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(term.items(), key=lambda kv: -kv[1]))
 
 
+def tier_cell(name: str, t: dict[str, Any]) -> str:
+    s = t.get("status", "?")
+    if s == "partial":
+        n = len([e for e in t.get("errors", []) if e["phase"] != "cleanup"])
+        return f"{name} (partial: {n} error{'s' if n != 1 else ''})"
+    if s in ("ok", "running"):
+        return name
+    return f"{name} ({s})"
+
+
 def status_cell(t: dict[str, Any]) -> str:
     s = t.get("status", "?")
     if s in ("unavailable", "failed"):
-        return f"{s}: {_short(t.get('error') or '', 90)}"
-    if s == "partial":
-        n = len([e for e in t.get("errors", []) if e["phase"] != "cleanup"])
-        return f"partial ({n} phase{'s' if n != 1 else ''} failed)"
+        return f"{s}: {_short(t.get('error') or '', 200)}"
     return str(s)
 
 
@@ -136,17 +140,14 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     w = primary_workload(results)
     rows = []
     for name, t in results["tiers"].items():
-        if t["status"] == "unavailable":
-            rows.append([name, status_cell(t), *["-"] * (len(COLUMNS) - 2)])
+        if t["status"] in ("unavailable", "failed") and not t.get("cold_start"):
+            rows.append([tier_cell(name, t), status_cell(t), *["-"] * (len(COLUMNS) - 2)])
             continue
-        cold, spread = cold_cell(t, w)
         idle, pts = memory_cells(t)
         rows.append(
             [
-                name,
-                status_cell(t),
-                cold,
-                spread,
+                tier_cell(name, t),
+                cold_cell(t, w) if t["status"] != "failed" else status_cell(t),
                 warm_cell(t),
                 exec_cell(t, w),
                 idle,
@@ -191,7 +192,7 @@ def rich_report(results: dict[str, Any]) -> Group:
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
     for row in summary_rows(results):
-        style = "red" if row[1].startswith(("failed", "unavailable")) else None
+        style = "red" if row[0].endswith(("(failed)", "(unavailable)")) else None
         table.add_row(*row, style=style)
     claims = Table(title="claimed vs measured here", show_lines=True, title_justify="left")
     for col in ("claim", "claimed", "measured here", "ratio"):
@@ -221,7 +222,7 @@ def _other_workloads(results: dict[str, Any]) -> Table | None:
     for name, t in results["tiers"].items():
         if t["status"] == "unavailable":
             continue
-        table.add_row(name, *[_short(cold_cell(t, w)[0], 70) for w in wl])
+        table.add_row(name, *[cold_cell(t, w, 70) for w in wl])
     return table
 
 
@@ -375,7 +376,8 @@ def method_notes(results: dict[str, Any]) -> list[str]:
         "Warm start = Sandbox.restore(snapshot of an idle sandbox) -> first result.",
         "Memory = PSS summed over the sandbox's host processes (cgroup pids, or the VMM "
         "process); the bench's own process is excluded. Wasm runs in-process: its cost is the "
-        "bench's RSS growth per instance over many.",
+        "bench process's growth per instance over many (the larger of RSS growth and malloc "
+        "heap growth: freed heap pages being reused hide growth from RSS).",
         f"Density = idle instances added one at a time until their measured memory exceeds "
         f"{fmt_bytes(cfg.get('budget_bytes'))}; stopped early at {cfg.get('density_cap')} "
         f"instances (x10 for tiers creating one in < 20 ms) or {cfg.get('density_time_s')} s, "
@@ -446,7 +448,7 @@ def _html_table(header: list[str], rows: list[list[str]], bad_col: int | None = 
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for r in rows:
         cls = ""
-        if bad_col is not None and str(r[bad_col]).startswith(("failed", "unavailable")):
+        if bad_col is not None and str(r[bad_col]).endswith(("(failed)", "(unavailable)")):
             cls = ' class="bad"'
         cells = "".join(
             f"<td{' class=no' if c == 'NO' else ''}>{html.escape(str(c))}</td>" for c in r
@@ -468,7 +470,7 @@ def html_report(results: dict[str, Any], charts: dict[str, str]) -> str:
         "<h2>Machine</h2>",
         _html_table(["fact", "value"], machine_rows(results)),
         "<h2>Summary</h2>",
-        _html_table(list(COLUMNS), summary_rows(results), bad_col=1),
+        _html_table(list(COLUMNS), summary_rows(results), bad_col=0),
         "<h2>Claimed vs measured here</h2>",
         _html_table(
             ["claim", "claimed", "measured here", "ratio"],

@@ -39,7 +39,13 @@ from typing import Any, Protocol
 from tierbox import paths
 from tierbox.bench import probes as pr
 from tierbox.bench.machine import engine_facts, machine_facts, meminfo
-from tierbox.bench.memory import sandbox_pids, self_rss_bytes, total_pss
+from tierbox.bench.memory import (
+    heap_in_use_bytes,
+    sandbox_pids,
+    self_rss_bytes,
+    self_vm_bytes,
+    total_pss,
+)
 from tierbox.bench.stats import summarize_ms
 from tierbox.bench.workloads import WORKLOADS, NotRun, Target, base_image, target
 from tierbox.errors import NotSupportedError, UnknownTierError
@@ -54,6 +60,8 @@ SCHEMA = "tierbox-bench/1"
 DEFAULT_MEMORY_MIB = {"vm": 256}
 #: Tiers that create an instance faster than this count as light: more instances.
 LIGHT_CREATE_S = 0.02
+#: x86-64 user address space (47 bits): bounds in-process Wasm instances.
+ADDRESS_SPACE_BYTES = 1 << 47
 
 
 @dataclass
@@ -690,8 +698,9 @@ class TierRun:
         sbs: list[Sandbox] = []
         live: list[tuple[Any, Any]] = []
         mem["method"] = (
-            "RSS growth of the bench process per instance (wasm runs in-process), averaged "
-            "over many; one instance = a sandbox + its module instantiated in a live Store"
+            "growth of the bench process per instance (wasm runs in-process): the larger of "
+            "RSS growth and malloc heap growth (mallinfo2), averaged over many; one instance = "
+            "a sandbox + its module instantiated in a live wasmtime Store"
         )
         module: Any = None
 
@@ -711,21 +720,44 @@ class TierRun:
             return len(sbs)
 
         gc.collect()
-        base = self_rss_bytes()
+        base_rss = self_rss_bytes()
+        base_heap = heap_in_use_bytes()
+        base_vm = self_vm_bytes()
 
         def measure() -> tuple[int, dict[str, Any]]:
             gc.collect()
-            return max(0, self_rss_bytes() - base), {"live_stores": len(live)}
+            rss = max(0, self_rss_bytes() - base_rss)
+            heap_now = heap_in_use_bytes()
+            heap = max(0, heap_now - base_heap) if heap_now is not None and base_heap else 0
+            vm = max(0, self_vm_bytes() - base_vm)
+            n = max(1, len(sbs))
+            return max(rss, heap), {
+                "avg_rss_growth_bytes": rss / n,
+                "avg_heap_growth_bytes": heap / n,
+                "avg_address_space_bytes": vm / n,
+                "live_stores": len(live),
+            }
 
         checkpoints, cap = self._checkpoints(True)
         try:
             mem["checkpoints"] = self._fill(den, make, count, measure, checkpoints, cap, 0)
-            den["measure"] = "RSS growth"
+            den["measure"] = "max(RSS growth, malloc heap growth)"
             recs = mem["checkpoints"]
             biggest = recs[-1] if recs else None
             if biggest is not None:
                 mem["idle_pss_bytes"] = biggest["avg_bytes"]
-                mem["idle_note"] = f"RSS growth averaged over {biggest['instances']} instances"
+                mem["idle_note"] = f"averaged over {biggest['instances']} instances"
+                vm = biggest.get("avg_address_space_bytes") or 0
+                if vm > 0:
+                    bound = int(ADDRESS_SPACE_BYTES // vm)
+                    mem["address_space_note"] = (
+                        f"each live instance reserves {vm / GIB:.2f} GiB of virtual address "
+                        f"space (linear memory + guard): at most ~{bound} fit in one process's "
+                        "128 TiB"
+                    )
+                    if den.get("projected_fit") and den["projected_fit"] > bound:
+                        den["projected_fit"] = bound
+                        den["note"] = "projection bounded by virtual address space, not memory"
             mem["idle_cgroup_bytes"] = None
             mem["instantiate_us"] = self._instantiate_us(module)
         finally:

@@ -1,0 +1,332 @@
+"""The libvirt daemon and one connection to it (``qemu:///system``).
+
+Everything the ``vm`` tier asks of libvirt goes through this module:
+
+- :func:`connect` opens (and caches per process) the connection. Where no
+  libvirtd runs, it starts ``virtlogd -d`` and ``libvirtd -d`` itself (this
+  host has no systemd to socket-activate them), waits for the socket and
+  says so on stderr (a ``logging`` warning). ``TIERBOX_LIBVIRT_AUTOSTART=0``
+  turns that off; then an unreachable daemon is a clear
+  :class:`LibvirtUnreachableError`.
+- :func:`call` runs one binding call and translates ``libvirt.libvirtError``
+  into tierbox errors at the boundary (``raise ... from exc``): a lost
+  connection becomes :class:`LibvirtUnreachableError`, anything else
+  :class:`LibvirtError` carrying libvirt's error code.
+
+The binding (PyPI ``libvirt-python``, built against Debian's libvirt-dev) is
+imported lazily and typed as ``Any``: it ships no type information, and a
+missing binding must only make the ``vm`` tier unavailable, never break the
+other tiers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import importlib
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import CommandError, SandboxError, TierUnavailableError
+from tierbox.host.runner import run, which
+
+log = logging.getLogger("tierbox.libvirt")
+
+URI_ENV = "TIERBOX_LIBVIRT_URI"
+AUTOSTART_ENV = "TIERBOX_LIBVIRT_AUTOSTART"
+DEFAULT_URI = "qemu:///system"
+#: Where the system daemons put their pid files and libvirtd its socket.
+RUN = Path("/run")
+LIBVIRTD_SOCKET = RUN / "libvirt" / "libvirt-sock"
+VIRTLOGD_SOCKET = RUN / "libvirt" / "virtlogd-sock"
+#: How long a freshly started libvirtd may take to answer (it probes QEMU's
+#: capabilities on its first start: a few seconds).
+START_TIMEOUT_S = 30.0
+
+
+class LibvirtUnreachableError(TierUnavailableError):
+    """libvirtd cannot be reached (not running, not startable, or it went away)."""
+
+
+class LibvirtError(SandboxError):
+    """libvirt refused or failed an operation; ``code`` is libvirt's error number."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def uri() -> str:
+    return os.environ.get(URI_ENV, DEFAULT_URI)
+
+
+def autostart_enabled() -> bool:
+    return os.environ.get(AUTOSTART_ENV, "1") not in ("0", "no", "false")
+
+
+# ---------------------------------------------------------------- the binding
+
+
+_binding: Any = None
+_binding_lock = threading.Lock()
+
+
+def _quiet_error_handler(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; tierbox reports them itself."""
+
+
+def binding() -> Any:
+    """The ``libvirt`` module, or TierUnavailableError saying how to get it."""
+    global _binding
+    with _binding_lock:
+        if _binding is None:
+            try:
+                mod = importlib.import_module("libvirt")
+            except ImportError as exc:
+                raise TierUnavailableError(
+                    "the libvirt Python binding is missing: run `make setup` "
+                    "(pip install libvirt-python, which builds against libvirt-dev)"
+                ) from exc
+            mod.registerErrorHandler(_quiet_error_handler, None)
+            _binding = mod
+        return _binding
+
+
+def qemu_binding() -> Any:
+    """The ``libvirt_qemu`` module (monitor pass-through)."""
+    binding()
+    return importlib.import_module("libvirt_qemu")
+
+
+def binding_version() -> str:
+    try:
+        v = int(binding().getVersion())
+    except (TierUnavailableError, Exception):  # noqa: BLE001 - any failure means "unknown"
+        return ""
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+# ---------------------------------------------------------------- the daemons
+
+
+def daemon_pid(name: str) -> int | None:
+    """Pid of a running system daemon (``libvirtd``, ``virtlogd``) from its pid file."""
+    try:
+        pid = int((RUN / f"{name}.pid").read_text().split()[0])
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if comm == name else None
+
+
+def _socket_answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def fix_kvm_permissions() -> str | None:
+    """Give /dev/kvm the group and mode Debian's udev rules give it (kvm, 0660).
+
+    Without udev the node stays root-only; libvirt then finds KVM "enabled
+    when probing but not available now" at every domain start, throws its
+    QEMU capability cache away and re-probes (about 3 s per start). Returns a
+    line saying what was changed, or None.
+    """
+    dev = Path("/dev/kvm")
+    try:
+        st = dev.stat()
+        gid = grp.getgrnam("kvm").gr_gid
+    except (OSError, KeyError):
+        return None
+    if st.st_gid == gid and st.st_mode & 0o060 == 0o060:
+        return None
+    try:
+        os.chown(dev, -1, gid)
+        os.chmod(dev, stat.S_IMODE(st.st_mode) | 0o060)
+    except OSError as exc:
+        log.warning("tierbox: cannot give /dev/kvm to group kvm: %s", exc)
+        return None
+    return "/dev/kvm: group kvm, mode 0660 (as Debian's udev rules set it)"
+
+
+def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
+    """Start virtlogd and libvirtd where they do not run; wait for libvirtd's
+    socket. Returns a line per thing done (empty: both were running)."""
+    done: list[str] = []
+    fixed = fix_kvm_permissions()
+    if fixed:
+        done.append(fixed)
+    for name in ("virtlogd", "libvirtd"):
+        if daemon_pid(name) is not None:
+            continue
+        exe = which(name)
+        if exe is None:
+            raise LibvirtUnreachableError(
+                f"{name} is not installed: run `make setup` "
+                "(apt-get install libvirt-daemon-system)"
+            )
+        try:
+            run([exe, "-d"], timeout_s=30, message=f"cannot start {name}")
+        except CommandError as exc:
+            raise LibvirtUnreachableError(str(exc)) from exc
+        done.append(f"started {name} -d")
+    deadline = time.monotonic() + timeout_s
+    while not _socket_answers(LIBVIRTD_SOCKET):
+        if time.monotonic() > deadline:
+            raise LibvirtUnreachableError(
+                f"libvirtd did not open {LIBVIRTD_SOCKET} within {timeout_s:.0f} s "
+                "(see /var/log/libvirt/libvirtd.log)"
+            )
+        if daemon_pid("libvirtd") is None and done:
+            raise LibvirtUnreachableError(
+                "libvirtd exited right after starting (see /var/log/libvirt/libvirtd.log)"
+            )
+        time.sleep(0.05)
+    return done
+
+
+# ---------------------------------------------------------------- the connection
+
+
+_conn: Any = None
+_conn_lock = threading.Lock()
+
+
+def _is_local_system(u: str) -> bool:
+    return u in ("qemu:///system", "qemu+unix:///system")
+
+
+def connect() -> Any:
+    """The cached connection to libvirt (``virConnect``), reopened when it died."""
+    global _conn
+    lv = binding()
+    with _conn_lock:
+        if _conn is not None:
+            try:
+                if _conn.isAlive():
+                    return _conn
+            except lv.libvirtError:
+                pass
+            with contextlib.suppress(lv.libvirtError):
+                _conn.close()
+            _conn = None
+        u = uri()
+        try:
+            _conn = lv.open(u)
+            return _conn
+        except lv.libvirtError as exc:
+            first = exc
+        if not _is_local_system(u):
+            raise LibvirtUnreachableError(f"cannot connect to libvirt at {u}: {first}") from first
+        if not autostart_enabled():
+            raise LibvirtUnreachableError(
+                f"cannot reach libvirtd at {u} ({_short(first)}): start it with "
+                f"`virtlogd -d && libvirtd -d`, or unset {AUTOSTART_ENV}=0 to let tierbox do it"
+            ) from first
+        if daemon_pid("libvirtd") is not None and _socket_answers(LIBVIRTD_SOCKET):
+            raise LibvirtUnreachableError(
+                f"libvirtd runs but refuses the connection to {u}: {_short(first)}"
+            ) from first
+        done = start_daemons()
+        if done:
+            log.warning(
+                "tierbox: libvirtd was not running; %s (pid %s)",
+                "; ".join(done),
+                daemon_pid("libvirtd"),
+            )
+        try:
+            _conn = lv.open(u)
+        except lv.libvirtError as exc:
+            raise LibvirtUnreachableError(
+                f"started libvirtd but cannot connect to {u}: {_short(exc)}"
+            ) from exc
+        return _conn
+
+
+def reachable() -> tuple[bool, str]:
+    """(can tierbox use libvirt here, why not) without starting anything."""
+    try:
+        binding()
+    except TierUnavailableError as exc:
+        return False, str(exc)
+    if _socket_answers(LIBVIRTD_SOCKET):
+        return True, f"libvirtd answers on {LIBVIRTD_SOCKET}"
+    if not _is_local_system(uri()):
+        return True, f"libvirt at {uri()}"
+    if not autostart_enabled():
+        return False, f"libvirtd is not running and {AUTOSTART_ENV}=0 forbids starting it"
+    missing = [n for n in ("virtlogd", "libvirtd") if which(n) is None]
+    if missing:
+        return False, f"{', '.join(missing)} not installed: run `make setup`"
+    return True, "libvirtd is not running; tierbox starts it on first use"
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _connection_lost(exc: Any) -> bool:
+    lv = binding()
+    code = exc.get_error_code()
+    if code in (lv.VIR_ERR_RPC, lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_INVALID_CONN):
+        return True
+    text = str(exc)
+    return code == lv.VIR_ERR_SYSTEM_ERROR and (
+        "End of file" in text
+        or "Broken pipe" in text
+        or "Connection reset" in text
+        or "client socket is closed" in text
+        or "Cannot recv data" in text
+        or "Cannot write data" in text
+    )
+
+
+def error_code(exc: BaseException) -> int | None:
+    """libvirt's error number of a translated or raw libvirt error."""
+    if isinstance(exc, LibvirtError):
+        return exc.code
+    get = getattr(exc, "get_error_code", None)
+    return int(get()) if callable(get) else None
+
+
+def translate(exc: Any, what: str) -> SandboxError | LibvirtUnreachableError:
+    """The tierbox error for a ``libvirtError`` raised while doing ``what``."""
+    global _conn
+    if _connection_lost(exc):
+        with _conn_lock:
+            _conn = None
+        return LibvirtUnreachableError(
+            f"lost the connection to libvirtd while {what}: {_short(exc)} "
+            "(did libvirtd stop? tierbox restarts it on the next command)"
+        )
+    return LibvirtError(f"{what}: {_short(exc)}", exc.get_error_code())
+
+
+def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with libvirt errors translated (``what`` says what was tried)."""
+    lv = binding()
+    try:
+        return fn(*args)
+    except lv.libvirtError as exc:
+        raise translate(exc, what) from exc
+
+
+def is_code(exc: BaseException, *names: str) -> bool:
+    """True if ``exc`` carries one of libvirt's ``VIR_ERR_*`` codes named in ``names``."""
+    code = error_code(exc)
+    lv = binding()
+    return code is not None and any(code == getattr(lv, n) for n in names)
