@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_wasm.py [N]   (exit status 1 when a promise fails
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -30,8 +31,10 @@ import wasmtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Promise, interleaved, p50, p95, report
+from tierbox import make_spec
 from tierbox.errors import TierboxError
 from tierbox.spec import Limits, SandboxSpec
+from tierbox.tiers import get_tier
 from tierbox.tiers.wasm import WasmTier
 from tierbox.wasm import engine
 
@@ -122,7 +125,31 @@ def bench_hello(n: int) -> list[Promise]:
     shutil.rmtree(scratch, ignore_errors=True)
     show("WASI hello (precompiled)", t)
     ratio = p50(t["tierbox WasmTier.run"]) / p50(t["raw wasmtime-py InstancePre"])
-    return [Promise("wasm one-shot hello / raw wasmtime-py InstancePre", ratio, 1.5, "x")]
+    promises = [Promise("wasm one-shot hello / raw wasmtime-py InstancePre", ratio, 1.5, "x")]
+    promises += bench_vs_container(tier, spec, max(n // 10, 20))
+    return promises
+
+
+def bench_vs_container(tier: WasmTier, spec: SandboxSpec, n: int) -> list[Promise]:
+    """The wasm one-shot against the container tier's one-shot of the same
+    trivial job (busybox /bin/true), interleaved in one run."""
+    container = get_tier("container")
+    if not container.available().available:
+        print(f"container tier unavailable: {container.available().reason}")
+        return []
+    cspec = make_spec("busybox", memory_mib=128, pids=64, timeout_s=30)
+    t = interleaved(
+        {
+            "wasm one-shot hello": lambda: tier.run(spec, ["0"]),
+            "container one-shot true": lambda: container.run(cspec, ["/bin/true"]),
+        },
+        n,
+    )
+    show("wasm vs container one-shot", t)
+    speedup = p50(t["container one-shot true"]) / p50(t["wasm one-shot hello"])
+    return [
+        Promise("container one-shot / wasm one-shot", speedup, 20.0, "x", higher_is_better=True)
+    ]
 
 
 def bench_image(title: str, ref: str, n: int, target_ms: float) -> Promise:
@@ -135,7 +162,41 @@ def bench_image(title: str, ref: str, n: int, target_ms: float) -> Promise:
         print(f"{ref}: {exc}")
         return Promise(name, float("inf"), target_ms, " ms")
     assert first.stdout == b"4\n", first
-    t = interleaved({ref: lambda: tier.run(spec, ["-c", "print(2+2)"])}, n, warmup=3)
+    # The same module on raw wasmtime-py alongside: when the machine is busy both
+    # slow down alike, which tells load from tierbox overhead (the promise is absolute).
+    from tierbox.wasm.images import resolve_workload
+
+    workload = resolve_workload(ref)
+    module = workload.module().module
+    linker = wasmtime.Linker(engine.engine())
+    linker.define_wasi()
+    if workload.trap_imports:
+        linker.define_unknown_imports_as_traps(module)
+    pre = linker.instantiate_pre(module)
+    scratch = Path(tempfile.mkdtemp(prefix="tierbox-bench-raw-", dir=engine._scratch_parents()[0]))
+
+    def raw() -> None:
+        store = wasmtime.Store(engine.engine())
+        store.set_fuel(engine.UNLIMITED_FUEL)
+        store.set_epoch_deadline(1 << 40)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [workload.argv0, "-c", "print(2+2)"]
+        wasi.env = list(workload.env.items())
+        wasi.preopen_dir(str(scratch), "/")
+        wasi.stdout_file = str(scratch / "out")
+        store.set_wasi(wasi)
+        start = pre.instantiate(store).exports(store)["_start"]
+        assert isinstance(start, wasmtime.Func)
+        with contextlib.suppress(wasmtime.ExitTrap):
+            start(store)
+        store.close()
+
+    t = interleaved(
+        {ref: lambda: tier.run(spec, ["-c", "print(2+2)"]), f"(raw wasmtime-py {ref})": raw},
+        n,
+        warmup=3,
+    )
+    shutil.rmtree(scratch, ignore_errors=True)
     show(title, t)
     return Promise(name, p50(t[ref]) * 1000, target_ms, " ms")
 

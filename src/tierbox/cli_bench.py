@@ -219,8 +219,13 @@ def bench(
     except TierboxError as exc:
         err.print(f"[bold red]tierbox:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    with RichReporter(err) as rep:
-        results = run_bench(cfg, rep)
+    try:
+        with RichReporter(err) as rep:
+            results = run_bench(cfg, rep)
+    except KeyboardInterrupt:
+        # run_bench closed every sandbox on its way out; say so, then let it propagate
+        err.print("tierbox bench: interrupted; every sandbox closed", highlight=False)
+        raise
     if out is not None:
         written = write_reports(results, out)
         err.print(f"wrote {', '.join(p.name for p in written.values())} to {out}", highlight=False)
@@ -252,7 +257,6 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        Console(stderr=True).print("tierbox: interrupted; every sandbox closed", highlight=False)
         sys.exit(130)
 
 

@@ -104,7 +104,9 @@ def memory(results: dict[str, Any], path: Path) -> Path | None:
     for name, t in _ran(results):
         recs = t.get("memory", {}).get("checkpoints") or []
         if recs:
-            data.append((name, {r["instances"]: r["avg_bytes"] for r in recs}))
+            data.append(
+                (name, {r["instances"]: r.get("avg_pss_bytes", r["avg_bytes"]) for r in recs})
+            )
     if not data:
         return None
     counts = sorted({k for _, d in data for k in d})
@@ -186,7 +188,9 @@ def density(results: dict[str, Any], path: Path) -> Path | None:
     )
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles[:1], labels[:1], fontsize=8)
+        ax.legend(
+            handles[:1], labels[:1], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08)
+        )
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tierbox.bench.machine import tier_accelerator
 from tierbox.bench.stats import fmt_bytes, fmt_ms
 
 
@@ -84,13 +85,18 @@ def _start_row(c: StartClaim, results: dict[str, Any]) -> dict[str, Any]:
         return row
     row["measured_ms"] = p50
     accel = results["machine"].get("accelerator", {})
+    own = results["machine"].get("engines", {}).get(c.tier)
+    if own and own.get("available"):  # the tier's own word on its accelerator
+        accel = {"kind": tier_accelerator(own), "source": f"{c.tier} tier: {own.get('reason')}"}
     if c.needs_kvm and accel.get("kind") != "KVM":
         kind = accel.get("kind", "unknown")
+        source = str(accel.get("source", ""))
+        source = source if len(source) <= 160 else source[:159] + "…"
         row.update(
             status="not measurable here",
             measured=(
                 f"not measurable here: the claim is for KVM, and this host gives "
-                f"{kind} ({accel.get('source', '')}); measured under {kind}: p50 {fmt_ms(p50)}"
+                f"{kind} ({source}); measured under {kind}: p50 {fmt_ms(p50)}"
             ),
             ratio=f"n/a ({kind}, not KVM)",
         )
@@ -112,7 +118,7 @@ def _per_instance(t: dict[str, Any]) -> tuple[float | None, int | None]:
     if not recs:
         return None, None
     last = recs[-1]
-    return float(last["avg_bytes"]), int(last["instances"])
+    return float(last.get("avg_pss_bytes", last["avg_bytes"])), int(last["instances"])
 
 
 def _memory_row(results: dict[str, Any]) -> dict[str, Any]:

@@ -69,19 +69,23 @@ def _version(dist: str) -> str:
         return ""
 
 
+def tier_accelerator(info: dict[str, Any]) -> str:
+    """KVM, TCG or unknown, from a VM tier's availability text."""
+    low = f"{info.get('reason', '')} {info.get('engine', '')}".lower()
+    return "TCG" if "tcg" in low else "KVM" if "kvm" in low else "unknown"
+
+
 def accelerator(engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """KVM or TCG, as the microvm tier (else the vm tier) says in its
     availability text; "unknown" with the reason when neither tier can tell."""
     for name in ("microvm", "vm"):
         info = engines.get(name)
-        if not info:
+        if not info or not info.get("available"):
             continue
-        text = f"{info.get('reason', '')} {info.get('version', '')}"
-        low = text.lower()
-        if not info.get("available"):
-            continue
-        kind = "TCG" if "tcg" in low else "KVM" if "kvm" in low else "unknown"
-        return {"kind": kind, "source": f"{name} tier: {info.get('reason', '')}".strip()}
+        return {
+            "kind": tier_accelerator(info),
+            "source": f"{name} tier: {info.get('reason', '')}".strip(),
+        }
     why = "; ".join(
         f"{n} tier unavailable: {engines[n].get('reason', '')}"
         for n in ("microvm", "vm")

@@ -132,9 +132,10 @@ def _attr_pids(inst: Any) -> list[int]:
         if isinstance(got, list | tuple | set):
             return [int(p) for p in got]
     found: list[int] = []
-    pid = getattr(inst, "pid", None)
-    if isinstance(pid, int):
-        found.append(pid)
+    for name in ("pid", "qemu_pid", "vmm_pid"):
+        pid = getattr(inst, name, None)
+        if isinstance(pid, int) and pid > 0:
+            found.append(pid)
     for name in ("qemu", "proc", "process", "vmm", "popen"):
         obj = getattr(inst, name, None)
         pid = getattr(obj, "pid", None)
@@ -153,9 +154,8 @@ def sandbox_pids(inst: Any) -> tuple[list[int], str]:
     me = os.getpid()
     cg = getattr(inst, "cg", None) or getattr(inst, "cgroup", None)
     if cg is not None and hasattr(cg, "pids"):
-        pids = [p for p in cg.pids() if p != me]
-        if pids:
-            return pids, "cgroup"
+        # the sandbox's cgroup holds all of its processes; empty means none (process tier)
+        return [p for p in cg.pids() if p != me], "cgroup"
     direct = [p for p in _attr_pids(inst) if p != me]
     if direct:
         kids = children_map()
@@ -172,6 +172,4 @@ def sandbox_pids(inst: Any) -> tuple[list[int], str]:
         marked = [p for p in _marked_pids(sandbox_id) if p != me]
         if marked:
             return marked, f"processes named {MARKER}-<id>"
-    if cg is not None:
-        return [], "cgroup"
     return [], "none found"

@@ -575,8 +575,10 @@ def wasi_probe() -> Path:
 
 
 def host_block_devices() -> list[str]:
+    """The host's block devices, real disks first (loop and zram devices last)."""
     with contextlib.suppress(OSError):
-        return sorted(os.listdir("/sys/class/block"))[:8]
+        names = os.listdir("/sys/class/block")
+        return sorted(names, key=lambda n: (n.startswith(("loop", "ram", "zram")), n))[:8]
     return []
 
 

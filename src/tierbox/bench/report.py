@@ -59,7 +59,8 @@ def cold_cell(t: dict[str, Any], w: str, n: int = 60) -> str:
 def warm_cell(t: dict[str, Any], n: int = 60) -> str:
     ws = t.get("warm_start", {})
     if ws.get("status") == "ok" and ws.get("p50_ms") is not None:
-        return f"{fmt_ms(ws['p50_ms'])} (p95 {fmt_ms(ws['p95_ms'])}, n={ws['n']}, restore)"
+        how = "revert in place" if str(ws.get("method", "")).startswith("revert") else "restore"
+        return f"{fmt_ms(ws['p50_ms'])} (p95 {fmt_ms(ws['p95_ms'])}, n={ws['n']}, {how})"
     return _na(ws, n) if ws else "-"
 
 
@@ -82,7 +83,7 @@ def memory_cells(t: dict[str, Any]) -> tuple[str, str]:
     if t.get("tier") == "wasm" and m.get("idle_note"):
         idle_s += f" ({m['idle_note'].replace('averaged over', 'avg of')})"
     pts = ", ".join(
-        f"@{r['instances']} {fmt_bytes(r['avg_bytes'])}"
+        f"@{r['instances']} {fmt_bytes(r.get('avg_pss_bytes', r['avg_bytes']))}"
         for r in m.get("checkpoints", [])
         if r["instances"] > 1
     )
@@ -106,6 +107,8 @@ def density_cell(t: dict[str, Any]) -> str:
 
 def isolation_cell(t: dict[str, Any]) -> str:
     iso = t.get("isolation", {})
+    if iso.get("status") == "failed":
+        return _short(f"probes failed: {iso.get('error', '?')}", 70)
     s = iso.get("summary")
     if s:
         return str(s["text"])
@@ -275,28 +278,37 @@ def tier_details(name: str, t: dict[str, Any]) -> list[tuple[str, str, Any]]:
                     rows.append(_stats_row(f"  {part[:-3].replace('_', ' ')}: {w}", sub))
     for w, ex in t.get("exec_latency", {}).items():
         rows.append(_stats_row(f"exec: {w}", ex))
-    rows.append(_stats_row("warm start (restore)", t.get("warm_start", {})))
+    ws = t.get("warm_start", {})
+    rows.append(_stats_row(f"warm start: {ws.get('method', 'restore')}", ws))
     inst = t.get("memory", {}).get("instantiate_us")
     if inst:
         rows.append(_stats_row("wasmtime instantiate only", inst))
     out.append(("table", "Timings", (STATS_HEADER, rows)))
     m = t.get("memory", {})
     if m.get("status") == "ok":
+        wasm = t.get("tier") == "wasm"
         mrows = [
             [
                 str(r["instances"]),
+                fmt_bytes(r.get("avg_pss_bytes", r.get("avg_rss_growth_bytes"))),
+                fmt_bytes(r.get("avg_cgroup_bytes", r.get("avg_heap_growth_bytes"))),
                 fmt_bytes(r["avg_bytes"]),
                 fmt_bytes(r["total_bytes"]),
-                fmt_bytes(r.get("avg_cgroup_bytes")),
             ]
             for r in m.get("checkpoints", [])
         ]
-        out.append(("text", "", f"Memory method: {m.get('method')}. {m.get('note', '')}"))
+        header = (
+            ["instances", "avg RSS growth", "avg heap growth", "avg cost (larger)", "total"]
+            if wasm
+            else ["instances", "avg PSS", "avg cgroup charge", "avg cost (larger)", "total"]
+        )
+        note = " ".join(x for x in (m.get("note"), m.get("address_space_note")) if x)
+        out.append(("text", "", f"Memory method: {m.get('method')}. {note}".strip()))
         out.append(
             (
                 "table",
                 "Memory per idle instance",
-                (["instances", "avg per instance", "total", "avg cgroup charge"], mrows),
+                (header, mrows),
             )
         )
     else:
@@ -373,9 +385,12 @@ def method_notes(results: dict[str, Any]) -> list[str]:
         f"run(s) discarded, up to {cfg.get('runs')} timed (each timed loop stops early at "
         f"{cfg.get('phase_time_s')} s). p50/p95 interpolated; spread = p95/p50 - 1; outliers "
         "(> Q3 + 1.5 IQR) are counted, kept in p95, and cannot move p50.",
-        "Warm start = Sandbox.restore(snapshot of an idle sandbox) -> first result.",
+        "Warm start = Sandbox.restore(snapshot of an idle sandbox) -> first result; where a "
+        "tier can only revert in place (vm), revert(snapshot) -> first result.",
         "Memory = PSS summed over the sandbox's host processes (cgroup pids, or the VMM "
-        "process); the bench's own process is excluded. Wasm runs in-process: its cost is the "
+        "process); the bench's own process is excluded. The cgroup's charge (which also holds "
+        "kernel memory) is shown beside it, and density counts the larger of the two. "
+        "Wasm runs in-process: its cost is the "
         "bench process's growth per instance over many (the larger of RSS growth and malloc "
         "heap growth: freed heap pages being reused hide growth from RSS).",
         f"Density = idle instances added one at a time until their measured memory exceeds "

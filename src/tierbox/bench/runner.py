@@ -80,6 +80,8 @@ class BenchConfig:
     density_time_s: float = 180.0
     phase_time_s: float = 60.0  # soft time cap of each timed loop (at least one sample)
     deadline_s: float | None = None  # whole bench: past it, phases shrink to the minimum
+    secondary_runs: int | None = None  # cold starts of workloads after the first (None: runs)
+    secondary_exec_runs: int | None = None  # exec runs of workloads after the first
     memory_mib: int | None = None  # None: 128 MiB (256 for vm)
     images: dict[str, str] = field(default_factory=dict)  # tier -> image override
     probes: bool = True
@@ -93,10 +95,12 @@ class BenchConfig:
             "exec_runs": 20,
             "warm_runs": 5,
             "instances": (10, 50),
+            "secondary_runs": 3,
+            "secondary_exec_runs": 5,
             "density_cap": 50,
-            "density_time_s": 12.0,
+            "density_time_s": 8.0,
             "phase_time_s": 8.0,
-            "deadline_s": 165.0,
+            "deadline_s": 140.0,
             "mode": "quick",
         }
         base.update(overrides)
@@ -154,8 +158,10 @@ class TierRun:
         canaries: pr.HostCanaries | None,
         report: Reporter,
         started: float,
+        canaries_error: str | None = None,
     ) -> None:
         self.name = name
+        self.canaries_error = canaries_error
         self.cfg = cfg
         self.canaries = canaries
         self.report = report
@@ -178,10 +184,10 @@ class TierRun:
             "isolation": {},
             "terminations": {},
             "errors": [],
-            "notes": [],
             "duration_s": None,
         }
         self.create_p50_s: float | None = None
+        self.close_p50_s = 0.0
 
     # ---- bookkeeping ------------------------------------------------------
     def over_deadline(self) -> bool:
@@ -315,9 +321,15 @@ class TierRun:
             else:
                 self.close(keep)
         self.isolation(resident, resident_target)
+        resident = self.healthy(resident, resident_target)
         self.memory_density(resident, resident_target)
+        resident = self.healthy(resident, resident_target)
         self.warm_start(resident, resident_target)
+        resident = self.healthy(resident, resident_target)
         self.bomb(resident, resident_target)
+        iso = self.res["isolation"]
+        if iso.get("probes"):
+            iso["summary"] = pr.summarize(iso["probes"])
         ok = [
             v
             for k in ("cold_start", "exec_latency")
@@ -331,6 +343,28 @@ class TierRun:
         else:
             self.res["status"] = "partial" if failed else "ok"
 
+    def healthy(self, resident: Sandbox | None, t: Target | None) -> Sandbox | None:
+        """The resident sandbox if it still answers; else a fresh one (the death
+        is recorded), or None when no new one can be made."""
+        if resident is None or t is None:
+            return resident
+        try:
+            r = self.run(resident, t.argv, timeout_s=60)
+            if r.ok and t.ok(r.stdout):
+                return resident
+            why = r.termination.describe()
+        except Exception as exc:
+            why = _err(exc)
+        self.res["errors"].append({"phase": "resident sandbox", "error": f"it died: {why}"})
+        self.report.note(f"{self.name}: the resident sandbox died ({why[:160]}); replacing it")
+        with contextlib.suppress(Exception):
+            self.close(resident)
+        try:
+            return self.create(t.image)
+        except Exception as exc:
+            self.res["errors"].append({"phase": "resident sandbox", "error": _err(exc)})
+            return None
+
     # ---- 1. cold start ----------------------------------------------------
     def cold_start(self, t: Target) -> Sandbox | None:
         """Time create -> first result; return the last sandbox (still open)."""
@@ -338,7 +372,10 @@ class TierRun:
         cfg = self.cfg
         with self.phase(self.res["cold_start"], t.workload, f"cold start ({t.workload})") as d:
             warmup = 0 if self.over_deadline() else cfg.warmup
-            planned = warmup + max(1, cfg.runs if not self.over_deadline() else 1)
+            runs = cfg.runs
+            if t.workload != cfg.workloads[0] and cfg.secondary_runs is not None:
+                runs = min(runs, cfg.secondary_runs)
+            planned = warmup + max(1, runs if not self.over_deadline() else 1)
             d.update(image=t.image, argv=list(t.argv), planned_runs=planned - warmup)
             self.report.start(self.name, f"cold start ({t.workload})", planned)
             totals: list[float] = []
@@ -400,6 +437,8 @@ class TierRun:
                 )
             if t.workload == self.cfg.workloads[0] or self.create_p50_s is None:
                 self.create_p50_s = d["create_ms"]["p50_ms"] / 1000.0
+                if closes:
+                    self.close_p50_s = d["close_ms"]["p50_ms"] / 1000.0
         if kept is not None and self.res["cold_start"][t.workload]["status"] != "ok":
             self.close(kept)
             kept = None
@@ -409,7 +448,10 @@ class TierRun:
     def exec_latency(self, sb: Sandbox, t: Target) -> None:
         with self.phase(self.res["exec_latency"], t.workload, f"exec ({t.workload})") as d:
             warm = 2
-            planned = warm + (self.cfg.exec_runs if not self.over_deadline() else 3)
+            runs = self.cfg.exec_runs
+            if t.workload != self.cfg.workloads[0] and self.cfg.secondary_exec_runs is not None:
+                runs = min(runs, self.cfg.secondary_exec_runs)
+            planned = warm + (runs if not self.over_deadline() else 3)
             self.report.start(self.name, f"exec latency ({t.workload})", planned)
             samples: list[float] = []
             deadline = time.monotonic() + max(self.phase_time(), 1.0)
@@ -434,7 +476,10 @@ class TierRun:
             iso.update(status="skipped", reason="probes disabled", probes={}, summary={})
             return
         c = self.canaries
-        assert c is not None
+        if c is None:
+            why = f"not measured: {self.canaries_error or 'host canaries missing'}"
+            iso.update(status="failed", error=why, probes=pr.not_measured(why))
+            return
         self.report.start(self.name, "isolation probes", None)
         try:
             if self.name == "wasm":
@@ -569,8 +614,9 @@ class TierRun:
             if k >= cap:
                 stop, bound = f"count cap of {cap} instances reached", "cap"
                 break
-            if time.monotonic() - t_start > time_cap:
-                stop, bound = f"time cap of {time_cap:.0f} s reached", "time"
+            teardown = (k + 1) * self.close_p50_s / 2  # closed 4 at a time on 2+ cores
+            if time.monotonic() - t_start + teardown > time_cap:
+                stop, bound = f"time cap of {time_cap:.0f} s reached (incl. teardown)", "time"
                 break
             avail = meminfo().get("MemAvailable", 0)
             if avail and avail < floor:
@@ -668,16 +714,19 @@ class TierRun:
                 else:
                     charge += b
             n = 1 + len(extra)
-            fields: dict[str, Any] = {"pids": len(all_pids)}
+            pss = total_pss(all_pids)
+            fields: dict[str, Any] = {"pids": len(all_pids), "avg_pss_bytes": pss / n}
             if charged:
                 fields["avg_cgroup_bytes"] = charge / n
-            return total_pss(all_pids), fields
+            # what an instance costs: its processes' PSS, or the cgroup's charge (which
+            # also holds kernel memory: page tables, namespaces, tmpfs) when larger
+            return max(pss, charge if charged else 0), fields
 
         light = self.create_p50_s is not None and self.create_p50_s < LIGHT_CREATE_S
         checkpoints, cap = self._checkpoints(light)
         try:
             mem["checkpoints"] = self._fill(den, make, count, measure, checkpoints, cap, 1)
-            den["measure"] = "PSS"
+            den["measure"] = "max(PSS, cgroup charge) per instance"
         finally:
             self.report.start(self.name, f"closing {len(extra)} instances", None)
             for e in self.close_many(extra):
@@ -790,10 +839,12 @@ class TierRun:
 
     # ---- 6. warm start ----------------------------------------------------
     def warm_start(self, resident: Sandbox | None, t: Target | None) -> None:
+        """``Sandbox.restore(snapshot)`` -> first result; where a tier reverts in
+        place instead (vm), ``revert(snapshot)`` -> first result."""
         if resident is None or t is None:
             self.res["warm_start"] = {"status": "skipped", "reason": "no resident sandbox"}
             return
-        with self.phase(self.res, "warm_start") as d:
+        with self.phase(self.res, "warm_start", "warm start") as d:
             self.report.start(self.name, "snapshot", None)
             try:
                 t0 = time.perf_counter()
@@ -802,32 +853,54 @@ class TierRun:
             except NotSupportedError as exc:
                 d.update(status="n/a", reason=f"n/a: {exc}")
                 return
-            d["method"] = "Sandbox.restore(snapshot) -> first result"
             try:
-                warmup = 0 if self.over_deadline() else 1
-                planned = warmup + (self.cfg.warm_runs if not self.over_deadline() else 1)
-                self.report.start(self.name, "warm start (restore)", planned)
-                samples: list[float] = []
-                deadline = time.monotonic() + max(self.phase_time(), 1.0)
-                for i in range(planned):
-                    t0 = time.perf_counter()
-                    sb = self.restore(snap)
-                    try:
-                        r = self.run(sb, t.argv, timeout_s=60)
-                        dt = time.perf_counter() - t0
-                    finally:
-                        self.close(sb)
-                    if not (r.ok and t.ok(r.stdout)):
-                        raise RuntimeError(f"restored sandbox: {r.termination.describe()}")
-                    if i >= warmup:
-                        samples.append(dt)
-                    self.report.advance()
-                    if i >= warmup and time.monotonic() > deadline:
-                        d["note"] = f"{len(samples)} of {planned - warmup} runs: phase time cap"
-                        break
-                d.update(summarize_ms(samples, warmup=warmup))
+                self._restores(d, resident, snap, t)
             finally:
                 _discard_snapshot(snap)
+
+    def _restores(self, d: dict[str, Any], resident: Sandbox, snap: Any, t: Target) -> None:
+        short = self.over_deadline()
+        warmup = 0 if short else 1
+        planned = warmup + (1 if short else self.cfg.warm_runs)
+        name = (snap.meta or {}).get("snapshot") or (snap.meta or {}).get("name")
+        in_place = False
+        d["method"] = "Sandbox.restore(snapshot) -> first result"
+        self.report.start(self.name, "warm start (restore)", planned)
+        samples: list[float] = []
+        deadline = time.monotonic() + max(self.phase_time(), 1.0)
+        for i in range(planned):
+            t0 = time.perf_counter()
+            if in_place:
+                resident.revert(str(name))
+                r = self.run(resident, t.argv, timeout_s=60)
+            else:
+                try:
+                    sb = self.restore(snap)
+                except NotSupportedError as exc:
+                    if i > 0 or not name or not hasattr(resident.instance, "revert"):
+                        d.update(status="n/a", reason=f"n/a: {exc}")
+                        return
+                    in_place = True  # vm: no restore into a new sandbox, but revert works
+                    d["method"] = "revert(snapshot) in place -> first result"
+                    d["restore_error"] = str(exc)
+                    t0 = time.perf_counter()
+                    resident.revert(str(name))
+                    r = self.run(resident, t.argv, timeout_s=60)
+                else:
+                    try:
+                        r = self.run(sb, t.argv, timeout_s=60)
+                    finally:
+                        self.close(sb)
+            dt = time.perf_counter() - t0
+            if not (r.ok and t.ok(r.stdout)):
+                raise RuntimeError(f"after restore: {r.termination.describe()}")
+            if i >= warmup:
+                samples.append(dt)
+            self.report.advance()
+            if i >= warmup and time.monotonic() > deadline:
+                d["note"] = f"{len(samples)} of {planned - warmup} runs: phase time cap"
+                break
+        d.update(summarize_ms(samples, warmup=warmup))
 
     # ---- 7. memory bomb ---------------------------------------------------
     def bomb(self, resident: Sandbox | None, t: Target | None) -> None:
@@ -837,6 +910,8 @@ class TierRun:
             return
         if probes.get("memory_limit", {}).get("value") == "not measured":
             return
+        if iso.get("status") == "failed":
+            return  # the probes could not run; their error already stands for every probe
         self.report.start(self.name, "memory bomb", None)
         try:
             if self.name == "wasm":
@@ -849,7 +924,6 @@ class TierRun:
             self.res["errors"].append({"phase": "memory bomb", "error": err})
         finally:
             self.report.done()
-        iso["summary"] = pr.summarize(probes)
 
     def _shell_bomb(self, resident: Sandbox | None, t: Target | None) -> dict[str, Any]:
         sb, own = self._probe_sandbox(resident, t)
@@ -879,17 +953,22 @@ class TierRun:
 
 
 def _discard_snapshot(snap: Any) -> None:
-    """Remove a snapshot the bench made, if it lives under tierbox's own dirs."""
-    path = Path(str(getattr(snap, "path", "")))
-    if not str(path) or not path.exists():
+    """Remove a snapshot the bench made when it is a snapshot directory of its own
+    (wasm: meta.json, microvm: manifest.json) under tierbox's dirs. Anything else
+    (a vm's internal snapshot lives in the VM's disk, which ``path`` names) is
+    left to the tier, which drops it when the sandbox closes."""
+    raw = str(getattr(snap, "path", "") or "")
+    if not raw:
         return
-    roots = [paths.home().resolve(), paths.run_dir().resolve()]
+    path = Path(raw)
+    if not path.is_dir() or path.is_symlink():
+        return
+    if not ((path / "meta.json").is_file() or (path / "manifest.json").is_file()):
+        return
     real = path.resolve()
-    if any(real != r and r in real.parents for r in roots):
-        if real.is_dir():
-            shutil.rmtree(real, ignore_errors=True)
-        else:
-            real.unlink(missing_ok=True)
+    roots = [paths.home().resolve(), paths.run_dir().resolve()]
+    if any(r in real.parents for r in roots):
+        shutil.rmtree(real, ignore_errors=True)
 
 
 # ------------------------------------------------------------------- the bench
@@ -936,9 +1015,16 @@ def run_bench(cfg: BenchConfig, report: Reporter | None = None) -> dict[str, Any
         "claims": [],
     }
     canaries = pr.HostCanaries() if cfg.probes else None
+    canaries_error: str | None = None
     try:
         if canaries is not None:
-            canaries.open()
+            try:
+                canaries.open()
+            except OSError as exc:
+                canaries_error = f"could not plant the host canaries: {_err(exc)}"
+                results["host_canaries_error"] = canaries_error
+                canaries = None
+        if canaries is not None:
             results["host_canaries"] = {
                 "canary_pid": canaries.canary_pid,
                 "secret_path": str(canaries.secret_path),
@@ -947,7 +1033,7 @@ def run_bench(cfg: BenchConfig, report: Reporter | None = None) -> dict[str, Any
                 "host_kernel": canaries.host_kernel,
             }
         for name in tiers:
-            run = TierRun(name, cfg, canaries, rep, started)
+            run = TierRun(name, cfg, canaries, rep, started, canaries_error)
             res = run.bench()
             results["tiers"][name] = res
             status = res["status"]

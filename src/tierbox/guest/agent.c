@@ -1021,9 +1021,19 @@ out:
  *     as the lower layer, a tmpfs as the upper, overlayfs at /newroot;
  *   - give /newroot proc, sysfs, devtmpfs, devpts, /dev/shm; loopback up.
  * Kernel command line knobs: tierbox.disk=0|1, tierbox.rw_mib=N (size cap of
- * the writable layer), tierbox.agent=0 (set up, then never answer: tests).
+ * the writable layer), tierbox.agent=0 (set up, then never answer: tests),
+ * tierbox.debug=1 (time each step on the console).
  */
 static void warn(const char *what) { fprintf(stderr, "tierbox-init: %s: %s\n", what, strerror(errno)); }
+
+static int init_debug; /* tierbox.debug=1: log each step's time since boot */
+
+static void step(const char *what) {
+    if (!init_debug) return;
+    struct timespec ts;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    fprintf(stderr, "tierbox-init: %ld.%03ld %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000000, what);
+}
 
 static void must_mount(const char *src, const char *dst, const char *type, unsigned long flags,
                        const char *data) {
@@ -1062,6 +1072,7 @@ static void load_modules(int disk) {
         }
         if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST) warn(line);
         close(fd);
+        step(strrchr(line, '/') ? strrchr(line, '/') + 1 : line);
     }
 }
 
@@ -1074,7 +1085,10 @@ static void guest_init(void) {
     long disk = cmdline_knob(cmdline, "tierbox.disk", 0);
     long rw_mib = cmdline_knob(cmdline, "tierbox.rw_mib", 0);
     long agent = cmdline_knob(cmdline, "tierbox.agent", 1);
+    init_debug = (int)cmdline_knob(cmdline, "tierbox.debug", 0);
+    step("init");
     load_modules((int)disk);
+    step("modules loaded");
     mkdir("/run/lower", 0755);
     mkdir("/run/rw", 0755);
     mkdir("/newroot", 0755);
@@ -1090,7 +1104,9 @@ static void guest_init(void) {
             struct timespec ts = {0, 5 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
+        step("disk present");
         must_mount("/dev/vda", "/run/lower", "ext4", MS_RDONLY, "noload");
+        step("disk mounted");
         lower = "/run/lower";
     }
     char ovl[256];
@@ -1118,6 +1134,7 @@ static void guest_init(void) {
         close(s);
     }
     sethostname("tierbox", 7);
+    step("root ready");
     if (!agent) {
         fprintf(stderr, "tierbox-init: agent disabled by tierbox.agent=0\n");
         for (;;) pause();

@@ -43,6 +43,7 @@ from typing import Any
 from tierbox.errors import (
     CommandError,
     HostError,
+    NotSupportedError,
     SandboxClosedError,
     SandboxError,
     SpecError,
@@ -51,11 +52,20 @@ from tierbox.errors import (
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.runner import run
 from tierbox.paths import MARKER, sandboxes_dir
-from tierbox.spec import ExecResult, Limits, SandboxSpec, Stats, Termination, TerminationKind
+from tierbox.spec import (
+    ExecResult,
+    Limits,
+    NetworkPolicy,
+    SandboxSpec,
+    Stats,
+    Termination,
+    TerminationKind,
+)
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH, parse_user
 from tierbox.vmm import artifacts, qemu
+from tierbox.vmm import qmp as qmp_mod
 from tierbox.vmm import snapshot as snapfmt
 from tierbox.vmm.agent import (
     AgentClient,
@@ -74,6 +84,8 @@ RESTORE_TIMEOUT_S = 20.0
 #: Host-side deadline for agent calls that are not execs (files, stats).
 CALL_TIMEOUT_S = 30.0
 ACCEL_ENV = "TIERBOX_MICROVM_ACCEL"
+#: Half-made snapshots and conversion helpers older than this are leftovers.
+STALE_AFTER_S = 600.0
 
 
 def _vm_state_file(d: Path) -> Path:
@@ -130,6 +142,7 @@ class MicroVMInstance(Instance):
         self.agent_info: dict[str, str] = {}
         self._qmp: QMPClient | None = None
         self._lock = threading.RLock()
+        self._close_lock = threading.Lock()
         self._closed = False
         self._dead: Termination | None = None
         self._snap_seq = 0
@@ -292,6 +305,13 @@ class MicroVMInstance(Instance):
                 )
                 return ExecResult(b"", b"", term, time.monotonic() - started)
             except AgentGoneError:
+                if self._closed:
+                    term = Termination(
+                        TerminationKind.SIGNALED,
+                        signal=int(signal.SIGKILL),
+                        evidence={"vmm": "the sandbox was closed while the command ran"},
+                    )
+                    return ExecResult(b"", b"", term, time.monotonic() - started)
                 self._dead = self._death_termination()
                 return ExecResult(b"", b"", self._dead, time.monotonic() - started)
             return self._classify(out, timeout)
@@ -347,9 +367,11 @@ class MicroVMInstance(Instance):
                 signal=sig,
                 evidence=ev,
             )
-        elif reason == "killed":
+        elif reason == "killed":  # the host's deadline passed before the guest's own
             term = Termination(
-                TerminationKind.SIGNALED, signal=int(signal.SIGKILL), evidence={"killed_by": "host"}
+                TerminationKind.TIMED_OUT,
+                signal=int(signal.SIGKILL),
+                evidence={"timeout_s": timeout, "killed_by": "host", **extra},
             )
         elif sig is not None:
             term = Termination(
@@ -495,19 +517,6 @@ class MicroVMInstance(Instance):
             "timings_s": timings,
         }
 
-    def _migrate_to(self, client: QMPClient, path: Path, *, ignore_shared: bool) -> None:
-        client.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            client.execute("getfd", {"fdname": "tierbox-snap"}, fds=[fd])
-        finally:
-            os.close(fd)
-        client.execute("migrate", {"uri": "fd:tierbox-snap"})
-        _wait_migration(client, timeout_s=120.0)
-
     def _save(self, snap_dir: Path) -> dict[str, float]:
         client = self._qmp_client()
         t0 = time.monotonic()
@@ -515,7 +524,9 @@ class MicroVMInstance(Instance):
         try:
             if self.ram_path is not None:
                 # RAM is a shared file: the stream carries device state only
-                self._migrate_to(client, snap_dir / snapfmt.STATE, ignore_shared=True)
+                qmp_mod.save_stream(
+                    client, snap_dir / snapfmt.STATE, ignore_shared=True, timeout_s=120.0
+                )
                 t1 = time.monotonic()
                 _sparse_copy(self.ram_path, snap_dir / snapfmt.RAM)
                 full = None
@@ -523,36 +534,43 @@ class MicroVMInstance(Instance):
                 # a restored guest's RAM is private: it goes into the stream,
                 # converted below into the same two-file form
                 full = snap_dir / "full.bin"
-                self._migrate_to(client, full, ignore_shared=False)
+                qmp_mod.save_stream(client, full, ignore_shared=False, timeout_s=120.0)
                 t1 = time.monotonic()
         finally:
             client.execute("cont")
         t2 = time.monotonic()
-        if full is not None:
+        # the guest's clock stood still while paused
+        with contextlib.suppress(AgentError, AgentGoneError, AgentTimeoutError):
+            self.agent.sync(deadline=time.monotonic() + 10.0)
+        timings = {"paused": round(t2 - t0, 4), "migrate": round(t1 - t0, 4)}
+        if full is None:
+            timings["ram_copy"] = round(t2 - t1, 4)
+        else:
             self.tier.split_full_stream(self.machine, full, snap_dir)
             full.unlink()
-        return {
-            "paused": round(t2 - t0, 4),
-            "migrate": round(t1 - t0, 4),
-            "ram_copy": round(t2 - t1, 4),
-            "total": round(time.monotonic() - t0, 4),
-        }
+            timings["convert"] = round(time.monotonic() - t2, 4)
+        timings["total"] = round(time.monotonic() - t0, 4)
+        return timings
 
     # ---- teardown ----------------------------------------------------------------------
     def close(self) -> Termination | None:
-        with self._lock:
+        """Kill the VM and remove everything it held. Returns how the VM ended
+        if it died before (panic, killed QEMU), None for an ordinary close.
+        Safe from another thread while an exec runs: that exec ends at once."""
+        with self._close_lock:
             if self._closed:
                 return None
             self._closed = True
             term = self._dead
             if term is None and not self.proc.alive():
                 term = self._death_termination()
+        self.proc.kill()  # an exec in flight sees the line close and returns
+        with self._lock:
             self.agent.close()
             if self._qmp is not None:
                 self._qmp.close()
-            self.proc.kill()
             self.tier.release(self.id, self.files.dir, self.cgroup, self.ram_path)
-            return term
+        return term
 
 
 class MicroVMTier(Tier):
@@ -640,13 +658,20 @@ class MicroVMTier(Tier):
 
     def _probe_kvm(self) -> tuple[bool, str]:
         machine = qemu.Machine(memory_mib=128, vcpus=1, accel="kvm", disk=None, rw_mib=0)
+        qemu_log: list[str] = []
         try:
             inst = self._boot(
-                SandboxSpec(), machine, GuestConfig(0, 0, {"PATH": "/bin"}, "/"), None, 20.0
+                SandboxSpec(),
+                machine,
+                GuestConfig(0, 0, {"PATH": "/bin"}, "/"),
+                None,
+                20.0,
+                failure_log=qemu_log,
             )
         except SandboxError as exc:
-            first = str(exc).splitlines()[0]
-            return False, first.split(": ", 1)[-1][:300]
+            if qemu_log:
+                return False, f"QEMU said: {qemu_log[0][:300]}"
+            return False, str(exc).splitlines()[0].split(": ", 1)[-1][:300]
         try:
             r = inst.exec(["true"], timeout_s=10)
             return r.ok, "exec true: " + r.termination.describe()
@@ -686,6 +711,11 @@ class MicroVMTier(Tier):
     def create(self, spec: SandboxSpec) -> MicroVMInstance:
         if qemu.qemu_path() is None:
             raise TierUnavailableError(self.available().reason)
+        if spec.network is not NetworkPolicy.NONE:
+            raise NotSupportedError(
+                f"the microvm tier gives guests no NIC: network={spec.network.value} "
+                "is not supported (use network=none)"
+            )
         disk = artifacts.root_disk(spec.image) if spec.image else None
         machine = self._machine_for(spec, disk)
         guest = self._guest_for(spec, disk)
@@ -714,6 +744,7 @@ class MicroVMTier(Tier):
         guest: GuestConfig,
         disk_info: dict[str, Any] | None,
         timeout_s: float,
+        failure_log: list[str] | None = None,
     ) -> MicroVMInstance:
         g = artifacts.ensure_guest()
         started = time.monotonic()
@@ -737,6 +768,9 @@ class MicroVMTier(Tier):
         except BaseException:
             if inst is not None:
                 inst.proc.kill()
+                tail = inst.proc.log_tail(600).strip()
+                if failure_log is not None and tail:
+                    failure_log.append(tail.splitlines()[-1])
             self.release(sid, files.dir, cg, ram)
             raise
         return inst
@@ -832,7 +866,9 @@ class MicroVMTier(Tier):
         deadline = time.monotonic() + RESTORE_TIMEOUT_S
         try:
             client = inst._qmp_client()
-            _load_stream(client, snap_dir / snapfmt.STATE, ignore_shared=True, deadline=deadline)
+            qmp_mod.load_stream(
+                client, snap_dir / snapfmt.STATE, ignore_shared=True, deadline=deadline
+            )
             client.execute("cont")
         except QMPError as exc:
             detail = inst.proc.log_tail(600).strip() if not inst.proc.alive() else ""
@@ -859,22 +895,12 @@ class MicroVMTier(Tier):
             client = QMPClient(files.qmp, timeout_s=60.0)
             client.connect(alive=proc.alive)
             try:
-                _load_stream(client, full, ignore_shared=False, deadline=time.monotonic() + 120)
-                client.execute(
-                    "migrate-set-capabilities",
-                    {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                qmp_mod.load_stream(
+                    client, full, ignore_shared=False, deadline=time.monotonic() + 120
                 )
-                fd = os.open(
-                    snap_dir / snapfmt.STATE,
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                    0o600,
+                qmp_mod.save_stream(
+                    client, snap_dir / snapfmt.STATE, ignore_shared=True, timeout_s=120.0
                 )
-                try:
-                    client.execute("getfd", {"fdname": "tierbox-snap"}, fds=[fd])
-                finally:
-                    os.close(fd)
-                client.execute("migrate", {"uri": "fd:tierbox-snap"})
-                _wait_migration(client, timeout_s=120.0)
             finally:
                 client.close()
         finally:
@@ -955,11 +981,13 @@ class MicroVMTier(Tier):
                     f.unlink(missing_ok=True)
                     removed.append(f"microVM RAM file {f}")
         base = sandboxes_dir()
+        stale = time.time() - STALE_AFTER_S
         if base.is_dir():
             for d in sorted(base.iterdir()):
                 if d.name.startswith(".helper"):
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(f"directory {d}")
+                    if _mtime(d) < stale:
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed.append(f"directory {d}")
                     continue
                 if not _vm_state_file(d).exists() or d.name in live:
                     continue
@@ -972,8 +1000,9 @@ class MicroVMTier(Tier):
         snaps = self.snapshots_root()
         if snaps.is_dir():
             for tmp in snaps.glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(f"unfinished snapshot {tmp}")
+                if _mtime(tmp) < stale:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(f"unfinished snapshot {tmp}")
         return removed
 
 
@@ -995,46 +1024,6 @@ def _disk_info(disk: artifacts.RootDisk | None) -> dict[str, Any] | None:
         "image": disk.image,
         "digest": disk.digest,
     }
-
-
-def _wait_migration(client: QMPClient, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = client.execute("query-migrate")
-        status = st.get("status") if isinstance(st, dict) else None
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise QMPError(f"migration {status}: {st.get('error-desc', '')}")
-        if time.monotonic() > deadline:
-            with contextlib.suppress(QMPError):
-                client.execute("migrate_cancel")
-            raise QMPError(f"migration did not finish in {timeout_s:.0f} s (status {status})")
-        time.sleep(0.001)
-
-
-def _load_stream(client: QMPClient, path: Path, *, ignore_shared: bool, deadline: float) -> None:
-    """Feed a migration stream to a QEMU started with ``-incoming defer``."""
-    client.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
-    )
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        client.execute("getfd", {"fdname": "tierbox-in"}, fds=[fd])
-    finally:
-        os.close(fd)
-    client.execute("migrate-incoming", {"uri": "fd:tierbox-in"})
-    while True:
-        status = client.execute("query-status").get("status")
-        if status != "inmigrate":
-            break
-        if time.monotonic() > deadline:
-            raise QMPError("loading the snapshot did not finish in time")
-        time.sleep(0.001)
-    st = client.execute("query-migrate")
-    if isinstance(st, dict) and st.get("status") == "failed":
-        raise QMPError(f"incoming migration failed: {st.get('error-desc', '')}")
 
 
 def _sparse_copy(src: Path, dst: Path) -> None:
@@ -1061,6 +1050,13 @@ def _process_memory_cpu(pid: int) -> tuple[int | None, int | None, float | None]
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return pss, hwm, cpu
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _safe_oom_kills(cg: SandboxCgroup) -> int:

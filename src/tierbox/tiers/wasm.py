@@ -417,6 +417,8 @@ class WasmTier(Tier):
         )
 
     def reap(self, live: set[str]) -> list[str]:
+        """Scratch directories (stdout/stderr files, one-shot roots) of dead processes.
+        Sandbox directories under $TIERBOX_RUN are gc's own job."""
         return eng.reap_scratch()
 
 

@@ -10,7 +10,9 @@ SCM_RIGHTS ancillary data on the command that needs them.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -133,3 +135,64 @@ class QMPClient:
         except ValueError as exc:
             raise QMPError(f"bad QMP message: {line[:200]!r}") from exc
         return msg
+
+
+def wait_migration(client: QMPClient, *, timeout_s: float) -> None:
+    """Poll an outgoing migration to its end; QMPError if it fails or stalls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = client.execute("query-migrate")
+        status = st.get("status") if isinstance(st, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QMPError(f"migration {status}: {st.get('error-desc', '')}")
+        if time.monotonic() > deadline:
+            with contextlib.suppress(QMPError):
+                client.execute("migrate_cancel")
+            raise QMPError(f"migration did not finish in {timeout_s:.0f} s (status {status})")
+        time.sleep(0.001)
+
+
+def load_stream(client: QMPClient, path: Path, *, ignore_shared: bool, deadline: float) -> None:
+    """Feed a migration stream to a QEMU started with ``-incoming defer``."""
+    client.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
+    )
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        client.execute("getfd", {"fdname": "tierbox-in"}, fds=[fd])
+    finally:
+        os.close(fd)
+    client.execute("migrate-incoming", {"uri": "fd:tierbox-in"})
+    while True:
+        status = client.execute("query-status").get("status")
+        if status != "inmigrate":
+            break
+        if time.monotonic() > deadline:
+            raise QMPError("loading the snapshot did not finish in time")
+        time.sleep(0.001)
+    st = client.execute("query-migrate")
+    if isinstance(st, dict) and st.get("status") == "failed":
+        raise QMPError(f"incoming migration failed: {st.get('error-desc', '')}")
+
+
+def save_stream(client: QMPClient, path: Path, *, ignore_shared: bool, timeout_s: float) -> None:
+    """Migrate the (stopped) machine's state into ``path`` through a passed fd.
+
+    QEMU 7.2 has no ``file:`` migration URI; ``fd:`` with ``getfd`` writes
+    straight into our file, and needs no helper process (QEMU's seccomp
+    filter forbids spawning one anyway).
+    """
+    client.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        client.execute("getfd", {"fdname": "tierbox-out"}, fds=[fd])
+    finally:
+        os.close(fd)
+    client.execute("migrate", {"uri": "fd:tierbox-out"})
+    wait_migration(client, timeout_s=timeout_s)

@@ -21,11 +21,19 @@ settings) and kept as ``.cwasm`` files under ``$TIERBOX_HOME/wasm-cache``; they
 are loaded with ``Module.deserialize_file`` (mmap, no copy) and linked once into
 an ``InstancePre`` so that each run is only ``Store`` + ``instantiate``.
 
-Two pieces use wasmtime's C API directly through ``wasmtime._ffi.dll`` because
-wasmtime-py has no Python wrapper for them: the epoch deadline callback and
-``wasmtime_error_new``. If a future wasmtime-py drops those symbols tierbox
-falls back to plain epoch deadlines (timeouts still work; the output cap is then
-applied after the run instead of stopping it).
+Three C API functions are called directly through ``wasmtime._ffi.dll`` because
+wasmtime-py has no Python wrapper for them: the epoch deadline callback,
+``wasmtime_error_new`` (the callback's "stop" answer) and setting a Store's
+epoch deadline from inside a host call (so ``proc_exit`` and an interrupted
+sleep stop the guest at once, without raising through wasmtime-py's
+process-global "last exception" slot, which other threads' calls can pick up).
+If a future wasmtime-py drops those symbols tierbox falls back to plain epoch
+deadlines (timeouts still work; the output cap is then applied after the run).
+
+WASI is wasmtime's, except three functions tierbox implements in Python:
+``poll_oneoff`` and ``clock_time_get`` (so that sleeps can be interrupted by the
+timeout and shutdown, on the host's clocks), ``proc_exit`` (wasmtime refuses
+statuses >= 126) — all three run only on the guest's own thread.
 """
 
 from __future__ import annotations
@@ -41,12 +49,13 @@ import math
 import os
 import platform
 import shutil
+import signal
 import stat
 import struct
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +116,6 @@ def engine() -> wasmtime.Engine:
                     setattr(cfg, key, value)
                 _engine = wasmtime.Engine(cfg)
                 atexit.register(_shutdown)
-                sys.unraisablehook = _unraisable(sys.unraisablehook)
             eng = _engine
     return eng
 
@@ -248,20 +256,58 @@ def _on_epoch_py(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> i
 _on_epoch = _DeadlineCallback(_on_epoch_py)
 
 
-def _unraisable(hook: Any) -> Any:
-    """Wrap ``sys.unraisablehook``: a signal handler (Ctrl-C) that raises as
-    :func:`_on_epoch_py` is entered, before its ``try``, is swallowed by ctypes and
-    reported here; it must still stop the run. ctypes then returns NULL with the
-    deadline delta unset (0), so wasmtime calls back at once and the run stops."""
+class SignalGuard:
+    """Keeps Python signal handlers from raising inside wasm callbacks on the main thread.
 
-    def on_unraisable(unraisable: Any) -> None:
-        exc = unraisable.exc_value
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and unraisable.object is _on_epoch_py:
-            _interrupt(exc)
-            return
-        hook(unraisable)
+    CPython runs a signal's Python handler (SIGINT's raises KeyboardInterrupt) on
+    the main thread at the next bytecode boundary, which during a run is inside
+    a callback from wasmtime: the epoch callback or a WASI function. Raised at
+    the very entry of a ctypes callback, before any ``try``, the exception is
+    swallowed and the callback's return value is left uninitialised, which
+    wasmtime would take for an error pointer. So while the main thread is in
+    wasm, the Python-level handlers of :attr:`WATCHED` are replaced by one that
+    only records the signal and stops the run; after the Store is gone the
+    original handler is called (raising KeyboardInterrupt as usual). Elsewhere
+    than on the main thread no handler can run, and the guard does nothing.
+    """
 
-    return on_unraisable
+    #: Signals whose Python handlers commonly raise: Ctrl-C, the CLI's SIGTERM,
+    #: pytest-timeout's SIGALRM, and the usual job-control ones.
+    WATCHED = (
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGALRM,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    )
+
+    def __init__(self) -> None:
+        self.saved: dict[int, Callable[[int, Any], Any]] = {}
+        self.pending: list[tuple[int, Any]] = []
+        self.run: RunControl | None = None
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.WATCHED:
+                previous = signal.getsignal(sig)
+                if callable(previous):
+                    self.saved[sig] = previous
+                    signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.pending.append((signum, frame))
+        run = self.run or getattr(_tls, "run", None)
+        if run is not None:
+            run.stop_reason = "interrupted"
+            run.wake.set()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, previous in self.saved.items():
+            signal.signal(sig, previous)
+        for signum, frame in self.pending:
+            self.saved[signum](signum, frame)  # KeyboardInterrupt, for SIGINT's default
 
 
 def _interrupt(exc: BaseException, caller: Any = None) -> None:
@@ -615,6 +661,7 @@ class WasmModule:
     pre: wasmtime.InstancePre
     min_memory_bytes: int
     trap_imports: frozenset[str]
+    linker: wasmtime.Linker  # kept: no Linker finalizer at a random later moment
 
 
 _linked: dict[tuple[str, frozenset[str]], WasmModule] = {}
@@ -716,6 +763,7 @@ def _link(
         pre=pre,
         min_memory_bytes=min_pages * WASM_PAGE,
         trap_imports=trap_imports,
+        linker=linker,
     )
 
 

@@ -115,10 +115,30 @@ def run_wasi(
             f"{module.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB of linear "
             f"memory at start but memory_mib={limits.memory_mib}: raise the memory limit"
         )
+    guard = eng.SignalGuard()
+    with guard:
+        return _run_guarded(
+            guard, module, argv, env, root, stdin, limits, limit_bytes, timeout_s, fuel
+        )
+
+
+def _run_guarded(
+    guard: eng.SignalGuard,
+    module: WasmModule,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    root: Path,
+    stdin: bytes | None,
+    limits: Limits,
+    limit_bytes: int | None,
+    timeout_s: float | None,
+    fuel: int | None,
+) -> WasiRun:
     scratch = eng.scratch_dir()
     out_path, err_path, in_path = eng.scratch_files(scratch)
     cap = limits.output_bytes
     run = eng.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
+    guard.run = run
     budget = fuel if fuel is not None else UNLIMITED_FUEL
 
     store = wasmtime.Store(eng.engine())
@@ -194,6 +214,7 @@ def run_wasi(
     fuel_used = max(0, budget - fuel_left)
     term = _classify(
         run=run,
+        interrupt_signal=guard.pending[0][0] if guard.pending else int(signal.SIGINT),
         exit_code=exit_code,
         trap=trap,
         error=error,
@@ -268,6 +289,7 @@ def _oom_suspected(
 def _classify(
     *,
     run: eng.RunControl,
+    interrupt_signal: int,
     exit_code: int | None,
     trap: wasmtime.Trap | None,
     error: BaseException | None,
@@ -297,6 +319,12 @@ def _classify(
     elif run.stop_reason == "timeout" or trap_name == "INTERRUPT":
         return Termination(
             TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
+        )
+    elif run.stop_reason == "interrupted":
+        return Termination(
+            TerminationKind.SIGNALED,
+            signal=interrupt_signal,
+            evidence={"reason": "the host process was interrupted"},
         )
     elif run.stop_reason == "shutdown":
         return Termination(

@@ -1,0 +1,250 @@
+"""libvirt XML for the ``vm`` tier: domains, their tierbox metadata, snapshots.
+
+A tierbox domain is a q35 PC booted directly from the guest kernel and
+initramfs (firmware: QEMU's qboot, which is faster than SeaBIOS under TCG)
+with three virtio devices placed straight on the PCIe root bus: the disk (a
+qcow2 overlay), a virtio-serial port for the agent (a unix socket on the
+host) and an RNG. The first serial port is logged to a file. There is no
+network interface, no USB, no balloon, no graphics. QEMU runs as root with
+no relabelling (``<seclabel model='dac' relabel='no'>``), so libvirt never
+chowns tierbox's files.
+
+Its ``<metadata>`` carries one element in the namespace :data:`NS`, whose
+text is JSON (:class:`VMMeta`): the marker ``Tier.reap`` looks for, and
+everything another process needs to reattach without asking anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierbox.errors import SandboxError
+
+NS = "https://tierbox.dev/xmlns/vm/1"
+NS_PREFIX = "tierbox"
+#: QEMU's minimal firmware: boots a -kernel straight, ~0.15 s sooner than SeaBIOS under TCG.
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+#: PCI slots on the root bus (pcie.0) for the three devices: no root ports to
+#: enumerate and no hot-plug controllers to set up.
+SLOTS = {"disk": 0x02, "serial": 0x03, "rng": 0x04}
+
+ET.register_namespace(NS_PREFIX, NS)
+
+
+@dataclass(frozen=True)
+class VMMeta:
+    """What a tierbox domain records about itself in its ``<metadata>``."""
+
+    id: str
+    persistent: bool
+    created: float
+    dir: str
+    socket: str
+    console: str
+    disk: str
+    accel: str
+    image: str | None = None
+    image_digest: str | None = None
+    guest: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "persistent": self.persistent,
+            "created": self.created,
+            "dir": self.dir,
+            "socket": self.socket,
+            "console": self.console,
+            "disk": self.disk,
+            "accel": self.accel,
+            "image": self.image,
+            "image_digest": self.image_digest,
+            "guest": self.guest,
+            "spec": self.spec,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMMeta:
+        return cls(
+            id=str(d["id"]),
+            persistent=bool(d.get("persistent")),
+            created=float(d.get("created", 0.0)),
+            dir=str(d["dir"]),
+            socket=str(d["socket"]),
+            console=str(d["console"]),
+            disk=str(d["disk"]),
+            accel=str(d.get("accel", "tcg")),
+            image=d.get("image"),
+            image_digest=d.get("image_digest"),
+            guest=dict(d.get("guest", {})),
+            spec=dict(d.get("spec", {})),
+        )
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """Everything that goes into one domain's XML."""
+
+    name: str
+    meta: VMMeta
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    cpu_quota: float | None = None  # total CPU limit in cores; None: none
+    transient_probe: bool = False  # a KVM test boot: no disk, no agent channel
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _pci(parent: ET.Element, slot: int) -> None:
+    attrs = {"type": "pci", "domain": "0x0000", "bus": "0x00", "function": "0x0"}
+    _sub(parent, "address", slot=f"0x{slot:02x}", **attrs)
+
+
+def domain_xml(cfg: DomainConfig) -> str:
+    kvm = cfg.meta.accel == "kvm"
+    dom = ET.Element("domain", {"type": "kvm" if kvm else "qemu"})
+    _sub(dom, "name", cfg.name)
+    _sub(dom, "title", f"tierbox vm {cfg.meta.id}")
+    md = _sub(dom, "metadata")
+    _sub(md, f"{{{NS}}}vm", json.dumps(cfg.meta.to_dict(), sort_keys=True))
+    _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(cfg.vcpus))
+    if cfg.cpu_quota is not None:
+        tune = _sub(dom, "cputune")
+        period = 100_000
+        _sub(tune, "period", str(period))
+        _sub(tune, "quota", str(max(1000, int(cfg.cpu_quota / cfg.vcpus * period))))
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    if QBOOT.is_file():
+        _sub(os_el, "loader", str(QBOOT), type="rom")
+    _sub(os_el, "kernel", str(cfg.kernel))
+    _sub(os_el, "initrd", str(cfg.initramfs))
+    _sub(os_el, "cmdline", cfg.cmdline)
+    feats = _sub(dom, "features")
+    _sub(feats, "acpi")
+    if kvm:
+        _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
+    else:
+        _sub(dom, "cpu", mode="maximum", check="none", migratable="on")
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "destroy")
+    _sub(dom, "on_crash", "destroy")
+    dev = _sub(dom, "devices")
+    if not cfg.transient_probe:
+        disk = _sub(dev, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+        _sub(disk, "source", file=cfg.meta.disk)
+        _sub(disk, "target", dev="vda", bus="virtio")
+        _pci(disk, SLOTS["disk"])
+    serial = _sub(dev, "serial", type="file")
+    _sub(serial, "source", path=cfg.meta.console, append="on")
+    _sub(serial, "target", port="0")
+    if not cfg.transient_probe:
+        ctl = _sub(dev, "controller", type="virtio-serial", index="0")
+        _pci(ctl, SLOTS["serial"])
+        chan = _sub(dev, "channel", type="unix")
+        _sub(chan, "source", mode="bind", path=cfg.meta.socket)
+        _sub(chan, "target", type="virtio", name="tierbox.agent")
+    rng = _sub(dev, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _pci(rng, SLOTS["rng"])
+    _sub(dev, "controller", type="usb", model="none")
+    _sub(dev, "memballoon", model="none")
+    sec = _sub(dom, "seclabel", type="static", model="dac", relabel="no")
+    _sub(sec, "label", "+0:+0")
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def parse_meta(text: str) -> VMMeta | None:
+    """The tierbox metadata in a domain's XML or in the element libvirt returns
+    for :data:`NS`; None when there is none (not a tierbox domain)."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return None
+    el = root if root.tag == f"{{{NS}}}vm" else root.find(f"./metadata/{{{NS}}}vm")
+    if el is None or not el.text:
+        return None
+    try:
+        return VMMeta.from_dict(json.loads(el.text))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def meta_element(meta: VMMeta) -> str:
+    """The metadata element alone (for ``virDomainSetMetadata``)."""
+    el = ET.Element(f"{{{NS}}}vm")
+    el.text = json.dumps(meta.to_dict(), sort_keys=True)
+    return ET.tostring(el, encoding="unicode")
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One libvirt snapshot as ``virsh snapshot-list --parent`` and
+    ``snapshot-info`` show it."""
+
+    name: str
+    created: int  # seconds since the epoch
+    state: str  # the domain's state when taken: running, paused, shutoff
+    description: str
+    parent: str | None
+    memory: str  # internal, external or no
+    current: bool = False
+    children: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "created": self.created,
+            "state": self.state,
+            "description": self.description,
+            "parent": self.parent,
+            "memory": self.memory,
+            "current": self.current,
+            "children": self.children,
+        }
+
+
+def snapshot_xml(name: str, description: str | None) -> str:
+    snap = ET.Element("domainsnapshot")
+    _sub(snap, "name", name)
+    if description:
+        _sub(snap, "description", description)
+    return ET.tostring(snap, encoding="unicode")
+
+
+def parse_snapshot(text: str, *, current: bool = False, children: int = 0) -> SnapshotInfo:
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise SandboxError(f"libvirt returned unreadable snapshot XML: {exc}") from exc
+    mem = root.find("memory")
+    return SnapshotInfo(
+        name=root.findtext("name", ""),
+        created=int(root.findtext("creationTime", "0") or 0),
+        state=root.findtext("state", ""),
+        description=root.findtext("description", "") or "",
+        parent=root.findtext("parent/name"),
+        memory=mem.get("snapshot", "no") if mem is not None else "no",
+        current=current,
+        children=children,
+    )

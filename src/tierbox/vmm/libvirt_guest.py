@@ -1,0 +1,428 @@
+"""What a ``vm``-tier guest boots, built on the microVM tier's artifacts.
+
+The full VM is a q35 PC, so its virtio devices sit on PCI rather than
+virtio-mmio, and its root disk is written to (a qcow2 overlay) rather than
+read-only under a tmpfs. Everything else is the microVM's, reused as built
+by :mod:`tierbox.vmm.artifacts`:
+
+- the kernel: Debian's cloud kernel, decompressed ``vmlinux``, which QEMU
+  boots on q35 through the PVH entry point just as on ``-M microvm``;
+- the initramfs (busybox, the virtio modules, the agent as ``/init``);
+- the per-image ext4 root disks.
+
+On top of those, set-up adds (under ``$TIERBOX_HOME/vm``, see :func:`vm_home`)::
+
+    guest/modules-<release>/   the PCI transport modules (virtio_pci and what it
+                               needs) from the same kernel package, plus a
+                               modules.dep over the union with the microVM's set
+    guest/initramfs.cpio       the microVM initramfs with a second cpio archive
+                               appended (the kernel unpacks both, in order):
+                               /vminit and the modules above
+    guest/initramfs.json       digests of its inputs (rebuilt when they change)
+    base/<digest>.qcow2        one read-only base disk per image: the image's
+                               ext4 grown to :data:`BASE_DISK_MIB` and converted
+
+The kernel runs ``/vminit`` (``rdinit=``): it loads the PCI virtio drivers,
+mounts ``/dev/vda`` read-write as the root, and execs the agent (the
+microVM's ``/init``) with that root as its argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierbox import paths
+from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
+from tierbox.host.runner import require, run
+from tierbox.vmm import artifacts, qemu
+
+MIB = 1024 * 1024
+#: Modules /vminit loads, in this order (their dependencies come first).
+VM_MODULES = ("virtio_pci", "virtio_console", "virtio_rng", "virtio_blk")
+#: Virtual size of every base disk's file system; the qcow2 files stay sparse.
+BASE_DISK_MIB = 2048
+#: Bump when the appended archive's layout changes.
+VM_INITRAMFS_FORMAT = 1
+#: What the guest prints on its console when ``tierbox.vm.probe=1`` (KVM test boots).
+PROBE_MARK = "tierbox-vm-probe: ok"
+
+VMINIT = """#!/bin/busybox sh
+# /vminit of the tierbox vm tier (q35 PC, virtio on PCI, read-write root disk).
+# Knobs on the kernel command line:
+#   tierbox.hostname=NAME   the guest's host name
+#   tierbox.vm.probe=1      print the probe mark and power off (KVM test boots)
+export PATH=/bin
+busybox mount -t proc proc /proc
+busybox mount -t sysfs sysfs /sys
+busybox mount -t devtmpfs devtmpfs /dev
+name=tierbox
+probe=0
+for arg in $(busybox cat /proc/cmdline); do
+\tcase "$arg" in
+\ttierbox.hostname=*) name="${arg#*=}" ;;
+\ttierbox.vm.probe=*) probe="${arg#*=}" ;;
+\tesac
+done
+if [ "$probe" = 1 ]; then
+\techo "@PROBE_MARK@" >/dev/console
+\tbusybox poweroff -f
+fi
+busybox modprobe -a @MODULES@
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 1000 ]; do
+\tbusybox usleep 10000
+\tn=$((n + 1))
+done
+busybox mkdir -p /newroot
+busybox mount -t ext4 -o rw,noatime /dev/vda /newroot || {
+\techo "tierbox-vminit: cannot mount the root disk /dev/vda" >&2
+\tbusybox poweroff -f
+}
+for d in proc sys dev tmp run; do
+\t[ -d /newroot/$d ] || busybox mkdir -p /newroot/$d
+done
+busybox chmod 1777 /newroot/tmp
+busybox mount -t proc proc /newroot/proc
+busybox mount -t sysfs sysfs /newroot/sys
+busybox mount -t devtmpfs devtmpfs /newroot/dev
+busybox mkdir -p /newroot/dev/pts /newroot/dev/shm
+busybox mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
+busybox mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+busybox ip link set lo up
+busybox hostname "$name"
+exec /init /newroot
+"""
+
+
+def vminit_script() -> str:
+    return VMINIT.replace("@PROBE_MARK@", PROBE_MARK).replace("@MODULES@", " ".join(VM_MODULES))
+
+
+def vm_home() -> Path:
+    return paths.home() / "vm"
+
+
+def guest_dir() -> Path:
+    return vm_home() / "guest"
+
+
+def base_dir() -> Path:
+    return vm_home() / "base"
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """An exclusive lock so two processes never build the same thing at once."""
+    vm_home().mkdir(parents=True, exist_ok=True)
+    with open(vm_home() / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+# ---------------------------------------------------------------- kernel modules
+
+
+def _closure(dep_file: Path, wanted: tuple[str, ...]) -> list[str]:
+    """Module paths (relative to the release dir) of ``wanted``, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in dep_file.read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        if mod:
+            deps[mod] = rest.split()
+            by_name[Path(mod).name.split(".ko")[0].replace("-", "_")] = mod
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        for d in deps.get(mod, []):
+            visit(d)
+        if mod not in order:
+            order.append(mod)
+
+    for name in wanted:
+        if name not in by_name:
+            raise ImageError(f"the guest kernel has no module {name} ({dep_file})")
+        visit(by_name[name])
+    return order
+
+
+def modules_dir(kernel: artifacts.Kernel) -> Path:
+    """A ``lib/modules/<release>`` tree: the microVM's modules plus the PCI ones."""
+    return guest_dir() / f"modules-{kernel.release}"
+
+
+def _modules_ready(kernel: artifacts.Kernel) -> bool:
+    meta = _read_json(modules_dir(kernel) / "modules.json")
+    return meta is not None and meta.get("kernel_sha256") == kernel.sha256
+
+
+def _fetch_kernel_tree(kernel: artifacts.Kernel, tmp: Path) -> Path:
+    """Unpack the kernel's own Debian package (the exact version) into ``tmp``."""
+    given = os.environ.get("TIERBOX_MICROVM_KERNEL_DEB")
+    if given:
+        deb = Path(given)
+    else:
+        apt_get = require("apt-get", "apt")
+        try:
+            run(
+                [apt_get, "download", f"{kernel.package}={kernel.version}"],
+                cwd=str(tmp),
+                timeout_s=600,
+                message=f"cannot download {kernel.package}={kernel.version}",
+            )
+        except CommandError as exc:
+            raise HostError(
+                f"{exc} (is a Debian mirror reachable? if the version left the archive, "
+                "rebuild the microVM kernel: `python -m tierbox.vmm.build --force`)"
+            ) from exc
+        debs = sorted(tmp.glob(f"{kernel.package}_*.deb"))
+        if not debs:
+            raise HostError(f"apt-get download {kernel.package} left no .deb in {tmp}")
+        deb = debs[0]
+    root = tmp / "x"
+    run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout_s=300)
+    if not (root / "lib" / "modules" / kernel.release).is_dir():
+        raise ImageError(f"{deb.name} has no modules for kernel {kernel.release}")
+    return root
+
+
+def ensure_modules(kernel: artifacts.Kernel) -> Path:
+    """The module tree for the VM guest, fetched from the kernel package once."""
+    with locked("modules"):
+        dest = modules_dir(kernel)
+        if _modules_ready(kernel):
+            return dest
+        busybox = require("busybox", "busybox-static")
+        guest_dir().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".modules-", dir=guest_dir()) as tmp_s:
+            tmp = Path(tmp_s)
+            rel = Path("lib") / "modules" / kernel.release
+            ours = kernel.modules / rel
+            new = tmp / "tree"
+            shutil.copytree(ours, new / rel, symlinks=True)
+            try:
+                order = _closure(new / rel / "modules.dep", VM_MODULES)
+                missing = [m for m in order if not (new / rel / m).is_file()]
+            except ImageError:
+                missing = ["(virtio_pci)"]
+            if missing:
+                src = _fetch_kernel_tree(kernel, tmp)
+                run([busybox, "depmod", "-b", str(src), kernel.release], timeout_s=300)
+                for m in _closure(src / rel / "modules.dep", VM_MODULES):
+                    (new / rel / m).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src / rel / m, new / rel / m)
+            run([busybox, "depmod", "-b", str(new), kernel.release], timeout_s=120)
+            _closure(new / rel / "modules.dep", VM_MODULES)  # all there now
+            _write_json(
+                new / "modules.json",
+                {"kernel_sha256": kernel.sha256, "release": kernel.release, "fetched": missing},
+            )
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(new, dest)
+        return dest
+
+
+# ---------------------------------------------------------------- the initramfs
+
+
+@dataclass(frozen=True)
+class VMGuest:
+    """Kernel and initramfs of a VM guest, and what the command line needs."""
+
+    kernel: Path
+    initramfs: Path
+    release: str
+    hz: int
+    sha256: str  # of the initramfs
+
+    def cmdline(self, *, accel: str, hostname: str, probe: bool = False) -> str:
+        parts = [
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",
+            "8250.nr_uarts=1",
+            "cryptomgr.notests",
+            "random.trust_cpu=on",
+            "rdinit=/vminit",
+            f"tierbox.hostname={hostname}",
+        ]
+        if probe:
+            parts.append("tierbox.vm.probe=1")
+        if accel != "kvm":
+            # without these the kernel hangs calibrating its clocks under TCG
+            khz = qemu.host_tsc_khz()
+            parts += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // self.hz}", "no_timer_check"]
+        return " ".join(parts)
+
+
+def initramfs_path() -> Path:
+    return guest_dir() / "initramfs.cpio"
+
+
+def _inputs_digest(base: artifacts.Initramfs, modules: Path) -> str:
+    h = hashlib.sha256(f"format={VM_INITRAMFS_FORMAT};base={base.sha256}".encode())
+    h.update(vminit_script().encode())
+    h.update((modules / "modules.json").read_bytes())
+    return h.hexdigest()
+
+
+def _check_base_layout(cpio: str, base: Path, release: str) -> None:
+    """The appended archive relies on the microVM initramfs having these."""
+    listing = set(
+        run([cpio, "-it", "--quiet"], input=base.read_bytes(), timeout_s=60)
+        .stdout.decode(errors="replace")
+        .split("\n")
+    )
+    need = ["init", "bin", "rootfs/bin/busybox", f"lib/modules/{release}"]
+    missing = [p for p in need if p not in listing]
+    if missing:
+        raise TierUnavailableError(
+            f"the microVM initramfs {base} changed layout (no {', '.join(missing)}): "
+            "the vm tier's /vminit needs the agent at /init and busybox at /bin"
+        )
+
+
+def ensure_guest() -> VMGuest:
+    """Kernel and initramfs for a VM, (re)built when the microVM's changed."""
+    try:
+        g = artifacts.ensure_guest()
+    except TierUnavailableError as exc:
+        raise TierUnavailableError(f"vm tier: {exc}") from exc
+    kernel = g.kernel
+    out = initramfs_path()
+    meta_path = guest_dir() / "initramfs.json"
+    if _modules_ready(kernel):
+        meta = _read_json(meta_path)
+        digest = _inputs_digest(g.initramfs, modules_dir(kernel))
+        if meta is not None and meta.get("inputs") == digest and out.is_file():
+            return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]))
+    try:
+        return build_initramfs(g)
+    except (CommandError, HostError, ImageError) as exc:
+        raise TierUnavailableError(f"cannot build the vm guest initramfs: {exc}") from exc
+
+
+def build_initramfs(g: artifacts.GuestArtifacts) -> VMGuest:
+    kernel = g.kernel
+    modules = ensure_modules(kernel)
+    with locked("initramfs"):
+        digest = _inputs_digest(g.initramfs, modules)
+        meta_path = guest_dir() / "initramfs.json"
+        meta = _read_json(meta_path)
+        out = initramfs_path()
+        if meta is not None and meta.get("inputs") == digest and out.is_file():
+            return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]))
+        cpio = require("cpio", "cpio")
+        _check_base_layout(cpio, g.initramfs.path, kernel.release)
+        with tempfile.TemporaryDirectory(prefix=".initramfs-", dir=guest_dir()) as tmp_s:
+            st = Path(tmp_s) / "root"
+            rel = Path("lib") / "modules" / kernel.release
+            shutil.copytree(modules / rel, st / rel, symlinks=True)
+            (st / "vminit").write_text(vminit_script())
+            (st / "vminit").chmod(0o755)
+            names = sorted(str(p.relative_to(st)) for p in st.rglob("*"))
+            extra = run(
+                [cpio, "-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet"],
+                input=("\n".join(names) + "\n").encode(),
+                cwd=str(st),
+                timeout_s=120,
+            ).stdout
+        data = g.initramfs.path.read_bytes() + extra
+        tmp_out = out.with_suffix(".tmp")
+        tmp_out.write_bytes(data)
+        os.replace(tmp_out, out)
+        sha = hashlib.sha256(data).hexdigest()
+        _write_json(meta_path, {"inputs": digest, "sha256": sha, "size": len(data)})
+        return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, sha)
+
+
+# ---------------------------------------------------------------- base disks
+
+
+@dataclass(frozen=True)
+class BaseDisk:
+    """The read-only qcow2 base of one image, and that image's config."""
+
+    path: Path
+    image: str
+    digest: str
+    env: dict[str, str]
+    workdir: str
+    user: str
+
+
+def base_disk(ref: str) -> BaseDisk:
+    """The base disk of image ``ref``: its ext4 root disk grown and made qcow2.
+
+    Built once per image manifest digest; every VM of that image gets a
+    qcow2 overlay backed by it.
+    """
+    root = artifacts.root_disk(ref)
+    out = base_dir() / f"{root.digest.removeprefix('sha256:')}.qcow2"
+
+    def disk() -> BaseDisk:
+        return BaseDisk(out, root.image, root.digest, root.env, root.workdir, root.user)
+
+    if out.is_file():
+        return disk()
+    with locked("base"):
+        if out.is_file():
+            return disk()
+        base_dir().mkdir(parents=True, exist_ok=True)
+        qemu_img = require("qemu-img", "qemu-utils")
+        resize2fs = require("resize2fs", "e2fsprogs")
+        with tempfile.TemporaryDirectory(prefix=".base-", dir=base_dir()) as tmp_s:
+            raw = Path(tmp_s) / "root.ext4"
+            run(["cp", "--sparse=always", str(root.path), str(raw)], timeout_s=300)
+            size = max(BASE_DISK_MIB * MIB, raw.stat().st_size * 2)
+            os.truncate(raw, size)
+            run([resize2fs, "-f", str(raw)], timeout_s=300, message=f"cannot grow {raw}")
+            tmp = out.with_suffix(".tmp")
+            run(
+                [qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)],
+                timeout_s=600,
+                message=f"cannot convert the root disk of {ref} to qcow2",
+            )
+            tmp.chmod(0o444)
+            os.replace(tmp, out)
+    return disk()
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """A new qcow2 overlay whose reads fall through to ``base``."""
+    run(
+        [
+            require("qemu-img", "qemu-utils"),
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay),
+        ],
+        timeout_s=60,
+        message=f"cannot create the disk {overlay}",
+    )  # fmt: skip
