@@ -117,6 +117,16 @@ class Sandbox:
         sb._save()
         return sb
 
+    @classmethod
+    def clone(cls, snap: SnapshotRef, count: int = 1) -> builtins.list[Sandbox]:
+        """``count`` independent sandboxes from one snapshot (fast where the
+        tier shares memory copy-on-write, as microvm does)."""
+        spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
+        out = [cls(inst, spec) for inst in get_tier(snap.tier).clone(snap, count)]
+        for sb in out:
+            sb._save()
+        return out
+
     def _save(self) -> None:
         _state.write_state(
             self.id,

@@ -123,6 +123,19 @@ class Tier(abc.ABC):
     def restore(self, snap: SnapshotRef) -> Instance:
         raise NotSupportedError(f"the {self.name} tier cannot restore snapshots")
 
+    def clone(self, snap: SnapshotRef, count: int = 1) -> Sequence[Instance]:
+        """``count`` independent sandboxes from one snapshot. Tiers with
+        copy-on-write restores override this; the default restores in turn."""
+        out: list[Instance] = []
+        try:
+            for _ in range(count):
+                out.append(self.restore(snap))
+        except BaseException:
+            for inst in out:
+                inst.close()
+            raise
+        return out
+
     def reap(self, live: set[str]) -> list[str]:
         """Remove this tier's leftovers of sandboxes whose id is not in ``live``
         (crashed runs); return a line per thing removed."""

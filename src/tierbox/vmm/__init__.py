@@ -9,4 +9,6 @@
 - :mod:`~tierbox.vmm.qmp` is a small QMP client (with fd passing).
 - :mod:`~tierbox.vmm.agent` speaks the framed protocol of the guest agent.
 - :mod:`~tierbox.vmm.snapshot` writes and checks snapshot manifests.
+- :mod:`~tierbox.vmm.build` is the set-up entry point
+  (``python -m tierbox.vmm.build``, run by ``scripts/setup.d/50-microvm.sh``).
 """
