@@ -59,6 +59,14 @@ def assert_clean(before: dict[str, list[str]] | None = None) -> None:
     assert now == {"cgroups": [], "mounts": [], "dirs": [], "processes": []}, now
 
 
+def assert_gone(ids: set[str]) -> None:
+    """Nothing of these sandboxes is left (robust to other runs on the host)."""
+    left = {k: [x for x in v if any(i in x for i in ids)] for k, v in leftovers().items()}
+    procs = subprocess.run(["pgrep", "-af", "tierbox"], capture_output=True, text=True).stdout
+    left["processes"] = [line for line in procs.splitlines() if any(i in line for i in ids)]
+    assert left == {"cgroups": [], "mounts": [], "dirs": [], "processes": []}, left
+
+
 def cli(
     *args: str, input: bytes | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[bytes]:

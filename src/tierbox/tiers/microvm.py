@@ -333,7 +333,7 @@ class MicroVMInstance(Instance):
         extra: dict[str, Any] = {}
         hits = num("pids_max_hit") or 0
         if hits > 0:
-            extra = {"pids_max": num("pids_max"), "pids_max_hit": hits}
+            extra = {"pids_limit": num("pids_max"), "pids_max_hits": hits}
         term: Termination
         if reason == "timeout":
             term = Termination(
