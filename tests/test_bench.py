@@ -291,7 +291,10 @@ def test_failing_tier_is_reported_and_the_bench_goes_on() -> None:
     assert "container: failed" in r.stderr.decode()
 
 
-def test_ctrl_c_closes_every_sandbox() -> None:
+@pytest.mark.parametrize("delay_s", [0.0, 0.13, 0.31, 0.57])
+def test_ctrl_c_closes_every_sandbox(delay_s: float) -> None:
+    """Interrupted at different points (creating, running, closing): the bench
+    still closes every sandbox, then exits 130."""
     if not available(["container"]):
         pytest.skip("container tier unavailable")
     before = leftovers()
@@ -310,7 +313,7 @@ def test_ctrl_c_closes_every_sandbox() -> None:
                 break
             time.sleep(0.05)
         assert seen, "the bench never started a sandbox"
-        time.sleep(0.5)
+        time.sleep(delay_s)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
     finally:

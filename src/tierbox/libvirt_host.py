@@ -126,6 +126,23 @@ def daemon_pid(name: str) -> int | None:
     return pid if comm == name else None
 
 
+def _pids_named(name: str) -> list[int]:
+    """Pids of processes called ``name`` (a daemon still exiting has no pid file)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == name:
+                    out.append(int(entry))
+    return out
+
+
+def _wait_gone(name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _pids_named(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _socket_answers(path: Path) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -178,10 +195,15 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
             raise LibvirtUnreachableError(
                 f"{name} is not installed: run `make setup` (apt-get install libvirt-daemon-system)"
             )
-        try:
-            run([exe, "-d"], timeout_s=30, message=f"cannot start {name}")
-        except CommandError as exc:
-            raise LibvirtUnreachableError(str(exc)) from exc
+        _wait_gone(name, 15.0)  # one that is still shutting down holds the pid file
+        for attempt in range(20):
+            try:
+                run([exe, "-d"], timeout_s=30, message=f"cannot start {name}")
+                break
+            except CommandError as exc:
+                if "pidfile" not in exc.stderr or attempt == 19:
+                    raise LibvirtUnreachableError(str(exc)) from exc
+                time.sleep(0.5)
         done.append(f"started {name} -d")
     deadline = time.monotonic() + timeout_s
     while not _socket_answers(LIBVIRTD_SOCKET):
@@ -203,6 +225,9 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
 
 _conn: Any = None
 _conn_lock = threading.Lock()
+#: Counts the connections opened by this process: a caller that sees it change
+#: knows libvirtd may have restarted since its last call.
+generation = 0
 
 
 def _is_local_system(u: str) -> bool:
@@ -211,7 +236,7 @@ def _is_local_system(u: str) -> bool:
 
 def connect() -> Any:
     """The cached connection to libvirt (``virConnect``), reopened when it died."""
-    global _conn
+    global _conn, generation
     lv = binding()
     with _conn_lock:
         if _conn is not None:
@@ -224,6 +249,7 @@ def connect() -> Any:
                 _conn.close()
             _conn = None
         u = uri()
+        generation += 1
         try:
             _conn = lv.open(u)
             return _conn
@@ -236,10 +262,21 @@ def connect() -> Any:
                 f"cannot reach libvirtd at {u} ({_short(first)}): start it with "
                 f"`virtlogd -d && libvirtd -d`, or unset {AUTOSTART_ENV}=0 to let tierbox do it"
             ) from first
-        if daemon_pid("libvirtd") is not None and _socket_answers(LIBVIRTD_SOCKET):
-            raise LibvirtUnreachableError(
-                f"libvirtd runs but refuses the connection to {u}: {_short(first)}"
-            ) from first
+        if daemon_pid("libvirtd") is not None:
+            # starting up or shutting down: wait for it to answer or to be gone
+            deadline = time.monotonic() + 15.0
+            while daemon_pid("libvirtd") is not None and time.monotonic() < deadline:
+                if _socket_answers(LIBVIRTD_SOCKET):
+                    try:
+                        _conn = lv.open(u)
+                        return _conn
+                    except lv.libvirtError as exc:
+                        first = exc
+                time.sleep(0.1)
+            if daemon_pid("libvirtd") is not None:
+                raise LibvirtUnreachableError(
+                    f"libvirtd runs but refuses the connection to {u}: {_short(first)}"
+                ) from first
         done = start_daemons()
         if done:
             log.warning(
@@ -254,6 +291,23 @@ def connect() -> Any:
                 f"started libvirtd but cannot connect to {u}: {_short(exc)}"
             ) from exc
         return _conn
+
+
+def lookup(name: str) -> Any:
+    """The domain called ``name``; a connection found dead is reopened once
+    (starting libvirtd where allowed). Raises LibvirtError with code
+    VIR_ERR_NO_DOMAIN when there is no such domain."""
+    lv = binding()
+    for attempt in (0, 1):
+        conn = connect()
+        try:
+            return conn.lookupByName(name)
+        except lv.libvirtError as exc:
+            err = translate(exc, f"looking up domain {name}")
+            if attempt == 0 and isinstance(err, LibvirtUnreachableError):
+                continue
+            raise err from exc
+    raise AssertionError("unreachable")
 
 
 def reachable() -> tuple[bool, str]:

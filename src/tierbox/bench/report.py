@@ -100,8 +100,8 @@ def density_cell(t: dict[str, Any]) -> str:
     text = f"≥{d['fit']} in {budget} (stopped: {d['bound']})"
     if d.get("projected_fit"):
         text += f"; ~{d['projected_fit']} projected"
-    elif d.get("avg_bytes_per_instance") == 0:
-        text += "; not memory-bound"
+    elif d.get("note", "").startswith("idle instances hold no"):
+        text += "; not memory-bound (no idle process)"
     return text
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from tierbox import paths
@@ -139,6 +141,34 @@ class SilentReporter:
         pass
 
 
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs, then raise KeyboardInterrupt.
+
+    Creating or closing a sandbox is not atomic: interrupted halfway, the
+    engine has made something the bench holds no handle to (or the handle
+    says "closed" while the container still runs). The wait is bounded by the
+    tiers' own timeouts. Only the main thread receives signals; elsewhere
+    this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if got:
+            raise KeyboardInterrupt
+
+
 def _err(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:1500]
@@ -202,24 +232,27 @@ class TierRun:
         t[kind] = t.get(kind, 0) + 1
 
     def create(self, image: str | None) -> Sandbox:
-        sb = Sandbox.create(image, tier=self.name, memory_mib=self.cfg.memory_for(self.name))
-        with self._lock:
-            self.open.append(sb)
+        with held_interrupts():  # a sandbox is either registered here or never made
+            sb = Sandbox.create(image, tier=self.name, memory_mib=self.cfg.memory_for(self.name))
+            with self._lock:
+                self.open.append(sb)
         return sb
 
     def restore(self, snap: Any) -> Sandbox:
-        sb = Sandbox.restore(snap)
-        with self._lock:
-            self.open.append(sb)
+        with held_interrupts():
+            sb = Sandbox.restore(snap)
+            with self._lock:
+                self.open.append(sb)
         return sb
 
     def close(self, sb: Sandbox) -> None:
-        try:
-            sb.close()
-        finally:
-            with self._lock:
-                if sb in self.open:
-                    self.open.remove(sb)
+        with held_interrupts():  # a close cut in half would leave half a sandbox
+            try:
+                sb.close()
+            finally:
+                with self._lock:
+                    if sb in self.open:
+                        self.open.remove(sb)
 
     def close_many(self, sbs: Sequence[Sandbox]) -> list[str]:
         """Close in parallel (some engines take seconds to tear down); errors returned."""
@@ -597,13 +630,13 @@ class TierRun:
         self.report.start(self.name, "memory & density", cap)
         self.report.advance(start_k)
 
-        def take(k: int, settle: bool) -> int:
+        def take(k: int, settle: bool, record: bool = False) -> int:
             if settle:
                 time.sleep(0.3)
             total, extra = measure()
-            if k in checkpoints:
+            if (k in checkpoints or record) and k >= 1:
                 rec = {"instances": k, "total_bytes": total, "avg_bytes": total / k, **extra}
-                records.append(rec)
+                records[:] = [r for r in records if r["instances"] != k] + [rec]
             return total
 
         k = count()
@@ -649,8 +682,8 @@ class TierRun:
                     step = 1
                 next_measure = k + step
         if fit is None:
-            if last is None or last[0] != k:
-                total = take(k, False)
+            if last is None or last[0] != k or not records or records[-1]["instances"] != k:
+                total = take(k, True, record=True)  # the most instances measured: a checkpoint
                 last = (k, total)
             fit = k
         avg_last = last[1] / last[0] if last and last[0] else None
@@ -727,6 +760,12 @@ class TierRun:
         try:
             mem["checkpoints"] = self._fill(den, make, count, measure, checkpoints, cap, 1)
             den["measure"] = "max(PSS, cgroup charge) per instance"
+            last = mem["checkpoints"][-1] if mem["checkpoints"] else {}
+            if last and last.get("avg_pss_bytes", 1) == 0 and den.get("bound") != "budget":
+                # no resident process: the cgroup's few KiB of page cache would
+                # project millions; memory is simply not what bounds these
+                den["projected_fit"] = None
+                den["note"] = "idle instances hold no process: memory does not bound them"
         finally:
             self.report.start(self.name, f"closing {len(extra)} instances", None)
             for e in self.close_many(extra):

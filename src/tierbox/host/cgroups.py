@@ -342,8 +342,9 @@ class SandboxCgroup:
 
     def destroy(self) -> None:
         """Kill what is left and remove the cgroup (children first). Idempotent."""
-        with contextlib.suppress(HostError):
-            self.kill_all()
+        if self.has_tasks():
+            with contextlib.suppress(HostError):
+                self.kill_all()
         for d in self.dirs().values():
             _rmdir_tree(d)
 

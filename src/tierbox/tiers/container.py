@@ -18,14 +18,13 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tierbox.errors import (
     CommandError,
@@ -41,7 +40,7 @@ from tierbox.host.procs import kill_tree
 from tierbox.host.runner import run, which
 from tierbox.paths import MARKER, home, run_dir
 from tierbox.spec import ExecResult, Limits, SandboxSpec, Stats, Termination
-from tierbox.tiers import _state, oci
+from tierbox.tiers import _pool, _state, oci
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.outcome import classify
 
@@ -217,7 +216,7 @@ class OciInstance(Instance):
             return None
         self._closed = True
         self.tier.delete_container(self.id, managed=self.managed)
-        self.tier.release(self.id, self.cg, self.dir)
+        self.tier.teardown(self.cg, self.dir)
         return None
 
 
@@ -226,8 +225,19 @@ def _on_tmpfs(path: str) -> bool:
     return any(norm == p or norm.startswith(p + "/") for p in ("/tmp", "/dev/shm"))
 
 
+class _Image(NamedTuple):
+    rootfs: Path
+    env: dict[str, str]
+    cwd: str
+    entrypoint: list[str]
+    cmd: list[str]
+
+
 class OciTier(Tier):
     """Shared machinery of tiers driven by an OCI runtime binary."""
+
+    def __init__(self) -> None:
+        self._pool = _pool.SlotPool()
 
     #: subclasses set these
     runtime: str = ""
@@ -374,36 +384,43 @@ class OciTier(Tier):
             env.update(extra)
         return env
 
-    def _prepare(
-        self, spec: SandboxSpec
-    ) -> tuple[str, Path, SandboxCgroup, Path, dict[str, str], str, list[str]]:
-        """Make the sandbox dir, cgroup and overlay rootfs. Returns
-        (id, dir, cgroup, rootfs mountpoint, image env, cwd, default argv)."""
-        lower, image_env, cwd, entrypoint, cmd = self.image_config(spec)
+    def _prepare(self, spec: SandboxSpec, *, pooled: bool) -> tuple[_pool.Slot, _Image]:
+        """A slot (directory + cgroup, pooled for one-shot runs) with a fresh
+        overlay rootfs over the image mounted at ``<slot>/rootfs``."""
+        image = _Image(*self.image_config(spec))
         self.runtime_argv()  # creates the runtime namespace before we mount under it
-        sandbox_id = _state.new_id()
-        d = _state.sandbox_dir(sandbox_id)
-        merged = d / "rootfs"
-        for sub in ("upper", "work", "rootfs"):
-            (d / sub).mkdir(parents=True)
-        _state.claim(sandbox_id)
-        cg: SandboxCgroup | None = None
+        limits = self.cgroup_limits(spec)
+        slot = self._pool.acquire(limits) if pooled else _pool.new_slot(limits)
+        d = slot.dir
         try:
-            cg = SandboxCgroup.create(sandbox_id, self.cgroup_limits(spec))
-            cg.enable_child_controllers()
-            mntns.mount_overlay(lower, d / "upper", d / "work", merged)
+            (d / "upper").mkdir()
+            (d / "work").mkdir()
+            (d / "rootfs").mkdir(exist_ok=True)
+            slot.cg.enable_child_controllers()
+            mntns.mount_overlay(image.rootfs, d / "upper", d / "work", d / "rootfs")
         except BaseException:
-            self.release(sandbox_id, cg, d)
+            self.release(slot, pooled=pooled)
             raise
-        return sandbox_id, d, cg, merged, image_env, cwd, entrypoint + cmd
+        return slot, image
 
-    def release(self, sandbox_id: str, cg: SandboxCgroup | None, d: Path) -> None:
-        """Undo _prepare: cgroup, mount, directory (deleted off the hot path)."""
-        if cg is not None:
-            cg.destroy()
+    def release(self, slot: _pool.Slot, *, pooled: bool) -> None:
+        """Undo _prepare: unmount; a pooled slot goes back without its overlay
+        dirs (deleted off the hot path), any other is destroyed."""
+        if not pooled:
+            self.teardown(slot.cg, slot.dir)
+            return
+        for m in mntns.mounts_under(slot.dir):
+            mntns.umount(m)
+        for sub in ("upper", "work"):
+            _pool.discard_dir(slot.dir / sub)
+        self._pool.release(slot, pristine=True)
+
+    def teardown(self, cg: SandboxCgroup, d: Path) -> None:
+        """Unmount, remove the cgroup, discard the directory."""
         for m in mntns.mounts_under(d):
             mntns.umount(m)
-        _discard_dir(d)
+        cg.destroy()
+        _pool.discard_dir(d)
 
     def _argv(self, argv: Sequence[str], entrypoint_cmd: list[str], spec: SandboxSpec) -> list[str]:
         if argv:
@@ -417,7 +434,9 @@ class OciTier(Tier):
     ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
         self.prime(spec)
-        sandbox_id, d, cg, merged, image_env, cwd, default = self._prepare(spec)
+        slot, image = self._prepare(spec, pooled=True)
+        sandbox_id, d, cg = slot.id, slot.dir, slot.cg
+        default = image.entrypoint + image.cmd
         cgroups_path = self.cgroups_path(cg, one_shot=True)
         managed = cgroups_path is not None
         exited = False  # the runtime deletes its container itself once PID 1 is reaped
@@ -425,12 +444,12 @@ class OciTier(Tier):
             process = oci.process_json(
                 self._argv(argv, default, spec),
                 spec,
-                env=self.merged_env(image_env, spec, None),
-                cwd=cwd,
+                env=self.merged_env(image.env, spec, None),
+                cwd=image.cwd,
                 rlimits=self.process_rlimits(spec),
             )
             config = oci.bundle_config(
-                rootfs=merged,
+                rootfs=d / "rootfs",
                 process=process,
                 spec=spec,
                 cgroups_path=cgroups_path,
@@ -465,30 +484,33 @@ class OciTier(Tier):
                 limits=spec.limits,
                 timeout_s=spec.limits.timeout_s,
                 cg=cg,
-                oom_kills_before=0,
+                oom_kills_before=slot.counters[0],
+                pids_hits_before=slot.counters[1],
                 status_from_runtime=True,
             )
+            slot.refresh_counters()
             self.check_runtime_failure(cap.returncode, cap.stderr, argv or default)
             return result
         finally:
             if not exited:
                 self.delete_container(sandbox_id, managed=managed)
-            self.release(sandbox_id, cg, d)
+            self.release(slot, pooled=exited)
 
     def create(self, spec: SandboxSpec) -> OciInstance:
-        sandbox_id, d, cg, merged, image_env, cwd, _default = self._prepare(spec)
+        slot, image = self._prepare(spec, pooled=False)
+        sandbox_id, d, cg = slot.id, slot.dir, slot.cg
         cid = container_id(sandbox_id)
         cgroups_path = self.cgroups_path(cg, one_shot=False)
         try:
             process = oci.process_json(
                 [oci.INIT_PATH, "-P"],
                 spec,
-                env=self.merged_env(image_env, spec, None),
+                env=self.merged_env(image.env, spec, None),
                 cwd="/",
                 rlimits=self.process_rlimits(spec),
             )
             config = oci.bundle_config(
-                rootfs=merged,
+                rootfs=d / "rootfs",
                 process=process,
                 spec=spec,
                 cgroups_path=cgroups_path,
@@ -505,13 +527,13 @@ class OciTier(Tier):
                 "cgroup": cg.relpath,
                 "dir": str(d),
                 "init_pid": int(pid_file.read_text().strip()),
-                "image_env": image_env,
-                "cwd": cwd,
+                "image_env": image.env,
+                "cwd": image.cwd,
                 "managed": cgroups_path is not None,
             }
         except BaseException:
             self.delete_container(sandbox_id, managed=cgroups_path is not None)
-            self.release(sandbox_id, cg, d)
+            self.release(slot, pooled=False)
             raise
         return self.instance_cls(self, sandbox_id, spec, state)
 
@@ -538,25 +560,6 @@ class OciTier(Tier):
 
     def state_root(self) -> Path:
         return run_dir() / self.runtime
-
-
-_trash_lock = threading.Lock()
-
-
-def _discard_dir(d: Path) -> None:
-    """Remove a sandbox dir off the hot path: rename into trash (instant),
-    delete in a background thread. ``tierbox gc`` empties trash a crash left."""
-    trash = d.parent / ".trash"  # same filesystem and mount: rename cannot fail with EXDEV
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{d.name}-{time.monotonic_ns()}"
-    try:
-        os.rename(d, target)
-    except OSError:
-        shutil.rmtree(d, ignore_errors=True)
-        return
-    threading.Thread(
-        target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False
-    ).start()
 
 
 class ContainerTier(OciTier):

@@ -248,4 +248,4 @@ def bundle_config(
 def write_json(path: Path, data: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
+        f.write(json.dumps(data))  # dumps uses the C encoder; dump() does not

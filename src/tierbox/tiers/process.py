@@ -8,13 +8,10 @@ through a per-sandbox cgroup and rlimits.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import resource
-import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +21,7 @@ from tierbox.errors import HostError, SandboxClosedError, SandboxError
 from tierbox.host import capture
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
-from tierbox.tiers import _state
+from tierbox.tiers import _pool, _state
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.outcome import classify
 
@@ -57,7 +54,8 @@ class ProcessInstance(Instance):
         self.cg = cg
         self.workdir = workdir
         self._closed = False
-        self._counters: tuple[int, int] | None = None
+        #: (oom_kills, pids_max_hits) after the last exec: the next one's baseline
+        self.counters: tuple[int, int] | None = None
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
         env = {"PATH": DEFAULT_PATH, "HOME": str(self.workdir), "LANG": "C.UTF-8"}
@@ -81,9 +79,7 @@ class ProcessInstance(Instance):
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
         # Counters only move while work runs: after the first exec, the values
         # read at the end of the previous one are the baseline (one-shot hot path).
-        before, hits = (
-            self._counters if self._counters else (self.cg.oom_kills(), self.cg.pids_max_hits())
-        )
+        before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
         started = time.monotonic()
         try:
             proc = self.cg.popen(
@@ -120,7 +116,7 @@ class ProcessInstance(Instance):
             pids_hits_before=hits,
             status_from_runtime=False,
         )
-        self._counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
+        self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
         return result
 
     def _path(self, path: str) -> Path:
@@ -157,59 +153,8 @@ class ProcessInstance(Instance):
             return None
         self._closed = True
         self.cg.destroy()
-        shutil.rmtree(self.workdir.parent, ignore_errors=True)
+        _pool.discard_dir(self.workdir.parent)
         return None
-
-
-class _Pool:
-    """Idle, empty sandboxes kept for the next one-shot run with equal limits.
-
-    Making and removing a cgroup in five v1 hierarchies plus its directory costs
-    ~1.3 ms, twice the cost of spawning the process itself; reusing an empty
-    one costs a peak-counter reset. OOM and pids counters are read as deltas, so
-    a reused cgroup reports only its own run. Pooled sandboxes are owned by this
-    process: closed at exit, and reaped by ``tierbox gc`` after a crash.
-    """
-
-    MAX_IDLE = 4
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[object, ...], list[ProcessInstance]] = {}
-        self._lock = threading.Lock()
-        atexit.register(self.close_all)
-
-    @staticmethod
-    def _key(spec: SandboxSpec) -> tuple[object, ...]:
-        lim = spec.limits
-        return (lim.memory_mib, lim.cpus, lim.pids, lim.disk_mib)
-
-    def acquire(self, tier: ProcessTier, spec: SandboxSpec) -> ProcessInstance:
-        with self._lock:
-            idle = self._idle.get(self._key(spec))
-            inst = idle.pop() if idle else None
-        if inst is None:
-            return tier.create(spec)
-        inst.spec = spec
-        return inst
-
-    def release(self, inst: ProcessInstance) -> None:
-        if inst.cg.has_tasks() or any(os.scandir(inst.workdir)):
-            inst.close()  # not pristine: never hand a used sandbox to the next run
-            return
-        inst.cg.reset_peak()
-        with self._lock:
-            idle = self._idle.setdefault(self._key(inst.spec), [])
-            if len(idle) < self.MAX_IDLE:
-                idle.append(inst)
-                return
-        inst.close()
-
-    def close_all(self) -> None:
-        with self._lock:
-            pooled = [i for idle in self._idle.values() for i in idle]
-            self._idle.clear()
-        for inst in pooled:
-            inst.close()
 
 
 class ProcessTier(Tier):
@@ -217,17 +162,22 @@ class ProcessTier(Tier):
     isolation = "none: host filesystem, processes and network are visible; limits via cgroup"
 
     def __init__(self) -> None:
-        self._pool = _Pool()
+        self._pool = _pool.SlotPool()
 
     def run(
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
-        """One-shot on a pooled empty sandbox (see _Pool)."""
-        inst = self._pool.acquire(self, spec)
+        """One-shot on a pooled empty slot (see tiers/_pool.py)."""
+        slot = self._pool.acquire(spec.limits)
+        workdir = slot.dir / "work"
+        workdir.mkdir(exist_ok=True)
+        inst = ProcessInstance(slot.id, spec, slot.cg, workdir)
+        inst.counters = slot.counters
         try:
             return inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
         finally:
-            self._pool.release(inst)
+            slot.counters = inst.counters or slot.counters
+            self._pool.release(slot, pristine=not any(os.scandir(workdir)))
 
     def available(self) -> Availability:
         try:
@@ -237,16 +187,10 @@ class ProcessTier(Tier):
         return Availability(True, f"subprocess with cgroup v{version} limits", engine="subprocess")
 
     def create(self, spec: SandboxSpec) -> ProcessInstance:
-        sandbox_id = _state.new_id()
-        workdir = _state.sandbox_dir(sandbox_id) / "work"
-        workdir.mkdir(parents=True, exist_ok=True)
-        _state.claim(sandbox_id)
-        try:
-            cg = SandboxCgroup.create(sandbox_id, spec.limits)
-        except BaseException:
-            _state.remove_dir(sandbox_id)
-            raise
-        return ProcessInstance(sandbox_id, spec, cg, workdir)
+        slot = _pool.new_slot(spec.limits)
+        workdir = slot.dir / "work"
+        workdir.mkdir()
+        return ProcessInstance(slot.id, spec, slot.cg, workdir)
 
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> ProcessInstance:
         cg = SandboxCgroup(relpath=state["cgroup"], version=cgroup_version())

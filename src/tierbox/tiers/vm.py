@@ -38,11 +38,13 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -67,6 +69,7 @@ from tierbox.host.runner import which
 from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
     ExecResult,
+    Limits,
     NetworkPolicy,
     SandboxSpec,
     Stats,
@@ -78,8 +81,11 @@ from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH
 from tierbox.vmm import libvirt_domain as lvd
 from tierbox.vmm import libvirt_guest as guestmod
+from tierbox.vmm import libvirt_template as templates
 from tierbox.vmm import qemu
 from tierbox.vmm.agent import AgentClient, AgentError, AgentGoneError, AgentTimeoutError
+
+log = logging.getLogger("tierbox.vm")
 
 MIB = 1024 * 1024
 DEFAULT_IMAGE = "busybox:latest"
@@ -160,6 +166,19 @@ class GuestConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuestConfig:
         return cls(int(d["uid"]), int(d["gid"]), dict(d["env"]), str(d["workdir"]))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a VM is made of, and the key of its template."""
+
+    image: str
+    base: guestmod.BaseDisk
+    guest: guestmod.VMGuest
+    accel: str
+    memory_mib: int
+    vcpus: int
+    key: str
 
 
 @dataclass(frozen=True)
@@ -262,6 +281,9 @@ class VMInstance(Instance):
         self.timings: dict[str, float] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._generation = -1
+        #: keep the agent line open between calls (one client at a time)
+        self.hold_agent = False
 
     @property
     def name(self) -> str:
@@ -273,16 +295,43 @@ class VMInstance(Instance):
 
     # ---- libvirt -------------------------------------------------------------------------
     def domain(self) -> Any:
-        """The libvirt domain object (``virDomain``)."""
-        conn = lvh.connect()
+        """The libvirt domain object (``virDomain``).
+
+        After libvirtd came back (a new connection), a guest that libvirt left
+        paused in the middle of a snapshot, save or revert is resumed.
+        """
         try:
-            return conn.lookupByName(self.domain_name)
-        except _lv().libvirtError as exc:
+            dom = lvh.lookup(self.domain_name)
+        except lvh.LibvirtError as exc:
             if lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
                 raise SandboxError(
                     f"VM {self.name} is gone: libvirt has no domain {self.domain_name}"
                 ) from exc
-            raise lvh.translate(exc, f"looking up domain {self.domain_name}") from exc
+            raise
+        if self._generation != lvh.generation:
+            self._generation = lvh.generation
+            self._resume_if_stranded(dom)
+        return dom
+
+    def _resume_if_stranded(self, dom: Any) -> None:
+        lv = _lv()
+        stranded = {
+            lv.VIR_DOMAIN_PAUSED_UNKNOWN,
+            lv.VIR_DOMAIN_PAUSED_MIGRATION,
+            lv.VIR_DOMAIN_PAUSED_SAVE,
+            lv.VIR_DOMAIN_PAUSED_SNAPSHOT,
+            lv.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT,
+        }
+        with contextlib.suppress(lv.libvirtError):
+            state, reason = dom.state()
+            if state == lv.VIR_DOMAIN_PAUSED and reason in stranded:
+                dom.resume()
+                log.warning(
+                    "tierbox: VM %s was left paused (reason %s) by an interrupted "
+                    "libvirt operation; resumed it",
+                    self.name,
+                    reason,
+                )
 
     def domain_state(self) -> str:
         st = lvh.call("reading the domain state", self.domain().state)
@@ -313,10 +362,14 @@ class VMInstance(Instance):
     def _ensure_agent(self) -> None:
         if not self.agent.connected:
             try:
-                self.connect_agent(deadline=time.monotonic() + 10.0, sync=False)
+                self.connect_agent(deadline=time.monotonic() + CALL_TIMEOUT_S, sync=False)
             except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
                 self.agent.close()
-                raise self._gone_or_hung(exc, "connecting to the agent") from exc
+                raise self._gone_or_hung(
+                    exc,
+                    "connecting to the agent; is another process holding its line "
+                    "with a long command?",
+                ) from exc
 
     def _gone_or_hung(self, exc: Exception, what: str) -> SandboxError:
         if not self._alive():
@@ -335,7 +388,9 @@ class VMInstance(Instance):
             for attempt in (0, 1):
                 self._ensure_agent()
                 try:
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                    self._release_agent()
+                    return result
                 except AgentGoneError as exc:
                     self.agent.close()
                     if attempt or not self._alive():
@@ -344,8 +399,16 @@ class VMInstance(Instance):
                     self.agent.close()
                     raise self._gone_or_hung(exc, what) from exc
                 except AgentError as exc:
+                    self._release_agent()
                     raise SandboxError(f"{what} failed in VM {self.name}: {exc}") from exc
             raise AssertionError("unreachable")
+
+    def _release_agent(self) -> None:
+        """Hand the agent line back after each call (unless ``hold_agent``): QEMU
+        serves one client at a time, and reconnecting costs under a millisecond,
+        so other processes (the CLI) never wait on an idle holder."""
+        if not self.hold_agent:
+            self.agent.close()
 
     # ---- the contract --------------------------------------------------------------------
     def exec(
@@ -402,6 +465,8 @@ class VMInstance(Instance):
                     if attempt == 0 and self._alive():
                         continue  # the line was stale (QEMU restarted): once more
                     raise self._gone_or_hung(exc, f"running {argv[0]!r}") from exc
+                finally:
+                    self._release_agent()
                 return _classify(out, timeout, self.spec.limits.output_bytes, self.meta)
             raise AssertionError("unreachable")
 
@@ -512,7 +577,17 @@ class VMInstance(Instance):
     def _snapshot_failed(self, dom: Any, exc: Any, name: str) -> TierboxError:
         err = lvh.translate(exc, f"creating snapshot {name!r} of VM {self.name}")
         if isinstance(err, lvh.LibvirtUnreachableError):
-            return err
+            # bring libvirtd back (where allowed) so the guest is not left paused
+            try:
+                self.domain()
+            except TierboxError:
+                return err
+            return lvh.LibvirtUnreachableError(
+                f"lost the connection to libvirtd while creating snapshot {name!r} of VM "
+                f"{self.name} ({_short_text(str(exc))}); libvirtd runs again and the VM runs "
+                f"on, but the snapshot may not be recorded: "
+                f"`tierbox vm snapshot list {self.name}` shows"
+            )
         text = str(exc)
         state = ""
         with contextlib.suppress(Exception):
@@ -520,16 +595,25 @@ class VMInstance(Instance):
             if st == "paused":
                 dom.resume()  # a failed save leaves the guest paused on some paths
             state = _STATE_NAMES.get(int(dom.state()[0]), "")
-        if "No space left" in text or "ENOSPC" in text:
-            where = Path(self.meta.disk).parent
-            free = ""
-            with contextlib.suppress(OSError):
-                st_fs = os.statvfs(where)
-                free = f", {st_fs.f_bavail * st_fs.f_frsize / MIB:.1f} MiB free"
+        where = Path(self.meta.disk).parent
+        free_mib: float | None = None
+        with contextlib.suppress(OSError):
+            st_fs = os.statvfs(where)
+            free_mib = st_fs.f_bavail * st_fs.f_frsize / MIB
+        mem_mib = int(self.spec.limits.memory_mib or DEFAULT_MEMORY_MIB)
+        # QEMU reports a full disk as ENOSPC or, while saving RAM, as a bare -5 (EIO)
+        if (
+            "No space left" in text
+            or "ENOSPC" in text
+            or (free_mib is not None and free_mib < mem_mib)
+        ):
             return SandboxError(
                 f"no space left for snapshot {name!r} of VM {self.name}: its disk "
-                f"{self.meta.disk} is on a full file system ({where}{free}). No snapshot "
-                f"was recorded; the VM is {state or 'unchanged'}. Free some space and retry."
+                f"{self.meta.disk} is on a file system with "
+                f"{free_mib if free_mib is not None else 0:.1f} MiB free ({where}), and the "
+                f"memory state of a {mem_mib} MiB guest needs up to {mem_mib} MiB. No "
+                f"snapshot was recorded; the VM is {state or 'unchanged'}. Free some space "
+                f"and retry. (libvirt: {_short_text(text)})"
             )
         return SandboxError(f"{err} (the VM is {state or 'in an unknown state'})")
 
@@ -635,6 +719,7 @@ class VMInstance(Instance):
                 except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
                     self.agent.close()
                     raise self._gone_or_hung(exc, "reconnecting after the revert") from exc
+                self._release_agent()
             timings["total_s"] = time.monotonic() - t0
             self.timings = {k: v for k, v in timings.items() if isinstance(v, float)}
             return timings
@@ -711,6 +796,7 @@ class VMInstance(Instance):
             except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
                 self.agent.close()
                 raise self._boot_failure(exc) from exc
+            self._release_agent()
 
     def stop(self) -> None:
         """Power the VM off at once (its disk and snapshots stay)."""
@@ -953,26 +1039,13 @@ class VMTier(Tier):
     def create(self, spec: SandboxSpec) -> VMInstance:
         return self.create_vm(spec)
 
-    def create_vm(
-        self, spec: SandboxSpec, *, name: str | None = None, persistent: bool = False
-    ) -> VMInstance:
-        """Define and boot a VM; returns once its agent answers.
-
-        ``name`` (optional) is the VM's name, its sandbox id and its libvirt
-        domain name; without one the id is random and the domain is
-        ``tierbox-<id>``. ``persistent`` VMs are never reaped as leftovers.
-        """
-        t0 = time.monotonic()
-        timings: dict[str, float] = {}
+    def shape(self, spec: SandboxSpec) -> Shape:
+        """Validate ``spec`` and gather what the VM is made of (builds the
+        guest initramfs and the image's base disk when missing)."""
         if spec.network is not NetworkPolicy.NONE:
             raise SpecError(
                 f"network={spec.network.value}: the vm tier has no network interface yet; "
                 "use network=none"
-            )
-        if name is not None and not NAME_RE.match(name):
-            raise SpecError(
-                f"bad VM name {name!r}: use letters, digits and . _ - "
-                "(at most 63, starting with a letter or digit)"
             )
         mem = spec.limits.memory_mib or DEFAULT_MEMORY_MIB
         if mem < MIN_MEMORY_MIB:
@@ -993,15 +1066,51 @@ class VMTier(Tier):
             raise SandboxError(f"cannot build the base disk of {image}: {exc}") from exc
         except ImageError as exc:
             raise SandboxError(f"image {image}: {exc}") from exc
-        timings["base_disk_s"] = time.monotonic() - t0
         g = guestmod.ensure_guest()
         accel, _ = self.accelerator()
-        timings["guest_s"] = time.monotonic() - t0
+        key = templates.template_key(
+            {
+                "image_digest": base.digest,
+                "memory_mib": mem,
+                "vcpus": vcpus,
+                "accel": accel,
+                "initramfs": g.sha256,
+                "kernel": g.kernel_sha256,
+                "qemu": qemu.qemu_version(),
+                "libvirt": lvh.binding_version(),
+                "domain_format": lvd.DOMAIN_FORMAT,
+            }
+        )
+        return Shape(image, base, g, accel, mem, vcpus, key)
+
+    def create_vm(
+        self,
+        spec: SandboxSpec,
+        *,
+        name: str | None = None,
+        persistent: bool = False,
+        template: bool | None = None,
+    ) -> VMInstance:
+        """Define and start a VM; returns once its agent answers.
+
+        ``name`` (optional) is the VM's name, its sandbox id and its libvirt
+        domain name; without one the id is random and the domain is
+        ``tierbox-<id>``. ``persistent`` VMs are never reaped as leftovers.
+        ``template``: restore the shape's saved template where there is one
+        (the default unless ``TIERBOX_VM_TEMPLATES=0``); False always cold-boots.
+        """
+        t0 = time.monotonic()
+        if name is not None and not NAME_RE.match(name):
+            raise SpecError(
+                f"bad VM name {name!r}: use letters, digits and . _ - "
+                "(at most 63, starting with a letter or digit)"
+            )
+        shape = self.shape(spec)
+        timings: dict[str, float] = {"prepare_s": time.monotonic() - t0}
         conn = lvh.connect()
-        timings["connect_s"] = time.monotonic() - t0
         sid = name or _state.new_id()
         domain = name or f"{MARKER}-{sid}"
-        self._check_name_free(conn, sid, domain)
+        self._check_name_free(sid, domain)
         d = domains_dir() / sid
         sock = sockets_dir() / f"{sid}.sock"
         if len(str(sock)) > UNIX_PATH_MAX:
@@ -1014,55 +1123,56 @@ class VMTier(Tier):
         d.mkdir(parents=True)
         sockets_dir().mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
-        disk = d / "disk.qcow2"
-        console = d / "console.log"
-        dom: Any = None
+        guest = _guest_config(spec, shape.base)
+        meta = lvd.VMMeta(
+            id=sid,
+            persistent=persistent,
+            created=time.time(),
+            dir=str(d),
+            socket=str(sock),
+            console=str(d / "console.log"),
+            disk=str(d / "disk.qcow2"),
+            accel=shape.accel,
+            image=shape.base.image,
+            image_digest=shape.base.digest,
+            guest=guest.to_dict(),
+            spec={**spec.to_dict(), "image": shape.image},
+        )
+        cfg = lvd.DomainConfig(
+            name=domain,
+            meta=meta,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            kernel=shape.guest.kernel,
+            initramfs=shape.guest.initramfs,
+            cmdline=shape.guest.cmdline(accel=shape.accel, hostname=sid),
+            cpu_quota=spec.limits.cpus,
+        )
+        use_templates = templates.enabled() if template is None else template
+        inst: VMInstance | None = None
         try:
-            guestmod.create_overlay(base.path, disk)
-            timings["overlay_s"] = time.monotonic() - t0
-            guest = _guest_config(spec, base)
-            meta = lvd.VMMeta(
-                id=sid,
-                persistent=persistent,
-                created=time.time(),
-                dir=str(d),
-                socket=str(sock),
-                console=str(console),
-                disk=str(disk),
-                accel=accel,
-                image=base.image,
-                image_digest=base.digest,
-                guest=guest.to_dict(),
-                spec={**spec.to_dict(), "image": image},
-            )
-            cfg = lvd.DomainConfig(
-                name=domain,
-                meta=meta,
-                memory_mib=mem,
-                vcpus=vcpus,
-                kernel=g.kernel,
-                initramfs=g.initramfs,
-                cmdline=g.cmdline(accel=accel, hostname=sid),
-                cpu_quota=spec.limits.cpus,
-            )
-            dom = lvh.call(f"defining domain {domain}", conn.defineXML, lvd.domain_xml(cfg))
-            inst = VMInstance(self, domain, meta)
             if not persistent:
                 _state.sandbox_dir(sid).mkdir(parents=True, exist_ok=True)
                 _state.claim(sid)
-            lvh.call(f"starting domain {domain}", dom.create)
-            timings["domain_start_s"] = time.monotonic() - t0
-            deadline = t0 + BOOT_TIMEOUT_S.get(accel, 90.0)
-            try:
-                inst.connect_agent(deadline=deadline)
-            except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
-                inst.agent.close()
-                raise inst._boot_failure(exc) from exc
-            timings["agent_s"] = time.monotonic() - t0
-        except BaseException:
-            if dom is not None:
-                with contextlib.suppress(TierboxError):
+            tpl = templates.load(shape.key) if use_templates else None
+            if tpl is not None:
+                try:
+                    inst = self._start_from_template(conn, tpl, cfg, timings, t0)
+                except lvh.LibvirtUnreachableError:
+                    raise
+                except TierboxError as exc:
+                    log.warning("tierbox: vm template %s failed (%s); cold-booting", tpl.key, exc)
+                    templates.discard(tpl.key)
                     self.remove_domain(domain, None)
+                    Path(meta.disk).unlink(missing_ok=True)
+                    inst = None
+            if inst is None:
+                inst = self._cold_boot(conn, cfg, shape, timings, t0)
+                if use_templates:
+                    self._spawn_template_build(shape, spec)
+        except BaseException:
+            with contextlib.suppress(TierboxError):
+                self.remove_domain(domain, None)
             shutil.rmtree(d, ignore_errors=True)
             sock.unlink(missing_ok=True)
             _state.remove_dir(sid)
@@ -1070,14 +1180,181 @@ class VMTier(Tier):
         inst.timings = timings
         return inst
 
-    def _check_name_free(self, conn: Any, sid: str, domain: str) -> None:
-        lv = _lv()
+    def _cold_boot(
+        self,
+        conn: Any,
+        cfg: lvd.DomainConfig,
+        shape: Shape,
+        timings: dict[str, float],
+        t0: float,
+    ) -> VMInstance:
+        guestmod.create_overlay(shape.base.path, Path(cfg.meta.disk))
+        timings["overlay_s"] = time.monotonic() - t0
+        dom = lvh.call(f"defining domain {cfg.name}", conn.defineXML, lvd.domain_xml(cfg))
+        inst = VMInstance(self, cfg.name, cfg.meta)
+        lvh.call(f"starting domain {cfg.name}", dom.create)
+        timings["domain_start_s"] = time.monotonic() - t0
         try:
-            dom = conn.lookupByName(domain)
-        except lv.libvirtError as exc:
-            if not lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
-                raise lvh.translate(exc, f"looking up domain {domain}") from exc
+            inst.connect_agent(deadline=t0 + BOOT_TIMEOUT_S.get(shape.accel, 90.0))
+        except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+            inst.agent.close()
+            raise inst._boot_failure(exc) from exc
+        inst._release_agent()
+        timings["agent_s"] = time.monotonic() - t0
+        timings["cold_boot"] = 1.0
+        return inst
+
+    def _start_from_template(
+        self,
+        conn: Any,
+        tpl: templates.Template,
+        cfg: lvd.DomainConfig,
+        timings: dict[str, float],
+        t0: float,
+    ) -> VMInstance:
+        """Restore a copy of the shape's saved template as this VM."""
+        lv = _lv()
+        templates.touch(tpl)
+        shutil.copyfile(tpl.disk, cfg.meta.disk)
+        img = templates.templates_dir() / f".clone-{cfg.meta.id}-{os.getpid()}.save"
+        try:
+            templates.write_clone_image(tpl.save, lvd.retarget_xml(tpl.save.xml, cfg), img)
+            timings["clone_image_s"] = time.monotonic() - t0
+            lvh.call(
+                f"restoring template {tpl.key} as {cfg.name}",
+                conn.restoreFlags,
+                str(img),
+                None,
+                lv.VIR_DOMAIN_SAVE_RUNNING,
+            )
+        finally:
+            img.unlink(missing_ok=True)
+        timings["restore_s"] = time.monotonic() - t0
+        dom = lvh.call("looking up the restored domain", conn.lookupByName, cfg.name)
+        xml = lvh.call("reading the domain XML", dom.XMLDesc, lv.VIR_DOMAIN_XML_INACTIVE)
+        lvh.call(f"defining domain {cfg.name}", conn.defineXML, xml)
+        inst = VMInstance(self, cfg.name, cfg.meta)
+        try:
+            inst.connect_agent(deadline=time.monotonic() + REVERT_TIMEOUT_S)
+            with contextlib.suppress(AgentError):
+                inst.agent.put(
+                    "/proc/sys/kernel/hostname",
+                    cfg.meta.id.encode(),
+                    mode=0o644,
+                    uid=0,
+                    gid=0,
+                    deadline=time.monotonic() + 5.0,
+                )
+        except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+            inst.agent.close()
+            raise inst._boot_failure(exc) from exc
+        inst._release_agent()
+        timings["agent_s"] = time.monotonic() - t0
+        timings["from_template"] = 1.0
+        return inst
+
+    # ---- templates ---------------------------------------------------------------------------
+    def _spawn_template_build(self, shape: Shape, spec: SandboxSpec) -> None:
+        """Build the shape's template in a detached process (this create cold-booted)."""
+        templates.templates_dir().mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "tierbox.tiers.vm", "template",
+            "--image", shape.image,
+            "--memory-mib", str(shape.memory_mib),
+            "--vcpus", str(shape.vcpus),
+        ]  # fmt: skip
+        with contextlib.suppress(OSError), open(templates.templates_dir() / "build.log", "ab") as f:
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=f,
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def build_template(self, spec: SandboxSpec) -> templates.Template | None:
+        """Boot, settle and save the template of ``spec``'s shape (None: another
+        process is building it)."""
+        shape = self.shape(spec)
+        found = templates.load(shape.key)
+        if found is not None:
+            return found
+        with templates.build_lock(shape.key) as mine:
+            if not mine:
+                return None
+            found = templates.load(shape.key)
+            if found is not None:
+                return found
+            return self._build_template(shape)
+
+    def _build_template(self, shape: Shape) -> templates.Template:
+        conn = lvh.connect()
+        lv = _lv()
+        short = shape.key[:12]
+        sid = f"tpl-{short}"
+        work = templates.templates_dir() / f".work-{shape.key}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        sockets_dir().mkdir(parents=True, exist_ok=True)
+        meta = lvd.VMMeta(
+            id=sid,
+            persistent=False,
+            created=time.time(),
+            dir=str(work),
+            socket=str(sockets_dir() / f"{sid}.sock"),
+            console=str(work / "console.log"),
+            disk=str(work / "disk.qcow2"),
+            accel=shape.accel,
+            image=shape.base.image,
+            image_digest=shape.base.digest,
+            guest={"uid": 0, "gid": 0, "env": {"PATH": DEFAULT_PATH}, "workdir": "/"},
+            spec={},
+        )
+        cfg = lvd.DomainConfig(
+            name=f"{MARKER}-{sid}",
+            meta=meta,
+            memory_mib=shape.memory_mib,
+            vcpus=shape.vcpus,
+            kernel=shape.guest.kernel,
+            initramfs=shape.guest.initramfs,
+            cmdline=shape.guest.cmdline(accel=shape.accel, hostname="tierbox"),
+        )
+        dom: Any = None
+        try:
+            guestmod.create_overlay(shape.base.path, Path(meta.disk))
+            Path(meta.socket).unlink(missing_ok=True)
+            dom = lvh.call("starting a template domain", conn.createXML, lvd.domain_xml(cfg), 0)
+            inst = VMInstance(self, cfg.name, meta)
+            try:
+                inst.connect_agent(deadline=time.monotonic() + BOOT_TIMEOUT_S[shape.accel])
+                inst.exec(["true"], timeout_s=30)  # page in the exec path once
+            except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+                raise inst._boot_failure(exc) from exc
+            finally:
+                inst.agent.close()
+            lvh.call("saving the template domain", dom.save, str(work / "state.save"))
             dom = None
+            return templates.finish(
+                shape.key,
+                work,
+                {
+                    "image": shape.image,
+                    "image_digest": shape.base.digest,
+                    "memory_mib": shape.memory_mib,
+                    "vcpus": shape.vcpus,
+                    "accel": shape.accel,
+                },
+            )
+        finally:
+            if dom is not None:
+                with contextlib.suppress(lv.libvirtError):
+                    dom.destroy()
+            shutil.rmtree(work, ignore_errors=True)
+            Path(meta.socket).unlink(missing_ok=True)
+
+    def _check_name_free(self, sid: str, domain: str) -> None:
+        dom = _lookup_or_none(domain)
         if dom is not None:
             meta = _domain_meta(dom)
             if meta is not None:
@@ -1107,15 +1384,10 @@ class VMTier(Tier):
             st = _state.read_state(name)
             if st.get("tier") == "vm":
                 return self.attach(name, st["tier_state"])
-        conn = lvh.connect()
-        lv = _lv()
         for candidate in (name, f"{MARKER}-{name}"):
-            try:
-                dom = conn.lookupByName(candidate)
-            except lv.libvirtError as exc:
-                if lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
-                    continue
-                raise lvh.translate(exc, f"looking up VM {name}") from exc
+            dom = _lookup_or_none(candidate)
+            if dom is None:
+                continue
             meta = _domain_meta(dom)
             if meta is None:
                 raise UsageError(f"libvirt domain {candidate!r} is not a tierbox VM")
@@ -1191,13 +1463,7 @@ class VMTier(Tier):
         files. Idempotent; returns a line per thing removed."""
         removed: list[str] = []
         lv = _lv()
-        conn = lvh.connect()
-        try:
-            dom = conn.lookupByName(domain)
-        except lv.libvirtError as exc:
-            if not lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
-                raise lvh.translate(exc, f"looking up domain {domain}") from exc
-            dom = None
+        dom = _lookup_or_none(domain)
         if dom is not None:
             if dom.isActive():
                 with contextlib.suppress(lv.libvirtError):
@@ -1233,6 +1499,15 @@ class VMTier(Tier):
             _state.remove_dir(meta.id)
         return removed
 
+    @staticmethod
+    def _busy_helper(meta: lvd.VMMeta) -> bool:
+        """A template being built or a KVM probe still running (not leftovers)."""
+        if meta.id.startswith("tpl-"):
+            return templates.is_locked(Path(meta.dir).name.removeprefix(".work-"))
+        if meta.id.startswith("probe-"):
+            return time.time() - meta.created < KVM_PROBE_TIMEOUT_S + 30
+        return False
+
     def reap(self, live: set[str]) -> list[str]:
         """Remove VMs of crashed runs: marked domains whose sandbox is not live.
 
@@ -1243,7 +1518,7 @@ class VMTier(Tier):
         known: set[str] = set()
         for dom, meta in self.domains():
             known.add(meta.id)
-            if meta.id in live:
+            if meta.id in live or self._busy_helper(meta):
                 continue
             has_state = (_state.sandbox_dir(meta.id) / "state.json").exists()
             if meta.persistent and not has_state:
@@ -1264,12 +1539,39 @@ class VMTier(Tier):
             for s in sorted(socks.glob("*.sock")):
                 if s.stem not in known:
                     s.unlink(missing_ok=True)
+        tdir = templates.templates_dir()
+        if tdir.is_dir():
+            for w in sorted(tdir.glob(".work-*")):
+                if not templates.is_locked(w.name[len(".work-") :]):
+                    shutil.rmtree(w, ignore_errors=True)
+                    removed.append(f"unfinished vm template {w}")
+            for old in templates.expired():
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(f"vm template unused for a week {old}")
+            for f in tdir.glob(".clone-*"):
+                if time.time() - f.stat().st_mtime > 600:
+                    f.unlink(missing_ok=True)
+                    removed.append(f"vm clone image {f}")
         probe = guestmod.vm_home() / "probe"
         if probe.is_dir():
             for f in probe.glob("*.log"):
                 if time.time() - f.stat().st_mtime > 3600:
                     f.unlink(missing_ok=True)
         return removed
+
+
+def _short_text(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _lookup_or_none(name: str) -> Any:
+    """The libvirt domain called ``name``, or None."""
+    try:
+        return lvh.lookup(name)
+    except lvh.LibvirtError as exc:
+        if lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
+            return None
+        raise
 
 
 def _domain_meta(dom: Any) -> lvd.VMMeta | None:
@@ -1321,7 +1623,8 @@ def setup(image: str = DEFAULT_IMAGE) -> list[str]:
     guest initramfs, the base disk of ``image``, the accelerator verdict."""
     from tierbox.vmm import artifacts
 
-    lines = []
+    lines = list(lvh.start_daemons())
+    lines.append(f"libvirt {lvh.binding_version()} answers at {lvh.uri()}")
     if artifacts.load_kernel() is None:
         lines.append("fetching the guest kernel (shared with the microvm tier)")
         artifacts.build_kernel()
@@ -1332,6 +1635,13 @@ def setup(image: str = DEFAULT_IMAGE) -> list[str]:
     lines.append(f"accelerator: {accel} ({why})")
     b = guestmod.base_disk(image)
     lines.append(f"base disk of {b.image}: {b.path}")
+    if templates.enabled():
+        spec = SandboxSpec(image=image, limits=Limits(memory_mib=DEFAULT_MEMORY_MIB))
+        tpl = tier.build_template(spec)
+        lines.append(
+            f"template of {image}, {DEFAULT_MEMORY_MIB} MiB, 1 vCPU: "
+            + (str(tpl.dir) if tpl else "being built by another process")
+        )
     return lines
 
 
@@ -1342,11 +1652,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("setup", help="build the guest artifacts and decide the accelerator")
     s.add_argument("--image", default=DEFAULT_IMAGE)
     sub.add_parser("status", help="is the tier available here, and why (not)")
+    t = sub.add_parser("template", help="build the saved template of one VM shape")
+    t.add_argument("--image", default=DEFAULT_IMAGE)
+    t.add_argument("--memory-mib", type=int, default=DEFAULT_MEMORY_MIB)
+    t.add_argument("--vcpus", type=int, default=1)
     args = parser.parse_args(argv)
     try:
         if args.command == "setup":
             for line in setup(args.image):
                 print(f"vm: {line}")
+        elif args.command == "template":
+            spec = SandboxSpec(
+                image=args.image,
+                limits=Limits(memory_mib=args.memory_mib, cpus=float(args.vcpus)),
+            )
+            started = time.monotonic()
+            tpl = VMTier().build_template(spec)
+            if tpl is None:
+                print("vm: another process is building this template")
+            else:
+                print(f"vm: template {tpl.key} ready in {time.monotonic() - started:.1f} s")
         else:
             a = VMTier().available()
             print(json.dumps(a.to_dict(), indent=1))

@@ -25,6 +25,8 @@ from typing import Any
 from tierbox.errors import SandboxError
 
 NS = "https://tierbox.dev/xmlns/vm/1"
+#: Bump when the generated XML changes (templates saved with the old one are rebuilt).
+DOMAIN_FORMAT = 2
 NS_PREFIX = "tierbox"
 #: QEMU's minimal firmware: boots a -kernel straight, ~0.15 s sooner than SeaBIOS under TCG.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -147,7 +149,7 @@ def domain_xml(cfg: DomainConfig) -> str:
     dev = _sub(dom, "devices")
     if not cfg.transient_probe:
         disk = _sub(dev, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+        _sub(disk, "driver", name="qemu", type="qcow2", cache="writeback", discard="unmap")
         _sub(disk, "source", file=cfg.meta.disk)
         _sub(disk, "target", dev="vda", bus="virtio")
         _pci(disk, SLOTS["disk"])
@@ -171,6 +173,52 @@ def domain_xml(cfg: DomainConfig) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
+def retarget_xml(xml: str, cfg: DomainConfig) -> str:
+    """A template domain's XML (as libvirt wrote it into its save image) made
+    into the XML of ``cfg``'s domain: its name, no UUID (libvirt makes a new
+    one), its metadata, disk, console log, agent socket, command line and CPU
+    quota. Every device and address stays as libvirt laid it out, so the saved
+    QEMU state loads into it."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise SandboxError(f"unreadable domain XML in a template: {exc}") from exc
+
+    def need(path: str) -> ET.Element:
+        el = root.find(path)
+        if el is None:
+            raise SandboxError(f"the template's domain XML has no {path}")
+        return el
+
+    need("name").text = cfg.name
+    for uuid in root.findall("uuid"):
+        root.remove(uuid)
+    title = root.find("title")
+    if title is None:
+        title = _sub(root, "title")
+    title.text = f"tierbox vm {cfg.meta.id}"
+    md = root.find("metadata")
+    if md is None:
+        md = _sub(root, "metadata")
+    for old in md.findall(f"{{{NS}}}vm"):
+        md.remove(old)
+    _sub(md, f"{{{NS}}}vm", json.dumps(cfg.meta.to_dict(), sort_keys=True))
+    need("os/cmdline").text = cfg.cmdline
+    need("devices/disk/source").set("file", cfg.meta.disk)
+    for tag in ("serial", "console"):
+        for src in root.findall(f"devices/{tag}/source"):
+            src.set("path", cfg.meta.console)
+    need("devices/channel/source").set("path", cfg.meta.socket)
+    for tune in root.findall("cputune"):
+        root.remove(tune)
+    if cfg.cpu_quota is not None:
+        tune = ET.Element("cputune")
+        _sub(tune, "period", "100000")
+        _sub(tune, "quota", str(max(1000, int(cfg.cpu_quota / cfg.vcpus * 100_000))))
+        root.insert(list(root).index(need("vcpu")) + 1, tune)
+    return ET.tostring(root, encoding="unicode")
+
+
 def parse_meta(text: str) -> VMMeta | None:
     """The tierbox metadata in a domain's XML or in the element libvirt returns
     for :data:`NS`; None when there is none (not a tierbox domain)."""
@@ -178,7 +226,8 @@ def parse_meta(text: str) -> VMMeta | None:
         root = ET.fromstring(text)
     except ET.ParseError:
         return None
-    el = root if root.tag == f"{{{NS}}}vm" else root.find(f"./metadata/{{{NS}}}vm")
+    # libvirt hands the element back without its namespace; a full domain XML keeps it
+    el = root if root.tag in ("vm", f"{{{NS}}}vm") else root.find(f"./metadata/{{{NS}}}vm")
     if el is None or not el.text:
         return None
     try:

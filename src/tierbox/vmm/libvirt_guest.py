@@ -262,6 +262,7 @@ class VMGuest:
     release: str
     hz: int
     sha256: str  # of the initramfs
+    kernel_sha256: str
 
     def cmdline(self, *, accel: str, hostname: str, probe: bool = False) -> str:
         parts = [
@@ -323,7 +324,9 @@ def ensure_guest() -> VMGuest:
         meta = _read_json(meta_path)
         digest = _inputs_digest(g.initramfs, modules_dir(kernel))
         if meta is not None and meta.get("inputs") == digest and out.is_file():
-            return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]))
+            return VMGuest(
+                kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]), kernel.sha256
+            )
     try:
         return build_initramfs(g)
     except (CommandError, HostError, ImageError) as exc:
@@ -339,7 +342,9 @@ def build_initramfs(g: artifacts.GuestArtifacts) -> VMGuest:
         meta = _read_json(meta_path)
         out = initramfs_path()
         if meta is not None and meta.get("inputs") == digest and out.is_file():
-            return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]))
+            return VMGuest(
+                kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]), kernel.sha256
+            )
         cpio = require("cpio", "cpio")
         _check_base_layout(cpio, g.initramfs.path, kernel.release)
         with tempfile.TemporaryDirectory(prefix=".initramfs-", dir=guest_dir()) as tmp_s:
@@ -361,7 +366,7 @@ def build_initramfs(g: artifacts.GuestArtifacts) -> VMGuest:
         os.replace(tmp_out, out)
         sha = hashlib.sha256(data).hexdigest()
         _write_json(meta_path, {"inputs": digest, "sha256": sha, "size": len(data)})
-        return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, sha)
+        return VMGuest(kernel.vmlinux, out, kernel.release, kernel.hz, sha, kernel.sha256)
 
 
 # ---------------------------------------------------------------- base disks

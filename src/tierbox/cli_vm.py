@@ -1,0 +1,370 @@
+"""``tierbox vm ...``: full VMs on libvirt, with virsh-parity snapshots.
+
+    tierbox vm create web --image debian:bookworm --memory 512m
+    tierbox vm exec web -- sh -c 'echo v1 > /srv/app'
+    tierbox vm snapshot create web before-update --description "Snapshot before update"
+    tierbox vm snapshot revert web before-update
+    tierbox vm snapshot list web
+    tierbox vm snapshot delete web before-update
+    tierbox vm rm web
+
+The lead wires it in with ``app.add_typer(vm_app, name="vm")``. Each VM is a
+libvirt domain of the same name (``virsh list``, ``virsh snapshot-list web``
+show what these commands do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tierbox.errors import SandboxError, TierboxError, UsageError
+from tierbox.sandbox import make_spec
+from tierbox.spec import ExecResult, TerminationKind, parse_duration_s, parse_memory_mib
+
+vm_app = typer.Typer(
+    help="Full VMs on libvirt (q35, own kernel): create, exec, ls, start, stop, rm, "
+    "snapshots with virsh parity.",
+    no_args_is_help=True,
+)
+snapshot_app = typer.Typer(
+    help="libvirt snapshots of a VM (memory and disk): create, list, revert, delete.",
+    no_args_is_help=True,
+)
+vm_app.add_typer(snapshot_app, name="snapshot")
+
+out = Console()
+err = Console(stderr=True)
+PASSTHROUGH = {"allow_interspersed_args": False}
+
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The VM's name.")]
+SnapArg = Annotated[str, typer.Argument(metavar="SNAPSHOT", help="The snapshot's name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
+
+
+class _Notices(logging.Handler):
+    """tierbox's warnings (e.g. "started libvirtd") as one stderr line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(record.getMessage(), highlight=False, markup=False)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("tierbox")
+    if not any(isinstance(h, _Notices) for h in logger.handlers):
+        logger.addHandler(_Notices(logging.WARNING))
+        logger.propagate = False
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
+    if isinstance(exc, UsageError):
+        raise typer.Exit(2)
+    if isinstance(exc, SandboxError) and "command not found" in str(exc):
+        raise typer.Exit(127)
+    raise typer.Exit(125)
+
+
+def _tier() -> Any:
+    from tierbox.tiers.vm import VMTier
+
+    _setup_logging()
+    return VMTier()
+
+
+def _open(name: str) -> Any:
+    return _tier().open(name)
+
+
+def _env(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _command(argv: list[str] | None) -> list[str]:
+    argv = list(argv or [])
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
+
+
+def _emit_result(r: ExecResult, as_json: bool) -> NoReturn:
+    if as_json:
+        print(json.dumps(r.to_dict()))
+    else:
+        sys.stdout.buffer.write(r.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(r.stderr)
+        sys.stderr.buffer.flush()
+        t = r.termination
+        if t.kind is not TerminationKind.EXITED:
+            err.print(f"tierbox: {t.describe()}", highlight=False, markup=False)
+        elif r.stdout_truncated or r.stderr_truncated:
+            err.print("tierbox: output truncated at the output limit", highlight=False)
+    raise typer.Exit(r.exit_code)
+
+
+def _stdin_data() -> bytes | None:
+    import select
+
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+    except (OSError, ValueError):
+        return None
+    return sys.stdin.buffer.read() if ready else None
+
+
+# ---- VMs ------------------------------------------------------------------------------
+
+
+@vm_app.command("create")
+def vm_create(
+    name: NameArg,
+    image: Annotated[
+        str, typer.Option("--image", "-i", help="Image for the root disk, e.g. debian:bookworm.")
+    ] = "busybox:latest",
+    memory: Annotated[str, typer.Option("--memory", "-m", help="Guest RAM, e.g. 512m.")] = "256m",
+    cpus: Annotated[
+        float | None, typer.Option("--cpus", help="vCPUs (rounded up) and a CPU quota.")
+    ] = None,
+    pids: Annotated[int, typer.Option("--pids", help="Process limit per exec.")] = 128,
+    timeout: Annotated[
+        str, typer.Option("--timeout", help="Default wall-clock limit of each exec.")
+    ] = "60s",
+    env: EnvOpt = None,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Cold-boot even where a saved template exists.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Define and start a VM (a libvirt domain called NAME); it lives until `vm rm`."""
+    try:
+        spec = make_spec(
+            image,
+            memory_mib=parse_memory_mib(memory),
+            cpus=cpus,
+            pids=pids,
+            timeout_s=parse_duration_s(timeout),
+            env=_env(env),
+        )
+        tier = _tier()
+        inst = tier.create_vm(spec, name=name, persistent=True, template=False if cold else None)
+        tier.register(inst)
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "name": inst.name,
+                    "domain": inst.domain_name,
+                    "accel": inst.meta.accel,
+                    "timings": inst.timings,
+                }
+            )
+        )
+    else:
+        print(inst.name)
+
+
+@vm_app.command("exec", context_settings=PASSTHROUGH)
+def vm_exec(
+    name: NameArg,
+    command: Annotated[list[str], typer.Argument(help="Command and arguments, after --.")],
+    timeout: Annotated[
+        str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")
+    ] = None,
+    env: EnvOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a command in a VM; the exit status mirrors the command's."""
+    try:
+        argv = _command(command)
+        if not argv:
+            raise UsageError("give a command after --, e.g. `tierbox vm exec web -- uname -a`")
+        r = _open(name).exec(
+            argv,
+            stdin=_stdin_data(),
+            env=_env(env),
+            timeout_s=parse_duration_s(timeout) if timeout else None,
+        )
+    except TierboxError as exc:
+        _fail(exc)
+    _emit_result(r, as_json)
+
+
+@vm_app.command("ls")
+def vm_ls(as_json: JsonOpt = False) -> None:
+    """List tierbox VMs (running or not)."""
+    try:
+        rows = [v.to_dict() for v in _tier().list_vms()]
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table("name", "state", "image", "memory", "vcpus", "type", "snapshots", "created")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["state"],
+            str(r["image"]),
+            f"{r['memory_mib']} MiB",
+            str(r["vcpus"]),
+            "kvm" if r["accel"] == "kvm" else "qemu (TCG)",
+            str(r["snapshots"]),
+            _when(r["created"]),
+        )
+    out.print(table)
+
+
+@vm_app.command("start")
+def vm_start(name: NameArg) -> None:
+    """Boot a stopped VM again from its disk."""
+    try:
+        _open(name).start()
+    except TierboxError as exc:
+        _fail(exc)
+    print(name)
+
+
+@vm_app.command("stop")
+def vm_stop(name: NameArg) -> None:
+    """Power a VM off at once; its disk and snapshots stay."""
+    try:
+        _open(name).stop()
+    except TierboxError as exc:
+        _fail(exc)
+    print(name)
+
+
+@vm_app.command("rm")
+def vm_rm(names: Annotated[list[str], typer.Argument(metavar="NAME...")]) -> None:
+    """Remove VMs: the domain, its snapshots and its disks."""
+    for name in names:
+        try:
+            _open(name).close()
+        except TierboxError as exc:
+            _fail(exc)
+        print(name)
+
+
+@vm_app.command("console")
+def vm_console(
+    name: NameArg,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines.")] = 40,
+) -> None:
+    """The end of a VM's serial console log."""
+    try:
+        text = _open(name).console_tail(200_000)
+    except TierboxError as exc:
+        _fail(exc)
+    for line in text.splitlines()[-lines:]:
+        print(line)
+
+
+# ---- snapshots --------------------------------------------------------------------------
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    name: NameArg,
+    snapshot: SnapArg,
+    description: Annotated[
+        str | None, typer.Option("--description", "-d", help="Free text kept with it.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Snapshot a running VM's memory and disk (a libvirt internal snapshot)."""
+    try:
+        inst = _open(name)
+        info = inst.create_snapshot(snapshot, description)
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({**info.to_dict(), "timings": inst.timings}))
+    else:
+        print(f"snapshot {info.name} of {name} created")
+
+
+@snapshot_app.command("list")
+def snapshot_list(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Snapshots of a VM: name, creation time, state, parent, description."""
+    try:
+        infos = _open(name).list_snapshots()
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([i.to_dict() for i in infos], indent=1))
+        return
+    table = Table("name", "creation time", "state", "parent", "description")
+    for i in infos:
+        table.add_row(
+            i.name + (" (current)" if i.current else ""),
+            _when(i.created),
+            i.state,
+            i.parent or "",
+            i.description,
+        )
+    out.print(table)
+
+
+@snapshot_app.command("revert")
+def snapshot_revert(
+    name: NameArg,
+    snapshot: SnapArg,
+    libvirt_revert: Annotated[
+        bool,
+        typer.Option(
+            "--libvirt", help="Use libvirt's own revert (restarts QEMU; slower) for comparison."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring back a snapshot's memory and disk; the VM answers again when this returns."""
+    try:
+        timings = _open(name).revert_timed(snapshot, method="libvirt" if libvirt_revert else "auto")
+    except TierboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"name": name, "snapshot": snapshot, **timings}))
+    else:
+        print(f"{name} reverted to {snapshot}")
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(
+    name: NameArg,
+    snapshot: SnapArg,
+    children: Annotated[
+        bool, typer.Option("--children", help="Also delete its descendants (like virsh).")
+    ] = False,
+) -> None:
+    """Delete a snapshot (one with children only with --children)."""
+    try:
+        gone = _open(name).delete_snapshot(snapshot, children=children)
+    except TierboxError as exc:
+        _fail(exc)
+    for s in gone:
+        print(f"snapshot {s} of {name} deleted")
+
+
+if __name__ == "__main__":
+    vm_app(prog_name="tierbox vm")
