@@ -23,7 +23,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tierbox.errors import SandboxError, TierboxError, UsageError
 from tierbox.sandbox import make_spec
@@ -220,7 +220,8 @@ def vm_ls(as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    table = Table("name", "state", "image", "memory", "vcpus", "type", "snapshots", "created")
+    table = Table("state", "image", "memory", "vcpus", "type", "snapshots", "created")
+    table.columns.insert(0, Column("name", no_wrap=True))
     for r in rows:
         table.add_row(
             r["name"],
@@ -314,7 +315,7 @@ def snapshot_list(name: NameArg, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps([i.to_dict() for i in infos], indent=1))
         return
-    table = Table("name", "creation time", "state", "parent", "description")
+    table = Table(Column("name", no_wrap=True), "creation time", "state", "parent", "description")
     for i in infos:
         table.add_row(
             i.name + (" (current)" if i.current else ""),

@@ -3,11 +3,12 @@
 Everything the ``vm`` tier asks of libvirt goes through this module:
 
 - :func:`connect` opens (and caches per process) the connection. Where no
-  libvirtd runs, it starts ``virtlogd -d`` and ``libvirtd -d`` itself (this
-  host has no systemd to socket-activate them), waits for the socket and
-  says so on stderr (a ``logging`` warning). ``TIERBOX_LIBVIRT_AUTOSTART=0``
-  turns that off; then an unreachable daemon is a clear
-  :class:`LibvirtUnreachableError`.
+  libvirtd runs, it starts ``virtlogd -d`` and libvirtd itself (this host
+  has no systemd to socket-activate them), waits for the socket and says so
+  on stderr (a ``logging`` warning). libvirtd runs under ``catatonit``, a
+  child subreaper, where that is installed (see :func:`_start_under_reaper`),
+  else as ``libvirtd -d``. ``TIERBOX_LIBVIRT_AUTOSTART=0`` turns starting
+  off; then an unreachable daemon is a clear :class:`LibvirtUnreachableError`.
 - :func:`call` runs one binding call and translates ``libvirt.libvirtError``
   into tierbox errors at the boundary (``raise ... from exc``): a lost
   connection becomes :class:`LibvirtUnreachableError`, anything else
@@ -28,6 +29,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -180,6 +182,34 @@ def fix_kvm_permissions() -> str | None:
     return "/dev/kvm: group kvm, mode 0660 (as Debian's udev rules set it)"
 
 
+def _start_under_reaper(reaper: str, libvirtd: str) -> None:
+    """Run libvirtd in the foreground under ``catatonit``, detached (``setsid -f``).
+
+    libvirtd double-forks each QEMU, so a QEMU that exits is reaped by the
+    nearest *child subreaper* above it, else by PID 1. Where PID 1 reaps
+    lazily (this host's does, every ~2 s), libvirt waits for the zombie at
+    every domain stop: destroy, libvirt's own revert, ``vm rm``. catatonit,
+    not being PID 1, makes itself a subreaper and reaps at once, which cuts
+    a stop from ~1.6 s to ~0.2 s here.
+    """
+    setsid = which("setsid")
+    argv = [setsid, "-f", reaper, "--", libvirtd] if setsid else [reaper, "--", libvirtd]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise LibvirtUnreachableError(f"cannot start libvirtd: {exc}") from exc
+    if setsid:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
 def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
     """Start virtlogd and libvirtd where they do not run; wait for libvirtd's
     socket. Returns a line per thing done (empty: both were running)."""
@@ -196,6 +226,11 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
                 f"{name} is not installed: run `make setup` (apt-get install libvirt-daemon-system)"
             )
         _wait_gone(name, 15.0)  # one that is still shutting down holds the pid file
+        reaper = which("catatonit") if name == "libvirtd" else None
+        if reaper is not None:
+            _start_under_reaper(reaper, exe)
+            done.append(f"started {name} under {Path(reaper).name} (a child subreaper)")
+            continue
         for attempt in range(20):
             try:
                 run([exe, "-d"], timeout_s=30, message=f"cannot start {name}")
@@ -205,14 +240,15 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
                     raise LibvirtUnreachableError(str(exc)) from exc
                 time.sleep(0.5)
         done.append(f"started {name} -d")
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
     while not _socket_answers(LIBVIRTD_SOCKET):
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if waited > timeout_s:
             raise LibvirtUnreachableError(
                 f"libvirtd did not open {LIBVIRTD_SOCKET} within {timeout_s:.0f} s "
                 "(see /var/log/libvirt/libvirtd.log)"
             )
-        if daemon_pid("libvirtd") is None and done:
+        if waited > 2.0 and not _pids_named("libvirtd"):
             raise LibvirtUnreachableError(
                 "libvirtd exited right after starting (see /var/log/libvirt/libvirtd.log)"
             )

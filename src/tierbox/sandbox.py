@@ -90,7 +90,11 @@ class Sandbox:
         spec = spec or make_spec(image, **options)
         inst = get_tier(tier).create(spec)
         sb = cls(inst, spec, persistent=persistent)
-        sb._save()
+        try:
+            sb._save()
+        except BaseException:
+            sb.close()
+            raise
         return sb
 
     @classmethod
@@ -114,7 +118,11 @@ class Sandbox:
         inst = get_tier(snap.tier).restore(snap)
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
         sb = cls(inst, spec)
-        sb._save()
+        try:
+            sb._save()
+        except BaseException:
+            sb.close()
+            raise
         return sb
 
     @classmethod
@@ -123,8 +131,13 @@ class Sandbox:
         tier shares memory copy-on-write, as microvm does)."""
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
         out = [cls(inst, spec) for inst in get_tier(snap.tier).clone(snap, count)]
-        for sb in out:
-            sb._save()
+        try:
+            for sb in out:
+                sb._save()
+        except BaseException:
+            for sb in out:
+                sb.close()
+            raise
         return out
 
     def _save(self) -> None:

@@ -1426,8 +1426,8 @@ class VMTier(Tier):
     def list_vms(self) -> list[VMInfo]:
         rows = []
         for dom, meta in self.domains():
-            if meta.id.startswith("probe-"):
-                continue
+            if meta.id.startswith(("probe-", "tpl-")):
+                continue  # a KVM test boot or a template being built
             try:
                 st, _maxmem, mem_kib, vcpus, _cpu = dom.info()
                 n = int(dom.snapshotNum(0))
