@@ -88,14 +88,7 @@ class Sandbox:
         timeout_s, network, env, user. ``persistent`` keeps it alive after
         this process exits (the CLI's ``sandbox create``)."""
         spec = spec or make_spec(image, **options)
-        inst = get_tier(tier).create(spec)
-        sb = cls(inst, spec, persistent=persistent)
-        try:
-            sb._save()
-        except BaseException:
-            sb.close()
-            raise
-        return sb
+        return cls._adopt([get_tier(tier).create(spec)], spec, persistent=persistent)[0]
 
     @classmethod
     def connect(cls, sandbox_id: str) -> Sandbox:
@@ -115,22 +108,23 @@ class Sandbox:
     @classmethod
     def restore(cls, snap: SnapshotRef) -> Sandbox:
         """A new sandbox from a snapshot."""
-        inst = get_tier(snap.tier).restore(snap)
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
-        sb = cls(inst, spec)
-        try:
-            sb._save()
-        except BaseException:
-            sb.close()
-            raise
-        return sb
+        return cls._adopt([get_tier(snap.tier).restore(snap)], spec)[0]
 
     @classmethod
     def clone(cls, snap: SnapshotRef, count: int = 1) -> builtins.list[Sandbox]:
         """``count`` independent sandboxes from one snapshot (fast where the
         tier shares memory copy-on-write, as microvm does)."""
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
-        out = [cls(inst, spec) for inst in get_tier(snap.tier).clone(snap, count)]
+        return cls._adopt(get_tier(snap.tier).clone(snap, count), spec)
+
+    @classmethod
+    def _adopt(
+        cls, instances: Sequence[Instance], spec: SandboxSpec, *, persistent: bool = False
+    ) -> builtins.list[Sandbox]:
+        """Wrap new instances and record their state; if recording fails (or
+        Ctrl-C lands), close them all rather than leak them."""
+        out = [cls(inst, spec, persistent=persistent) for inst in instances]
         try:
             for sb in out:
                 sb._save()

@@ -415,6 +415,37 @@ class OciTier(Tier):
             _pool.discard_dir(slot.dir / sub)
         self._pool.release(slot, pristine=True)
 
+    def _write_bundle(
+        self,
+        d: Path,
+        spec: SandboxSpec,
+        image: _Image,
+        argv: list[str],
+        cgroups_path: str | None,
+        *,
+        init: bool = False,
+    ) -> None:
+        """config.json for ``argv`` as PID 1; ``init``: the long-lived
+        sandbox's catatonit, bind-mounted from the host, working in /."""
+        process = oci.process_json(
+            argv,
+            spec,
+            env=self.merged_env(image.env, spec, None),
+            cwd="/" if init else image.cwd,
+            rlimits=self.process_rlimits(spec),
+        )
+        config = oci.bundle_config(
+            rootfs=d / "rootfs",
+            process=process,
+            spec=spec,
+            cgroups_path=cgroups_path,
+            hostname=MARKER,
+            init_source=INIT_BINARY if init else None,
+            seccomp=self.seccomp,
+            annotations=self.annotations(),
+        )
+        oci.write_json(d / "config.json", config)
+
     def teardown(self, cg: SandboxCgroup, d: Path) -> None:
         """Unmount, remove the cgroup, discard the directory."""
         for m in mntns.mounts_under(d):
@@ -441,23 +472,7 @@ class OciTier(Tier):
         managed = cgroups_path is not None
         exited = False  # the runtime deletes its container itself once PID 1 is reaped
         try:
-            process = oci.process_json(
-                self._argv(argv, default, spec),
-                spec,
-                env=self.merged_env(image.env, spec, None),
-                cwd=image.cwd,
-                rlimits=self.process_rlimits(spec),
-            )
-            config = oci.bundle_config(
-                rootfs=d / "rootfs",
-                process=process,
-                spec=spec,
-                cgroups_path=cgroups_path,
-                hostname=MARKER,
-                seccomp=self.seccomp,
-                annotations=self.annotations(),
-            )
-            oci.write_json(d / "config.json", config)
+            self._write_bundle(d, spec, image, self._argv(argv, default, spec), cgroups_path)
             cid = container_id(sandbox_id)
             argv_run = [*self.runtime_argv(managed), *self.global_args(spec), "run"]
             started = time.monotonic()
@@ -502,24 +517,7 @@ class OciTier(Tier):
         cid = container_id(sandbox_id)
         cgroups_path = self.cgroups_path(cg, one_shot=False)
         try:
-            process = oci.process_json(
-                [oci.INIT_PATH, "-P"],
-                spec,
-                env=self.merged_env(image.env, spec, None),
-                cwd="/",
-                rlimits=self.process_rlimits(spec),
-            )
-            config = oci.bundle_config(
-                rootfs=d / "rootfs",
-                process=process,
-                spec=spec,
-                cgroups_path=cgroups_path,
-                hostname=MARKER,
-                init_source=INIT_BINARY,
-                seccomp=self.seccomp,
-                annotations=self.annotations(),
-            )
-            oci.write_json(d / "config.json", config)
+            self._write_bundle(d, spec, image, [oci.INIT_PATH, "-P"], cgroups_path, init=True)
             pid_file = d / "init.pid"
             self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
             self.after_start(cid)
