@@ -478,3 +478,16 @@ def test_cli_walkthrough_debian(tier: VMTier) -> None:
     assert r.returncode == 0, r.stderr
     assert name not in virsh("list", "--all", "--name").stdout.split()
     assert vmcli("exec", name, "--", "true").returncode == 2
+
+
+@pytest.mark.slow
+def test_stop_and_start_keep_the_disk(tier: VMTier) -> None:
+    inst = tier.create_vm(make_spec(IMAGE, memory_mib=256), name=fresh("tbstop"))
+    try:
+        sh(inst, "echo kept > /kept.txt")  # no sync: stop lets the guest flush
+        inst.stop()
+        assert inst.domain_state() == "shutoff"
+        inst.start()  # a cold boot from the same disk
+        assert sh(inst, "cat /kept.txt") == "kept\n"
+    finally:
+        inst.close()

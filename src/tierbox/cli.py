@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tierbox import gc as gc_mod
 from tierbox.cli_bench import bench
+from tierbox.cli_vm import vm_app
 from tierbox.errors import SandboxError, TierboxError, UsageError
 from tierbox.sandbox import DEFAULT_TIER, Sandbox
 from tierbox.sandbox import run as run_once
@@ -36,6 +37,7 @@ image_app = typer.Typer(
 )
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(image_app, name="image")
+app.add_typer(vm_app, name="vm")
 app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."
 )(bench)

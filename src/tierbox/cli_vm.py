@@ -248,7 +248,7 @@ def vm_start(name: NameArg) -> None:
 
 @vm_app.command("stop")
 def vm_stop(name: NameArg) -> None:
-    """Power a VM off at once; its disk and snapshots stay."""
+    """Power a VM off (the guest syncs its disks first); its disk and snapshots stay."""
     try:
         _open(name).stop()
     except TierboxError as exc:

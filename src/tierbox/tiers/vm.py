@@ -8,6 +8,14 @@ domain type is ``kvm`` only where a KVM test boot reached the guest, else
 ``qemu`` (TCG, software emulation). See :mod:`tierbox.vmm.libvirt_domain`
 for the XML and :mod:`tierbox.vmm.libvirt_guest` for what it boots.
 
+Creating one cold-boots the guest (2-3 s under TCG) only the first time a
+*shape* (image, memory, vCPUs, accelerator, guest, QEMU/libvirt versions) is
+seen; that create also starts a detached build of the shape's template (a
+booted guest saved with ``virDomainSave``), and later creates restore a copy
+of it through libvirt's ``virDomainRestore`` as a new domain (~0.6 s). See
+:mod:`tierbox.vmm.libvirt_template`. ``TIERBOX_VM_TEMPLATES=0`` always
+cold-boots.
+
 Inside, workloads run as root by default (the guest kernel is the isolation
 boundary; ``SandboxSpec.user`` picks another uid). ``memory_mib`` is the
 guest's RAM, ``cpus`` the vCPU count (rounded up) plus a libvirt CPU quota,
@@ -798,13 +806,25 @@ class VMInstance(Instance):
                 raise self._boot_failure(exc) from exc
             self._release_agent()
 
-    def stop(self) -> None:
-        """Power the VM off at once (its disk and snapshots stay)."""
+    def stop(self, *, timeout_s: float = 10.0) -> None:
+        """Power the VM off (its disk and snapshots stay): the agent syncs the
+        guest's file systems and powers off; after ``timeout_s`` libvirt pulls
+        the plug."""
         with self._lock:
-            self.agent.close()
             dom = self.domain()
+            if not dom.isActive():
+                return
+            with contextlib.suppress(AgentError, AgentGoneError, AgentTimeoutError):
+                self.agent.close()
+                self.agent.connect(deadline=time.monotonic() + 2.0, alive=self._alive)
+                self.agent.poweroff(deadline=time.monotonic() + 5.0)
+            self.agent.close()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and dom.isActive():
+                time.sleep(0.05)
             if dom.isActive():
-                lvh.call(f"stopping VM {self.name}", dom.destroy)
+                with contextlib.suppress(lvh.LibvirtError):
+                    lvh.call(f"stopping VM {self.name}", dom.destroy)
 
     def _boot_failure(self, exc: Exception) -> SandboxError:
         time.sleep(0.2)
