@@ -64,6 +64,7 @@ from tierbox.spec import (
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH, parse_user
+from tierbox.tiers.outcome import classify_agent, signame
 from tierbox.vmm import artifacts, qemu
 from tierbox.vmm import qmp as qmp_mod
 from tierbox.vmm import snapshot as snapfmt
@@ -205,7 +206,7 @@ class MicroVMInstance(Instance):
         if rc is None:
             ev["vmm"] = ev.get("vmm", "QEMU stopped answering")
         elif rc < 0:
-            ev.setdefault("vmm", f"QEMU was killed by signal {-rc} ({_signame(-rc)})")
+            ev.setdefault("vmm", f"QEMU was killed by signal {-rc} ({signame(-rc)})")
         elif rc == 0 and panic is None:
             ev["vmm"] = "the guest shut down (QEMU exited with code 0)"
         elif rc > 0:
@@ -317,77 +318,11 @@ class MicroVMInstance(Instance):
             return self._classify(out, timeout)
 
     def _classify(self, out: ExecOutcome, timeout: float | None) -> ExecResult:
-        f = out.fields
-
-        def num(key: str) -> int | None:
-            try:
-                return int(f[key])
-            except (KeyError, ValueError):
-                return None
-
-        reason = f.get("reason", "exited")
-        sig = num("signal")
-        code = num("exit_code")
-        oom_delta = (num("oom_kill_after") or 0) - (num("oom_kill_before") or 0)
-        cg_oom = max(num("cgroup_oom_kill") or 0, 0)
-        extra: dict[str, Any] = {}
-        hits = num("pids_max_hit") or 0
-        if hits > 0:
-            extra = {"pids_limit": num("pids_max"), "pids_max_hits": hits}
-        term: Termination
-        if reason == "timeout":
-            term = Termination(
-                TerminationKind.TIMED_OUT,
-                signal=int(signal.SIGKILL),
-                evidence={"timeout_s": timeout, **extra},
-            )
-        elif reason == "output_limit":
-            term = Termination(
-                TerminationKind.OUTPUT_LIMIT,
-                signal=int(signal.SIGKILL),
-                evidence={"output_bytes": self.spec.limits.output_bytes},
-            )
-        elif cg_oom > 0 or (oom_delta > 0 and sig == signal.SIGKILL):
-            ev: dict[str, Any] = {
-                "limit_mib": self.machine.memory_mib,
-                "oom_kill": max(cg_oom, oom_delta),
-                "guest_oom_kill_total": num("oom_kill_after"),
-            }
-            peak = num("memory_peak_bytes")
-            if peak is not None:
-                ev["peak_mib"] = round(peak / MIB, 1)
-            total = num("mem_total_kib")
-            if total is not None:
-                ev["guest_mem_total_mib"] = round(total / 1024, 1)
-            if f.get("kmsg"):
-                ev["guest_kernel"] = f["kmsg"].splitlines()[-1]
-            term = Termination(
-                TerminationKind.OOM_KILLED,
-                exit_code=code if sig is None else None,
-                signal=sig,
-                evidence=ev,
-            )
-        elif reason == "killed":  # the host's deadline passed before the guest's own
-            term = Termination(
-                TerminationKind.TIMED_OUT,
-                signal=int(signal.SIGKILL),
-                evidence={"timeout_s": timeout, "killed_by": "host", **extra},
-            )
-        elif sig is not None:
-            term = Termination(
-                TerminationKind.SIGNALED,
-                signal=sig,
-                evidence={"signal_name": _signame(sig), **extra},
-            )
-        else:
-            term = Termination(TerminationKind.EXITED, exit_code=code, evidence=extra)
-        return ExecResult(
-            stdout=out.stdout,
-            stderr=out.stderr,
-            termination=term,
-            duration_s=out.duration_s,
-            stdout_truncated=out.stdout_truncated,
-            stderr_truncated=out.stderr_truncated,
+        return classify_agent(
+            out,
+            timeout_s=timeout,
+            output_bytes=self.spec.limits.output_bytes,
+            memory_mib=self.machine.memory_mib,
         )
 
     def _call_deadline(self) -> float:
@@ -1064,10 +999,3 @@ def _safe_oom_kills(cg: SandboxCgroup) -> int:
         return cg.oom_kills()
     except (OSError, HostError):
         return 0
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)

@@ -76,7 +76,7 @@ def classify(
         )
     elif sig is not None:
         term = Termination(
-            TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig)}
+            TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": signame(sig)}
         )
     else:
         term = Termination(TerminationKind.EXITED, exit_code=rc)
@@ -94,8 +94,85 @@ def classify(
     )
 
 
-def _signame(sig: int) -> str:
+def signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
     except ValueError:
         return str(sig)
+
+
+def classify_agent(
+    out: Any, *, timeout_s: float | None, output_bytes: int, memory_mib: int | None
+) -> ExecResult:
+    """One exec as reported by the guest agent (microvm and vm tiers): the
+    agent's reason, exit status and the guest kernel's counters, as an ExecResult."""
+    f: dict[str, str] = out.fields
+
+    def num(key: str) -> int | None:
+        try:
+            return int(f[key])
+        except (KeyError, ValueError):
+            return None
+
+    reason = f.get("reason", "exited")
+    sig = num("signal")
+    code = num("exit_code")
+    oom_delta = (num("oom_kill_after") or 0) - (num("oom_kill_before") or 0)
+    cg_oom = max(num("cgroup_oom_kill") or 0, 0)
+    extra: dict[str, Any] = {}
+    hits = num("pids_max_hit") or 0
+    if hits > 0:
+        extra = {"pids_limit": num("pids_max"), "pids_max_hits": hits}
+    term: Termination
+    if reason == "timeout":
+        term = Termination(
+            TerminationKind.TIMED_OUT,
+            signal=int(signal.SIGKILL),
+            evidence={"timeout_s": timeout_s, **extra},
+        )
+    elif reason == "output_limit":
+        term = Termination(
+            TerminationKind.OUTPUT_LIMIT,
+            signal=int(signal.SIGKILL),
+            evidence={"output_bytes": output_bytes},
+        )
+    elif cg_oom > 0 or (oom_delta > 0 and sig == signal.SIGKILL):
+        ev: dict[str, Any] = {
+            "limit_mib": memory_mib,
+            "oom_kill": max(cg_oom, oom_delta),
+            "guest_oom_kill_total": num("oom_kill_after"),
+        }
+        peak = num("memory_peak_bytes")
+        if peak is not None:
+            ev["peak_mib"] = round(peak / MIB, 1)
+        total = num("mem_total_kib")
+        if total is not None:
+            ev["guest_mem_total_mib"] = round(total / 1024, 1)
+        if f.get("kmsg"):
+            ev["guest_kernel"] = f["kmsg"].splitlines()[-1]
+        term = Termination(
+            TerminationKind.OOM_KILLED,
+            exit_code=code if sig is None else None,
+            signal=sig,
+            evidence=ev,
+        )
+    elif reason == "killed":  # the host's deadline passed before the guest's own
+        term = Termination(
+            TerminationKind.TIMED_OUT,
+            signal=int(signal.SIGKILL),
+            evidence={"timeout_s": timeout_s, "killed_by": "host", **extra},
+        )
+    elif sig is not None:
+        term = Termination(
+            TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": signame(sig), **extra}
+        )
+    else:
+        term = Termination(TerminationKind.EXITED, exit_code=code, evidence=extra)
+    return ExecResult(
+        stdout=out.stdout,
+        stderr=out.stderr,
+        termination=term,
+        duration_s=out.duration_s,
+        stdout_truncated=out.stdout_truncated,
+        stderr_truncated=out.stderr_truncated,
+    )

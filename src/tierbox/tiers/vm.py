@@ -87,6 +87,7 @@ from tierbox.spec import (
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH
+from tierbox.tiers.outcome import classify_agent
 from tierbox.vmm import libvirt_domain as lvd
 from tierbox.vmm import libvirt_guest as guestmod
 from tierbox.vmm import libvirt_template as templates
@@ -150,13 +151,6 @@ def sockets_dir() -> Path:
 
 def _lv() -> Any:
     return lvh.binding()
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
 
 
 @dataclass(frozen=True)
@@ -475,7 +469,12 @@ class VMInstance(Instance):
                     raise self._gone_or_hung(exc, f"running {argv[0]!r}") from exc
                 finally:
                     self._release_agent()
-                return _classify(out, timeout, self.spec.limits.output_bytes, self.meta)
+                return classify_agent(
+                    out,
+                    timeout_s=timeout,
+                    output_bytes=self.spec.limits.output_bytes,
+                    memory_mib=self.spec.limits.memory_mib or DEFAULT_MEMORY_MIB,
+                )
             raise AssertionError("unreachable")
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -849,75 +848,6 @@ class VMInstance(Instance):
             self.tier.remove_domain(self.domain_name, self.meta)
             self._closed = True
             return Termination(TerminationKind.SIGNALED, signal=int(signal.SIGKILL))
-
-
-def _classify(out: Any, timeout: float | None, output_bytes: int, meta: lvd.VMMeta) -> ExecResult:
-    """The agent's report of one exec as an ExecResult (same rules as the microvm tier)."""
-    f: dict[str, str] = out.fields
-
-    def num(key: str) -> int | None:
-        try:
-            return int(f[key])
-        except (KeyError, ValueError):
-            return None
-
-    reason = f.get("reason", "exited")
-    sig = num("signal")
-    code = num("exit_code")
-    oom_delta = (num("oom_kill_after") or 0) - (num("oom_kill_before") or 0)
-    cg_oom = max(num("cgroup_oom_kill") or 0, 0)
-    extra: dict[str, Any] = {}
-    hits = num("pids_max_hit") or 0
-    if hits > 0:
-        extra = {"pids_max": num("pids_max"), "pids_max_hit": hits}
-    term: Termination
-    if reason == "timeout":
-        term = Termination(
-            TerminationKind.TIMED_OUT,
-            signal=int(signal.SIGKILL),
-            evidence={"timeout_s": timeout, **extra},
-        )
-    elif reason == "output_limit":
-        term = Termination(
-            TerminationKind.OUTPUT_LIMIT,
-            signal=int(signal.SIGKILL),
-            evidence={"output_bytes": output_bytes},
-        )
-    elif cg_oom > 0 or (oom_delta > 0 and sig == signal.SIGKILL):
-        ev: dict[str, Any] = {
-            "limit_mib": int(meta.spec.get("limits", {}).get("memory_mib") or 0) or None,
-            "oom_kill": max(cg_oom, oom_delta),
-            "guest_oom_kill_total": num("oom_kill_after"),
-        }
-        peak = num("memory_peak_bytes")
-        if peak is not None:
-            ev["peak_mib"] = round(peak / MIB, 1)
-        if f.get("kmsg"):
-            ev["guest_kernel"] = f["kmsg"].splitlines()[-1]
-        term = Termination(
-            TerminationKind.OOM_KILLED,
-            exit_code=code if sig is None else None,
-            signal=sig,
-            evidence=ev,
-        )
-    elif reason == "killed":
-        term = Termination(
-            TerminationKind.SIGNALED, signal=int(signal.SIGKILL), evidence={"killed_by": "host"}
-        )
-    elif sig is not None:
-        term = Termination(
-            TerminationKind.SIGNALED, signal=sig, evidence={"signal_name": _signame(sig), **extra}
-        )
-    else:
-        term = Termination(TerminationKind.EXITED, exit_code=code, evidence=extra)
-    return ExecResult(
-        stdout=out.stdout,
-        stderr=out.stderr,
-        termination=term,
-        duration_s=out.duration_s,
-        stdout_truncated=out.stdout_truncated,
-        stderr_truncated=out.stderr_truncated,
-    )
 
 
 class VMTier(Tier):
