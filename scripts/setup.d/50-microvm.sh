@@ -15,17 +15,7 @@ cd "$(dirname "$0")/../.."
 
 PY=${PY:-.venv/bin/python}
 
-missing=()
-while read -r pkg _; do
-    case "$pkg" in ''|'#'*) continue ;; esac
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done < scripts/setup.d/50-microvm.packages
-if ((${#missing[@]})); then
-    echo "50-microvm: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-fi
+# Debian packages: listed in scripts/setup.d/*.packages, installed by scripts/setup.sh.
 
 # apt-get download needs package lists; refresh them once if the kernel is unknown
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then

@@ -16,17 +16,7 @@ cd "$(dirname "$0")/../.."
 
 PY=${PY:-.venv/bin/python}
 
-missing=()
-while read -r pkg _; do
-    case "$pkg" in ''|'#'*) continue ;; esac
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done < scripts/setup.d/60-vm.packages
-if ((${#missing[@]})); then
-    echo "60-vm: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-fi
+# Debian packages: listed in scripts/setup.d/*.packages, installed by scripts/setup.sh.
 
 want=$(pkg-config --modversion libvirt)
 have=$("$PY" -c 'import importlib.metadata as m; print(m.version("libvirt-python"))' 2>/dev/null || true)
