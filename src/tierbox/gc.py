@@ -53,6 +53,7 @@ def collect(everything: bool = False) -> list[str]:
         if cg.relpath.rsplit("/", 1)[-1] not in live:
             cg.destroy()
             removed.append(f"cgroup {cg.relpath}")
+    removed += cgroups.remove_empty_leftovers()
     base = sandboxes_dir()
     for point in mntns.mounts_under(base):
         if point != base and _owner(point, base) not in live:

@@ -384,3 +384,29 @@ def leftover_cgroups() -> list[SandboxCgroup]:
     elif base.is_dir():
         names.update(p.name for p in base.iterdir() if p.is_dir())
     return [SandboxCgroup(relpath=f"{MARKER}/{n}", version=version) for n in sorted(names)]
+
+
+def remove_empty_leftovers() -> list[str]:
+    """Empty tierbox-named cgroup directories no sandbox uses: the ``tierbox``
+    parents, runtime-made siblings in hierarchies tierbox itself does not use
+    (crun creates its cgroup in every v1 hierarchy), and libvirt's
+    ``machine/qemu-N-tierbox-*`` left behind when libvirtd died mid-run.
+    A directory that is in use refuses rmdir; that is left alone."""
+    removed: list[str] = []
+    candidates: list[Path] = []
+    roots = (
+        [CGROUP_ROOT] if cgroup_version() == 2 else [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
+    )
+    for root in roots:
+        candidates += [p for p in root.glob(f"{MARKER}*") if p.is_dir()]
+        candidates += [p for p in root.glob(f"machine/qemu-*-{MARKER}-*") if p.is_dir()]
+    for top in candidates:
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                if not _read(d / "cgroup.procs").strip():
+                    d.rmdir()
+        with contextlib.suppress(OSError):
+            if not _read(top / "cgroup.procs").strip():
+                top.rmdir()
+                removed.append(f"cgroup {top.relative_to(CGROUP_ROOT)}")
+    return removed
