@@ -79,8 +79,9 @@ def _leave_no_mounts() -> object:
     tierbox set up, so the suite leaves no tierbox cgroup or mount behind."""
     yield
     from tierbox import gc
-    from tierbox.tiers import _state
+    from tierbox.tiers import _pool, _state
 
+    _pool.close_all_pools()
     # what tests that crash a tierbox process on purpose left behind; printed
     # so that a real leak shows in the log
     for line in gc.collect():

@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class SlotPool:
     def __init__(self) -> None:
         self._idle: dict[tuple[object, ...], list[Slot]] = {}
         self._lock = threading.Lock()
+        _pools.add(self)
         atexit.register(self.close_all)
 
     def acquire(self, limits: Limits) -> Slot:
@@ -96,6 +98,15 @@ class SlotPool:
             self._idle.clear()
         for slot in slots:
             destroy(slot)
+
+
+_pools: weakref.WeakSet[SlotPool] = weakref.WeakSet()
+
+
+def close_all_pools() -> None:
+    """Give back every idle slot of this process now (instead of at exit)."""
+    for pool in list(_pools):
+        pool.close_all()
 
 
 def discard_dir(d: Path) -> None:
