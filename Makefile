@@ -11,6 +11,7 @@ setup:
 # ending with a comparison table.
 run: setup
 	$(PY) -m tierbox.cli bench --quick
+	@$(PY) -m tierbox.cli gc > /dev/null  # leave no mount or cgroup behind
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

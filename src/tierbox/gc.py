@@ -68,7 +68,9 @@ def collect(everything: bool = False) -> list[str]:
             if d.name == ".trash" or (not d.name.startswith(".") and d.name not in live):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(f"directory {d}")
-    if everything:
+    if everything or not _state.live_ids():
+        # nothing runs: the runtime namespace and its bind mounts go too
+        # (the next sandbox makes them again in a few milliseconds)
         removed += mntns.teardown_runtime_ns()
     return removed
 
