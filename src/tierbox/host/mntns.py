@@ -111,19 +111,30 @@ def _make_bind(path: Path, propagation: str) -> None:
     run(["mount", f"--make-{propagation}", str(path)])
 
 
-_ensured: set[Path] = set()
+#: pin file -> st_dev of the nsfs mounted on it, when this process last saw it.
+#: A stat compares it in ~2 us, so a namespace torn down by ``tierbox gc`` in
+#: another process is noticed and made again.
+_ensured: dict[Path, int] = {}
+
+
+def _pinned(pin: Path) -> bool:
+    try:
+        return _ensured.get(pin) == os.stat(pin).st_dev
+    except OSError:
+        return False
 
 
 def ensure_runtime_ns() -> None:
     """Create the pinned runtime namespace if it is not there (idempotent)."""
     pin = ns_file()
-    if pin in _ensured:
+    if _pinned(pin):
         return
     if _is_mountpoint(pin, "nsfs"):
-        _ensured.add(pin)
+        _ensured[pin] = os.stat(pin).st_dev
         return
     with _lock():
         if _is_mountpoint(pin, "nsfs"):
+            _ensured[pin] = os.stat(pin).st_dev
             return
         unshare = require("unshare", "util-linux")
         _make_bind(run_dir(), "private")
@@ -133,7 +144,7 @@ def ensure_runtime_ns() -> None:
             [unshare, f"--mount={pin}", "--propagation", "slave", "umount", "-l", UNIFIED],
             message="cannot create the runtime mount namespace for crun",
         )
-        _ensured.add(pin)
+        _ensured[pin] = os.stat(pin).st_dev
 
 
 @cache
@@ -162,5 +173,5 @@ def teardown_runtime_ns() -> list[str]:
         if _is_mountpoint(point, fstype):
             umount(point)
             removed.append(f"mount {point}")
-    _ensured.discard(pin)
+    _ensured.pop(pin, None)
     return removed
