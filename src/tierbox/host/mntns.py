@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import os
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
 from tierbox.errors import HostError
+from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run
 from tierbox.paths import run_dir, sandboxes_dir
 
@@ -96,14 +95,6 @@ def inside_runtime_ns() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    run_dir().mkdir(parents=True, exist_ok=True)
-    with open(run_dir() / ".mntns.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def _make_bind(path: Path, propagation: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not _is_mountpoint(path):
@@ -132,7 +123,7 @@ def ensure_runtime_ns() -> None:
     if _is_mountpoint(pin, "nsfs"):
         _ensured[pin] = os.stat(pin).st_dev
         return
-    with _lock():
+    with file_lock(run_dir() / ".mntns.lock"):
         if _is_mountpoint(pin, "nsfs"):
             _ensured[pin] = os.stat(pin).st_dev
             return

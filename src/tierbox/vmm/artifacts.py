@@ -29,7 +29,6 @@ bytes to the real decompressor.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,6 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from typing import Any
 from tierbox import paths
 from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
 from tierbox.guest import AGENT_SOURCE
+from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run, which
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -69,16 +68,9 @@ def snapshots_dir() -> Path:
     return microvm_home() / "snapshots"
 
 
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def _locked(name: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock so two processes never build the same thing at once."""
-    microvm_home().mkdir(parents=True, exist_ok=True)
-    with open(microvm_home() / f".{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(microvm_home() / f".{name}.lock")
 
 
 def sha256_file(path: Path) -> str:

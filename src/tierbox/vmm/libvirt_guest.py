@@ -30,19 +30,18 @@ microVM's ``/init``) with that root as its argument.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tierbox import paths
 from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
+from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run
 from tierbox.vmm import artifacts, qemu
 
@@ -120,16 +119,9 @@ def base_dir() -> Path:
     return vm_home() / "base"
 
 
-@contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
+def locked(name: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock so two processes never build the same thing at once."""
-    vm_home().mkdir(parents=True, exist_ok=True)
-    with open(vm_home() / f".{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(vm_home() / f".{name}.lock")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
