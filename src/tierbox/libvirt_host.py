@@ -123,9 +123,11 @@ def daemon_pid(name: str) -> int | None:
     try:
         pid = int((RUN / f"{name}.pid").read_text().split()[0])
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, ValueError, IndexError):
         return None
-    return pid if comm == name else None
+    # a killed daemon lingers as a zombie until this host's slow PID 1 reaps it
+    return pid if comm == name and state != "Z" else None
 
 
 def _pids_named(name: str) -> list[int]:
@@ -218,7 +220,9 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
     if fixed:
         done.append(fixed)
     for name in ("virtlogd", "libvirtd"):
-        if daemon_pid(name) is not None:
+        if daemon_pid(name) is not None and (
+            name != "virtlogd" or _socket_answers(VIRTLOGD_SOCKET)
+        ):
             continue
         exe = which(name)
         if exe is None:
@@ -288,9 +292,14 @@ def connect() -> Any:
         generation += 1
         try:
             _conn = lv.open(u)
-            return _conn
         except lv.libvirtError as exc:
             first = exc
+        else:
+            if _is_local_system(u) and autostart_enabled() and not _socket_answers(VIRTLOGD_SOCKET):
+                # libvirtd alone cannot start a domain: it logs through virtlogd
+                for line in start_daemons():
+                    log.warning("tierbox: %s", line)
+            return _conn
         if not _is_local_system(u):
             raise LibvirtUnreachableError(f"cannot connect to libvirt at {u}: {first}") from first
         if not autostart_enabled():
