@@ -7,19 +7,29 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tierbox import gc as gc_mod
 from tierbox.cli_bench import bench
+from tierbox.cli_common import (
+    PASSTHROUGH,
+    EnvOpt,
+    JsonOpt,
+    emit_result,
+    err,
+    fail,
+    out,
+    parse_env,
+    workload_argv,
+)
 from tierbox.cli_vm import vm_app
-from tierbox.errors import SandboxError, TierboxError, UsageError
+from tierbox.errors import TierboxError, UsageError
 from tierbox.sandbox import DEFAULT_TIER, Sandbox
 from tierbox.sandbox import run as run_once
-from tierbox.spec import ExecResult, TerminationKind, parse_duration_s, parse_memory_mib
+from tierbox.spec import parse_duration_s, parse_memory_mib
 from tierbox.tiers import get_tier, tier_names
 
 app = typer.Typer(
@@ -42,9 +52,6 @@ app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."
 )(bench)
 
-out = Console()
-err = Console(stderr=True)
-PASSTHROUGH = {"allow_interspersed_args": False}
 
 TierOpt = Annotated[str, typer.Option("--tier", "-t", help=f"One of: {', '.join(tier_names())}.")]
 MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Memory limit, e.g. 256m or 1g.")]
@@ -53,31 +60,10 @@ PidsOpt = Annotated[int, typer.Option("--pids", help="Maximum number of processe
 TimeoutOpt = Annotated[
     str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s, 500ms, 2m.")
 ]
-EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
 NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 InteractiveOpt = Annotated[
     bool, typer.Option("--interactive", "-i", help="Pass this process's stdin to the workload.")
 ]
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
-    if isinstance(exc, UsageError):
-        raise typer.Exit(2)
-    if isinstance(exc, SandboxError) and "command not found" in str(exc):
-        raise typer.Exit(127)
-    raise typer.Exit(125)
-
-
-def _env(pairs: list[str] | None) -> dict[str, str]:
-    env = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"bad --env {pair!r}: use KEY=VALUE")
-        env[key] = value
-    return env
 
 
 def _spec_options(
@@ -90,32 +76,9 @@ def _spec_options(
         "cpus": cpus,
         "pids": pids,
         "timeout_s": parse_duration_s(timeout),
-        "env": _env(env),
+        "env": parse_env(env),
         "network": network,
     }
-
-
-def _command(argv: list[str] | None) -> list[str]:
-    """The workload's argv; click keeps the ``--`` separator when options
-    after the image are not interspersed, so drop it here."""
-    argv = list(argv or [])
-    return argv[1:] if argv[:1] == ["--"] else argv
-
-
-def _emit_result(r: ExecResult, as_json: bool) -> NoReturn:
-    if as_json:
-        print(json.dumps(r.to_dict()))
-    else:
-        sys.stdout.buffer.write(r.stdout)
-        sys.stdout.buffer.flush()
-        sys.stderr.buffer.write(r.stderr)
-        sys.stderr.buffer.flush()
-        t = r.termination
-        if t.kind is not TerminationKind.EXITED:
-            err.print(f"tierbox: {t.describe()}", highlight=False, markup=False)
-        elif r.stdout_truncated or r.stderr_truncated:
-            err.print("tierbox: output truncated at the output limit", highlight=False)
-    raise typer.Exit(r.exit_code)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -144,10 +107,10 @@ def run(
     try:
         opts = _spec_options(memory, cpus, pids, timeout, env, network)
         stdin = sys.stdin.buffer.read() if interactive else None
-        r = run_once(image, _command(command), tier=tier, stdin=stdin, **opts)
+        r = run_once(image, workload_argv(command), tier=tier, stdin=stdin, **opts)
     except TierboxError as exc:
-        _fail(exc)
-    _emit_result(r, as_json)
+        fail(exc)
+    emit_result(r, as_json)
 
 
 @app.command()
@@ -208,7 +171,7 @@ def sandbox_create(
         opts = _spec_options(memory, cpus, pids, timeout, env, network)
         sb = Sandbox.create(image, tier=tier, persistent=True, **opts)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     print(json.dumps({"id": sb.id, "tier": sb.tier}) if as_json else sb.id)
 
 
@@ -228,14 +191,14 @@ def sandbox_exec(
         sb = Sandbox.connect(sandbox_id)
         stdin = sys.stdin.buffer.read() if interactive else None
         r = sb.run(
-            _command(command),
+            workload_argv(command),
             stdin=stdin,
-            env=_env(env),
+            env=parse_env(env),
             timeout_s=parse_duration_s(timeout) if timeout else None,
         )
     except TierboxError as exc:
-        _fail(exc)
-    _emit_result(r, as_json)
+        fail(exc)
+    emit_result(r, as_json)
 
 
 @sandbox_app.command("cp")
@@ -261,9 +224,9 @@ def sandbox_cp(
                 "give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`"
             )
     except OSError as exc:
-        _fail(UsageError(f"{exc.filename}: {exc.strerror}"))
+        fail(UsageError(f"{exc.filename}: {exc.strerror}"))
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @sandbox_app.command("ls")
@@ -293,7 +256,7 @@ def sandbox_stats(
     try:
         st = Sandbox.connect(sandbox_id).stats()
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps(st.to_dict()))
         return
@@ -308,7 +271,7 @@ def sandbox_rm(ids: Annotated[list[str], typer.Argument(metavar="ID...")]) -> No
         try:
             Sandbox.connect(sid).close()
         except TierboxError as exc:
-            _fail(exc)
+            fail(exc)
         print(sid)
 
 
@@ -338,7 +301,7 @@ def image_inspect(ref: str) -> None:
     try:
         print(json.dumps(_store().resolve(ref).to_dict(), indent=1))
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @image_app.command("rm")
@@ -349,7 +312,7 @@ def image_rm(refs: Annotated[list[str], typer.Argument(metavar="IMAGE...")]) -> 
             _store().remove(ref)
             print(ref)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @image_app.command("import")
@@ -376,7 +339,7 @@ def image_import(
                 path, name=name, progress=lambda line: err.print(line, highlight=False)
             )
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     print(rec.ref)
 
 
@@ -391,7 +354,7 @@ def image_bootstrap(
                 ref, progress=lambda line: status.update(f"{ref}: {line[:100]}")
             )
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     print(rec.ref)
 
 

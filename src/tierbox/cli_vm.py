@@ -19,15 +19,25 @@ import json
 import logging
 import sys
 import time
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
-from tierbox.errors import SandboxError, TierboxError, UsageError
+from tierbox.cli_common import (
+    PASSTHROUGH,
+    EnvOpt,
+    JsonOpt,
+    emit_result,
+    err,
+    fail,
+    out,
+    parse_env,
+    workload_argv,
+)
+from tierbox.errors import TierboxError, UsageError
 from tierbox.sandbox import make_spec
-from tierbox.spec import ExecResult, TerminationKind, parse_duration_s, parse_memory_mib
+from tierbox.spec import parse_duration_s, parse_memory_mib
 
 vm_app = typer.Typer(
     help="Full VMs on libvirt (q35, own kernel): create, exec, ls, start, stop, rm, "
@@ -40,14 +50,9 @@ snapshot_app = typer.Typer(
 )
 vm_app.add_typer(snapshot_app, name="snapshot")
 
-out = Console()
-err = Console(stderr=True)
-PASSTHROUGH = {"allow_interspersed_args": False}
 
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The VM's name.")]
 SnapArg = Annotated[str, typer.Argument(metavar="SNAPSHOT", help="The snapshot's name.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")]
 
 
 class _Notices(logging.Handler):
@@ -64,15 +69,6 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def _fail(exc: BaseException) -> NoReturn:
-    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
-    if isinstance(exc, UsageError):
-        raise typer.Exit(2)
-    if isinstance(exc, SandboxError) and "command not found" in str(exc):
-        raise typer.Exit(127)
-    raise typer.Exit(125)
-
-
 def _tier() -> Any:
     from tierbox.tiers.vm import VMTier
 
@@ -84,39 +80,8 @@ def _open(name: str) -> Any:
     return _tier().open(name)
 
 
-def _env(pairs: list[str] | None) -> dict[str, str]:
-    env = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"bad --env {pair!r}: use KEY=VALUE")
-        env[key] = value
-    return env
-
-
-def _command(argv: list[str] | None) -> list[str]:
-    argv = list(argv or [])
-    return argv[1:] if argv[:1] == ["--"] else argv
-
-
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
-
-
-def _emit_result(r: ExecResult, as_json: bool) -> NoReturn:
-    if as_json:
-        print(json.dumps(r.to_dict()))
-    else:
-        sys.stdout.buffer.write(r.stdout)
-        sys.stdout.buffer.flush()
-        sys.stderr.buffer.write(r.stderr)
-        sys.stderr.buffer.flush()
-        t = r.termination
-        if t.kind is not TerminationKind.EXITED:
-            err.print(f"tierbox: {t.describe()}", highlight=False, markup=False)
-        elif r.stdout_truncated or r.stderr_truncated:
-            err.print("tierbox: output truncated at the output limit", highlight=False)
-    raise typer.Exit(r.exit_code)
 
 
 def _stdin_data() -> bytes | None:
@@ -162,13 +127,13 @@ def vm_create(
             cpus=cpus,
             pids=pids,
             timeout_s=parse_duration_s(timeout),
-            env=_env(env),
+            env=parse_env(env),
         )
         tier = _tier()
         inst = tier.create_vm(spec, name=name, persistent=True, template=False if cold else None)
         tier.register(inst)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(
             json.dumps(
@@ -196,18 +161,18 @@ def vm_exec(
 ) -> None:
     """Run a command in a VM; the exit status mirrors the command's."""
     try:
-        argv = _command(command)
+        argv = workload_argv(command)
         if not argv:
             raise UsageError("give a command after --, e.g. `tierbox vm exec web -- uname -a`")
         r = _open(name).exec(
             argv,
             stdin=_stdin_data(),
-            env=_env(env),
+            env=parse_env(env),
             timeout_s=parse_duration_s(timeout) if timeout else None,
         )
     except TierboxError as exc:
-        _fail(exc)
-    _emit_result(r, as_json)
+        fail(exc)
+    emit_result(r, as_json)
 
 
 @vm_app.command("ls")
@@ -216,7 +181,7 @@ def vm_ls(as_json: JsonOpt = False) -> None:
     try:
         rows = [v.to_dict() for v in _tier().list_vms()]
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -242,7 +207,7 @@ def vm_start(name: NameArg) -> None:
     try:
         _open(name).start()
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     print(name)
 
 
@@ -252,7 +217,7 @@ def vm_stop(name: NameArg) -> None:
     try:
         _open(name).stop()
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     print(name)
 
 
@@ -263,7 +228,7 @@ def vm_rm(names: Annotated[list[str], typer.Argument(metavar="NAME...")]) -> Non
         try:
             _open(name).close()
         except TierboxError as exc:
-            _fail(exc)
+            fail(exc)
         print(name)
 
 
@@ -276,7 +241,7 @@ def vm_console(
     try:
         text = _open(name).console_tail(200_000)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     for line in text.splitlines()[-lines:]:
         print(line)
 
@@ -298,7 +263,7 @@ def snapshot_create(
         inst = _open(name)
         info = inst.create_snapshot(snapshot, description)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps({**info.to_dict(), "timings": inst.timings}))
     else:
@@ -311,7 +276,7 @@ def snapshot_list(name: NameArg, as_json: JsonOpt = False) -> None:
     try:
         infos = _open(name).list_snapshots()
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps([i.to_dict() for i in infos], indent=1))
         return
@@ -343,7 +308,7 @@ def snapshot_revert(
     try:
         timings = _open(name).revert_timed(snapshot, method="libvirt" if libvirt_revert else "auto")
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps({"name": name, "snapshot": snapshot, **timings}))
     else:
@@ -362,7 +327,7 @@ def snapshot_delete(
     try:
         gone = _open(name).delete_snapshot(snapshot, children=children)
     except TierboxError as exc:
-        _fail(exc)
+        fail(exc)
     for s in gone:
         print(f"snapshot {s} of {name} deleted")
 

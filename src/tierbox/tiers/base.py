@@ -7,11 +7,13 @@ against :class:`Tier` and :class:`Instance`.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tierbox.errors import NotSupportedError
+from tierbox.errors import NotSupportedError, SandboxError
 from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
 
 
@@ -85,6 +87,37 @@ class Instance(abc.ABC):
     @abc.abstractmethod
     def close(self) -> Termination | None:
         """Stop the sandbox and release everything it holds. Idempotent."""
+
+
+class DirectoryFiles:
+    """put_file / get_file / list_dir for a sandbox whose files live in a host
+    directory (process, wasm). ``_path`` maps a sandbox path to a host path."""
+
+    id: str
+
+    def _path(self, path: str) -> Path:
+        raise NotImplementedError
+
+    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        target = self._path(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            target.chmod(mode)
+        except OSError as exc:
+            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def get_file(self, path: str) -> bytes:
+        try:
+            return self._path(path).read_bytes()
+        except OSError as exc:
+            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._path(path)))
+        except OSError as exc:
+            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
 
 
 class Tier(abc.ABC):

@@ -22,7 +22,7 @@ from tierbox.host import capture
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
 from tierbox.tiers import _pool, _state
-from tierbox.tiers.base import Availability, Instance, Tier
+from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
 from tierbox.tiers.outcome import classify
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -43,7 +43,7 @@ def _apply_rlimits(pid: int, spec: SandboxSpec) -> None:
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))
 
 
-class ProcessInstance(Instance):
+class ProcessInstance(DirectoryFiles, Instance):
     tier_name = "process"
 
     def __init__(
@@ -123,24 +123,6 @@ class ProcessInstance(Instance):
         """No isolation means no private filesystem: absolute paths are host
         paths, relative ones live in the sandbox's working directory (its cwd)."""
         return Path(path) if path.startswith("/") else _state.safe_join(self.workdir, path)
-
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        target.chmod(mode)
-
-    def get_file(self, path: str) -> bytes:
-        try:
-            return self._path(path).read_bytes()
-        except OSError as exc:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
-
-    def list_dir(self, path: str) -> list[str]:
-        try:
-            return sorted(os.listdir(self._path(path)))
-        except OSError as exc:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
 
     def stats(self) -> Stats:
         return self.cg.stats()

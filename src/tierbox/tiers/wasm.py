@@ -51,7 +51,7 @@ from tierbox.errors import (
 )
 from tierbox.spec import ExecResult, NetworkPolicy, SandboxSpec, Stats, Termination, TerminationKind
 from tierbox.tiers import _state
-from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
+from tierbox.tiers.base import Availability, DirectoryFiles, Instance, SnapshotRef, Tier
 from tierbox.wasm import engine as eng
 from tierbox.wasm.images import Workload, import_wasm, resolve_workload
 from tierbox.wasm.runner import fuel_budget, run_wasi
@@ -76,7 +76,7 @@ def _check_spec(spec: SandboxSpec) -> None:
         )
 
 
-class WasmInstance(Instance):
+class WasmInstance(DirectoryFiles, Instance):
     """A sandbox directory plus the workload to run in it; no Store lives between execs."""
 
     tier_name = "wasm"
@@ -196,29 +196,6 @@ class WasmInstance(Instance):
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
         return _state.safe_join(self.root, path)
-
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        target = self._path(path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            target.chmod(mode)
-        except OSError as exc:
-            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {exc.strerror}") from exc
-
-    def get_file(self, path: str) -> bytes:
-        try:
-            return self._path(path).read_bytes()
-        except OSError as exc:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
-
-    def list_dir(self, path: str) -> list[str]:
-        try:
-            return sorted(os.listdir(self._path(path)))
-        except OSError as exc:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
-
-    # ----------------------------------------------------------- the rest
 
     def stats(self) -> Stats:
         """Peak linear memory, CPU time and OOMs of every exec so far (any process);
