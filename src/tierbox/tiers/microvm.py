@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import json
 import math
 import os
@@ -36,7 +35,6 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +72,8 @@ from tierbox.vmm.agent import (
     AgentGoneError,
     AgentTimeoutError,
     ExecOutcome,
+    GuestConfig,
+    run_in_guest,
 )
 from tierbox.vmm.qmp import QMPClient, QMPError
 
@@ -91,23 +91,6 @@ STALE_AFTER_S = 600.0
 
 def _vm_state_file(d: Path) -> Path:
     return d / "vm.json"
-
-
-@dataclass(frozen=True)
-class GuestConfig:
-    """How workloads run inside the guest."""
-
-    uid: int
-    gid: int
-    env: dict[str, str]
-    workdir: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "gid": self.gid, "env": self.env, "workdir": self.workdir}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GuestConfig:
-        return cls(int(d["uid"]), int(d["gid"]), dict(d["env"]), str(d["workdir"]))
 
 
 class MicroVMInstance(Instance):
@@ -267,9 +250,6 @@ class MicroVMInstance(Instance):
         if not argv:
             raise SpecError("no command given: pass the program and its arguments")
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
-        merged = dict(self.guest.env)
-        if env:
-            merged.update(env)
         with self._lock:
             self._check_usable()
             started = time.monotonic()
@@ -277,22 +257,17 @@ class MicroVMInstance(Instance):
                 started + timeout + self.tier.exec_grace_s + 0.25 * timeout if timeout else None
             )
             try:
-                out = self.agent.exec(
-                    list(argv),
-                    env=merged,
-                    workdir=self.guest.workdir,
-                    uid=self.guest.uid,
-                    gid=self.guest.gid,
+                out = run_in_guest(
+                    self.agent,
+                    self.guest,
+                    self.spec,
+                    argv,
+                    env=env,
                     stdin=stdin,
                     timeout_s=timeout,
-                    output_bytes=self.spec.limits.output_bytes,
-                    pids_max=self.spec.limits.pids,
                     host_deadline=host_deadline,
+                    where=f"microVM {self.id}",
                 )
-            except AgentError as exc:
-                if exc.errno == errno.ENOENT and exc.message.startswith("command not found"):
-                    raise SandboxError(f"command not found in the sandbox: {argv[0]!r}") from exc
-                raise SandboxError(f"cannot run {argv[0]!r} in microVM {self.id}: {exc}") from exc
             except AgentTimeoutError as exc:
                 term = self._stop_vm(
                     Termination(

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -92,7 +91,14 @@ from tierbox.vmm import libvirt_domain as lvd
 from tierbox.vmm import libvirt_guest as guestmod
 from tierbox.vmm import libvirt_template as templates
 from tierbox.vmm import qemu
-from tierbox.vmm.agent import AgentClient, AgentError, AgentGoneError, AgentTimeoutError
+from tierbox.vmm.agent import (
+    AgentClient,
+    AgentError,
+    AgentGoneError,
+    AgentTimeoutError,
+    GuestConfig,
+    run_in_guest,
+)
 
 log = logging.getLogger("tierbox.vm")
 
@@ -151,23 +157,6 @@ def sockets_dir() -> Path:
 
 def _lv() -> Any:
     return lvh.binding()
-
-
-@dataclass(frozen=True)
-class GuestConfig:
-    """How workloads run inside the guest."""
-
-    uid: int
-    gid: int
-    env: dict[str, str]
-    workdir: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uid": self.uid, "gid": self.gid, "env": self.env, "workdir": self.workdir}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GuestConfig:
-        return cls(int(d["uid"]), int(d["gid"]), dict(d["env"]), str(d["workdir"]))
 
 
 @dataclass(frozen=True)
@@ -424,9 +413,6 @@ class VMInstance(Instance):
         if not argv:
             raise SpecError("no command given: pass the program and its arguments")
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
-        merged = dict(self.guest.env)
-        if env:
-            merged.update(env)
         with self._lock:
             self._check_usable()
             started = time.monotonic()
@@ -436,24 +422,17 @@ class VMInstance(Instance):
                     time.monotonic() + timeout * 1.25 + EXEC_GRACE_S if timeout else None
                 )
                 try:
-                    out = self.agent.exec(
-                        list(argv),
-                        env=merged,
-                        workdir=self.guest.workdir,
-                        uid=self.guest.uid,
-                        gid=self.guest.gid,
+                    out = run_in_guest(
+                        self.agent,
+                        self.guest,
+                        self.spec,
+                        argv,
+                        env=env,
                         stdin=stdin,
                         timeout_s=timeout,
-                        output_bytes=self.spec.limits.output_bytes,
-                        pids_max=self.spec.limits.pids,
                         host_deadline=host_deadline,
+                        where=f"VM {self.name}",
                     )
-                except AgentError as exc:
-                    if exc.errno == errno.ENOENT and exc.message.startswith("command not found"):
-                        raise SandboxError(
-                            f"command not found in the sandbox: {argv[0]!r}"
-                        ) from exc
-                    raise SandboxError(f"cannot run {argv[0]!r} in VM {self.name}: {exc}") from exc
                 except AgentTimeoutError as exc:
                     self.agent.close()
                     term = Termination(

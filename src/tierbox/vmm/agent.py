@@ -41,8 +41,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tierbox.errors import SandboxError
+from tierbox.spec import SandboxSpec
 
 MAGIC = 0x31584254
 HEADER = struct.Struct("<IIII")
@@ -381,3 +383,53 @@ class AgentClient:
             if self._sock is not None:
                 self._sock.setblocking(True)
                 self._sock.settimeout(None)
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """How workloads run inside the guest."""
+
+    uid: int
+    gid: int
+    env: dict[str, str]
+    workdir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uid": self.uid, "gid": self.gid, "env": self.env, "workdir": self.workdir}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuestConfig:
+        return cls(int(d["uid"]), int(d["gid"]), dict(d["env"]), str(d["workdir"]))
+
+
+def run_in_guest(
+    agent: AgentClient,
+    guest: GuestConfig,
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    stdin: bytes | None,
+    timeout_s: float | None,
+    host_deadline: float | None,
+    where: str,
+) -> ExecOutcome:
+    """One exec through the guest agent with the sandbox's settings (microvm
+    and vm tiers); the agent's own refusals become SandboxErrors."""
+    try:
+        return agent.exec(
+            list(argv),
+            env={**guest.env, **(env or {})},
+            workdir=guest.workdir,
+            uid=guest.uid,
+            gid=guest.gid,
+            stdin=stdin,
+            timeout_s=timeout_s,
+            output_bytes=spec.limits.output_bytes,
+            pids_max=spec.limits.pids,
+            host_deadline=host_deadline,
+        )
+    except AgentError as exc:
+        if exc.errno == errno_mod.ENOENT and exc.message.startswith("command not found"):
+            raise SandboxError(f"command not found in the sandbox: {argv[0]!r}") from exc
+        raise SandboxError(f"cannot run {argv[0]!r} in {where}: {exc}") from exc
