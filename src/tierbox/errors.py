@@ -15,6 +15,10 @@ are translated at the boundary with ``raise ... from exc``::
     ├── SandboxError               a sandbox operation failed
     │   ├── SandboxNotFoundError   no sandbox with that id
     │   ├── SandboxClosedError     the sandbox was already closed
+    │   ├── SandboxDeadError       the sandbox died under its user (init or VM gone)
+    │   ├── SandboxFileError       a file operation inside the sandbox failed
+    │   │   ├── FileTooLargeError  a read would exceed its max_bytes cap
+    │   │   └── NotRegularFileError  a FIFO, device, socket or directory where a file was asked for
     │   └── NotSupportedError      the tier cannot do this (e.g. snapshot)
     └── HostError                  the host lacks something (cgroups, mounts)
 """
@@ -70,6 +74,27 @@ class SandboxNotFoundError(SandboxError, UsageError):
 
 class SandboxClosedError(SandboxError):
     """The sandbox was closed already."""
+
+
+class SandboxDeadError(SandboxError):
+    """The sandbox died (its init or its VM exited) while still open: close it
+    and create a new one. Nothing it held is reachable any more."""
+
+
+class SandboxFileError(SandboxError):
+    """A file operation inside a sandbox failed; ``path`` is the sandbox path."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class FileTooLargeError(SandboxFileError):
+    """A read would return more than its ``max_bytes`` cap."""
+
+
+class NotRegularFileError(SandboxFileError):
+    """The path names a FIFO, device, socket or directory, not a regular file."""
 
 
 class NotSupportedError(SandboxError):

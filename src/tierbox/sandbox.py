@@ -12,11 +12,21 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tierbox import transfer
 from tierbox.errors import NotSupportedError, SandboxClosedError
-from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, Stats
+from tierbox.spec import (
+    DEFAULT_READ_MAX_BYTES,
+    ExecResult,
+    FileEntry,
+    Limits,
+    NetworkPolicy,
+    SandboxSpec,
+    Stats,
+)
 from tierbox.tiers import Instance, SnapshotRef, _state, get_tier
 
 DEFAULT_TIER = "container"
@@ -49,19 +59,43 @@ def make_spec(
 
 
 class Files:
-    """``sb.files.write(path, data)`` / ``sb.files.read(path)``, E2B style."""
+    """``sb.files``: the sandbox's files, E2B style. Paths are sandbox paths;
+    relative ones start at the workload's working directory."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self._sb = sandbox
 
     def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        self._sb.put_file(path, data.encode() if isinstance(data, str) else data, mode)
+        """Write ``data`` (str as UTF-8); parent directories are made, owned by
+        the workload's user."""
+        self._sb.instance.put_file(path, data, mode)
 
-    def read(self, path: str) -> bytes:
-        return self._sb.get_file(path)
+    def read(self, path: str, *, max_bytes: int = DEFAULT_READ_MAX_BYTES) -> bytes:
+        """A regular file's bytes; FileTooLargeError beyond ``max_bytes`` (64
+        MiB by default), NotRegularFileError for FIFOs, devices, directories."""
+        return self._sb.instance.get_file(path, max_bytes=max_bytes)
 
-    def list(self, path: str) -> list[str]:
-        return self._sb.list_dir(path)
+    def read_text(
+        self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_READ_MAX_BYTES
+    ) -> str:
+        return self.read(path, max_bytes=max_bytes).decode(encoding)
+
+    def list(self, path: str) -> builtins.list[str]:
+        """Names in a directory."""
+        return self._sb.instance.list_dir(path)
+
+    def entries(self, path: str) -> builtins.list[FileEntry]:
+        """Entries of a directory with their kind and size (links not followed)."""
+        return self._sb.instance.entries(path)
+
+    def download(self, path: str, local_path: str | os.PathLike[str], **opts: Any) -> int:
+        """Copy a file or directory out of the sandbox to ``local_path``,
+        streamed to disk; returns the bytes copied. See :mod:`tierbox.transfer`."""
+        return transfer.download(self._sb.instance, path, Path(local_path), **opts)
+
+    def upload(self, local_path: str | os.PathLike[str], path: str) -> int:
+        """Copy a host file or directory into the sandbox at ``path``."""
+        return transfer.upload(self._sb.instance, Path(local_path), path)
 
 
 class Sandbox:
@@ -176,11 +210,11 @@ class Sandbox:
 
     exec = run
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self._inst.put_file(path, data, mode)
 
-    def get_file(self, path: str) -> bytes:
-        return self._inst.get_file(path)
+    def get_file(self, path: str, *, max_bytes: int = DEFAULT_READ_MAX_BYTES) -> bytes:
+        return self._inst.get_file(path, max_bytes=max_bytes)
 
     def list_dir(self, path: str) -> builtins.list[str]:
         return self._inst.list_dir(path)

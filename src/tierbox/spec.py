@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import enum
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierbox.errors import SpecError
+from tierbox.errors import SpecError, UsageError
 
 DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20  # 1 MiB per stream, like a terminal scrollback
+#: Reads from a sandbox (files.read, get_file) return at most this much unless
+#: the caller passes another ``max_bytes``: a hostile workload can offer an
+#: 8 GB sparse file or a link to /dev/zero.
+DEFAULT_READ_MAX_BYTES = 64 << 20
 
 
 class NetworkPolicy(enum.StrEnum):
@@ -108,6 +113,63 @@ class ExecResult:
             "stdout_truncated": self.stdout_truncated,
             "stderr_truncated": self.stderr_truncated,
         }
+
+
+class FileKind(enum.StrEnum):
+    """What a directory entry inside a sandbox is (never followed)."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    OTHER = "other"  # FIFO, socket, device
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of a directory inside a sandbox."""
+
+    name: str
+    kind: FileKind
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind.value, "size": self.size}
+
+
+def parse_user(user: str | None) -> tuple[int, int] | None:
+    """``"uid[:gid]"`` as numbers; None (the tier's own default) stays None."""
+    if user is None:
+        return None
+    uid_s, _, gid_s = user.partition(":")
+    try:
+        uid = int(uid_s)
+        gid = int(gid_s) if gid_s else uid
+    except ValueError as exc:
+        raise SpecError(f"bad user {user!r}: give a numeric uid[:gid], like 1000:1000") from exc
+    if not (0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1):
+        raise SpecError(f"bad user {user!r}: uid and gid must be between 0 and 4294967294")
+    return uid, gid
+
+
+def sandbox_path(path: object, *, cwd: str = "/", param: str = "path") -> str:
+    """Normalise a path inside a sandbox once, before any tier sees it:
+    absolute, no ``.``/``..``/``//`` left; relative paths are taken from
+    ``cwd``. ``..`` cannot climb above ``/`` (as in the sandbox itself).
+    Raises UsageError for what no tier could mean: a non-string, an empty
+    path, a NUL byte (the C side of every tier would silently cut there)."""
+    if isinstance(path, bytes | bytearray):
+        raise UsageError(f"{param} must be a str, not bytes: decode it first")
+    if not isinstance(path, str):
+        kind = type(path).__name__
+        raise UsageError(f"{param} must be a str path inside the sandbox, not {kind}")
+    if not path:
+        raise UsageError(f"{param} is empty: give a path inside the sandbox, like /tmp/app.py")
+    if "\0" in path:
+        raise UsageError(f"{param} {path!r} contains a NUL byte, which no file name can hold")
+    joined = posixpath.join(cwd, path)
+    norm = posixpath.normpath(joined)
+    # normpath keeps a leading "//" (POSIX allows it to mean something else)
+    return "/" + norm.lstrip("/")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,17 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
         raise HostError(f"cannot mount overlay on {target}: {os.strerror(err)}")
 
 
+MS_NOSUID, MS_NODEV = 2, 4
+
+
+def mount_tmpfs(target: Path, options: str) -> None:
+    """Mount a nosuid, nodev tmpfs with ``options`` (size=, mode=, uid=...)."""
+    flags = MS_NOSUID | MS_NODEV
+    if _libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", flags, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise HostError(f"cannot mount a tmpfs on {target}: {os.strerror(err)}")
+
+
 def umount(target: Path) -> None:
     """Lazily unmount ``target``; a path that is not mounted is fine."""
     if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:

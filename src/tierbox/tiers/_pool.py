@@ -19,8 +19,10 @@ import shutil
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tierbox.host.cgroups import SandboxCgroup
 from tierbox.paths import sandboxes_dir
@@ -36,16 +38,21 @@ class Slot:
     key: tuple[object, ...]
     #: (oom_kills, pids_max_hits) when the slot was last handed back
     counters: tuple[int, int]
+    #: what a tier attached to the slot (process: uid, private /tmp), kept
+    #: while the slot is pooled
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: undone, last first, when the slot is destroyed
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def refresh_counters(self) -> None:
         self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
 
 
-def _key(limits: Limits) -> tuple[object, ...]:
-    return (limits.memory_mib, limits.cpus, limits.pids, limits.disk_mib)
+def _key(limits: Limits, variant: object = None) -> tuple[object, ...]:
+    return (limits.memory_mib, limits.cpus, limits.pids, limits.disk_mib, variant)
 
 
-def new_slot(limits: Limits) -> Slot:
+def new_slot(limits: Limits, variant: object = None) -> Slot:
     """A fresh, claimed slot (also what long-lived sandboxes start from)."""
     sandbox_id = _state.new_id()
     d = _state.sandbox_dir(sandbox_id)
@@ -56,11 +63,14 @@ def new_slot(limits: Limits) -> Slot:
     except BaseException:
         discard_dir(d)
         raise
-    return Slot(sandbox_id, d, cg, _key(limits), (cg.oom_kills(), cg.pids_max_hits()))
+    return Slot(sandbox_id, d, cg, _key(limits, variant), (cg.oom_kills(), cg.pids_max_hits()))
 
 
 def destroy(slot: Slot) -> None:
+    """Kill what runs, then undo what the tier attached, then drop the dir."""
     slot.cg.destroy()
+    while slot.cleanups:
+        slot.cleanups.pop()()
     discard_dir(slot.dir)
 
 
@@ -73,12 +83,14 @@ class SlotPool:
         _pools.add(self)
         atexit.register(self.close_all)
 
-    def acquire(self, limits: Limits) -> Slot:
+    def acquire(self, limits: Limits, variant: object = None) -> Slot:
+        """An idle slot made for these limits (and ``variant``: what else a
+        tier keys its slots by), or a new one."""
         with self._lock:
-            idle = self._idle.get(_key(limits))
+            idle = self._idle.get(_key(limits, variant))
             if idle:
                 return idle.pop()
-        return new_slot(limits)
+        return new_slot(limits, variant)
 
     def release(self, slot: Slot, *, pristine: bool) -> None:
         if not pristine or slot.cg.has_tasks():

@@ -7,14 +7,21 @@ against :class:`Tier` and :class:`Instance`.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from tierbox.errors import NotSupportedError, SandboxError
-from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
+from tierbox.errors import NotSupportedError, SandboxFileError, UsageError
+from tierbox.host.rootfs import RootDir
+from tierbox.spec import (
+    DEFAULT_READ_MAX_BYTES,
+    ExecResult,
+    FileEntry,
+    SandboxSpec,
+    Stats,
+    Termination,
+    sandbox_path,
+)
 
 
 @dataclass(frozen=True)
@@ -61,17 +68,64 @@ class Instance(abc.ABC):
     ) -> ExecResult:
         """Run ``argv`` inside the sandbox and wait for it."""
 
-    @abc.abstractmethod
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Write ``data`` to ``path`` inside the sandbox."""
+    # ---- files ---------------------------------------------------------------
+    # Public methods check and normalise the path once for every tier (see
+    # spec.sandbox_path), then call the tier's ``_``-prefixed implementation
+    # with an absolute, normalised sandbox path. Every implementation must
+    # resolve and open in one step that cannot leave the sandbox (SECURITY.md),
+    # act as the workload's user, and bound what it reads.
 
-    @abc.abstractmethod
-    def get_file(self, path: str) -> bytes:
-        """Read ``path`` from inside the sandbox."""
+    #: Where relative sandbox paths start (the workload's working directory).
+    workdir: str = "/"
+
+    def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write ``data`` (str is encoded as UTF-8) to ``path`` inside the
+        sandbox; missing parent directories are made, owned by the workload's user."""
+        norm = sandbox_path(path, cwd=self.workdir)
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, bytes | bytearray | memoryview):
+            raise UsageError(f"data must be bytes or str, not {type(data).__name__}")
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise UsageError(f"mode={mode!r} is not a file mode: give an int like 0o644")
+        self._put_file(norm, bytes(data), mode)
+
+    def get_file(self, path: str, *, max_bytes: int = DEFAULT_READ_MAX_BYTES) -> bytes:
+        """The contents of the regular file at ``path``. Raises FileTooLargeError
+        beyond ``max_bytes`` and NotRegularFileError for FIFOs, devices, sockets
+        and directories (never blocks on them)."""
+        return self._get_file(sandbox_path(path, cwd=self.workdir), _check_max(max_bytes))
+
+    def copy_out(self, path: str, out: BinaryIO, *, max_bytes: int | None = None) -> int:
+        """Stream the regular file at ``path`` into ``out``; returns the byte
+        count. ``max_bytes`` None means no cap (the caller streams to disk)."""
+        cap = None if max_bytes is None else _check_max(max_bytes)
+        return self._copy_out(sandbox_path(path, cwd=self.workdir), out, cap)
+
+    def entries(self, path: str) -> list[FileEntry]:
+        """Entries of the directory at ``path`` (symlinks reported, not followed)."""
+        return sorted(self._entries(sandbox_path(path, cwd=self.workdir)), key=lambda e: e.name)
 
     def list_dir(self, path: str) -> list[str]:
-        """Names in a directory inside the sandbox."""
-        raise NotSupportedError(f"{self.tier_name} tier cannot list directories")
+        """Names in the directory at ``path``."""
+        return [e.name for e in self.entries(path)]
+
+    @abc.abstractmethod
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        """Write a file at a normalised sandbox path, as the workload's user."""
+
+    @abc.abstractmethod
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
+        """Read a regular file at a normalised sandbox path, at most ``max_bytes``."""
+
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        """Tiers that can stream override this; the default reads into memory."""
+        data = self._get_file(path, DEFAULT_READ_MAX_BYTES if max_bytes is None else max_bytes)
+        out.write(data)
+        return len(data)
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        raise NotSupportedError(f"the {self.tier_name} tier cannot list directories")
 
     @abc.abstractmethod
     def stats(self) -> Stats:
@@ -89,35 +143,50 @@ class Instance(abc.ABC):
         """Stop the sandbox and release everything it holds. Idempotent."""
 
 
+def _check_max(max_bytes: object) -> int:
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+        raise UsageError(f"max_bytes={max_bytes!r} must be a whole number of bytes, 0 or more")
+    return max_bytes
+
+
 class DirectoryFiles:
-    """put_file / get_file / list_dir for a sandbox whose files live in a host
-    directory (process, wasm). ``_path`` maps a sandbox path to a host path."""
+    """The files API of a sandbox whose files live in one host directory
+    (process, wasm), through :class:`~tierbox.host.rootfs.RootDir` so that no
+    path can leave it. ``files_mount`` is where that directory appears inside
+    the sandbox; paths outside it are refused."""
 
     id: str
+    tier_name: str
+    #: the sandbox path at which the host directory appears
+    files_mount: str = "/"
 
-    def _path(self, path: str) -> Path:
+    def _files_root(self) -> RootDir:
+        """The pinned root (opened once by the tier)."""
         raise NotImplementedError
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        target = self._path(path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            target.chmod(mode)
-        except OSError as exc:
-            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {exc.strerror}") from exc
+    def _inner(self, path: str) -> str:
+        mount = self.files_mount
+        if mount == "/":
+            return path
+        if path == mount or path.startswith(mount + "/"):
+            return path[len(mount) :] or "/"
+        raise SandboxFileError(
+            f"{path} is outside {mount}: the {self.tier_name} tier's files API reaches only "
+            f"its private {mount} (sandbox {self.id})",
+            path=path,
+        )
 
-    def get_file(self, path: str) -> bytes:
-        try:
-            return self._path(path).read_bytes()
-        except OSError as exc:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        self._files_root().write_file(self._inner(path), data, mode)
 
-    def list_dir(self, path: str) -> list[str]:
-        try:
-            return sorted(os.listdir(self._path(path)))
-        except OSError as exc:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
+        return self._files_root().read_file(self._inner(path), max_bytes)
+
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        return self._files_root().copy_out(self._inner(path), out, max_bytes)
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        return self._files_root().entries(self._inner(path))
 
 
 class Tier(abc.ABC):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from tierbox.errors import (
     CommandError,
@@ -36,12 +36,15 @@ from tierbox.errors import (
 )
 from tierbox.host import capture, mntns
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.host.pinned import PinnedProcess, start_time
 from tierbox.host.procs import kill_tree
+from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import run, which
 from tierbox.paths import MARKER, home, run_dir
-from tierbox.spec import ExecResult, Limits, SandboxSpec, Stats, Termination
-from tierbox.tiers import _pool, _state, oci
+from tierbox.spec import ExecResult, FileEntry, Limits, SandboxSpec, Stats, Termination
+from tierbox.tiers import _pool, oci
 from tierbox.tiers.base import Availability, Instance, Tier
+from tierbox.tiers.oci import INIT_PATH
 from tierbox.tiers.outcome import classify
 
 INIT_BINARY = "/usr/bin/catatonit"
@@ -89,19 +92,30 @@ class OciInstance(Instance):
         self.init_pid = int(state["init_pid"])
         self.image_env: dict[str, str] = dict(state.get("image_env", {}))
         self.cwd: str = state.get("cwd", "/")
+        self.workdir = self.cwd
         self.managed: bool = state.get("managed", True)
         self._counter = itertools.count()
         self._closed = False
+        # Pinned now: the recorded start time proves the PID is still our init.
+        self.init = PinnedProcess(self.init_pid, state.get("init_start"), label=sandbox_id)
+        self._root: RootDir | None = None
 
     def state(self) -> dict[str, Any]:
         return {
             "cgroup": self.cg.relpath,
             "dir": str(self.dir),
             "init_pid": self.init_pid,
+            "init_start": self.init.start,
             "image_env": self.image_env,
             "cwd": self.cwd,
             "managed": self.managed,
         }
+
+    def _check_open(self) -> None:
+        """Closed or dead sandboxes refuse work with an error that says so."""
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        self.init.check()
 
     def exec(
         self,
@@ -111,11 +125,21 @@ class OciInstance(Instance):
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> ExecResult:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        self._check_open()
         if not argv:
             raise SpecError("no command given: pass the program and its arguments")
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        return self._exec(argv, stdin, env, timeout, self.spec.limits.output_bytes)
+
+    def _exec(
+        self,
+        argv: Sequence[str],
+        stdin: bytes | None,
+        env: Mapping[str, str] | None,
+        timeout: float | None,
+        output_bytes: int,
+    ) -> ExecResult:
+        """``<runtime> exec`` with its output capped at ``output_bytes``."""
         n = next(self._counter)
         proc_file = self.dir / f"exec-{os.getpid()}-{threading.get_native_id()}-{n}.json"
         pid_file = proc_file.with_suffix(".pid")
@@ -154,7 +178,7 @@ class OciInstance(Instance):
                 proc,
                 stdin=stdin,
                 timeout_s=timeout,
-                output_bytes=self.spec.limits.output_bytes,
+                output_bytes=output_bytes,
                 kill=_kill,
                 started=started,
             )
@@ -170,43 +194,32 @@ class OciInstance(Instance):
             pids_hits_before=hits,
             status_from_runtime=True,
         )
+        if not result.ok:
+            self.init.check()  # a dead sandbox is not a workload that exited
         self.tier.check_runtime_failure(cap.returncode, cap.stderr, argv)
         return result
 
     # ---- files -------------------------------------------------------------
-    def _container_root(self) -> Path:
-        return Path(f"/proc/{self.init_pid}/root")
-
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    # Through the init's root (/proc/PID/root, pinned): exactly the workload's
+    # view, tmpfs /tmp included, resolved by openat2 inside it (host/rootfs.py).
+    def _files_root(self) -> RootDir:
         self._check_open()
-        uid, gid = oci.parse_user(self.spec.user)
-        root = self._container_root() if _on_tmpfs(path) else self.dir / "rootfs"
-        target = _state.safe_join(root, path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            target.chmod(mode)
-            os.chown(target, uid, gid)
-        except OSError as exc:
-            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {exc.strerror}") from exc
+        if self._root is None:
+            uid, gid = oci.parse_user(self.spec.user)
+            self._root = RootDir(self.init.open_root(), uid=uid, gid=gid, label=self.id)
+        return self._root
 
-    def get_file(self, path: str) -> bytes:
-        self._check_open()
-        try:
-            return _state.safe_join(self._container_root(), path).read_bytes()
-        except OSError as exc:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {exc.strerror}") from exc
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        self._files_root().write_file(path, data, mode)
 
-    def list_dir(self, path: str) -> list[str]:
-        self._check_open()
-        try:
-            return sorted(os.listdir(_state.safe_join(self._container_root(), path)))
-        except OSError as exc:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {exc.strerror}") from exc
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
+        return self._files_root().read_file(path, max_bytes)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed")
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        return self._files_root().copy_out(path, out, max_bytes)
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        return self._files_root().entries(path)
 
     def stats(self) -> Stats:
         return self.cg.stats()
@@ -215,14 +228,12 @@ class OciInstance(Instance):
         if self._closed:
             return None
         self._closed = True
+        if self._root is not None:
+            self._root.close()
+        self.init.close()
         self.tier.delete_container(self.id, managed=self.managed)
         self.tier.teardown(self.cg, self.dir)
         return None
-
-
-def _on_tmpfs(path: str) -> bool:
-    norm = "/" + path.strip("/")
-    return any(norm == p or norm.startswith(p + "/") for p in ("/tmp", "/dev/shm"))
 
 
 class _Image(NamedTuple):
@@ -303,6 +314,10 @@ class OciTier(Tier):
 
     def annotations(self) -> dict[str, str]:
         """OCI annotations for the runtime."""
+        return {}
+
+    def helper_binds(self) -> dict[str, str]:
+        """Host binaries a long-lived sandbox gets beside its init."""
         return {}
 
     def prime(self, spec: SandboxSpec) -> None:
@@ -440,7 +455,7 @@ class OciTier(Tier):
             spec=spec,
             cgroups_path=cgroups_path,
             hostname=MARKER,
-            init_source=INIT_BINARY if init else None,
+            binds={INIT_PATH: INIT_BINARY, **self.helper_binds()} if init else None,
             seccomp=self.seccomp,
             annotations=self.annotations(),
         )
@@ -517,14 +532,16 @@ class OciTier(Tier):
         cid = container_id(sandbox_id)
         cgroups_path = self.cgroups_path(cg, one_shot=False)
         try:
-            self._write_bundle(d, spec, image, [oci.INIT_PATH, "-P"], cgroups_path, init=True)
+            self._write_bundle(d, spec, image, [INIT_PATH, "-P"], cgroups_path, init=True)
             pid_file = d / "init.pid"
             self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
             self.after_start(cid)
+            init_pid = int(pid_file.read_text().strip())
             state = {
                 "cgroup": cg.relpath,
                 "dir": str(d),
-                "init_pid": int(pid_file.read_text().strip()),
+                "init_pid": init_pid,
+                "init_start": start_time(init_pid),
                 "image_env": image.env,
                 "cwd": image.cwd,
                 "managed": cgroups_path is not None,

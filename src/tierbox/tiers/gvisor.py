@@ -9,15 +9,22 @@ support for gVisor (this includes nested VMs) the ``ptrace`` platform is used;
 from __future__ import annotations
 
 import contextlib
+import stat
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import CommandError, HostError, SandboxError
+from tierbox.errors import (
+    CommandError,
+    FileTooLargeError,
+    HostError,
+    NotRegularFileError,
+    SandboxFileError,
+)
 from tierbox.host.cgroups import cgroup_version
 from tierbox.host.runner import run, which
-from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec
+from tierbox.spec import FileEntry, FileKind, Limits, NetworkPolicy, SandboxSpec
 from tierbox.tiers.base import Availability
 from tierbox.tiers.container import INIT_BINARY, OciInstance, OciTier, container_id
 
@@ -35,34 +42,108 @@ def _platform(runsc: str) -> str:
     return "systrap" if "systrap" in text else "ptrace"
 
 
-def _why(r: ExecResult) -> str:
-    return r.stderr.decode(errors="replace").strip() or r.termination.describe()
+BUSYBOX_HOST = "/bin/busybox"  # Debian busybox-static: no libraries needed inside
+BUSYBOX = "/.tierbox/busybox"
+FILE_OP_TIMEOUT_S = 60.0
+# Exit codes of the file scripts below (busybox sh inside the sandbox).
+_GONE, _NOT_REGULAR, _TOO_BIG = 2, 3, 4
+
+# Each script runs as the workload's user, inside the Sentry: paths resolve in
+# the sandbox's own filesystem, never the host's. A FIFO or device is refused
+# before it is opened; what races past that check can only block inside the
+# sandbox, until FILE_OP_TIMEOUT_S.
+_KIND = 'k=$(stat -c %F -- "$1" 2>/dev/null) || { echo "No such file or directory" >&2; exit 2; }'
+_PUT = (
+    'd=${1%/*}; [ -n "$d" ] && { mkdir -p -- "$d" || exit 2; }; '
+    'if [ -e "$1" ] || [ -L "$1" ]; then ' + _KIND + "; "
+    '[ "$k" = "regular file" ] || [ "$k" = "regular empty file" ] || '
+    '{ echo "$k" >&2; exit 3; }; fi; '
+    'cat > "$1" && chmod "$2" "$1"'
+)
+_GET = (
+    _KIND + '; [ "$k" = "regular file" ] || [ "$k" = "regular empty file" ] || '
+    '{ echo "$k" >&2; exit 3; }; '
+    'n=$(stat -L -c %s -- "$1") || exit 2; [ "$n" -le "$2" ] || { echo "$n" >&2; exit 4; }; '
+    'exec cat -- "$1"'
+)
+_LIST = (
+    'cd -- "$1" || exit 2; for f in * .*; do '
+    "case $f in .|..) continue;; esac; "
+    '[ -e "$f" ] || [ -L "$f" ] || continue; '
+    'printf "%s\\0%s\\0" "$(stat -c "%f %s" -- "$f")" "$f"; done'
+)
 
 
 class GVisorInstance(OciInstance):
-    """Files move through ``exec`` (cat): the sandbox's /tmp lives in the
-    Sentry's memory, invisible from the host."""
+    """Files move through ``exec`` of a static busybox bind-mounted into the
+    sandbox: the sandbox's /tmp lives in the Sentry's memory, invisible from
+    the host, and the image need not carry a shell."""
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    def _file_op(
+        self, verb: str, path: str, script: str, args: list[str], stdin: bytes | None, cap: int
+    ) -> bytes:
+        """Run a file script; its exit code says what went wrong."""
         self._check_open()
-        script = 'cat > "$1" && chmod "$2" "$1"'
-        r = self.exec(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data)
-        if not r.ok:
-            raise SandboxError(f"cannot write {path} in sandbox {self.id}: {_why(r)}")
+        r = self._exec(
+            [BUSYBOX, "sh", "-c", script, "sh", path, *args],
+            stdin,
+            {"PATH": "/.tierbox/bin"},  # nothing but busybox applets by full name
+            FILE_OP_TIMEOUT_S,
+            cap,
+        )
+        if r.ok:
+            return r.stdout
+        why = r.stderr.decode(errors="replace").strip() or r.termination.describe()
+        code = r.termination.exit_code
+        if code == _NOT_REGULAR:
+            raise NotRegularFileError(
+                f"cannot {verb} {path} in sandbox {self.id}: it is a {why}, not a regular file",
+                path=path,
+            )
+        if code == _TOO_BIG:
+            raise FileTooLargeError(
+                f"{path} in sandbox {self.id} is {why} bytes, over the max_bytes cap of "
+                f"{args[0]}: pass a larger max_bytes or use download",
+                path=path,
+            )
+        if r.stdout_truncated:
+            raise FileTooLargeError(
+                f"{path} in sandbox {self.id} grew past the max_bytes cap of {cap - 1} "
+                "while it was read",
+                path=path,
+            )
+        raise SandboxFileError(f"cannot {verb} {path} in sandbox {self.id}: {why}", path=path)
 
-    def get_file(self, path: str) -> bytes:
-        self._check_open()
-        r = self.exec(["cat", path])
-        if not r.ok:
-            raise SandboxError(f"cannot read {path} in sandbox {self.id}: {_why(r)}")
-        return r.stdout
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        self._file_op("write", path, _PUT, [f"{mode:o}"], data, 64 * 1024)
 
-    def list_dir(self, path: str) -> list[str]:
-        self._check_open()
-        r = self.exec(["ls", "-1a", path])
-        if not r.ok:
-            raise SandboxError(f"cannot list {path} in sandbox {self.id}: {_why(r)}")
-        return sorted(n for n in r.stdout.decode().splitlines() if n not in (".", ".."))
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
+        return self._file_op("read", path, _GET, [str(max_bytes)], None, max_bytes + 1)
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        out = self._file_op("list", path, _LIST, [], None, 16 << 20)
+        fields = out.split(b"\0")
+        entries = []
+        for meta, name in zip(fields[0::2], fields[1::2], strict=False):
+            mode_hex, _, size = meta.decode().partition(" ")
+            entries.append(
+                FileEntry(
+                    name.decode(errors="surrogateescape"),
+                    _kind(int(mode_hex, 16)),
+                    int(size or 0),
+                )
+            )
+        return entries
+
+
+def _kind(mode: int) -> FileKind:
+    if stat.S_ISREG(mode):
+        return FileKind.FILE
+    if stat.S_ISDIR(mode):
+        return FileKind.DIR
+    if stat.S_ISLNK(mode):
+        return FileKind.SYMLINK
+    return FileKind.OTHER
 
 
 class GVisorTier(OciTier):
@@ -108,6 +189,9 @@ class GVisorTier(OciTier):
         if spec.limits.pids is None:
             return []
         return [{"type": "RLIMIT_NPROC", "hard": spec.limits.pids, "soft": spec.limits.pids}]
+
+    def helper_binds(self) -> dict[str, str]:
+        return {BUSYBOX: BUSYBOX_HOST}
 
     def global_args(self, spec: SandboxSpec) -> list[str]:
         return ["--network=none" if spec.network is NetworkPolicy.NONE else "--network=host"]

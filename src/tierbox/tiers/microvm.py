@@ -52,6 +52,8 @@ from tierbox.host.runner import run
 from tierbox.paths import MARKER, sandboxes_dir
 from tierbox.spec import (
     ExecResult,
+    FileEntry,
+    FileKind,
     Limits,
     NetworkPolicy,
     SandboxSpec,
@@ -320,7 +322,7 @@ class MicroVMInstance(Instance):
             return SandboxError(f"microVM {self.id} is gone: {self._dead.describe()}")
         return SandboxError(f"{what} failed in microVM {self.id}: {exc}")
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
         with self._lock:
             self._check_usable()
             try:
@@ -335,19 +337,20 @@ class MicroVMInstance(Instance):
             except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
                 raise self._agent_call_failed(exc, f"writing {path}") from exc
 
-    def get_file(self, path: str) -> bytes:
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
         with self._lock:
             self._check_usable()
             try:
-                return self.agent.get(path, deadline=self._call_deadline())
+                return self.agent.get(path, deadline=self._call_deadline(), max_bytes=max_bytes)
             except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
                 raise self._agent_call_failed(exc, f"reading {path}") from exc
 
-    def list_dir(self, path: str) -> list[str]:
+    def _entries(self, path: str) -> list[FileEntry]:  # kinds: see the agent LIST
         with self._lock:
             self._check_usable()
             try:
-                return self.agent.list_dir(path, deadline=self._call_deadline())
+                names = self.agent.list_dir(path, deadline=self._call_deadline())
+                return [FileEntry(n, FileKind.OTHER) for n in names]
             except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
                 raise self._agent_call_failed(exc, f"listing {path}") from exc
 

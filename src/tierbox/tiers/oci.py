@@ -15,9 +15,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import HostError, SpecError
+from tierbox.errors import HostError
 from tierbox.host.cgroups import CPU_PERIOD_US
 from tierbox.spec import Limits, NetworkPolicy, SandboxSpec
+from tierbox.spec import parse_user as spec_user
 
 SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
 DEFAULT_USER = (65534, 65534)  # nobody:nogroup
@@ -47,15 +48,8 @@ READONLY_PATHS = [
 
 
 def parse_user(user: str | None) -> tuple[int, int]:
-    if user is None:
-        return DEFAULT_USER
-    uid_s, _, gid_s = user.partition(":")
-    try:
-        uid = int(uid_s)
-        gid = int(gid_s) if gid_s else uid
-    except ValueError as exc:
-        raise SpecError(f"bad user {user!r}: give a numeric uid[:gid], like 1000:1000") from exc
-    return uid, gid
+    """The spec's user, or nobody:nogroup."""
+    return spec_user(user) or DEFAULT_USER
 
 
 _DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -158,12 +152,12 @@ def bundle_config(
     spec: SandboxSpec,
     cgroups_path: str | None,
     hostname: str,
-    init_source: str | None = None,
+    binds: Mapping[str, str] | None = None,
     seccomp: bool = True,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole config.json. ``init_source``: host binary bind-mounted at
-    INIT_PATH as PID 1 of a long-lived sandbox. ``cgroups_path`` None: the
+    """The whole config.json. ``binds``: sandbox path -> host file
+    bind-mounted read-only (the long-lived sandbox's init at INIT_PATH). ``cgroups_path`` None: the
     runtime manages no cgroup; the container stays in the one it was started in."""
     tmp_mib = spec.limits.disk_mib or 64
     mounts: list[dict[str, Any]] = [
@@ -210,12 +204,12 @@ def bundle_config(
             "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"],
         },
     ]
-    if init_source is not None:
+    for destination, source in (binds or {}).items():
         mounts.append(
             {
-                "destination": INIT_PATH,
+                "destination": destination,
                 "type": "bind",
-                "source": init_source,
+                "source": source,
                 "options": ["bind", "ro", "nosuid"],
             }
         )

@@ -1,16 +1,22 @@
 """The ``process`` tier: a plain host process in its own cgroup.
 
-This tier gives NO isolation: the workload sees the host filesystem, host
-processes and the network, and runs as the calling user. It exists as the
-baseline rung: limits (memory, pids, cpu, wall clock, output) still hold,
-through a per-sandbox cgroup and rlimits.
+This tier gives NO isolation from the host: the workload sees the host's
+filesystem, processes and network. What it does promise (SECURITY.md):
+
+- it runs as a uid of its own (``host/uids.py``), never root unless
+  ``user="0"`` is asked for, with no capabilities and no supplementary
+  groups, so it cannot leave its cgroup, raise its limits, or signal tierbox
+  or another sandbox;
+- its limits (memory, pids, cpu, wall clock, output) hold through a cgroup it
+  is born in, and nothing it starts outlives an exec;
+- ``/tmp`` is its own: a tmpfs of ``disk_mib`` (default 64 MiB) mounted over
+  the host's ``/tmp`` in a private mount namespace. It is the working
+  directory, ``HOME``, and the only place the files API reaches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -18,51 +24,92 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import HostError, SandboxClosedError, SandboxError
-from tierbox.host import capture
+from tierbox.host import capture, mntns, uids
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
-from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination
-from tierbox.tiers import _pool, _state
+from tierbox.host.privtmp import PrivateTmp
+from tierbox.host.rootfs import RootDir
+from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination, parse_user
+from tierbox.tiers import _pool
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
 from tierbox.tiers.outcome import classify
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-NOFILE_LIMIT = 4096  # root lacks CAP_SYS_RESOURCE here; stay below the host's hard cap
-
-
-def _apply_rlimits(pid: int, spec: SandboxSpec) -> None:
-    """rlimits cgroups do not cover. Applied right after spawn: Python offers no
-    race-free hook short of ``preexec_fn``, which triples spawn time; the cgroup
-    (joined before the child exists) carries the limits that matter."""
-    with contextlib.suppress(OSError):
-        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
-        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
-        soft = NOFILE_LIMIT if hard == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, soft))
-        if spec.limits.disk_mib is not None:
-            size = spec.limits.disk_mib * 1024 * 1024
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))
+DEFAULT_TMP_MIB = 64
+TMP = "/tmp"
 
 
 class ProcessInstance(DirectoryFiles, Instance):
     tier_name = "process"
+    files_mount = TMP
+    workdir = TMP
 
     def __init__(
-        self, sandbox_id: str, spec: SandboxSpec, cg: SandboxCgroup, workdir: Path
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        cg: SandboxCgroup,
+        host_dir: Path,
+        *,
+        uid: int,
+        gid: int,
+        owns_uid: bool,
     ) -> None:
         self.id = sandbox_id
         self.spec = spec
         self.cg = cg
-        self.workdir = workdir
+        self.host_dir = host_dir  # mounted at /tmp for the workload
+        self.uid, self.gid = uid, gid
+        self.owns_uid = owns_uid
+        self._ns: PrivateTmp | None = None
+        self._root: RootDir | None = None
         self._closed = False
         #: (oom_kills, pids_max_hits) after the last exec: the next one's baseline
         self.counters: tuple[int, int] | None = None
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        env = {"PATH": DEFAULT_PATH, "HOME": str(self.workdir), "LANG": "C.UTF-8"}
+        env = {"PATH": DEFAULT_PATH, "HOME": TMP, "TMPDIR": TMP, "LANG": "C.UTF-8"}
         env.update(self.spec.env)
         if extra:
             env.update(extra)
         return env
+
+    def _namespace(self) -> PrivateTmp:
+        if self._ns is None:
+            self._ns = PrivateTmp(self.host_dir, TMP)
+        return self._ns
+
+    def _files_root(self) -> RootDir:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if self._root is None:
+            self._root = RootDir.open(str(self.host_dir), uid=self.uid, gid=self.gid, label=self.id)
+        return self._root
+
+    def _spawn(
+        self, argv: Sequence[str], stdin: bytes | None, env: Mapping[str, str] | None
+    ) -> subprocess.Popen[bytes]:
+        kwargs: dict[str, Any] = {
+            "stdin": subprocess.PIPE if stdin else subprocess.DEVNULL,
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE,
+            "env": self._env(env),
+            "cwd": TMP,
+            "start_new_session": True,
+        }
+        if self.cg.version == 2:
+            # v2 joins the cgroup in preexec_fn, which subprocess runs after
+            # a user= switch: switch there too, after the join.
+            uid, gid = self.uid, self.gid
+
+            def _drop() -> None:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+
+            kwargs["preexec_fn"] = _drop
+        else:
+            kwargs.update(user=self.uid, group=self.gid, extra_groups=[])
+        return self._namespace().call(lambda: self.cg.popen(argv, **kwargs))
 
     def exec(
         self,
@@ -82,20 +129,11 @@ class ProcessInstance(DirectoryFiles, Instance):
         before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
         started = time.monotonic()
         try:
-            proc = self.cg.popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env(env),
-                cwd=self.workdir,
-                start_new_session=True,
-            )
+            proc = self._spawn(argv, stdin, env)
         except FileNotFoundError as exc:
             raise SandboxError(f"command not found: {argv[0]!r}") from exc
         except PermissionError as exc:
             raise SandboxError(f"command not executable: {argv[0]!r}") from exc
-        _apply_rlimits(proc.pid, self.spec)
         cap = capture.communicate(
             proc,
             stdin=stdin,
@@ -119,62 +157,140 @@ class ProcessInstance(DirectoryFiles, Instance):
         self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
         return result
 
-    def _path(self, path: str) -> Path:
-        """No isolation means no private filesystem: absolute paths are host
-        paths, relative ones live in the sandbox's working directory (its cwd)."""
-        return Path(path) if path.startswith("/") else _state.safe_join(self.workdir, path)
-
     def stats(self) -> Stats:
         return self.cg.stats()
 
     def state(self) -> dict[str, Any]:
-        return {"cgroup": self.cg.relpath, "workdir": str(self.workdir)}
+        return {
+            "cgroup": self.cg.relpath,
+            "host_dir": str(self.host_dir),
+            "uid": self.uid,
+            "gid": self.gid,
+            "owns_uid": self.owns_uid,
+        }
+
+    def release_handles(self) -> None:
+        """Stop the namespace thread and unpin the root (the slot stays)."""
+        if self._ns is not None:
+            self._ns.close()
+            self._ns = None
+        if self._root is not None:
+            self._root.close()
+            self._root = None
 
     def close(self) -> Termination | None:
         if self._closed:
             return None
         self._closed = True
-        self.cg.destroy()
-        _pool.discard_dir(self.workdir.parent)
+        self.cg.destroy()  # nothing of the workload runs past this
+        self.release_handles()
+        _unmount_tmp(self.host_dir)
+        if self.owns_uid:
+            uids.release(self.uid)
+        _pool.discard_dir(self.host_dir.parent)
         return None
+
+
+def _mount_tmp(host_dir: Path, spec: SandboxSpec, uid: int, gid: int) -> None:
+    """The sandbox's /tmp: a size-capped tmpfs owned by the workload."""
+    size = spec.limits.disk_mib or DEFAULT_TMP_MIB
+    host_dir.mkdir()
+    mntns.mount_tmpfs(host_dir, f"size={size}m,mode=0700,uid={uid},gid={gid}")
+
+
+def _unmount_tmp(host_dir: Path) -> None:
+    mntns.umount(host_dir)
 
 
 class ProcessTier(Tier):
     name = "process"
-    isolation = "none: host filesystem, processes and network are visible; limits via cgroup"
+    isolation = (
+        "none: host filesystem, processes and network are visible; own uid, "
+        "own /tmp, limits via cgroup"
+    )
 
     def __init__(self) -> None:
         self._pool = _pool.SlotPool()
 
+    def _attach_slot(self, slot: _pool.Slot, spec: SandboxSpec) -> ProcessInstance:
+        """An instance on ``slot``: the slot's uid and /tmp are made once and
+        kept while it is pooled."""
+        if "uid" not in slot.extra:
+            asked = parse_user(spec.user)
+            uid, gid = asked if asked is not None else (uids.claim(slot.id),) * 2
+            if asked is None:
+                slot.cleanups.append(lambda: uids.release(uid))
+            _mount_tmp(slot.dir / "tmp", spec, uid, gid)
+            slot.cleanups.append(lambda: _unmount_tmp(slot.dir / "tmp"))
+            slot.extra.update(uid=uid, gid=gid, owns_uid=asked is None)
+        inst = ProcessInstance(
+            slot.id,
+            spec,
+            slot.cg,
+            slot.dir / "tmp",
+            uid=slot.extra["uid"],
+            gid=slot.extra["gid"],
+            owns_uid=slot.extra["owns_uid"],
+        )
+        if "ns" in slot.extra:
+            inst._ns = slot.extra["ns"]
+        return inst
+
     def run(
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
-        """One-shot on a pooled empty slot (see tiers/_pool.py)."""
-        slot = self._pool.acquire(spec.limits)
-        workdir = slot.dir / "work"
-        workdir.mkdir(exist_ok=True)
-        inst = ProcessInstance(slot.id, spec, slot.cg, workdir)
+        """One-shot on a pooled slot (see tiers/_pool.py) whose uid, /tmp and
+        namespace thread are reused while they stay pristine."""
+        # a slot's uid is part of what it is: one asked-for user never shares
+        # a pooled slot with the default
+        slot = self._pool.acquire(spec.limits, variant=spec.user)
+        try:
+            inst = self._attach_slot(slot, spec)
+        except BaseException:
+            _pool.destroy(slot)
+            raise
         inst.counters = slot.counters
         try:
             return inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
         finally:
             slot.counters = inst.counters or slot.counters
-            self._pool.release(slot, pristine=not any(os.scandir(workdir)))
+            if inst._ns is not None and "ns" not in slot.extra:
+                ns = inst._ns
+                slot.extra["ns"] = ns
+                slot.cleanups.append(ns.close)
+            self._pool.release(slot, pristine=not any(os.scandir(inst.host_dir)))
 
     def available(self) -> Availability:
         try:
             version = cgroup_version()
         except HostError as exc:
             return Availability(False, str(exc), engine="subprocess")
-        return Availability(True, f"subprocess with cgroup v{version} limits", engine="subprocess")
+        return Availability(
+            True,
+            f"subprocess as its own uid, private /tmp, cgroup v{version} limits",
+            engine="subprocess",
+        )
 
     def create(self, spec: SandboxSpec) -> ProcessInstance:
         slot = _pool.new_slot(spec.limits)
-        workdir = slot.dir / "work"
-        workdir.mkdir()
-        return ProcessInstance(slot.id, spec, slot.cg, workdir)
+        try:
+            return self._attach_slot(slot, spec)
+        except BaseException:
+            _pool.destroy(slot)
+            raise
 
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> ProcessInstance:
         cg = SandboxCgroup(relpath=state["cgroup"], version=cgroup_version())
         spec = SandboxSpec.from_dict(state["spec"])
-        return ProcessInstance(sandbox_id, spec, cg, Path(state["workdir"]))
+        return ProcessInstance(
+            sandbox_id,
+            spec,
+            cg,
+            Path(state["host_dir"]),
+            uid=int(state["uid"]),
+            gid=int(state["gid"]),
+            owns_uid=bool(state["owns_uid"]),
+        )
+
+    def reap(self, live: set[str]) -> list[str]:
+        return uids.reap(live)

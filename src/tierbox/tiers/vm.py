@@ -76,6 +76,8 @@ from tierbox.host.runner import which
 from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
     ExecResult,
+    FileEntry,
+    FileKind,
     Limits,
     NetworkPolicy,
     SandboxSpec,
@@ -456,7 +458,7 @@ class VMInstance(Instance):
                 )
             raise AssertionError("unreachable")
 
-    def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
         self._call(
             f"writing {path}",
             lambda: self.agent.put(
@@ -469,19 +471,21 @@ class VMInstance(Instance):
             ),
         )
 
-    def get_file(self, path: str) -> bytes:
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
         data: bytes = self._call(
             f"reading {path}",
-            lambda: self.agent.get(path, deadline=time.monotonic() + CALL_TIMEOUT_S),
+            lambda: self.agent.get(
+                path, deadline=time.monotonic() + CALL_TIMEOUT_S, max_bytes=max_bytes
+            ),
         )
         return data
 
-    def list_dir(self, path: str) -> list[str]:
+    def _entries(self, path: str) -> list[FileEntry]:  # kinds: see the agent LIST
         names: list[str] = self._call(
             f"listing {path}",
             lambda: self.agent.list_dir(path, deadline=time.monotonic() + CALL_TIMEOUT_S),
         )
-        return names
+        return [FileEntry(n, FileKind.OTHER) for n in names]
 
     def stats(self) -> Stats:
         """Host cost of the VM (its QEMU's PSS, peak RSS, CPU time) and the

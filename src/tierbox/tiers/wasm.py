@@ -49,6 +49,7 @@ from tierbox.errors import (
     SpecError,
     TierboxError,
 )
+from tierbox.host.rootfs import RootDir
 from tierbox.spec import ExecResult, NetworkPolicy, SandboxSpec, Stats, Termination, TerminationKind
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, SnapshotRef, Tier
@@ -104,6 +105,7 @@ class WasmInstance(DirectoryFiles, Instance):
         self._cpu_s = 0.0
         self._ooms = 0
         self._serial = next(_serials)  # names this object's usage record
+        self._root_dir: RootDir | None = None
 
     # ------------------------------------------------------------------ exec
 
@@ -192,10 +194,15 @@ class WasmInstance(DirectoryFiles, Instance):
 
     # ----------------------------------------------------------------- files
 
-    def _path(self, path: str) -> Path:
-        if self._closed:
-            raise SandboxClosedError(f"sandbox {self.id} is closed")
-        return _state.safe_join(self.root, path)
+    def _files_root(self) -> RootDir:
+        """The sandbox directory, pinned at first use (WASI has no users:
+        files are the host user's)."""
+        with self._lock:
+            if self._closed:
+                raise SandboxClosedError(f"sandbox {self.id} is closed")
+            if self._root_dir is None:
+                self._root_dir = RootDir.open(str(self.root), uid=None, gid=None, label=self.id)
+            return self._root_dir
 
     def stats(self) -> Stats:
         """Peak linear memory, CPU time and OOMs of every exec so far (any process);
@@ -245,6 +252,8 @@ class WasmInstance(DirectoryFiles, Instance):
             if self._closed:
                 return None
             self._closed = True
+            if self._root_dir is not None:
+                self._root_dir.close()
         shutil.rmtree(self.root.parent, ignore_errors=True)
         return None
 
