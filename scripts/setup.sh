@@ -15,6 +15,8 @@ PACKAGES=(
   util-linux iproute2 e2fsprogs procps
   # Python
   python3 python3-venv python3-dev
+  # tests compile small static attack programs
+  gcc libc6-dev
 )
 # setup.d steps list their own Debian packages in scripts/setup.d/*.packages
 for f in scripts/setup.d/*.packages; do

@@ -126,6 +126,8 @@ class GVisorInstance(OciInstance):
         entries = []
         for meta, name in zip(fields[0::2], fields[1::2], strict=False):
             mode_hex, _, size = meta.decode().partition(" ")
+            if not mode_hex:
+                continue  # removed between the listing and its stat
             entries.append(
                 FileEntry(
                     name.decode(errors="surrogateescape"),
