@@ -68,7 +68,7 @@ def test_killed_init_makes_every_call_raise(tier: str) -> None:
             lambda: sb.files.write("/tmp/x", "x"),
             lambda: sb.files.list("/"),
         ):
-            with pytest.raises(SandboxDeadError, match="dead.*create a new one"):
+            with pytest.raises(SandboxDeadError, match=r"dead.*create a new one"):
                 call()
         # a host process takes the dead init's PID: still nothing reaches it
         squatter = _take_pid(pid)
@@ -114,9 +114,12 @@ def test_dead_sandbox_can_be_removed_from_the_cli() -> None:
     finally:
         p = subprocess.run([*TIERBOX, "sandbox", "rm", sid], capture_output=True)
     assert p.returncode == 0, p.stderr
-    assert sid not in subprocess.run(
-        [sys.executable, "-m", "tierbox.cli", "sandbox", "ls", "--json"],
-        capture_output=True,
-        text=True,
-    ).stdout
+    assert (
+        sid
+        not in subprocess.run(
+            [sys.executable, "-m", "tierbox.cli", "sandbox", "ls", "--json"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert os.path.exists("/proc/self")  # the host is fine

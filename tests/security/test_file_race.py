@@ -9,6 +9,7 @@ the host directory must be byte-for-byte unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import tempfile
@@ -81,24 +82,18 @@ def test_swap_race_never_reaches_host_files(tier: str, swaprace: bytes, tmp_path
                 except SandboxFileError:
                     pass  # "d" was a link to the sandbox's own root at that moment
                 counts["writes"] += 1
-                try:
+                with contextlib.suppress(SandboxFileError):
                     sb.files.write(f"{mirror}/victim", f"sandbox write {i}", mode=0o666)
-                except SandboxFileError:
-                    pass
                 if i % 10 == 0:
                     counts["copies"] += 1
                     out = tmp_path / f"copy{i}"
-                    try:
+                    with contextlib.suppress(SandboxFileError):
                         sb.files.download("/tmp/race/d", out)
-                    except SandboxFileError:
-                        pass
                     if out.exists():
                         counts["leaks"] += host_secret in _tree_bytes(out)
                         shutil.rmtree(out)
-                    try:
+                    with contextlib.suppress(SandboxFileError):
                         sb.files.upload(upload_src, mirror)
-                    except SandboxFileError:
-                        pass
             attacker.join(timeout=60)
         print(f"\n{tier}: {counts}, swaps={done[0].stdout.decode().strip() if done else '?'}")
         assert done and done[0].ok, done
