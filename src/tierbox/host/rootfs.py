@@ -177,20 +177,29 @@ class RootDir:
     life, and every file operation tierbox does inside it.
 
     ``uid``/``gid``: the workload's user, whose credentials file work uses.
-    ``label`` names the sandbox in error messages.
+    ``label`` names the sandbox in error messages; ``shown_at`` is where the
+    directory appears inside the sandbox, so messages carry sandbox paths.
     """
 
-    def __init__(self, fd: int, *, uid: int | None, gid: int | None, label: str) -> None:
+    def __init__(
+        self, fd: int, *, uid: int | None, gid: int | None, label: str, shown_at: str = "/"
+    ) -> None:
         self.fd = fd
         self.uid = uid
         self.gid = gid
         self.label = label
+        self.shown_at = shown_at.rstrip("/")
 
     @classmethod
-    def open(cls, path: str, *, uid: int | None, gid: int | None, label: str) -> RootDir:
+    def open(
+        cls, path: str, *, uid: int | None, gid: int | None, label: str, shown_at: str = "/"
+    ) -> RootDir:
         """Pin the directory at host path ``path`` (e.g. ``/proc/PID/root``)."""
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return cls(fd, uid=uid, gid=gid, label=label)
+        return cls(fd, uid=uid, gid=gid, label=label, shown_at=shown_at)
+
+    def _show(self, path: str) -> str:
+        return (self.shown_at + path if path != "/" else self.shown_at) or "/"
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -207,7 +216,8 @@ class RootDir:
         elif exc.errno == errno.EXDEV:
             hint = ": a link that leaves the sandbox"
         return SandboxFileError(
-            f"cannot {verb} {path} in sandbox {self.label}: {exc.strerror}{hint}", path=path
+            f"cannot {verb} {self._show(path)} in sandbox {self.label}: {exc.strerror}{hint}",
+            path=self._show(path),
         )
 
     def _open_regular(self, path: str, flags: int, mode: int = 0) -> tuple[int, os.stat_result]:
@@ -218,16 +228,16 @@ class RootDir:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotRegularFileError(
-                    f"cannot use {path} in sandbox {self.label}: it is {_what(st.st_mode)}, "
-                    "not a regular file",
-                    path=path,
+                    f"cannot use {self._show(path)} in sandbox {self.label}: "
+                    f"it is {_what(st.st_mode)}, not a regular file",
+                    path=self._show(path),
                 )
             fs = _PSEUDO_FS.get(_fs_type(fd))
             if fs is not None:
                 raise NotRegularFileError(
-                    f"cannot use {path} in sandbox {self.label}: it is a {fs} kernel "
+                    f"cannot use {self._show(path)} in sandbox {self.label}: it is a {fs} kernel "
                     "interface, not a file",
-                    path=path,
+                    path=self._show(path),
                 )
             os.set_blocking(fd, True)
         except BaseException:
@@ -259,9 +269,10 @@ class RootDir:
             try:
                 if max_bytes is not None and st.st_size > max_bytes:
                     raise FileTooLargeError(
-                        f"{path} in sandbox {self.label} is {st.st_size} bytes, over the "
-                        f"max_bytes cap of {max_bytes}: pass a larger max_bytes or use download",
-                        path=path,
+                        f"{self._show(path)} in sandbox {self.label} is {st.st_size} bytes, "
+                        f"over the max_bytes cap of {max_bytes}: pass a larger max_bytes "
+                        "or use download",
+                        path=self._show(path),
                     )
                 total = 0
                 while True:
@@ -272,9 +283,9 @@ class RootDir:
                     total += len(chunk)
                     if max_bytes is not None and total > max_bytes:
                         raise FileTooLargeError(
-                            f"{path} in sandbox {self.label} grew past the max_bytes cap of "
-                            f"{max_bytes} while it was read",
-                            path=path,
+                            f"{self._show(path)} in sandbox {self.label} grew past the "
+                            f"max_bytes cap of {max_bytes} while it was read",
+                            path=self._show(path),
                         )
                     out.write(chunk)
             except OSError as exc:

@@ -9,20 +9,23 @@ support for gVisor (this includes nested VMs) the ``ptrace`` platform is used;
 from __future__ import annotations
 
 import contextlib
+import itertools
 import stat
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tierbox.errors import (
     CommandError,
     FileTooLargeError,
     HostError,
     NotRegularFileError,
+    NotSupportedError,
     SandboxFileError,
 )
 from tierbox.host.cgroups import cgroup_version
+from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import run, which
 from tierbox.spec import FileEntry, FileKind, Limits, NetworkPolicy, SandboxSpec
 from tierbox.tiers.base import Availability
@@ -66,6 +69,13 @@ _GET = (
     'n=$(stat -L -c %s -- "$1") || exit 2; [ "$n" -le "$2" ] || { echo "$n" >&2; exit 4; }; '
     'exec cat -- "$1"'
 )
+# One slice of a file for streamed copies: $2 is the slice index.
+_SLICE = (
+    _KIND + '; [ "$k" = "regular file" ] || [ "$k" = "regular empty file" ] || '
+    '{ echo "$k" >&2; exit 3; }; '
+    'exec dd if="$1" bs=1048576 skip=$(($2 * 8)) count=8 2>/dev/null'
+)
+SLICE_BYTES = 8 << 20
 _LIST = (
     'cd -- "$1" || exit 2; for f in * .*; do '
     "case $f in .|..) continue;; esac; "
@@ -116,6 +126,27 @@ class GVisorInstance(OciInstance):
 
     def _put_file(self, path: str, data: bytes, mode: int) -> None:
         self._file_op("write", path, _PUT, [f"{mode:o}"], data, 64 * 1024)
+
+    def _files_root(self) -> RootDir:
+        # The init's /proc/PID/root is the Sentry's, not the workload's view:
+        # every file operation of this tier goes through an exec instead.
+        raise NotSupportedError("gVisor files are reached only through the Sentry")
+
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        """Streamed in 8 MiB slices, one exec each: tierbox holds one slice at most."""
+        total = 0
+        for index in itertools.count():
+            chunk = self._file_op("read", path, _SLICE, [str(index)], None, SLICE_BYTES)
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise FileTooLargeError(
+                    f"{path} in sandbox {self.id} is over the max_bytes cap of {max_bytes}",
+                    path=path,
+                )
+            out.write(chunk)
+            if len(chunk) < SLICE_BYTES:
+                return total
+        raise AssertionError("unreachable")
 
     def _get_file(self, path: str, max_bytes: int) -> bytes:
         return self._file_op("read", path, _GET, [str(max_bytes)], None, max_bytes + 1)

@@ -82,7 +82,9 @@ class ProcessInstance(DirectoryFiles, Instance):
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
         if self._root is None:
-            self._root = RootDir.open(str(self.host_dir), uid=self.uid, gid=self.gid, label=self.id)
+            self._root = RootDir.open(
+                str(self.host_dir), uid=self.uid, gid=self.gid, label=self.id, shown_at=TMP
+            )
         return self._root
 
     def _spawn(
