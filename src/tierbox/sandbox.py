@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from tierbox import transfer
-from tierbox.errors import NotSupportedError, SandboxClosedError
+from tierbox.errors import NotSupportedError, SandboxClosedError, UsageError
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
@@ -26,6 +26,9 @@ from tierbox.spec import (
     NetworkPolicy,
     SandboxSpec,
     Stats,
+    check_timeout_s,
+    parse_user,
+    sandbox_path,
 )
 from tierbox.tiers import Instance, SnapshotRef, _state, get_tier
 
@@ -35,27 +38,94 @@ DEFAULT_TIER = "container"
 def make_spec(
     image: str | None,
     *,
-    memory_mib: int | None = 256,
-    cpus: float | None = None,
-    pids: int | None = 128,
-    timeout_s: float | None = 60.0,
-    output_bytes: int | None = None,
+    memory_mib: int | None = Limits.memory_mib,
+    cpus: float | None = Limits.cpus,
+    pids: int | None = Limits.pids,
+    timeout_s: float | None = Limits.timeout_s,
+    disk_mib: int | None = Limits.disk_mib,
+    output_bytes: int = Limits.output_bytes,
     network: str | NetworkPolicy = NetworkPolicy.NONE,
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     workdir: str = "/",
 ) -> SandboxSpec:
-    limits = Limits(memory_mib=memory_mib, cpus=cpus, pids=pids, timeout_s=timeout_s)
-    if output_bytes is not None:
-        limits = replace(limits, output_bytes=output_bytes)
+    """A SandboxSpec from keyword options (defaults live in Limits); every
+    bad value is a UsageError naming the option."""
+    if image is not None and not isinstance(image, str):
+        raise UsageError(f"image must be a str like 'busybox', not {type(image).__name__}")
+    limits = Limits(
+        memory_mib=memory_mib,
+        cpus=cpus,
+        pids=pids,
+        timeout_s=timeout_s,
+        disk_mib=disk_mib,
+        output_bytes=output_bytes,
+    )
+    try:
+        policy = NetworkPolicy(network)
+    except ValueError:
+        names = ", ".join(p.value for p in NetworkPolicy)
+        raise UsageError(
+            f"network={network!r} is not a network policy: use one of {names}"
+        ) from None
+    if env is not None and (
+        not isinstance(env, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise UsageError("env must map str names to str values, like {'DEBUG': '1'}")
+    if user is not None and not isinstance(user, str):
+        raise UsageError(f"user={user!r} must be a str 'uid[:gid]', like '1000:1000'")
+    parse_user(user)
+    sandbox_path(workdir, param="workdir")
     return SandboxSpec(
         image=image,
         limits=limits,
-        network=NetworkPolicy(network),
+        network=policy,
         env=dict(env or {}),
         user=user,
         workdir=workdir,
     )
+
+
+_OPTIONS = [p for p in inspect.signature(make_spec).parameters if p != "image"]
+
+
+def _spec_from(image: str | None, options: Mapping[str, Any]) -> SandboxSpec:
+    """make_spec, with unknown options named instead of a TypeError."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise UsageError(
+            f"unknown option {', '.join(unknown)}: the options are {', '.join(_OPTIONS)}"
+        )
+    return make_spec(image, **options)
+
+
+def check_run_args(
+    argv: object, stdin: object, env: object, timeout_s: object
+) -> tuple[list[str], bytes | None]:
+    """The arguments of every exec, checked once: argv a list of str (a
+    program first), stdin bytes or str (UTF-8), env str -> str, timeout_s a
+    positive finite number."""
+    if isinstance(argv, str | bytes):
+        raise UsageError(f"argv must be a list of strings, not one string: ['sh', '-c', {argv!r}]")
+    if not isinstance(argv, Sequence) or not all(isinstance(a, str) for a in argv):
+        raise UsageError("argv must be a list of strings, program first, like ['echo', 'hi']")
+    if not argv:
+        raise UsageError("argv is empty: give the program and its arguments, like ['echo', 'hi']")
+    if any("\0" in a for a in argv):
+        raise UsageError("argv contains a NUL byte, which no argument can hold")
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    elif stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview):
+        raise UsageError(f"stdin must be bytes or str, not {type(stdin).__name__}")
+    if env is not None and (
+        not isinstance(env, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise UsageError("env must map str names to str values, like {'DEBUG': '1'}")
+    if timeout_s is not None:
+        check_timeout_s(timeout_s)
+    return list(argv), bytes(stdin) if stdin is not None else None
 
 
 class Files:
@@ -121,7 +191,7 @@ class Sandbox:
         """Start a sandbox. ``options`` are make_spec's: memory_mib, cpus, pids,
         timeout_s, network, env, user. ``persistent`` keeps it alive after
         this process exits (the CLI's ``sandbox create``)."""
-        spec = spec or make_spec(image, **options)
+        spec = spec or _spec_from(image, options)
         return cls._adopt([get_tier(tier).create(spec)], spec, persistent=persistent)[0]
 
     @classmethod
@@ -200,13 +270,14 @@ class Sandbox:
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> ExecResult:
         """Run ``argv`` and wait for it (the result holds capped output and
         how it ended)."""
-        return self._inst.exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
+        args, data = check_run_args(argv, stdin, env, timeout_s)
+        return self._inst.exec(args, stdin=data, env=env, timeout_s=timeout_s)
 
     exec = run
 
@@ -256,10 +327,11 @@ def run(
     argv: Sequence[str],
     *,
     tier: str = DEFAULT_TIER,
-    stdin: bytes | None = None,
+    stdin: bytes | str | None = None,
     spec: SandboxSpec | None = None,
     **options: Any,
 ) -> ExecResult:
     """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards."""
-    spec = spec or make_spec(image, **options)
-    return get_tier(tier).run(spec, argv, stdin=stdin)
+    spec = spec or _spec_from(image, options)
+    args, data = check_run_args(argv, stdin, None, None)
+    return get_tier(tier).run(spec, args, stdin=data)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -192,6 +194,38 @@ class Stats:
         }
 
 
+def _number(name: str, value: object, *, hint: str) -> float:
+    """A finite real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{name}={value!r} must be a number, {hint}")
+    if not math.isfinite(value):
+        raise SpecError(f"{name}={value!r} must be a finite number, {hint}")
+    return float(value)
+
+
+def _whole(name: str, value: object, *, minimum: int, unit: str, hint: str) -> None:
+    """None (no limit) or a whole number >= ``minimum``."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        raise SpecError(
+            f"{name}={value!r} is a string: give a whole number of {unit}, {hint}"
+            + (" (parse_memory_mib turns '256m' into 256)" if unit == "MiB" else "")
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name}={value!r} must be a whole number of {unit}, {hint}")
+    if value < minimum:
+        raise SpecError(f"{name}={value} is too small: give at least {minimum} {unit}")
+
+
+def check_timeout_s(value: object, name: str = "timeout_s") -> float:
+    """A positive, finite number of seconds."""
+    seconds = _number(name, value, hint="a positive number of seconds like 30")
+    if seconds <= 0:
+        raise SpecError(f"{name}={value!r} must be positive")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits. ``None`` means no limit from tierbox.
@@ -208,16 +242,20 @@ class Limits:
     output_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES
 
     def __post_init__(self) -> None:
-        if self.memory_mib is not None and self.memory_mib < 4:
-            raise SpecError(f"memory_mib={self.memory_mib} is too small: give at least 4 MiB")
-        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
-            raise SpecError(f"cpus={self.cpus} is out of range: give a number like 0.5 or 2")
-        if self.pids is not None and self.pids < 1:
-            raise SpecError(f"pids={self.pids} must be at least 1")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise SpecError(f"timeout_s={self.timeout_s} must be positive")
-        if self.output_bytes < 1:
-            raise SpecError(f"output_bytes={self.output_bytes} must be positive")
+        _whole("memory_mib", self.memory_mib, minimum=4, unit="MiB", hint="like 256")
+        if self.cpus is not None:
+            cores = os.cpu_count() or 1
+            _number("cpus", self.cpus, hint="like 0.5 or 2")
+            if not 0.01 <= self.cpus <= cores:
+                raise SpecError(
+                    f"cpus={self.cpus} is out of range: give 0.01 to {cores} "
+                    f"(this host has {cores} cores)"
+                )
+        _whole("pids", self.pids, minimum=1, unit="processes", hint="like 64")
+        if self.timeout_s is not None:
+            check_timeout_s(self.timeout_s)
+        _whole("disk_mib", self.disk_mib, minimum=1, unit="MiB", hint="like 64")
+        _whole("output_bytes", self.output_bytes, minimum=1, unit="bytes", hint="like 1048576")
 
     def to_dict(self) -> dict[str, Any]:
         return {

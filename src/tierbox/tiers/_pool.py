@@ -66,12 +66,13 @@ def new_slot(limits: Limits, variant: object = None) -> Slot:
     return Slot(sandbox_id, d, cg, _key(limits, variant), (cg.oom_kills(), cg.pids_max_hits()))
 
 
-def destroy(slot: Slot) -> None:
-    """Kill what runs, then undo what the tier attached, then drop the dir."""
+def destroy(slot: Slot, *, wait: bool = False) -> None:
+    """Kill what runs, then undo what the tier attached, then drop the dir
+    (``wait``: before returning, as at exit)."""
     slot.cg.destroy()
     while slot.cleanups:
         slot.cleanups.pop()()
-    discard_dir(slot.dir)
+    discard_dir(slot.dir, wait=wait)
 
 
 class SlotPool:
@@ -109,7 +110,8 @@ class SlotPool:
             slots = [s for idle in self._idle.values() for s in idle]
             self._idle.clear()
         for slot in slots:
-            destroy(slot)
+            # at exit: a background delete would be cut short with the process
+            destroy(slot, wait=True)
 
 
 _pools: weakref.WeakSet[SlotPool] = weakref.WeakSet()
@@ -121,10 +123,12 @@ def close_all_pools() -> None:
         pool.close_all()
 
 
-def discard_dir(d: Path) -> None:
+def discard_dir(d: Path, *, wait: bool = False) -> None:
     """Remove a directory off the hot path: rename into the sandboxes dir's
-    trash (instant), delete in a background thread. ``tierbox gc`` empties
-    trash a crash left. Deleting an overlay upper dir takes ~20 ms."""
+    trash (instant), delete in a background thread (``wait``: at once).
+    ``tierbox gc`` empties trash a crash left. Deleting an overlay upper dir
+    takes ~20 ms. Python joins background threads before it runs atexit
+    handlers, so removals made at exit must wait."""
     trash = sandboxes_dir() / ".trash"
     trash.mkdir(parents=True, exist_ok=True)
     target = trash / f"{d.name}-{os.getpid()}-{time.monotonic_ns()}"
@@ -134,6 +138,9 @@ def discard_dir(d: Path) -> None:
         return
     except OSError:
         shutil.rmtree(d, ignore_errors=True)
+        return
+    if wait:
+        shutil.rmtree(target, ignore_errors=True)
         return
     threading.Thread(
         target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False
