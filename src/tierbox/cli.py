@@ -203,22 +203,38 @@ def sandbox_exec(
 
 @sandbox_app.command("cp")
 def sandbox_cp(
-    src: Annotated[str, typer.Argument(help="ID:PATH or a host path.")],
-    dst: Annotated[str, typer.Argument(help="ID:PATH or a host path.")],
+    src: Annotated[str, typer.Argument(help="ID:PATH or a host path (- for stdin).")],
+    dst: Annotated[str, typer.Argument(help="ID:PATH or a host path (- for stdout).")],
+    max_size: Annotated[
+        str,
+        typer.Option(
+            "--max-size", help="Most bytes to copy out of the sandbox, e.g. 64m, 2g, or 'none'."
+        ),
+    ] = "1g",
 ) -> None:
-    """Copy a file into or out of a sandbox (like docker cp)."""
+    """Copy a file or directory into or out of a sandbox (like docker cp).
+
+    Out of a sandbox, regular files and directories are copied (symlinks
+    inside the sandbox are not followed); an existing host file is never
+    overwritten. `ID:PATH -` streams one file to stdout.
+    """
     try:
+        cap = None if max_size == "none" else parse_memory_mib(max_size) * 1024 * 1024
         if ":" in src and ":" not in dst:
             sid, _, path = src.partition(":")
-            data = Sandbox.connect(sid).get_file(path)
+            sb = Sandbox.connect(sid)
             if dst == "-":
-                sys.stdout.buffer.write(data)
+                sb.instance.copy_out(path, sys.stdout.buffer, max_bytes=cap)
+                sys.stdout.buffer.flush()
             else:
-                Path(dst).write_bytes(data)
+                sb.files.download(path, dst, max_bytes=cap)
         elif ":" in dst and ":" not in src:
             sid, _, path = dst.partition(":")
-            data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
-            Sandbox.connect(sid).put_file(path, data)
+            sb = Sandbox.connect(sid)
+            if src == "-":
+                sb.files.write(path, sys.stdin.buffer.read())
+            else:
+                sb.files.upload(src, path)
         else:
             raise UsageError(
                 "give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`"

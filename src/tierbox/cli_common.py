@@ -14,7 +14,7 @@ from tierbox.errors import SandboxError, UsageError
 from tierbox.spec import ExecResult, TerminationKind
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
 #: options after the image/name belong to the workload, not to tierbox
 PASSTHROUGH = {"allow_interspersed_args": False}
 
