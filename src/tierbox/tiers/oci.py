@@ -55,10 +55,186 @@ def parse_user(user: str | None) -> tuple[int, int]:
 _DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
+#: Syscalls Docker's default profile allows only with a capability (CAP_SYS_ADMIN,
+#: CAP_SYS_BOOT, CAP_SYS_PTRACE, CAP_SYS_NICE, CAP_SYSLOG) or never, that
+#: containers-common allows to every process. The workload holds no capability,
+#: so each is refused with EPERM, as Docker refuses it.
+DENIED_WITHOUT_CAPS: tuple[str, ...] = (
+    # namespaces and mounts: with user namespaces, "no capabilities" is not enough
+    "unshare",
+    "setns",
+    "mount",
+    "umount",
+    "umount2",
+    "mount_setattr",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "pivot_root",
+    # the kernel keyring is not namespaced
+    "keyctl",
+    "add_key",
+    "request_key",
+    # kernel log, accounting and identity
+    "syslog",
+    "reboot",
+    "bpf",
+    "perf_event_open",
+    "fanotify_init",
+    "lookup_dcookie",
+    "quotactl",
+    "quotactl_fd",
+    "sethostname",
+    "setdomainname",
+    # other processes and NUMA policy
+    "pidfd_getfd",
+    "kcmp",
+    "process_madvise",
+    "get_mempolicy",
+    "set_mempolicy",
+    "set_mempolicy_home_node",
+    "mbind",
+)
+
+#: clone() flags that create namespaces; Docker allows clone only with none set.
+CLONE_NAMESPACE_FLAGS: dict[str, int] = {
+    "CLONE_NEWNS": 0x00020000,
+    "CLONE_NEWCGROUP": 0x02000000,
+    "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
+CLONE_NAMESPACE_MASK = sum(CLONE_NAMESPACE_FLAGS.values())  # 0x7e020000, Docker's mask
+AF_NETLINK = 16
+NETLINK_AUDIT = 9
+AF_VSOCK = 40
+EPERM = 1
+EINVAL = 22
+ENOSYS = 38
+
+
+def _arg(index: int, value: int, op: str, value_two: int = 0) -> dict[str, Any]:
+    return {"index": index, "value": value, "valueTwo": value_two, "op": op}
+
+
+def _masked(index: int, mask: int, value: int) -> dict[str, Any]:
+    return _arg(index, mask, "SCMP_CMP_MASKED_EQ", value)
+
+
+def _clone_rules(arch: str) -> list[dict[str, Any]]:
+    """clone without namespace flags (fork, threads); clone3 ENOSYS, so libc falls back.
+
+    clone3 passes its flags in memory, where seccomp cannot look: Docker refuses
+    it with ENOSYS and glibc (>= 2.34) then retries with clone. A namespace flag
+    on clone gets EPERM, one rule per flag: a rule set must be disjoint, since
+    libseccomp gives no order to overlapping rules of different actions.
+    """
+    index = 1 if arch in ("s390", "s390x") else 0  # s390 swaps clone's first two arguments
+    rules: list[dict[str, Any]] = [
+        {
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [_masked(index, CLONE_NAMESPACE_MASK, 0)],
+        }
+    ]
+    for flag in CLONE_NAMESPACE_FLAGS.values():
+        rules.append(
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": EPERM,
+                "args": [_masked(index, flag, flag)],
+            }
+        )
+    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+    return rules
+
+
+def _socket_rules() -> list[dict[str, Any]]:
+    """socket(): containers-common's rule for a process without CAP_AUDIT_WRITE
+    (NETLINK_AUDIT gets EINVAL) plus Docker's refusal of AF_VSOCK, which no
+    network namespace confines (it reaches the hypervisor and its host).
+
+    libseccomp ANDs comparisons of different arguments only, so "neither 16 nor
+    40" is spelled as disjoint ranges of the domain: <16, 17, 18-19, 20-23,
+    24-31, 32-39, >40 (masked compares select the power-of-two blocks).
+    """
+    domain_ok = [
+        _arg(0, AF_NETLINK, "SCMP_CMP_LT"),
+        _arg(0, 17, "SCMP_CMP_EQ"),
+        _masked(0, ~1 & 0xFFFFFFFFFFFFFFFF, 18),
+        _masked(0, ~3 & 0xFFFFFFFFFFFFFFFF, 20),
+        _masked(0, ~7 & 0xFFFFFFFFFFFFFFFF, 24),
+        _masked(0, ~7 & 0xFFFFFFFFFFFFFFFF, 32),
+        _arg(0, AF_VSOCK, "SCMP_CMP_GT"),
+    ]
+    rules: list[dict[str, Any]] = [
+        {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": [cmp]} for cmp in domain_ok
+    ]
+    rules += [
+        {
+            "names": ["socket"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [
+                _arg(0, AF_NETLINK, "SCMP_CMP_EQ"),
+                _arg(2, NETLINK_AUDIT, "SCMP_CMP_NE"),
+            ],
+        },
+        {
+            "names": ["socket"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EINVAL,
+            "args": [
+                _arg(0, AF_NETLINK, "SCMP_CMP_EQ"),
+                _arg(2, NETLINK_AUDIT, "SCMP_CMP_EQ"),
+            ],
+        },
+        {
+            "names": ["socket"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [_arg(0, AF_VSOCK, "SCMP_CMP_EQ")],
+        },
+    ]
+    return rules
+
+
 @cache
 def seccomp_profile() -> dict[str, Any]:
-    """The standard default profile, converted from Docker's JSON format to
-    the OCI one for a process holding no capabilities on this architecture."""
+    """The container tier's seccomp profile, in the OCI format, for a process
+    holding no capabilities on this architecture.
+
+    Origin: the default profile of Debian's golang-github-containers-common
+    (``/usr/share/containers/seccomp.json``, what Podman applies). Its rules
+    with ``includes.caps`` are dropped (the workload has no capability), its
+    ``arches`` and ``minKernel`` conditions are applied to this host.
+
+    containers-common allows namespace creation, mounts and the keyring to
+    every process and relies on missing capabilities to stop them; inside a
+    user namespace a process has all capabilities again. So, as Docker's
+    default profile (moby profiles/seccomp/default.json) does for a process
+    without CAP_SYS_ADMIN, the conversion also:
+
+    - refuses with EPERM every syscall in :data:`DENIED_WITHOUT_CAPS`
+      (unshare, setns, the mount family, pivot_root, keyctl, add_key,
+      request_key, syslog, reboot, bpf, perf_event_open, ...);
+    - allows ``clone`` only without namespace flags (arg 0 masked with
+      0x7e020000 equals 0) and refuses it with EPERM otherwise;
+    - answers ``clone3`` with ENOSYS, so libc falls back to ``clone``;
+    - refuses ``socket(AF_VSOCK, ...)`` with EPERM.
+
+    Kept from containers-common where Docker differs: the default action is
+    ENOSYS (Docker: EPERM), so syscalls newer than the profile look absent;
+    io_uring, io_pgetevents, vmsplice and futex_waitv stay refused (Docker
+    allows them); legacy i386 entry points (sigaction, signal, sigpending,
+    sigsuspend, readdir, timerfd) and MIPS ``syscall`` stay allowed;
+    NETLINK_AUDIT sockets get EINVAL.
+    """
     try:
         raw = json.loads(SECCOMP_PROFILE.read_text())
     except OSError as exc:
@@ -71,6 +247,7 @@ def seccomp_profile() -> dict[str, Any]:
     for entry in raw.get("archMap", []):
         if entry["architecture"] == f"SCMP_ARCH_{platform.machine().upper()}":
             architectures = [entry["architecture"], *entry.get("subArchitectures", [])]
+    replaced = {*DENIED_WITHOUT_CAPS, "clone", "clone3", "socket"}
     syscalls = []
     for rule in raw["syscalls"]:
         inc = rule.get("includes") or {}
@@ -85,12 +262,20 @@ def seccomp_profile() -> dict[str, Any]:
             want = tuple(int(x) for x in inc["minKernel"].split(".")[:2])
             if kernel < want:
                 continue
-        out: dict[str, Any] = {"names": rule["names"], "action": rule["action"]}
+        names = [n for n in rule["names"] if n not in replaced]
+        if not names:
+            continue
+        out: dict[str, Any] = {"names": names, "action": rule["action"]}
         if rule.get("args"):
             out["args"] = rule["args"]
         if "errnoRet" in rule:
             out["errnoRet"] = rule["errnoRet"]
         syscalls.append(out)
+    syscalls += _clone_rules(arch)
+    syscalls += _socket_rules()
+    syscalls.append(
+        {"names": list(DENIED_WITHOUT_CAPS), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}
+    )
     profile: dict[str, Any] = {
         "defaultAction": raw["defaultAction"],
         "architectures": architectures,
