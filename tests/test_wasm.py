@@ -29,7 +29,7 @@ from tierbox.errors import (
 from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, TerminationKind
 from tierbox.tiers import get_tier
 from tierbox.tiers.wasm import WasmInstance, WasmTier
-from tierbox.wasm import engine
+from tierbox.wasm import engine, growtrack
 from tierbox.wasm.engine import InvalidModuleError
 
 GUESTS = Path(__file__).resolve().parent / "wasm_guests"
@@ -250,10 +250,96 @@ def test_memory_bomb_is_oom_killed_at_the_limit(guest: Guests) -> None:
     assert 50 <= mib < 64
     assert t.kind is TerminationKind.OOM_KILLED, t
     assert t.evidence["limit_mib"] == 64
-    assert t.evidence["memory_grow_refused"] is True
+    assert t.evidence["memory_grow_refused"] >= 1  # counted by the module, not inferred
+    assert 64 < t.evidence["memory_grow_requested_mib"] < 66  # one more 1 MiB block
+    assert "memory_grow_inferred" not in t.evidence
     assert 60 <= t.evidence["peak_mib"] <= 64
     assert t.evidence["trap"] == "unreachable"  # abort() after malloc returned NULL
     assert r.exit_code == 137
+
+
+def test_refused_growth_is_evidence_when_the_guest_copes_and_exits_0(guest: Guests) -> None:
+    """malloc(200 MiB) under a 64 MiB limit: memory.grow returns -1, the guest
+    handles NULL and exits 0. The run is ``exited``, and says what was refused."""
+    r = run(guest("growrefused"), ["200"], memory_mib=64)
+    t = r.termination
+    assert r.stdout == b"refused 200 MiB\n"
+    assert t.kind is TerminationKind.EXITED and t.exit_code == 0, t
+    ev = t.evidence
+    assert ev["memory_grow_refused"] >= 1
+    assert 200 <= ev["memory_grow_requested_mib"] < 201  # 200 MiB on top of what it had
+    assert 200 <= ev["memory_grow_last_requested_mib"] < 201
+    assert ev["limit_mib"] == 64
+    assert ev["peak_mib"] < 64
+    assert "memory_grow_refused" in t.describe()
+    # Growth within the limit leaves no such evidence.
+    ok = run(guest("growrefused"), ["10"], memory_mib=64)
+    assert ok.stdout == b"granted 10 MiB\n" and ok.termination.evidence == {}
+
+
+def test_refused_growth_is_evidence_for_other_endings_too(guest: Guests) -> None:
+    """A long-lived sandbox: refused growth is counted per run, and a later run
+    that grows within the limit is clean again."""
+    with Sandbox.create(str(guest("growrefused")), tier="wasm", memory_mib=32) as sb:
+        first = sb.run(["100"])
+        second = sb.run(["1"])
+    assert first.termination.evidence["memory_grow_refused"] >= 1
+    assert second.termination.evidence == {}
+
+
+def _wat_module(body: str, memory: str = "(memory 1)", extra: str = "") -> bytes:
+    import wasmtime
+
+    return wasmtime.wat2wasm(
+        f"""(module {memory} {extra}
+          (func (export "_start") {body}))"""
+    )
+
+
+@pytest.mark.parametrize(("memory", "const"), [("(memory 1)", "i32"), ("(memory i64 1)", "i64")])
+def test_growtrack_rewrite_counts_refusals(memory: str, const: str) -> None:
+    """A module with no global section (one is added), 32- and 64-bit memories:
+    the rewritten grow returns what memory.grow returns, and counts refusals."""
+    import wasmtime
+
+    body = (
+        f"(if (i32.eqz ({const}.eq (memory.grow ({const}.const 100)) ({const}.const -1)))"
+        " (then unreachable))"  # refused: -1
+        f"(if ({const}.ne (memory.grow ({const}.const 1)) ({const}.const 1))"
+        " (then unreachable))"  # granted: the old size, 1 page
+    )
+    data = _wat_module(body, memory)
+    rw = growtrack.rewrite(data)
+    assert rw.tracked and rw.sites == 2, rw
+    store = wasmtime.Store(engine.engine())
+    store.set_limits(memory_size=2 * 65536)  # 2 pages: +100 is refused, +1 granted
+    store.set_fuel(1 << 30)  # the shared engine meters fuel and epochs
+    store.set_epoch_deadline(1 << 30)
+    inst = wasmtime.Instance(store, wasmtime.Module(engine.engine(), rw.data), [])
+    exports = inst.exports(store)
+    start = exports["_start"]
+    assert isinstance(start, wasmtime.Func)
+    start(store)
+    values = []
+    for name in growtrack.EXPORTS:
+        g = exports[name]
+        assert isinstance(g, wasmtime.Global)
+        values.append(g.value(store))
+    assert values == [1, 101, 101]  # one refusal, asking for 1 + 100 pages
+
+
+def test_growtrack_leaves_what_it_cannot_read_alone() -> None:
+    assert growtrack.rewrite(b"not wasm").tracked is False
+    # already exporting one of the names
+    data = _wat_module(
+        "(drop (memory.grow (i32.const 1)))",
+        extra=f'(global (export "{growtrack.COUNT}") i32 (i32.const 0))',
+    )
+    rw = growtrack.rewrite(data)
+    assert rw.tracked is False and rw.data is data
+    # a module without memory.grow needs no counting
+    rw = growtrack.rewrite(_wat_module("nop"))
+    assert rw.tracked and rw.sites == 0 and rw.data == _wat_module("nop")
 
 
 def test_initial_memory_above_the_limit_is_a_clear_error(guest: Guests) -> None:
@@ -649,6 +735,7 @@ def test_cpython_memory_error_is_oom_killed() -> None:
     assert b"MemoryError" in r.stderr, r
     assert r.termination.kind is TerminationKind.OOM_KILLED
     assert r.termination.evidence["limit_mib"] == 64
+    assert r.termination.evidence["memory_grow_refused"] >= 1
 
 
 def test_cpython_timeout() -> None:

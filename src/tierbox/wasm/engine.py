@@ -16,10 +16,12 @@ raw C bindings do), so tierbox uses the default on-demand allocator. With
 copy-on-write memory images from mmapped ``.cwasm`` files (``memory_init_cow``,
 the default) an instantiation is already tens of microseconds for small modules.
 
-Modules are compiled once per (module sha256, wasmtime version, engine
-settings) and kept as ``.cwasm`` files under ``$TIERBOX_HOME/wasm-cache``; they
-are loaded with ``Module.deserialize_file`` (mmap, no copy) and linked once into
-an ``InstancePre`` so that each run is only ``Store`` + ``instantiate``.
+Modules are rewritten so that refused ``memory.grow`` is counted
+(:mod:`tierbox.wasm.growtrack`), then compiled once per (module sha256,
+wasmtime version, engine settings, rewrite version) and kept as ``.cwasm``
+files under ``$TIERBOX_HOME/wasm-cache``; they are loaded with
+``Module.deserialize_file`` (mmap, no copy) and linked once into an
+``InstancePre`` so that each run is only ``Store`` + ``instantiate``.
 
 Three C API functions are called directly through ``wasmtime._ffi.dll`` because
 wasmtime-py has no Python wrapper for them: the epoch deadline callback,
@@ -64,6 +66,7 @@ import wasmtime
 
 from tierbox import paths
 from tierbox.errors import SandboxError, SpecError
+from tierbox.wasm import growtrack
 
 WASI_MODULE = "wasi_snapshot_preview1"
 WASM_PAGE = 65536
@@ -128,6 +131,7 @@ def engine_fingerprint() -> str:
             "wasmtime": wasmtime_version(),
             "settings": ENGINE_SETTINGS,
             "machine": platform.machine(),
+            "growtrack": growtrack.VERSION,
         },
         sort_keys=True,
     )
@@ -616,8 +620,14 @@ def _load_or_compile(digest: str, path: Path, source: str) -> wasmtime.Module:
     if hashlib.sha256(data).hexdigest() != digest:
         raise SandboxError(f"{source} changed while it was being loaded; try again")
     _check_header(data[:8], source)
+    rewritten = growtrack.rewrite(data).data
     try:
-        module = wasmtime.Module(eng, data)
+        try:
+            module = wasmtime.Module(eng, rewritten)
+        except wasmtime.WasmtimeError:
+            if rewritten is data:
+                raise
+            module = wasmtime.Module(eng, data)  # refused growth then goes uncounted
     except wasmtime.WasmtimeError as exc:
         raise InvalidModuleError(
             f"{source} is not a valid WebAssembly module: {_first_line(exc)}"
@@ -662,6 +672,8 @@ class WasmModule:
     min_memory_bytes: int
     trap_imports: frozenset[str]
     linker: wasmtime.Linker  # kept: no Linker finalizer at a random later moment
+    #: The module counts its refused memory.grow (see :mod:`tierbox.wasm.growtrack`).
+    grow_counted: bool = False
 
 
 _linked: dict[tuple[str, frozenset[str]], WasmModule] = {}
@@ -764,6 +776,7 @@ def _link(
         min_memory_bytes=min_pages * WASM_PAGE,
         trap_imports=trap_imports,
         linker=linker,
+        grow_counted=all(name in exports for name in growtrack.EXPORTS),
     )
 
 

@@ -17,9 +17,16 @@ WASI ``proc_exit(n)`` / return   ``exited`` with code ``n`` (0 on return)
 wall clock over ``timeout_s``    ``timed_out`` (epoch callback)
 a stream over ``output_bytes``   ``output_limit`` (epoch callback)
 fuel exhausted                   ``cpu_limit`` with the budget as evidence
-memory growth refused            ``oom_killed`` (see :func:`_oom_suspected`)
+a failure after refused growth   ``oom_killed`` (see :func:`_classify`)
 any other trap                   ``signaled``; evidence names the trap code
 ==============================  ===========================================
+
+Refused ``memory.grow`` is counted by the module itself (rewritten before it
+was compiled, see :mod:`tierbox.wasm.growtrack`) and recorded in the evidence
+of every termination, whatever its kind: ``memory_grow_refused`` (how many),
+``memory_grow_requested_mib`` (the largest size asked for),
+``memory_grow_last_requested_mib``, ``limit_mib`` and ``peak_mib``. A guest that
+handles the refusal and exits 0 still ends ``exited``, with that evidence.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,8 @@ import wasmtime
 from tierbox.errors import SandboxError, SpecError
 from tierbox.spec import ExecResult, Limits, Termination, TerminationKind
 from tierbox.wasm import engine as eng
-from tierbox.wasm.engine import UNLIMITED_FUEL, WasmModule
+from tierbox.wasm import growtrack
+from tierbox.wasm.engine import UNLIMITED_FUEL, WASM_PAGE, WasmModule
 
 MIB = 1024 * 1024
 #: Output files up to this size are left for the next run's open (which truncates).
@@ -60,6 +68,15 @@ _TRAP_SIGNALS: dict[str, int] = {
     "INTEGER_DIVISION_BY_ZERO": signal.SIGFPE,
     "BAD_CONVERSION_TO_INTEGER": signal.SIGFPE,
 }
+
+
+@dataclass(frozen=True)
+class GrowRefusals:
+    """What the rewritten module counted: refused ``memory.grow`` calls."""
+
+    count: int
+    last_pages: int  # size asked for by the last refused call, current size included
+    max_pages: int  # the largest size asked for
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ def _run_guarded(
     trap: wasmtime.Trap | None = None
     error: BaseException | None = None
     memory_bytes = 0
+    refusals: GrowRefusals | None = None
     fuel_left = budget
     try:
         store.set_limits(
@@ -199,6 +217,8 @@ def _run_guarded(
                 memory = exports.get("memory")
                 if isinstance(memory, wasmtime.Memory):
                     memory_bytes = memory.data_len(store)
+                if module.grow_counted:
+                    refusals = _grow_refusals(exports, store)
             with contextlib.suppress(wasmtime.WasmtimeError):
                 fuel_left = store.get_fuel()
         finally:
@@ -225,6 +245,7 @@ def _run_guarded(
         timeout_s=timeout_s,
         fuel=fuel,
         fuel_used=fuel_used,
+        refusals=refusals,
     )
     result = ExecResult(
         stdout=stdout,
@@ -269,16 +290,27 @@ def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -
     return SandboxError(f"{module.source} could not be instantiated: {text}")
 
 
+def _grow_refusals(exports: Any, store: wasmtime.Store) -> GrowRefusals | None:
+    """The counters the rewritten module kept, read before its Store goes."""
+    values = []
+    for name in growtrack.EXPORTS:
+        g = exports.get(name)
+        if not isinstance(g, wasmtime.Global):
+            return None
+        value = g.value(store)
+        values.append(int(value) if isinstance(value, int) else 0)
+    return GrowRefusals(count=values[0], last_pages=values[1], max_pages=values[2])
+
+
 def _oom_suspected(
     exit_code: int | None, failed: bool, limit_bytes: int | None, memory_bytes: int
 ) -> bool:
-    """Did the run fail because ``memory.grow`` was refused at the limit?
+    """Did a run whose module could not be rewritten to count refused growth
+    fail because ``memory.grow`` was refused at the limit?
 
-    wasmtime's C API does not report refused growth (``memory.grow`` just
-    returns -1 to the guest, whose allocator then fails), so this is inferred:
-    the run failed (non-zero exit or a trap) while its linear memory was within
-    1/16 of the limit (at least 1 MiB) — as close as an allocator gets before a
-    request no longer fits.
+    Inferred: the run failed (non-zero exit or a trap) while its linear memory
+    was within 1/16 of the limit (at least 1 MiB) — as close as an allocator
+    gets before a request no longer fits.
     """
     if limit_bytes is None or not failed:
         return False
@@ -286,8 +318,45 @@ def _oom_suspected(
     return memory_bytes + headroom >= limit_bytes
 
 
+def _refusal_evidence(
+    refusals: GrowRefusals | None, limits: Limits, memory_bytes: int
+) -> dict[str, Any]:
+    if refusals is None or refusals.count == 0:
+        return {}
+    return {
+        "memory_grow_refused": refusals.count,
+        "memory_grow_requested_mib": round(refusals.max_pages * WASM_PAGE / MIB, 1),
+        "memory_grow_last_requested_mib": round(refusals.last_pages * WASM_PAGE / MIB, 1),
+        "limit_mib": limits.memory_mib,
+        "peak_mib": round(memory_bytes / MIB, 1),
+    }
+
+
 def _classify(
     *,
+    refusals: GrowRefusals | None,
+    limits: Limits,
+    memory_bytes: int,
+    **kw: Any,
+) -> Termination:
+    """How the run ended (:func:`_ending`), plus the refused growth, if any, in
+    its evidence whatever the kind. ``refusals`` None: not counted (a module
+    the rewriter left alone), so an out-of-memory failure is inferred."""
+    term = _ending(
+        refused=None if refusals is None else refusals.count > 0,
+        limits=limits,
+        memory_bytes=memory_bytes,
+        **kw,
+    )
+    extra = _refusal_evidence(refusals, limits, memory_bytes)
+    if not extra:
+        return term
+    return replace(term, evidence={**term.evidence, **extra})
+
+
+def _ending(
+    *,
+    refused: bool | None,
     run: eng.RunControl,
     interrupt_signal: int,
     exit_code: int | None,
@@ -341,12 +410,19 @@ def _classify(
     if exit_code == 0 and trap is None and error is None:
         return Termination(TerminationKind.EXITED, exit_code=0)
     failed = exit_code != 0
-    if _oom_suspected(exit_code, failed, limit_bytes, memory_bytes):
+    # A failure after refused growth is the allocator giving up: out of memory.
+    # Counted by the module when it could be rewritten; else inferred.
+    if refused is None:
+        oom = _oom_suspected(exit_code, failed, limit_bytes, memory_bytes)
+    else:
+        oom = refused and failed
+    if oom:
         ev: dict[str, Any] = {
             "limit_mib": limits.memory_mib,
             "peak_mib": round(memory_bytes / MIB, 1),
-            "memory_grow_refused": True,
         }
+        if refused is None:
+            ev["memory_grow_inferred"] = True
         if trap_name:
             ev["trap"] = trap_name.lower()
         elif exit_code is not None:
