@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -164,12 +165,17 @@ def sandbox_create(
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
     network: NetOpt = "none",
+    ttl: Annotated[
+        str | None,
+        typer.Option("--ttl", help="Remove it after this long (e.g. 30m, 1h) at the next gc."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a sandbox that lives until `tierbox sandbox rm`; prints its id."""
+    """Start a sandbox that lives until `tierbox sandbox rm` (or its --ttl); prints its id."""
     try:
         opts = _spec_options(memory, cpus, pids, timeout, env, network)
-        sb = Sandbox.create(image, tier=tier, persistent=True, **opts)
+        ttl_s = parse_duration_s(ttl) if ttl else None
+        sb = Sandbox.create(image, tier=tier, keep=True, ttl_s=ttl_s, **opts)
     except TierboxError as exc:
         fail(exc)
     print(json.dumps({"id": sb.id, "tier": sb.tier}) if as_json else sb.id)
@@ -252,16 +258,25 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    table = Table("id", "tier", "image", "memory", "persistent")
+    table = Table("id", "tier", "image", "memory", "kept until")
     for r in rows:
         table.add_row(
             r["id"],
             r["tier"],
             str(r["spec"].get("image")),
             f"{r['spec']['limits']['memory_mib']} MiB",
-            str(r.get("persistent")),
+            _kept_until(r),
         )
     out.print(table)
+
+
+def _kept_until(record: dict[str, Any]) -> str:
+    if not record.get("keep"):
+        return f"its creator exits (pid {record.get('owner_pid')})"
+    expires = record.get("expires_unix")
+    if expires is None:
+        return "removed"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(expires)))
 
 
 @sandbox_app.command("stats")

@@ -9,6 +9,7 @@ no live sandbox is a leftover: engine containers and VMs, cgroups, mounts
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from tierbox.errors import TierboxError
@@ -38,9 +39,9 @@ def _runtime_ns_mounts(prefix: Path) -> list[Path]:
 
 
 def collect(everything: bool = False) -> list[str]:
-    """Remove leftovers; with ``everything`` also live and persistent sandboxes."""
+    """Remove leftovers; with ``everything`` also live and kept sandboxes."""
     removed: list[str] = []
-    live = set() if everything else _state.live_ids()
+    live: set[str] = set() if everything else _state.live_ids()
     for name in tier_names():
         tier = get_tier(name)
         if not tier.available().available:
@@ -53,26 +54,42 @@ def collect(everything: bool = False) -> list[str]:
         if cg.relpath.rsplit("/", 1)[-1] not in live:
             cg.destroy()
             removed.append(f"cgroup {cg.relpath}")
-    removed += cgroups.remove_empty_leftovers()
+    removed += cgroups.remove_empty_leftovers(live)
     base = sandboxes_dir()
     for point in mntns.mounts_under(base):
         if point != base and _owner(point, base) not in live:
             mntns.umount(point)
-            removed.append(f"mount {point}")
+            if point not in mntns.mounts_under(point):
+                removed.append(f"mount {point}")
     for point in _runtime_ns_mounts(base):
         if point != base and _owner(point, base) not in live:
             run([*mntns.runtime_prefix(), "umount", "-l", str(point)], check=False)
-            removed.append(f"mount {point} (runtime namespace)")
+            if point not in _runtime_ns_mounts(point):
+                removed.append(f"mount {point} (runtime namespace)")
     if base.is_dir():
         for d in sorted(base.iterdir()):
-            if d.name == ".trash" or (not d.name.startswith(".") and d.name not in live):
+            if _is_leftover_dir(d, live):
                 shutil.rmtree(d, ignore_errors=True)
-                removed.append(f"directory {d}")
-    if everything or not _state.live_ids():
-        # nothing runs: the runtime namespace and its bind mounts go too
-        # (the next sandbox makes them again in a few milliseconds)
-        removed += mntns.teardown_runtime_ns()
+                if not d.exists():
+                    removed.append(f"directory {d}")
+    # the namespace goes only when no other process uses it (a lock says so)
+    removed += mntns.teardown_runtime_ns()
     return removed
+
+
+#: a directory being made (``.new-<id>``) older than this was left by a crash
+NEW_DIR_GRACE_S = 60.0
+
+
+def _is_leftover_dir(d: Path, live: set[str]) -> bool:
+    if d.name == ".trash":
+        return any(d.iterdir())
+    if d.name.startswith(".new-"):
+        try:
+            return time.time() - d.stat().st_mtime > NEW_DIR_GRACE_S
+        except OSError:
+            return False
+    return not d.name.startswith(".") and d.name not in live
 
 
 def _owner(point: Path, base: Path) -> str:

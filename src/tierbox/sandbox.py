@@ -6,10 +6,12 @@ with Sandbox.create("busybox", tier="container", memory_mib=256) as sb:
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import inspect
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -168,14 +170,45 @@ class Files:
         return transfer.upload(self._sb.instance, Path(local_path), path)
 
 
-class Sandbox:
-    """A live sandbox on some tier. Use it in ``with`` and it is always cleaned up."""
+#: Sandboxes this process created and must close at exit (not ``keep`` ones).
+_owned: set[Sandbox] = set()
+_owned_lock = threading.Lock()
 
-    def __init__(self, instance: Instance, spec: SandboxSpec, *, persistent: bool = False) -> None:
+
+@atexit.register
+def _close_owned() -> None:
+    """A program that forgets to close its sandboxes leaves nothing running:
+    they are closed when it exits (and ``tierbox gc`` reaps them if it was
+    killed before it could)."""
+    with _owned_lock:
+        left = list(_owned)
+    for sb in left:
+        with contextlib.suppress(Exception):
+            sb.close()
+
+
+class Sandbox:
+    """A live sandbox on some tier. Use it in ``with`` and it is always
+    cleaned up; one that is never closed is closed when the program exits,
+    unless it was created with ``keep=True``."""
+
+    def __init__(
+        self,
+        instance: Instance,
+        spec: SandboxSpec,
+        *,
+        keep: bool = False,
+        expires_unix: float | None = None,
+    ) -> None:
         self._inst = instance
         self.spec = spec
-        self.persistent = persistent
+        self.keep = keep
+        self.expires_unix = expires_unix
         self.files = Files(self)
+
+    def __repr__(self) -> str:
+        image = self.spec.image or "-"
+        return f"<Sandbox {self.id} tier={self.tier} image={image}>"
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -185,14 +218,22 @@ class Sandbox:
         *,
         tier: str = DEFAULT_TIER,
         spec: SandboxSpec | None = None,
-        persistent: bool = False,
+        keep: bool = False,
+        ttl_s: float | None = None,
         **options: Any,
     ) -> Sandbox:
         """Start a sandbox. ``options`` are make_spec's: memory_mib, cpus, pids,
-        timeout_s, network, env, user. ``persistent`` keeps it alive after
-        this process exits (the CLI's ``sandbox create``)."""
+        timeout_s, disk_mib, network, env, user, workdir. ``keep`` lets it
+        outlive this process (the CLI's ``sandbox create``) until closed or,
+        with ``ttl_s``, until ``tierbox gc`` finds it expired."""
+        if ttl_s is not None:
+            if not keep:
+                raise UsageError("ttl_s only applies to kept sandboxes: pass keep=True too")
+            check_timeout_s(ttl_s, "ttl_s")
         spec = spec or _spec_from(image, options)
-        return cls._adopt([get_tier(tier).create(spec)], spec, persistent=persistent)[0]
+        expires = time.time() + ttl_s if ttl_s is not None else None
+        inst = get_tier(tier).create(spec)
+        return cls._adopt([inst], spec, keep=keep, expires_unix=expires)[0]
 
     @classmethod
     def connect(cls, sandbox_id: str) -> Sandbox:
@@ -200,8 +241,12 @@ class Sandbox:
         state = _state.read_state(sandbox_id)
         tier = get_tier(state["tier"])
         inst = tier.attach(sandbox_id, {**state["tier_state"], "spec": state["spec"]})
+        # not owned here: another process (or nobody, when kept) closes it
         return cls(
-            inst, SandboxSpec.from_dict(state["spec"]), persistent=bool(state.get("persistent"))
+            inst,
+            SandboxSpec.from_dict(state["spec"]),
+            keep=bool(state.get("keep")),
+            expires_unix=state.get("expires_unix"),
         )
 
     @staticmethod
@@ -224,11 +269,20 @@ class Sandbox:
 
     @classmethod
     def _adopt(
-        cls, instances: Sequence[Instance], spec: SandboxSpec, *, persistent: bool = False
+        cls,
+        instances: Sequence[Instance],
+        spec: SandboxSpec,
+        *,
+        keep: bool = False,
+        expires_unix: float | None = None,
     ) -> builtins.list[Sandbox]:
-        """Wrap new instances and record their state; if recording fails (or
-        Ctrl-C lands), close them all rather than leak them."""
-        out = [cls(inst, spec, persistent=persistent) for inst in instances]
+        """Wrap new instances, record their state and, unless kept, own them
+        (closed at exit); if recording fails (or Ctrl-C lands), close them
+        all rather than leak them."""
+        out = [cls(inst, spec, keep=keep, expires_unix=expires_unix) for inst in instances]
+        if not keep:
+            with _owned_lock:
+                _owned.update(out)
         try:
             for sb in out:
                 sb._save()
@@ -246,7 +300,8 @@ class Sandbox:
                 "tier": self.tier,
                 "spec": self.spec.to_dict(),
                 "created": time.time(),
-                "persistent": self.persistent,
+                "keep": self.keep,
+                "expires_unix": self.expires_unix,
                 "owner_pid": os.getpid(),
                 "tier_state": self._inst.state(),
             },
@@ -304,6 +359,8 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the sandbox and free everything. Idempotent."""
+        with _owned_lock:
+            _owned.discard(self)
         with contextlib.suppress(SandboxClosedError):
             self._inst.close()
         _state.remove_dir(self.id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -386,27 +387,35 @@ def leftover_cgroups() -> list[SandboxCgroup]:
     return [SandboxCgroup(relpath=f"{MARKER}/{n}", version=version) for n in sorted(names)]
 
 
-def remove_empty_leftovers() -> list[str]:
-    """Empty tierbox-named cgroup directories no sandbox uses: the ``tierbox``
-    parents, runtime-made siblings in hierarchies tierbox itself does not use
-    (crun creates its cgroup in every v1 hierarchy), and libvirt's
-    ``machine/qemu-N-tierbox-*`` left behind when libvirtd died mid-run.
-    A directory that is in use refuses rmdir; that is left alone."""
+_SANDBOX_ID = re.compile(r"(?:^|[-/])([0-9a-f]{12})(?:$|[-/.])")
+
+
+def remove_empty_leftovers(live: set[str]) -> list[str]:
+    """Empty cgroup directories of sandboxes that are gone: runtime-made ones
+    in hierarchies tierbox itself does not use (crun creates its cgroup in
+    every v1 hierarchy), and libvirt's ``machine/qemu-N-tierbox-*`` left
+    behind when libvirtd died mid-run. A directory that names a live sandbox
+    is never touched, nor are the ``tierbox`` parents (they are not
+    leftovers); one that is in use refuses rmdir and is left alone."""
     removed: list[str] = []
     candidates: list[Path] = []
     roots = (
         [CGROUP_ROOT] if cgroup_version() == 2 else [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
     )
     for root in roots:
-        candidates += [p for p in root.glob(f"{MARKER}*") if p.is_dir()]
+        for top in root.glob(f"{MARKER}*"):
+            if top.is_dir():
+                candidates += [p for p in top.rglob("*") if p.is_dir()]
+                if top.name != MARKER:
+                    candidates.append(top)
         candidates += [p for p in root.glob(f"machine/qemu-*-{MARKER}-*") if p.is_dir()]
-    for top in candidates:
-        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            with contextlib.suppress(OSError):
-                if not _read(d / "cgroup.procs").strip():
-                    d.rmdir()
+    for d in sorted(candidates, key=lambda p: -len(p.parts)):
+        owner = _SANDBOX_ID.search(str(d.relative_to(CGROUP_ROOT)))
+        if owner is None or owner.group(1) in live:
+            continue
         with contextlib.suppress(OSError):
-            if not _read(top / "cgroup.procs").strip():
-                top.rmdir()
-                removed.append(f"cgroup {top.relative_to(CGROUP_ROOT)}")
+            if not _read(d / "cgroup.procs").strip():
+                d.rmdir()
+                if not d.exists() and len(d.relative_to(CGROUP_ROOT).parts) <= 3:
+                    removed.append(f"cgroup {d.relative_to(CGROUP_ROOT)}")
     return removed

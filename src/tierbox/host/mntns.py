@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 from functools import cache
 from pathlib import Path
@@ -109,7 +110,9 @@ def inside_runtime_ns() -> bool:
 def _make_bind(path: Path, propagation: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not _is_mountpoint(path):
-        run(["mount", "--bind", str(path), str(path)])
+        # recursive: a sandbox's mount already below (the process tier's /tmp)
+        # must stay visible through the new bind
+        run(["mount", "--rbind", str(path), str(path)])
     run(["mount", f"--make-{propagation}", str(path)])
 
 
@@ -126,8 +129,28 @@ def _pinned(pin: Path) -> bool:
         return False
 
 
+#: This process's shared lock on ``.mntns.users``: held from its first use of
+#: the runtime namespace until it exits, so ``tierbox gc`` (which needs the
+#: lock exclusively) never drops the namespace under a process that uses it.
+_users_fd: int | None = None
+
+
+def _users_lock() -> Path:
+    return run_dir() / ".mntns.users"
+
+
+def _hold_users_lock() -> None:
+    global _users_fd
+    if _users_fd is None:
+        run_dir().mkdir(parents=True, exist_ok=True)
+        fd = os.open(_users_lock(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _users_fd = fd
+
+
 def ensure_runtime_ns() -> None:
     """Create the pinned runtime namespace if it is not there (idempotent)."""
+    _hold_users_lock()
     pin = ns_file()
     if _pinned(pin):
         return
@@ -164,16 +187,31 @@ def runtime_prefix() -> list[str]:
 
 
 def teardown_runtime_ns() -> list[str]:
-    """Drop the pinned namespace and the bind mounts made for it (``tierbox gc
-    --all``). Only when no sandbox mount is left below them."""
+    """Drop the pinned namespace and the bind mounts made for it, but only
+    when no sandbox mount is left below them and no other live process uses
+    the namespace (it would hold ``.mntns.users``)."""
+    global _users_fd
     removed: list[str] = []
     base = sandboxes_dir()
-    if any(p != base for p in mounts_under(base)):
+    if not run_dir().is_dir() or any(p != base for p in mounts_under(base)):
         return removed
-    pin = ns_file()
-    for point, fstype in ((pin, "nsfs"), (base, None), (run_dir(), None)):
-        if _is_mountpoint(point, fstype):
-            umount(point)
-            removed.append(f"mount {point}")
-    _ensured.pop(pin, None)
+    fd = _users_fd
+    if fd is None:
+        fd = os.open(_users_lock(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return removed  # in use by another process
+        with file_lock(run_dir() / ".mntns.lock"):
+            pin = ns_file()
+            for point, fstype in ((pin, "nsfs"), (base, None), (run_dir(), None)):
+                if _is_mountpoint(point, fstype):
+                    umount(point)
+                    if not _is_mountpoint(point, fstype):
+                        removed.append(f"mount {point}")
+            _ensured.pop(pin, None)
+    finally:
+        os.close(fd)  # releases the lock; this process re-takes it on next use
+        _users_fd = None
     return removed

@@ -55,9 +55,7 @@ def _key(limits: Limits, variant: object = None) -> tuple[object, ...]:
 def new_slot(limits: Limits, variant: object = None) -> Slot:
     """A fresh, claimed slot (also what long-lived sandboxes start from)."""
     sandbox_id = _state.new_id()
-    d = _state.sandbox_dir(sandbox_id)
-    d.mkdir(parents=True)
-    _state.claim(sandbox_id)
+    d = _state.make_dir(sandbox_id)
     try:
         cg = SandboxCgroup.create(sandbox_id, limits)
     except BaseException:

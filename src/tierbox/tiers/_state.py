@@ -10,10 +10,12 @@ import json
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from tierbox.errors import SandboxNotFoundError
+from tierbox.host.pinned import start_time
 from tierbox.paths import sandboxes_dir
 
 
@@ -25,44 +27,61 @@ def sandbox_dir(sandbox_id: str) -> Path:
     return sandboxes_dir() / sandbox_id
 
 
-def _proc_start(pid: int) -> str:
-    """Start time of ``pid`` in clock ticks: (pid, start) names a process uniquely."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return ""
+def make_dir(sandbox_id: str) -> Path:
+    """Create the sandbox's directory already claimed by this process: made
+    under a hidden name (which ``tierbox gc`` skips), given its owner file,
+    then renamed into place, so gc never sees it unowned."""
+    final = sandbox_dir(sandbox_id)
+    tmp = final.with_name(f".new-{sandbox_id}")
+    tmp.mkdir(parents=True)
+    pid = os.getpid()
+    (tmp / "owner").write_text(f"{pid} {start_time(pid)}")
+    os.rename(tmp, final)
+    return final
 
 
 def claim(sandbox_id: str) -> None:
     """Mark the sandbox as owned by this process. ``tierbox gc`` treats a
-    sandbox whose owner died (and that is not persistent) as a leftover."""
+    sandbox whose owner died (and that is not kept) as a leftover."""
     pid = os.getpid()
-    (sandbox_dir(sandbox_id) / "owner").write_text(f"{pid} {_proc_start(pid)}")
+    (sandbox_dir(sandbox_id) / "owner").write_text(f"{pid} {start_time(pid)}")
 
 
 def is_live(sandbox_id: str) -> bool:
-    """Persistent (created by ``tierbox sandbox create``) or its owner lives."""
+    """Kept (``tierbox sandbox create``, ``keep=True``) and not past its time
+    to live, or its owner process still runs."""
     d = sandbox_dir(sandbox_id)
     try:
         state = json.loads((d / "state.json").read_text())
-        if state.get("persistent"):
-            return True
-    except (OSError, ValueError):
+        if state.get("keep"):
+            expires = state.get("expires_unix")
+            return expires is None or time.time() < float(expires)
+    except (OSError, ValueError, TypeError):
         pass
     try:
         pid_s, _, start = (d / "owner").read_text().partition(" ")
         pid = int(pid_s)
     except (OSError, ValueError):
         return False
-    return _proc_start(pid) == start and start != ""
+    return start_time(pid) == start and start != ""
 
 
-def live_ids() -> set[str]:
+class LiveIds(set[str]):
+    """Ids of live sandboxes, as read once, but ``in`` asks again for an id
+    not among them: a sandbox made after the listing (its directory is made,
+    owned, before anything else of it) is never taken for a leftover."""
+
+    def __contains__(self, sandbox_id: object) -> bool:
+        if super().__contains__(sandbox_id):
+            return True
+        return isinstance(sandbox_id, str) and is_live(sandbox_id)
+
+
+def live_ids() -> LiveIds:
     base = sandboxes_dir()
     if not base.is_dir():
-        return set()
-    return {d.name for d in base.iterdir() if not d.name.startswith(".") and is_live(d.name)}
+        return LiveIds()
+    return LiveIds(d.name for d in base.iterdir() if not d.name.startswith(".") and is_live(d.name))
 
 
 def write_state(sandbox_id: str, state: dict[str, Any]) -> None:

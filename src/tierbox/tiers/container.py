@@ -563,13 +563,22 @@ class OciTier(Tier):
         )
 
     def reap(self, live: set[str]) -> list[str]:
-        """Delete containers named tierbox-<id> whose sandbox is not live."""
-        removed = []
+        """Delete containers named tierbox-<id> whose sandbox is not live;
+        report one only when its runtime state is really gone."""
+        removed: list[str] = []
         state_root = self.state_root()
-        if state_root.is_dir():
-            dead = {m.group(1) for e in state_root.iterdir() if (m := _CID.search(e.name))} - live
-            for sandbox_id in sorted(dead):
-                self.delete_container(sandbox_id)
+        if not state_root.is_dir():
+            return removed
+        entries: dict[str, list[Path]] = {}
+        for e in state_root.iterdir():
+            if m := _CID.search(e.name):
+                entries.setdefault(m.group(1), []).append(e)
+        for sandbox_id in sorted(i for i in entries if i not in live):
+            self.delete_container(sandbox_id)
+            for e in entries[sandbox_id]:
+                if e.is_file() and e.name.endswith(".lock"):
+                    e.unlink(missing_ok=True)  # runsc leaves its lock file behind
+            if not any(e.exists() for e in entries[sandbox_id]):
                 removed.append(f"{self.runtime} container {container_id(sandbox_id)}")
         return removed
 
