@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,32 @@ from tierbox.tiers import get_tier
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERBOX = [sys.executable, "-m", "tierbox.cli"]
+#: Set (as .ci/run does) on machines where every tier must run: a skip there
+#: is a failure to investigate, so it fails the run with its reason.
+NO_SKIP_ENV = "TIERBOX_TEST_NO_SKIP"
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout_s: float = 10.0, what: str = "the condition"
+) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout_s``.
+    Synchronisation by condition, never by a bare sleep."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get(NO_SKIP_ENV) and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and {NO_SKIP_ENV} forbids skips here: {reason}"
+    return None
 
 
 def require_tier(name: str) -> None:

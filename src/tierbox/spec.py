@@ -52,15 +52,16 @@ class Termination:
 
     @property
     def shell_status(self) -> int:
-        """The exit status a shell would report: code, or 128+signal."""
+        """The exit status a shell would report: the code, 124 for a timeout
+        (as timeout(1) reports it), 137 for an OOM kill, else 128+signal."""
         if self.kind is TerminationKind.EXITED and self.exit_code is not None:
             return self.exit_code
+        if self.kind is TerminationKind.TIMED_OUT:
+            return 124
         if self.kind is TerminationKind.OOM_KILLED:
             return 137
         if self.signal is not None:
             return 128 + self.signal
-        if self.kind is TerminationKind.TIMED_OUT:
-            return 124
         return self.exit_code if self.exit_code is not None else 1
 
     def describe(self) -> str:
@@ -176,13 +177,21 @@ def sandbox_path(path: object, *, cwd: str = "/", param: str = "path") -> str:
 
 @dataclass(frozen=True)
 class Stats:
-    """Resource use of a sandbox right now."""
+    """Resource use of a sandbox right now.
+
+    ``memory_limit_bytes`` and ``engine_memory_bytes`` are set by tiers whose
+    engine shares the sandbox's cgroup with the workload (gVisor): then
+    ``memory_bytes`` is the workload's own, measured against
+    ``memory_limit_bytes``, and the engine's memory is reported apart.
+    """
 
     memory_bytes: int | None = None
     memory_peak_bytes: int | None = None
     cpu_s: float | None = None
     pids: int | None = None
     oom_kills: int | None = None
+    memory_limit_bytes: int | None = None
+    engine_memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -191,6 +200,8 @@ class Stats:
             "cpu_s": self.cpu_s,
             "pids": self.pids,
             "oom_kills": self.oom_kills,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "engine_memory_bytes": self.engine_memory_bytes,
         }
 
 
