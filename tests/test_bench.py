@@ -162,8 +162,13 @@ def check_probes(name: str, iso: dict[str, Any]) -> None:
         v = probes[p]
         assert v["value"] and v["detail"], (name, p, v)
         if v["value"] == "n/a":
-            # only where the interface does not exist at all, with the reason
-            assert name == "wasm" and "no such interface in WASI" in v["reason"], (p, v)
+            # only where the interface does not exist at all, or (the file race) where
+            # files do not go through the host, with the reason
+            if name == "wasm":
+                assert "no such interface in WASI" in v["reason"], (p, v)
+            else:
+                assert p == "file_race" and name in ("microvm", "vm"), (name, p, v)
+                assert v["reason"].startswith("not applicable: files go through the guest agent")
             assert v["contained"] is None
             continue
         run = v["run"]
@@ -204,6 +209,9 @@ def test_probe_values_differ_where_isolation_differs(tiny: dict[str, Any]) -> No
         assert p["host_file"]["contained"] is False
         assert p["network"]["contained"] is False  # the host listener saw it
         assert p["kernel"]["value"] == "shared"
+        for attack in ("userns", "keyring"):  # the host kernel: open wherever it works
+            assert p[attack]["contained"] is (p[attack]["value"] == "refused"), p[attack]
+        assert p["file_race"]["contained"] is True, p["file_race"]
     if "container" in tiers:
         p = tiers["container"]["isolation"]["probes"]
         assert p["host_pids"]["contained"] is True
@@ -211,11 +219,20 @@ def test_probe_values_differ_where_isolation_differs(tiny: dict[str, Any]) -> No
         assert p["network"]["contained"] is True
         assert p["privileges"]["value"] == "unprivileged"
         assert p["memory_limit"]["value"].startswith("oom_killed")
+        # the seccomp profile refuses user namespaces and the keyring
+        assert p["userns"]["value"] == "refused" and "EPERM" in p["userns"]["detail"]
+        assert p["keyring"]["value"] == "refused" and "EPERM" in p["keyring"]["detail"]
+        race = p["file_race"]
+        assert race["contained"] is True and race["value"].startswith("0 leaks in ")
+        assert int(race["value"].split()[3]) > 100  # the host really kept reading
+        assert race["run"]["argv"].startswith("swaprace")
     if "wasm" in tiers:
         p = tiers["wasm"]["isolation"]["probes"]
         if p["host_file"]["value"] != "not measured":
             assert p["host_file"]["contained"] is True
             assert p["memory_limit"]["value"].startswith("oom_killed")
+            for attack in ("userns", "keyring", "file_race"):
+                assert p[attack]["value"] == "n/a" and p[attack]["contained"] is None
 
 
 def test_claims_rows(tiny: dict[str, Any]) -> None:
@@ -336,9 +353,15 @@ def test_tiny_bench_on_every_available_tier(tmp_path_factory: pytest.TempPathFac
     for name in names:
         check_tier(name, res["tiers"][name], res["machine"])
         check_probes(name, res["tiers"][name]["isolation"])
+    if "gvisor" in names:
+        p = res["tiers"]["gvisor"]["isolation"]["probes"]
+        assert p["file_race"]["contained"] is True, p["file_race"]
+        assert p["userns"]["contained"] is True and p["keyring"]["contained"] is True
     if "microvm" in names:
         p = res["tiers"]["microvm"]["isolation"]["probes"]
         assert p["kernel"]["value"] == "own"
+        assert p["file_race"]["value"] == "n/a"
+        assert p["userns"]["contained"] is True and p["keyring"]["contained"] is True
         assert res["tiers"]["microvm"]["warm_start"]["status"] == "ok"
 
 

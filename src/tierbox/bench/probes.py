@@ -7,7 +7,8 @@ The bench plants things on the host first (:class:`HostCanaries`):
 - a TCP listener on all host addresses that records the token in each
   request it receives, so a connection counts only when the host saw it.
 
-Then, inside each tier, one probe run answers eight questions:
+Then, inside each tier, one probe run answers eight questions, and three
+attacks (:func:`attack_probes`) answer three more:
 
 ============== ===============================================================
 host_pids      is the host canary process visible in /proc?
@@ -19,7 +20,17 @@ privileges     uid, CapEff, NoNewPrivs: root or capabilities on the host kernel?
 proc_sys_write can a (harmless: same value written back) global sysctl be written?
 block_devices  can a block device be opened and read (first 512 bytes)?
 memory_limit   a memory bomb: stopped at the limit (oom_killed)? did the sandbox live?
+userns         can it create a user namespace and mount a tmpfs inside it?
+keyring        can it use the kernel keyring (keyctl, add_key)?
+file_race      while it swaps a directory with a link to ``/`` (swaprace), do the
+               host's reads through the files API ever return a host file?
 ============== ===============================================================
+
+userns and keyring run ``bench/attacks/nsprobe.c``, file_race runs
+``bench/attacks/swaprace.c``: both built static with gcc on the host and copied
+in with the files API. A user namespace or a key on a kernel of the
+sandbox's own (gVisor's Sentry, a microVM's or VM's guest kernel) is contained;
+on the host's kernel it is not.
 
 Shell tiers run one POSIX sh script with busybox tools. The wasm tier has no
 shell: its probe is a WASI program (C, built with clang-14 for wasm32-wasi)
@@ -34,6 +45,7 @@ with the host kernel shared is not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -42,16 +54,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tierbox.bench.machine import host_boot_id
 from tierbox.bench.workloads import cache_dir
+from tierbox.errors import SandboxError
 from tierbox.spec import ExecResult, TerminationKind
+
+if TYPE_CHECKING:
+    from tierbox.sandbox import Sandbox
 
 PROBES: tuple[str, ...] = (
     "host_pids",
@@ -62,6 +79,9 @@ PROBES: tuple[str, ...] = (
     "proc_sys_write",
     "block_devices",
     "memory_limit",
+    "userns",
+    "keyring",
+    "file_race",
 )
 
 QUESTIONS: dict[str, str] = {
@@ -73,6 +93,9 @@ QUESTIONS: dict[str, str] = {
     "proc_sys_write": "write a global /proc/sys setting",
     "block_devices": "open and read a block device",
     "memory_limit": "exceed its memory limit",
+    "userns": "create a user namespace and mount inside it",
+    "keyring": "use the kernel keyring",
+    "file_race": "make the files API return a host file (symlink-swap race)",
 }
 
 #: Short labels for the summary column.
@@ -85,6 +108,9 @@ LABELS: dict[str, str] = {
     "proc_sys_write": "/proc/sys",
     "block_devices": "blockdev",
     "memory_limit": "mem limit",
+    "userns": "userns",
+    "keyring": "keyring",
+    "file_race": "file race",
 }
 
 SYSCTL = "/proc/sys/kernel/printk_ratelimit"  # global (not namespaced), harmless to rewrite
@@ -644,7 +670,217 @@ def judge_wasi(
         "; ".join(f"/dev/{d}: {v}" for d, v in sorted(devs.items())) or "no devices tried",
         run,
     )
+    for name, why in WASI_NA_ATTACKS.items():
+        out[name] = _probe("n/a", None, why, None, reason=why)
     return out
+
+
+WASI_NA_ATTACKS = {
+    "userns": (
+        "n/a (no such interface in WASI): WASI preview 1 has no namespaces, "
+        "unshare, clone or mount; the guest makes no system calls"
+    ),
+    "keyring": (
+        "n/a (no such interface in WASI): WASI preview 1 has no keyctl or add_key; "
+        "the guest makes no system calls"
+    ),
+    "file_race": (
+        "n/a (no such interface in WASI): the attack swaps a directory and a link to / "
+        "with renameat2(RENAME_EXCHANGE), which WASI preview 1 does not have, and the "
+        "guest cannot run the native swaprace program"
+    ),
+}
+
+
+# ------------------------------------------------------------ attack probes
+
+ATTACKS = Path(__file__).resolve().parent / "attacks"
+#: Seconds the file race runs (the host reads for as long): --quick, full.
+RACE_S = {"quick": 1.0, "full": 5.0}
+#: Tiers whose files API is served inside the guest, one request at a time.
+AGENT_TIERS = ("microvm", "vm")
+AGENT_RACE_NA = (
+    "not applicable: files go through the guest agent, not the host's file system; the "
+    "agent serves one request at a time and kills an exec's cgroup when it ends, so no "
+    "workload runs while a file is read, and paths resolve (openat2 RESOLVE_IN_ROOT) in "
+    "the guest's own kernel, where the host's files do not exist"
+)
+IN_SANDBOX_NSPROBE = "/tmp/tb-nsprobe"
+IN_SANDBOX_SWAPRACE = "/tmp/tb-swaprace"
+RACE_DIR = "/tmp/tb-race"
+
+RunFn = Callable[["Sandbox", Sequence[str], "float | None"], ExecResult]
+
+
+def native_attack(name: str) -> Path:
+    """bench/attacks/NAME.c built static with gcc, once per source and compiler."""
+    src = ATTACKS / f"{name}.c"
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise ProbeBuildError(
+            f"a C compiler is needed to build {src.name}: apt-get install gcc libc6-dev"
+        )
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src.read_bytes() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"native-{key}" / name
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    proc = subprocess.run(
+        [cc, "-static", "-O2", "-pthread", "-o", str(tmp), str(src)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise ProbeBuildError(f"building {src.name} failed: {proc.stderr.strip()[-800:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _errno_text(value: str) -> str:
+    if value == "0":
+        return "ok"
+    with contextlib.suppress(ValueError):
+        return errno.errorcode.get(int(value), f"errno {value}")
+    return value
+
+
+def judge_attacks(
+    kv: dict[str, str], kernel_shared: bool, run: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """userns and keyring verdicts from nsprobe's output. Only the host's
+    kernel makes a namespace or a key a way out; a kernel of the sandbox's own
+    keeps them inside."""
+    if kv.get("nsprobe_done") != "1":
+        raise RuntimeError(f"nsprobe did not finish: got {sorted(kv)}")
+    where = "the host kernel" if kernel_shared else "the sandbox's own kernel"
+    created = kv.get("unshare_user") == "0" or kv.get("userns_mount") == "0"
+    mounted = kv.get("userns_mount") == "0"
+    detail = (
+        f"unshare(CLONE_NEWUSER): {_errno_text(kv.get('unshare_user', '?'))}; "
+        f"unshare(CLONE_NEWUSER|CLONE_NEWNS) + uid map + mount tmpfs: "
+        f"{_errno_text(kv.get('userns_mount', '?'))}"
+    )
+    if not created:
+        value = "refused"
+    else:
+        value = ("created, tmpfs mounted" if mounted else "created, mount refused") + (
+            " (host kernel)" if kernel_shared else " (own kernel)"
+        )
+    out = {"userns": _probe(value, not (created and kernel_shared), f"{detail}; on {where}", run)}
+    usable = kv.get("keyctl") == "0" or kv.get("add_key") == "0"
+    kdetail = (
+        f"keyctl(KEYCTL_GET_KEYRING_ID, session): {_errno_text(kv.get('keyctl', '?'))}; "
+        f"add_key(user, process keyring): {_errno_text(kv.get('add_key', '?'))}; on {where}"
+    )
+    if not usable:
+        kvalue = "refused"
+    else:
+        kvalue = "usable (host kernel)" if kernel_shared else "usable (own kernel)"
+    out["keyring"] = _probe(kvalue, not (usable and kernel_shared), kdetail, run)
+    return out
+
+
+def attack_probes(
+    sb: Sandbox, tier: str, run: RunFn, *, kernel_shared: bool, quick: bool
+) -> dict[str, dict[str, Any]]:
+    """userns, keyring and file_race inside ``sb``; a probe that cannot be run
+    is reported as such with the reason, never guessed."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        binary = native_attack("nsprobe")
+        sb.files.write(IN_SANDBOX_NSPROBE, binary.read_bytes(), mode=0o755)
+        argv = [IN_SANDBOX_NSPROBE, "unshare_user", "userns_mount", "keyctl", "add_key"]
+        r = run(sb, argv, PROBE_TIMEOUT_S)
+        kv = parse_kv(r.stdout)
+        if kv.get("nsprobe_done") != "1":
+            raise RuntimeError(
+                f"nsprobe failed: {r.termination.describe()}: "
+                f"{r.stderr.decode(errors='replace').strip()[:300]}"
+            )
+        out.update(judge_attacks(kv, kernel_shared, run_record(r, "nsprobe <calls>")))
+    except ProbeBuildError as exc:
+        why = f"not measured: {exc}"
+        out.update(
+            {p: _probe("not measured", None, why, None, reason=why) for p in ("userns", "keyring")}
+        )
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        out.update({p: _probe("error", None, err, None) for p in ("userns", "keyring")})
+    try:
+        out["file_race"] = file_race_probe(sb, tier, run, RACE_S["quick" if quick else "full"])
+    except ProbeBuildError as exc:
+        why = f"not measured: {exc}"
+        out["file_race"] = _probe("not measured", None, why, None, reason=why)
+    except Exception as exc:
+        out["file_race"] = _probe("error", None, f"{type(exc).__name__}: {exc}", None)
+    return out
+
+
+def file_race_probe(sb: Sandbox, tier: str, run: RunFn, seconds: float) -> dict[str, Any]:
+    """The host reads ``D/d/<host dir>/secret`` through the files API in a loop
+    while swaprace swaps ``D/d`` (a real directory holding that path) with
+    ``D/l -> /``. A files API that resolves links itself, or checks and then
+    opens, sometimes follows ``d`` to the host's ``/`` and returns the host's
+    planted file. Counts reads, reads that returned anything, and leaks."""
+    if tier in AGENT_TIERS:
+        return _probe("n/a", None, AGENT_RACE_NA, None, reason=AGENT_RACE_NA)
+    binary = native_attack("swaprace")
+    host = Path(tempfile.mkdtemp(prefix="tierbox-race-"))
+    try:
+        host.chmod(0o755)  # readable by the workload's user, were the API to reach it
+        secret = f"tbrace-{secrets.token_hex(8)}"
+        (host / "secret").write_text(secret + "\n")
+        (host / "secret").chmod(0o644)
+        mirror = f"{RACE_DIR}/d{host}/secret"
+        sb.files.write(IN_SANDBOX_SWAPRACE, binary.read_bytes(), mode=0o755)
+        sb.files.write(mirror, "sandbox copy\n")
+        made = run(sb, ["ln", "-s", "/", f"{RACE_DIR}/l"], 30.0)
+        if not made.ok:
+            raise RuntimeError(f"ln -s / {RACE_DIR}/l: {made.termination.describe()}")
+        done: list[ExecResult] = []
+        failed: list[BaseException] = []
+
+        def attack() -> None:
+            try:
+                argv = [IN_SANDBOX_SWAPRACE, RACE_DIR, f"{seconds + 0.5:.1f}"]
+                done.append(run(sb, argv, seconds + 30.0))
+            except BaseException as exc:  # reported below, never lost in the thread
+                failed.append(exc)
+
+        attacker = threading.Thread(target=attack, name=f"swaprace-{tier}", daemon=True)
+        attacker.start()
+        time.sleep(0.2)  # let it start swapping
+        reads = answered = leaks = refused = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and attacker.is_alive():
+            reads += 1
+            try:
+                data = sb.files.read(mirror, max_bytes=4096)
+            except SandboxError:
+                refused += 1
+                continue
+            answered += 1
+            leaks += secret.encode() in data
+        attacker.join(seconds + 40.0)
+        if failed:
+            raise failed[0]
+        r = done[0] if done else None
+        swaps = r.stdout.decode(errors="replace").strip() if r is not None else "?"
+        record = run_record(r, "swaprace <dir> <s>") if r is not None else None
+        detail = (
+            f"{leaks} of {reads} reads through the files API returned the host's planted "
+            f"file ({answered - leaks} returned the sandbox's copy, {refused} were refused) "
+            f"in {seconds:.1f} s while swaprace made {swaps} swaps"
+        )
+        if r is None or not swaps.isdigit() or int(swaps) == 0 or reads == 0:
+            return _probe("attack did not run", None, detail, record)
+        return _probe(f"{leaks} leaks in {reads} reads", leaks == 0, detail, record)
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            run(sb, ["rm", "-rf", RACE_DIR, IN_SANDBOX_SWAPRACE, IN_SANDBOX_NSPROBE], 30.0)
 
 
 def not_measured(reason: str) -> dict[str, dict[str, Any]]:

@@ -400,6 +400,10 @@ def method_notes(results: dict[str, Any]) -> list[str]:
         "measured average.",
         "Isolation = probes run inside each tier against things the bench planted on the host "
         "(a canary process, a secret file, a TCP listener); values come from those runs. "
+        "Three are attacks: a user namespace with a tmpfs mounted in it, the kernel keyring "
+        "(keyctl, add_key), and the file-API race (the workload swaps a directory with a link "
+        "to / while the host reads a file under it through the files API; every read that "
+        "returns the host's planted file is a leak). "
         "'contained' is judged from the host's side.",
     ]
 

@@ -549,7 +549,13 @@ class TierRun:
                     f"probe script failed: {r.termination.describe()}: "
                     f"{r.stderr.decode(errors='replace').strip()[:400]}"
                 )
-            return pr.judge_shell(kv, c, self.name, pr.run_record(r, "sh -c <probe script>"))
+            probes = pr.judge_shell(kv, c, self.name, pr.run_record(r, "sh -c <probe script>"))
+            shared = probes["kernel"]["value"] == "shared"
+            quick = self.cfg.mode == "quick"
+            probes.update(
+                pr.attack_probes(sb, self.name, self.run, kernel_shared=shared, quick=quick)
+            )
+            return probes
         finally:
             if own:
                 self.close(sb)

@@ -104,7 +104,7 @@ def target(workload: str, tier: str, overrides: dict[str, str]) -> Target | NotR
     if workload == "hello":
         image = base_image(tier, overrides)
         if tier == "wasm" and image is not None and image.endswith(".wasm"):
-            return Target("hello", image, ())
+            return Target("hello", image, ("hello",))  # an argument: argv may not be empty
         if tier == "wasm":
             return Target("hello", image, ("-c", "print('hello')"))
         return Target("hello", image, ("echo", "hello"))
