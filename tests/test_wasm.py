@@ -355,7 +355,7 @@ def test_infinite_loop_times_out(guest: Guests) -> None:
     assert r.termination.kind is TerminationKind.TIMED_OUT
     assert r.termination.evidence == {"timeout_s": 0.3}
     assert r.duration_s >= 0.3
-    assert r.exit_code == 128 + signal.SIGKILL
+    assert r.exit_code == 124  # timeout(1)'s status, as on every tier
 
 
 def test_exec_timeout_overrides_spec(guest: Guests) -> None:
