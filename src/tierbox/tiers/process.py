@@ -24,17 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import HostError, SandboxClosedError, SandboxError
-from tierbox.host import capture, mntns, uids
+from tierbox.host import capture, helpers, mntns, uids
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
 from tierbox.host.rootfs import RootDir
 from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination, parse_user
 from tierbox.tiers import _pool
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
-from tierbox.tiers.outcome import classify
+from tierbox.tiers.outcome import classify, not_runnable
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TMP_MIB = 64
+NOFILE_LIMIT = 4096  # hard limit; root here cannot raise it past 20000 anyway
 TMP = "/tmp"
 
 
@@ -90,6 +91,12 @@ class ProcessInstance(DirectoryFiles, Instance):
     def _spawn(
         self, argv: Sequence[str], stdin: bytes | None, env: Mapping[str, str] | None
     ) -> subprocess.Popen[bytes]:
+        """Start the workload inside its cgroup and private /tmp, as its user.
+
+        Through the static ``dropexec`` helper where it could be built: the
+        spawn then stays a vfork, and the helper also lowers the hard
+        RLIMIT_NOFILE/RLIMIT_CORE and sets no_new_privs. Without it, Python
+        switches users itself (a full fork, ~1 ms more)."""
         kwargs: dict[str, Any] = {
             "stdin": subprocess.PIPE if stdin else subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
@@ -98,7 +105,11 @@ class ProcessInstance(DirectoryFiles, Instance):
             "cwd": TMP,
             "start_new_session": True,
         }
-        if self.cg.version == 2:
+        helper = helpers.path("dropexec")
+        if helper is not None and not str(helper).startswith(TMP + "/"):
+            ids = [str(self.uid), str(self.gid), str(NOFILE_LIMIT), "0", "--"]
+            cmd = [str(helper), *ids, *argv]
+        elif self.cg.version == 2:
             # v2 joins the cgroup in preexec_fn, which subprocess runs after
             # a user= switch: switch there too, after the join.
             uid, gid = self.uid, self.gid
@@ -109,9 +120,11 @@ class ProcessInstance(DirectoryFiles, Instance):
                 os.setresuid(uid, uid, uid)
 
             kwargs["preexec_fn"] = _drop
+            cmd = list(argv)
         else:
             kwargs.update(user=self.uid, group=self.gid, extra_groups=[])
-        return self._namespace().call(lambda: self.cg.popen(argv, **kwargs))
+            cmd = list(argv)
+        return self._namespace().call(lambda: self.cg.popen(cmd, **kwargs))
 
     def exec(
         self,
@@ -132,10 +145,8 @@ class ProcessInstance(DirectoryFiles, Instance):
         started = time.monotonic()
         try:
             proc = self._spawn(argv, stdin, env)
-        except FileNotFoundError as exc:
-            raise SandboxError(f"command not found: {argv[0]!r}") from exc
-        except PermissionError as exc:
-            raise SandboxError(f"command not executable: {argv[0]!r}") from exc
+        except (FileNotFoundError, PermissionError) as exc:
+            return not_runnable(argv[0], exc, time.monotonic() - started)
         cap = capture.communicate(
             proc,
             stdin=stdin,
