@@ -7,6 +7,7 @@ rules (timeout beats OOM beats exit status) are written once.
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from typing import Any
 
 from tierbox.host.capture import Captured, StopReason
@@ -91,6 +92,48 @@ def classify(
         duration_s=cap.duration_s,
         stdout_truncated=cap.stdout_truncated,
         stderr_truncated=cap.stderr_truncated,
+    )
+
+
+def engine_evidence(
+    result: ExecResult, *, engine_mib: float | None, engine_pids_limit: int | None
+) -> ExecResult:
+    """Evidence for an engine that shares the sandbox's cgroup with the
+    workload (gVisor's Sentry): the cgroup's peak and pids counter are split
+    into the workload's and the engine's, so ``limit_mib`` and ``peak_mib``
+    mean the workload's on every tier. ``engine_mib``: what the engine held
+    when the run began (its share cannot be read once an OOM kill stopped it)."""
+    old = result.termination.evidence
+    ev: dict[str, Any] = {}
+    if result.termination.kind is TerminationKind.OOM_KILLED and engine_mib is not None:
+        if "limit_mib" in old:
+            ev["limit_mib"] = old["limit_mib"]
+        if "peak_mib" in old:  # the cgroup's peak, engine included
+            ev["peak_mib"] = round(max(float(old["peak_mib"]) - engine_mib, 0.0), 1)
+        ev["engine_overhead_mib"] = round(engine_mib, 1)
+    for key, value in old.items():
+        if key == "pids_max_hits":  # the host cgroup's task cap is the engine's
+            ev["engine_pids_max_hits"] = value
+            ev["engine_pids_limit"] = engine_pids_limit
+        elif key != "pids_limit":
+            ev.setdefault(key, value)
+    if ev == old:
+        return result
+    return replace(result, termination=replace(result.termination, evidence=ev))
+
+
+def not_runnable(program: str, exc: OSError, duration_s: float) -> ExecResult:
+    """The one result for a command the sandbox cannot run, on every tier:
+    exit status 127 (not found) or 126 (not executable) with one line on
+    stderr, as a shell reports it."""
+    missing = isinstance(exc, FileNotFoundError)
+    why = "command not found" if missing else (exc.strerror or "cannot execute")
+    code = 127 if missing else 126
+    return ExecResult(
+        stdout=b"",
+        stderr=f"tierbox: {program}: {why}\n".encode(),
+        termination=Termination(TerminationKind.EXITED, exit_code=code),
+        duration_s=duration_s,
     )
 
 
