@@ -41,7 +41,15 @@ from tierbox.host.procs import kill_tree
 from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import run, which
 from tierbox.paths import MARKER, home, run_dir
-from tierbox.spec import ExecResult, FileEntry, Limits, SandboxSpec, Stats, Termination
+from tierbox.spec import (
+    ExecResult,
+    FileEntry,
+    Limits,
+    SandboxSpec,
+    Stats,
+    Termination,
+    TerminationKind,
+)
 from tierbox.tiers import _pool, oci
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.oci import INIT_PATH
@@ -194,8 +202,11 @@ class OciInstance(Instance):
             pids_hits_before=hits,
             status_from_runtime=True,
         )
-        if not result.ok:
-            self.init.check()  # a dead sandbox is not a workload that exited
+        # A dead sandbox is not a workload that exited; but an OOM kill is
+        # reported as one even when it took the whole sandbox (gVisor's Sentry
+        # dies with it): the next call finds the sandbox dead.
+        if not result.ok and result.termination.kind is not TerminationKind.OOM_KILLED:
+            self.init.check()
         self.tier.check_runtime_failure(cap.returncode, cap.stderr, argv)
         return result
 
