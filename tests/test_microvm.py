@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tierbox.errors import SandboxError, SpecError
+from tierbox.errors import SandboxDeadError, SandboxError, SpecError
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits, SandboxSpec, TerminationKind
 from tierbox.tiers import get_tier
@@ -296,7 +296,7 @@ def test_kernel_panic_ends_the_sandbox_with_evidence(tier: MicroVMTier, snap: Sn
         assert time.monotonic() - t0 < 20
         assert r.termination.kind is TerminationKind.SIGNALED
         assert "Kernel panic" in r.termination.evidence["guest_kernel_panic"]
-        with pytest.raises(SandboxError, match="gone"):
+        with pytest.raises(SandboxDeadError, match="close it and create a new one"):
             inst.exec(["true"])
     finally:
         term = inst.close()
@@ -313,7 +313,7 @@ def test_qemu_killed_from_outside(tier: MicroVMTier, snap: SnapshotRef) -> None:
         assert time.monotonic() - t0 < 10
         assert r.termination.kind is TerminationKind.SIGNALED
         assert "signal 9" in r.termination.evidence["vmm"]
-        with pytest.raises(SandboxError, match="killed by signal 9"):
+        with pytest.raises(SandboxDeadError, match="killed by signal 9"):
             inst.get_file("/tmp/snapshot-marker")
     finally:
         inst.close()

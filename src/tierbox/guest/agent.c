@@ -18,6 +18,15 @@
  * Workloads run chroot'ed into ROOT, in their own cgroup v2 group
  * (/sys/fs/cgroup/x<id>) with pids.max, killed as a group (cgroup.kill) on
  * timeout, output overflow or when the main process exits.
+ *
+ * File requests (PUT, GET, LIST) resolve paths with openat2(RESOLVE_IN_ROOT)
+ * under ROOT and run with the workload's file-system uid/gid (setfsuid), so
+ * they reach only what the workload could. GET opens non-blocking, refuses
+ * anything but a regular file on a data file system (FIFOs, devices, sockets,
+ * directories, /proc and /sys files) and never sends more than the host's
+ * cap. Streams (GET data, LIST records) check the port between chunks: a KILL
+ * for the stream or any new request ends them, so a host that gave up never
+ * leaves the agent busy sending.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -41,7 +50,9 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
+#include <sys/fsuid.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/utsname.h>
@@ -52,9 +63,13 @@
 #define MAGIC 0x31584254u /* "TBX1" */
 #define MAX_FRAME (1u << 20)
 #define CHUNK (64u * 1024u)
-#define AGENT_VERSION "1"
+#define AGENT_VERSION "2"
 #define PORT_NAME "tierbox.agent"
 #define CG_ROOT "/sys/fs/cgroup"
+/* ERR code (beyond errno values) for "not a regular file"; the message says what it is */
+#define E_NOTREG 0x10000u
+/* GET/LIST cap meaning "no cap" (the host streams to a file) */
+#define NO_CAP UINT64_MAX
 
 enum {
     T_HELLO = 1,
@@ -133,6 +148,8 @@ static int fill_once(int blocking) {
 static uint32_t get32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
+
+static uint64_t get64(const unsigned char *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
 
 static void put32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)v;
@@ -294,8 +311,9 @@ static int openat2_in_root(const char *path, int flags, mode_t mode) {
     return (int)syscall(SYS_openat2, root_fd, path, &how, sizeof how);
 }
 
-/* mkdir -p of the parent directories of path, inside the root. */
-static int mkparents(const char *path, uid_t uid, gid_t gid) {
+/* mkdir -p of the parent directories of path, inside the root. Runs with the
+ * workload's file-system credentials, so what it makes belongs to the workload. */
+static int mkparents(const char *path) {
     char tmp[PATH_MAX];
     if (strlen(path) >= sizeof tmp) {
         errno = ENAMETOOLONG;
@@ -310,7 +328,7 @@ static int mkparents(const char *path, uid_t uid, gid_t gid) {
             char c = *p;
             *p = 0;
             if (tmp[0]) {
-                int d = openat2_in_root(tmp, O_RDONLY | O_DIRECTORY, 0);
+                int d = openat2_in_root(tmp, O_PATH | O_DIRECTORY, 0);
                 if (d >= 0) {
                     close(d);
                 } else if (errno == ENOENT) {
@@ -319,7 +337,7 @@ static int mkparents(const char *path, uid_t uid, gid_t gid) {
                     int parent;
                     if (last && last != tmp) {
                         *last = 0;
-                        parent = openat2_in_root(tmp, O_RDONLY | O_DIRECTORY, 0);
+                        parent = openat2_in_root(tmp, O_PATH | O_DIRECTORY, 0);
                         *last = '/';
                     } else {
                         parent = dup(root_fd);
@@ -327,11 +345,10 @@ static int mkparents(const char *path, uid_t uid, gid_t gid) {
                     if (parent < 0) return -1;
                     const char *name = last ? last + 1 : tmp;
                     if (mkdirat(parent, name, 0755) < 0 && errno != EEXIST) {
+                        int saved = errno;
                         close(parent);
+                        errno = saved;
                         return -1;
-                    }
-                    if (fchownat(parent, name, uid, gid, AT_SYMLINK_NOFOLLOW) < 0) {
-                        /* ownership is best effort */
                     }
                     close(parent);
                 } else {
@@ -345,7 +362,7 @@ static int mkparents(const char *path, uid_t uid, gid_t gid) {
     return 0;
 }
 
-/* ---- HELLO / STATS / SYNC / LIST ------------------------------------------ */
+/* ---- HELLO / STATS / SYNC ------------------------------------------------- */
 static void do_hello(const struct frame *f) {
     struct utsname u;
     uname(&u);
@@ -429,58 +446,241 @@ static char *cstr(const struct frame *f, size_t off) {
     return (char *)f->data + off;
 }
 
-static void do_list(const struct frame *f) {
-    char *path = cstr(f, 0);
-    if (!path) {
-        send_err(f->id, EINVAL, "list: bad path");
-        return;
+/* ---- files: credentials, kinds, streams -------------------------------------- */
+
+/* Take the workload's file-system uid/gid for one file request (the kernel
+ * drops CAP_DAC_OVERRIDE and friends with them); fs_root() gives them back. */
+static int fs_as(uint32_t uid, uint32_t gid) {
+    setfsgid(gid);
+    setfsuid(uid);
+    if ((uint32_t)setfsgid((gid_t)-1) != gid || (uint32_t)setfsuid((uid_t)-1) != uid) {
+        errno = EPERM;
+        return -1;
     }
-    int fd = openat2_in_root(path, O_RDONLY | O_DIRECTORY, 0);
+    return 0;
+}
+
+static void fs_root(void) {
+    setfsuid(0);
+    setfsgid(0);
+}
+
+static const char *what_is(mode_t m) {
+    if (S_ISDIR(m)) return "a directory";
+    if (S_ISFIFO(m)) return "a named pipe (FIFO)";
+    if (S_ISSOCK(m)) return "a socket";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    if (S_ISLNK(m)) return "a symlink";
+    return "not a regular file";
+}
+
+/* Name of the file system if fd is on one whose "files" are kernel interfaces. */
+static const char *pseudo_fs(int fd) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0) return NULL;
+    switch ((uint32_t)sf.f_type) {
+    case 0x9fa0u: return "procfs";
+    case 0x62656572u: return "sysfs";
+    case 0x27e0ebu: return "cgroup";
+    case 0x63677270u: return "cgroup2";
+    case 0x64626720u: return "debugfs";
+    case 0x74726163u: return "tracefs";
+    case 0x73636673u: return "securityfs";
+    case 0xcafe4a11u: return "bpf";
+    default: return NULL;
+    }
+}
+
+/* Between the chunks of a stream: has the host given up on it? A KILL with
+ * the stream's id, or any new request, says so; the new request is left in
+ * the buffer for the main loop. Stale STDIN/DATA_IN/KILL frames are dropped. */
+static int stream_cancelled(uint32_t id) {
+    if (now_ms() >= port_quiet_until) {
+        struct pollfd p = {port, POLLIN, 0};
+        if (poll(&p, 1, 0) > 0 && (p.revents & POLLIN)) fill_once(0);
+    }
+    struct frame sf;
+    while (try_frame(&sf)) {
+        if (sf.type == T_KILL && sf.id == id) return 1;
+        if (sf.type == T_STDIN || sf.type == T_DATA_IN || sf.type == T_KILL) continue;
+        consumed = 0; /* not ours to handle here: keep it */
+        return 1;
+    }
+    return 0;
+}
+
+/* The common head of GET and LIST: u64 cap, u32 uid, u32 gid, path\0.
+ * The path is copied out: the frame's memory is reused by the next read. */
+static int parse_file_req(const struct frame *f, uint64_t *cap, uint32_t *uid, uint32_t *gid,
+                          char *path, size_t path_cap) {
+    const char *p = f->len > 16 ? cstr(f, 16) : NULL;
+    if (!p || strlen(p) >= path_cap) return -1;
+    *cap = get64(f->data);
+    *uid = get32(f->data + 8);
+    *gid = get32(f->data + 12);
+    strcpy(path, p);
+    return 0;
+}
+
+/* ---- LIST ------------------------------------------------------------------------- */
+enum { K_OTHER = 0, K_FILE = 1, K_DIR = 2, K_SYMLINK = 3 };
+
+static unsigned char kind_of(mode_t m) {
+    if (S_ISREG(m)) return K_FILE;
+    if (S_ISDIR(m)) return K_DIR;
+    if (S_ISLNK(m)) return K_SYMLINK;
+    return K_OTHER;
+}
+
+static unsigned char kind_of_dtype(unsigned char t) {
+    switch (t) {
+    case DT_REG: return K_FILE;
+    case DT_DIR: return K_DIR;
+    case DT_LNK: return K_SYMLINK;
+    default: return K_OTHER;
+    }
+}
+
+/* Entries as DATA frames of records (u8 kind, u64 size, name\0; lstat, never
+ * followed), then OK "entries=N"; ERR EFBIG once the records pass the cap. */
+static void list_entries(uint32_t id, const char *path, uint64_t cap) {
+    int fd = openat2_in_root(path, O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_NOCTTY, 0);
     if (fd < 0) {
-        send_err(f->id, errno, "%s: %s", path, strerror(errno));
+        send_err(id, errno, "%s", strerror(errno));
         return;
     }
     DIR *d = fdopendir(fd);
-    static char out[MAX_FRAME];
-    size_t o = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        size_t l = strlen(e->d_name) + 1;
-        if (o + l > sizeof out) break;
-        memcpy(out + o, e->d_name, l);
-        o += l;
+    if (!d) {
+        int e = errno;
+        close(fd);
+        send_err(id, e, "%s", strerror(e));
+        return;
     }
-    if (d) closedir(d);
-    send_frame(T_OK, f->id, out, o);
+    static unsigned char out[CHUNK];
+    size_t o = 0;
+    uint64_t total = 0, n = 0;
+    struct dirent *e;
+    for (;;) {
+        errno = 0;
+        e = readdir(d);
+        if (!e) break;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        struct stat st;
+        unsigned char kind;
+        uint64_t size = 0;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+            kind = kind_of(st.st_mode);
+            size = (uint64_t)st.st_size;
+        } else if (errno == ENOENT) {
+            continue; /* removed while we listed */
+        } else {
+            kind = kind_of_dtype(e->d_type);
+        }
+        size_t l = strlen(e->d_name) + 1;
+        if (o + 9 + l > sizeof out) {
+            if (stream_cancelled(id)) {
+                closedir(d);
+                send_err(id, ECANCELED, "list: cancelled by the host");
+                return;
+            }
+            send_frame(T_DATA, id, out, o);
+            o = 0;
+        }
+        total += 9 + l;
+        if (cap != NO_CAP && total > cap) {
+            closedir(d);
+            send_err(id, EFBIG, "its listing is over the cap of %llu bytes", (unsigned long long)cap);
+            return;
+        }
+        out[o] = kind;
+        put32(out + o + 1, (uint32_t)size);
+        put32(out + o + 5, (uint32_t)(size >> 32));
+        memcpy(out + o + 9, e->d_name, l);
+        o += 9 + l;
+        n++;
+    }
+    int rerr = errno;
+    closedir(d);
+    if (rerr) {
+        send_err(id, rerr, "readdir: %s", strerror(rerr));
+        return;
+    }
+    if (o) send_frame(T_DATA, id, out, o);
+    char done[64];
+    int dl = snprintf(done, sizeof done, "entries=%llu\n", (unsigned long long)n);
+    send_frame(T_OK, id, done, (size_t)dl);
+}
+
+static void do_list(const struct frame *f) {
+    uint32_t id = f->id, uid, gid;
+    uint64_t cap;
+    char path[PATH_MAX];
+    if (parse_file_req(f, &cap, &uid, &gid, path, sizeof path) < 0) {
+        send_err(id, EINVAL, "list: malformed request");
+        return;
+    }
+    if (fs_as(uid, gid) < 0) {
+        fs_root();
+        send_err(id, errno, "list: cannot take uid %u: %s", uid, strerror(errno));
+        return;
+    }
+    list_entries(id, path, cap);
+    fs_root();
 }
 
 /* ---- PUT / GET -------------------------------------------------------------- */
-static void do_put(const struct frame *hdr) {
+/* Open path for writing as a regular file (non-blocking, so a FIFO cannot
+ * stall the agent; refused before any write). Sets err/errmsg on failure. */
+static int open_for_put(const char *path, uint32_t mode, int *err, char *errmsg, size_t cap) {
+    if (mkparents(path) < 0) {
+        *err = errno;
+        snprintf(errmsg, cap, "cannot make parent directories: %s", strerror(*err));
+        return -1;
+    }
+    int fd = openat2_in_root(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY,
+                             mode & 07777);
+    if (fd < 0) {
+        *err = errno;
+        snprintf(errmsg, cap, "%s", strerror(*err));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        *err = errno;
+        snprintf(errmsg, cap, "fstat: %s", strerror(*err));
+        close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        *err = (int)E_NOTREG;
+        snprintf(errmsg, cap, "it is %s", what_is(st.st_mode));
+        close(fd);
+        return -1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    return fd;
+}
+
+static void put_file(const struct frame *hdr) {
     /* header: u32 mode, u32 uid, u32 gid, path\0 ; then T_DATA_IN frames, len 0 ends */
     uint32_t id = hdr->id;
     int fd = -1, err = 0;
     char errmsg[512] = "";
     char path[PATH_MAX];
-    uint32_t mode = 0644, uid = 0, gid = 0;
+    uint32_t mode = 0644;
     if (hdr->len < 13 || !cstr(hdr, 12) || strlen(cstr(hdr, 12)) >= sizeof path) {
         err = EINVAL;
         snprintf(errmsg, sizeof errmsg, "put: bad header");
         path[0] = 0;
     } else {
         mode = get32(hdr->data);
-        uid = get32(hdr->data + 4);
-        gid = get32(hdr->data + 8);
         strcpy(path, cstr(hdr, 12));
-        if (mkparents(path, uid, gid) < 0) {
+        if (fs_as(get32(hdr->data + 4), get32(hdr->data + 8)) < 0) {
             err = errno;
-            snprintf(errmsg, sizeof errmsg, "%s: cannot make parent directories: %s", path, strerror(err));
+            snprintf(errmsg, sizeof errmsg, "put: cannot take the workload's uid: %s", strerror(err));
         } else {
-            fd = openat2_in_root(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode & 07777);
-            if (fd < 0) {
-                err = errno;
-                snprintf(errmsg, sizeof errmsg, "%s: %s", path, strerror(err));
-            }
+            fd = open_for_put(path, mode, &err, errmsg, sizeof errmsg);
         }
     }
     struct frame f;
@@ -500,7 +700,7 @@ static void do_put(const struct frame *hdr) {
                 if (w < 0) {
                     if (errno == EINTR) continue;
                     err = errno;
-                    snprintf(errmsg, sizeof errmsg, "%s: write: %s", path, strerror(err));
+                    snprintf(errmsg, sizeof errmsg, "write: %s", strerror(err));
                     break;
                 }
                 done += (size_t)w;
@@ -508,55 +708,110 @@ static void do_put(const struct frame *hdr) {
         }
     }
     if (fd >= 0) {
-        if (!err) {
-            fchmod(fd, mode & 07777);
-            if (fchown(fd, uid, gid) < 0) { /* best effort */
-            }
+        if (!err && fchmod(fd, mode & 07777) < 0) {
+            err = errno;
+            snprintf(errmsg, sizeof errmsg, "chmod: %s", strerror(err));
         }
         if (close(fd) < 0 && !err) {
             err = errno;
-            snprintf(errmsg, sizeof errmsg, "%s: close: %s", path, strerror(err));
+            snprintf(errmsg, sizeof errmsg, "close: %s", strerror(err));
         }
     }
     if (err)
-        send_err(id, err, "%s", errmsg);
+        send_err(id, (int)err, "%s", errmsg);
     else
         send_frame(T_OK, id, NULL, 0);
 }
 
-static void do_get(const struct frame *f) {
-    char *path = cstr(f, 0);
-    if (!path) {
-        send_err(f->id, EINVAL, "get: bad path");
-        return;
-    }
-    uint32_t id = f->id;
-    int fd = openat2_in_root(path, O_RDONLY, 0);
+static void do_put(const struct frame *hdr) {
+    put_file(hdr);
+    fs_root();
+}
+
+/* Stream a regular file: DATA frames, then OK "size=N". Refused with E_NOTREG
+ * (FIFO, device, socket, directory, kernel interface) or EFBIG (st_size over
+ * the cap, or the file grew past it: at most cap bytes are ever sent). */
+static void get_file(uint32_t id, const char *path, uint64_t cap) {
+    int fd = openat2_in_root(path, O_RDONLY | O_NONBLOCK | O_NOCTTY, 0);
     if (fd < 0) {
-        send_err(id, errno, "%s: %s", path, strerror(errno));
+        send_err(id, errno, "%s", strerror(errno));
         return;
     }
     struct stat st;
-    if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
         close(fd);
-        send_err(id, EISDIR, "%s: %s", path, strerror(EISDIR));
+        send_err(id, e, "fstat: %s", strerror(e));
         return;
     }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        send_err(id, (int)E_NOTREG, "it is %s", what_is(st.st_mode));
+        return;
+    }
+    const char *fs = pseudo_fs(fd);
+    if (fs) {
+        close(fd);
+        send_err(id, (int)E_NOTREG, "it is a %s kernel interface", fs);
+        return;
+    }
+    if (cap != NO_CAP && (uint64_t)st.st_size > cap) {
+        close(fd);
+        send_err(id, EFBIG, "it is %llu bytes, over the max_bytes cap of %llu",
+                 (unsigned long long)st.st_size, (unsigned long long)cap);
+        return;
+    }
+    fs_root(); /* the file is open: reading it needs no credentials */
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     static unsigned char buf[CHUNK * 4];
+    uint64_t total = 0;
     for (;;) {
-        ssize_t n = read(fd, buf, sizeof buf);
+        if (stream_cancelled(id)) {
+            close(fd);
+            send_err(id, ECANCELED, "get: cancelled by the host");
+            return;
+        }
+        size_t want = sizeof buf;
+        if (cap != NO_CAP && cap - total + 1 < want) want = (size_t)(cap - total + 1);
+        ssize_t n = read(fd, buf, want);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
             int e = errno;
             close(fd);
-            send_err(id, e, "%s: read: %s", path, strerror(e));
+            send_err(id, e, "read: %s", strerror(e));
             return;
         }
         if (n == 0) break;
+        if (cap != NO_CAP && total + (uint64_t)n > cap) {
+            close(fd);
+            send_err(id, EFBIG, "it grew past the max_bytes cap of %llu while it was read",
+                     (unsigned long long)cap);
+            return;
+        }
         send_frame(T_DATA, id, buf, (size_t)n);
+        total += (uint64_t)n;
     }
     close(fd);
-    send_frame(T_OK, id, NULL, 0);
+    char done[64];
+    int dl = snprintf(done, sizeof done, "size=%llu\n", (unsigned long long)total);
+    send_frame(T_OK, id, done, (size_t)dl);
+}
+
+static void do_get(const struct frame *f) {
+    uint32_t id = f->id, uid, gid;
+    uint64_t cap;
+    char path[PATH_MAX];
+    if (parse_file_req(f, &cap, &uid, &gid, path, sizeof path) < 0) {
+        send_err(id, EINVAL, "get: malformed request");
+        return;
+    }
+    if (fs_as(uid, gid) < 0) {
+        fs_root();
+        send_err(id, errno, "get: cannot take uid %u: %s", uid, strerror(errno));
+        return;
+    }
+    get_file(id, path, cap);
+    fs_root();
 }
 
 /* ---- EXEC -------------------------------------------------------------------- */
@@ -1173,6 +1428,7 @@ int main(int argc, char **argv) {
     else if (getpid() == 1)
         guest_init();
     signal(SIGPIPE, SIG_IGN);
+    setgroups(0, NULL); /* file requests run with the workload's fsuid/fsgid and no groups */
     write_file("/proc/self/oom_score_adj", "-1000");
     root_fd = open(ROOT, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (root_fd < 0) die("open root");

@@ -34,15 +34,16 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from tierbox.errors import (
     CommandError,
     HostError,
     NotSupportedError,
     SandboxClosedError,
+    SandboxDeadError,
     SandboxError,
     SpecError,
     TierUnavailableError,
@@ -53,7 +54,6 @@ from tierbox.paths import MARKER, sandboxes_dir
 from tierbox.spec import (
     ExecResult,
     FileEntry,
-    FileKind,
     Limits,
     NetworkPolicy,
     SandboxSpec,
@@ -75,9 +75,13 @@ from tierbox.vmm.agent import (
     AgentTimeoutError,
     ExecOutcome,
     GuestConfig,
+    file_error,
     run_in_guest,
 )
 from tierbox.vmm.qmp import QMPClient, QMPError
+
+T = TypeVar("T")
+_DOING = {"read": "reading", "write": "writing", "list": "listing"}
 
 MIB = 1024 * 1024
 #: How long a cold boot may take to reach the agent, per accelerator.
@@ -171,7 +175,16 @@ class MicroVMInstance(Instance):
         if self._dead is None and not self.proc.alive():
             self._dead = self._death_termination()
         if self._dead is not None:
-            raise SandboxError(f"microVM {self.id} is gone: {self._dead.describe()}")
+            raise self._dead_error()
+
+    def _dead_error(self, what: str = "") -> SandboxDeadError:
+        """What every call on a dead VM raises (``close`` still works)."""
+        assert self._dead is not None
+        during = f" ({what})" if what else ""
+        return SandboxDeadError(
+            f"microVM {self.id} is dead{during}: {self._dead.describe()}; nothing in it is "
+            "reachable any more: close it and create a new one"
+        )
 
     def _death_termination(self) -> Termination:
         """Why the VM is gone, from QEMU's exit, the console and the cgroup."""
@@ -314,45 +327,79 @@ class MicroVMInstance(Instance):
                     evidence={"guest": f"agent did not answer {what} in {CALL_TIMEOUT_S:.0f} s"},
                 )
             )
-            return SandboxError(
-                f"microVM {self.id} stopped answering ({what}); it was stopped: {exc}"
-            )
+            return self._dead_error(f"it stopped answering {what} and was stopped")
         if isinstance(exc, AgentGoneError):
+            if self._closed:
+                return SandboxClosedError(f"sandbox {self.id} was closed during {what}")
             self._dead = self._death_termination()
-            return SandboxError(f"microVM {self.id} is gone: {self._dead.describe()}")
+            return self._dead_error(f"it died during {what}")
         return SandboxError(f"{what} failed in microVM {self.id}: {exc}")
 
-    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+    # ---- files (through the agent, as the workload's user: see vmm/agent.py) -------------
+    def _files_call(self, verb: str, path: str, fn: Callable[[], T]) -> T:
+        """One file request; the guest's refusals become the files API's errors
+        (NotRegularFileError, FileTooLargeError), a VM that died or hangs
+        SandboxDeadError."""
         with self._lock:
             self._check_usable()
             try:
-                self.agent.put(
-                    path,
-                    data,
-                    mode=mode,
-                    uid=self.guest.uid,
-                    gid=self.guest.gid,
-                    deadline=self._call_deadline() + len(data) / (20 * MIB),
-                )
-            except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
-                raise self._agent_call_failed(exc, f"writing {path}") from exc
+                if not self.agent.connected:  # dropped after a stream that would not end
+                    self.agent.connect(deadline=self._call_deadline(), alive=self.proc.alive)
+                return fn()
+            except AgentError as exc:
+                raise file_error(exc, verb, path, f"microVM {self.id}") from exc
+            except (AgentGoneError, AgentTimeoutError) as exc:
+                raise self._agent_call_failed(exc, f"{_DOING[verb]} {path}") from exc
+
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        self._files_call(
+            "write",
+            path,
+            lambda: self.agent.put(
+                path,
+                data,
+                mode=mode,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                deadline=self._call_deadline() + len(data) / (20 * MIB),
+            ),
+        )
 
     def _get_file(self, path: str, max_bytes: int) -> bytes:
-        with self._lock:
-            self._check_usable()
-            try:
-                return self.agent.get(path, deadline=self._call_deadline(), max_bytes=max_bytes)
-            except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
-                raise self._agent_call_failed(exc, f"reading {path}") from exc
+        return self._files_call(
+            "read",
+            path,
+            lambda: self.agent.get(
+                path,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
+            ),
+        )
 
-    def _entries(self, path: str) -> list[FileEntry]:  # kinds: see the agent LIST
-        with self._lock:
-            self._check_usable()
-            try:
-                names = self.agent.list_dir(path, deadline=self._call_deadline())
-                return [FileEntry(n, FileKind.OTHER) for n in names]
-            except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
-                raise self._agent_call_failed(exc, f"listing {path}") from exc
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        return self._files_call(
+            "read",
+            path,
+            lambda: self.agent.copy_out(
+                path,
+                out.write,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
+            ),
+        )
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        return self._files_call(
+            "list",
+            path,
+            lambda: self.agent.entries(
+                path, uid=self.guest.uid, gid=self.guest.gid, idle_timeout_s=CALL_TIMEOUT_S
+            ),
+        )
 
     def stats(self) -> Stats:
         """Host cost of the VM (QEMU's PSS, peak RSS, CPU) and the guest's view
@@ -477,7 +524,8 @@ class MicroVMInstance(Instance):
             term = self._dead
             if term is None and not self.proc.alive():
                 term = self._death_termination()
-        self.proc.kill()  # an exec in flight sees the line close and returns
+        if self.proc.alive():  # a dead QEMU's pid may belong to another process by now
+            self.proc.kill()  # an exec in flight sees the line close and returns
         with self._lock:
             self.agent.close()
             if self._qmp is not None:
@@ -697,29 +745,30 @@ class MicroVMTier(Tier):
         copy-on-write, each with a fresh RNG seed and the current time."""
         if count < 1:
             raise SpecError(f"count={count}: ask for at least one clone")
-        snap_dir = Path(snap.path)
-        manifest = snapfmt.load_manifest(snap_dir)
-        machine = qemu.Machine.from_dict(manifest.machine)
-        self._check_compatible(manifest, machine)
-        spec = SandboxSpec.from_dict(manifest.guest["spec"])
-        guest = GuestConfig.from_dict(manifest.guest)
-        disk_info = manifest.data.get("disk")
-        started: list[MicroVMInstance] = []
-        try:
-            for _ in range(count):
-                started.append(self._start_restore(snap_dir, spec, machine, guest, disk_info))
-            workers = min(count, 8)
-            if workers == 1:
+        # verified once per call; QEMU gets the very files that were checked
+        with snapfmt.open_snapshot(Path(snap.path)) as opened:
+            manifest = opened.manifest
+            machine = qemu.Machine.from_dict(manifest.machine)
+            self._check_compatible(manifest, machine)
+            spec = SandboxSpec.from_dict(manifest.guest["spec"])
+            guest = GuestConfig.from_dict(manifest.guest)
+            disk_info = manifest.data.get("disk")
+            started: list[MicroVMInstance] = []
+            try:
+                for _ in range(count):
+                    started.append(self._start_restore(opened, spec, machine, guest, disk_info))
+                workers = min(count, 8)
+                if workers == 1:
+                    for inst in started:
+                        self._finish_restore(inst, opened)
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                        for fut in [pool.submit(self._finish_restore, i, opened) for i in started]:
+                            fut.result()
+            except BaseException:
                 for inst in started:
-                    self._finish_restore(inst, snap_dir)
-            else:
-                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                    for fut in [pool.submit(self._finish_restore, i, snap_dir) for i in started]:
-                        fut.result()
-        except BaseException:
-            for inst in started:
-                inst.close()
-            raise
+                    inst.close()
+                raise
         return started
 
     def _check_compatible(self, manifest: snapfmt.Manifest, machine: qemu.Machine) -> None:
@@ -756,7 +805,7 @@ class MicroVMTier(Tier):
 
     def _start_restore(
         self,
-        snap_dir: Path,
+        snap: snapfmt.OpenSnapshot,
         spec: SandboxSpec,
         machine: qemu.Machine,
         guest: GuestConfig,
@@ -764,10 +813,8 @@ class MicroVMTier(Tier):
     ) -> MicroVMInstance:
         sid, files, cg = self._new_sandbox(spec)
         try:
-            argv = qemu.restore_argv(
-                sid, machine, files, ram_path=snap_dir / snapfmt.RAM, ram_share=False
-            )
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg)
+            argv = qemu.restore_argv(sid, machine, files, ram_path=snap.ram_path, ram_share=False)
+            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=(snap.ram_fd,))
         except BaseException:
             self.release(sid, files.dir, cg, None)
             raise
@@ -775,13 +822,12 @@ class MicroVMTier(Tier):
         inst._save_state()
         return inst
 
-    def _finish_restore(self, inst: MicroVMInstance, snap_dir: Path) -> None:
+    def _finish_restore(self, inst: MicroVMInstance, snap: snapfmt.OpenSnapshot) -> None:
         deadline = time.monotonic() + RESTORE_TIMEOUT_S
+        snap_dir = snap.manifest.path
         try:
             client = inst._qmp_client()
-            qmp_mod.load_stream(
-                client, snap_dir / snapfmt.STATE, ignore_shared=True, deadline=deadline
-            )
+            qmp_mod.load_stream(client, snap.state_path, ignore_shared=True, deadline=deadline)
             client.execute("cont")
         except QMPError as exc:
             detail = inst.proc.log_tail(600).strip() if not inst.proc.alive() else ""
@@ -830,8 +876,6 @@ class MicroVMTier(Tier):
             raise SandboxError(f"microVM {sandbox_id} has no readable vm.json in {d}") from exc
         files = qemu.Files(d)
         proc = qemu.QemuProcess.adopt(int(vm["pid"]), files)
-        if not proc.alive():
-            raise SandboxError(f"microVM {sandbox_id} is not running any more")
         cg = (
             SandboxCgroup(relpath=vm["cgroup"], version=cgroup_version())
             if vm.get("cgroup")
@@ -848,6 +892,13 @@ class MicroVMTier(Tier):
             Path(vm["ram_path"]) if vm.get("ram_path") else None,
             vm.get("disk"),
         )
+        if not proc.alive():
+            # a dead VM still attaches: every call says it is dead, close() removes it
+            inst._dead = Termination(
+                TerminationKind.SIGNALED,
+                evidence={"vmm": "QEMU was not running when the sandbox was attached"},
+            )
+            return inst
         deadline = time.monotonic() + 10.0
         try:
             inst.agent.connect(deadline=deadline, alive=proc.alive)

@@ -55,10 +55,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from tierbox import libvirt_host as lvh
 from tierbox.errors import (
@@ -67,6 +67,7 @@ from tierbox.errors import (
     ImageError,
     NotSupportedError,
     SandboxClosedError,
+    SandboxDeadError,
     SandboxError,
     SpecError,
     TierboxError,
@@ -77,7 +78,6 @@ from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
     ExecResult,
     FileEntry,
-    FileKind,
     Limits,
     NetworkPolicy,
     SandboxSpec,
@@ -99,10 +99,12 @@ from tierbox.vmm.agent import (
     AgentGoneError,
     AgentTimeoutError,
     GuestConfig,
+    file_error,
     run_in_guest,
 )
 
 log = logging.getLogger("tierbox.vm")
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 DEFAULT_IMAGE = "busybox:latest"
@@ -297,8 +299,9 @@ class VMInstance(Instance):
             dom = lvh.lookup(self.domain_name)
         except lvh.LibvirtError as exc:
             if lvh.is_code(exc, "VIR_ERR_NO_DOMAIN"):
-                raise SandboxError(
-                    f"VM {self.name} is gone: libvirt has no domain {self.domain_name}"
+                raise SandboxDeadError(
+                    f"VM {self.name} is gone: libvirt has no domain {self.domain_name}; "
+                    "close it and create a new one"
                 ) from exc
             raise
         if self._generation != lvh.generation:
@@ -365,35 +368,52 @@ class VMInstance(Instance):
                 ) from exc
 
     def _gone_or_hung(self, exc: Exception, what: str) -> SandboxError:
+        """SandboxDeadError when the VM's QEMU is gone (killed, crashed, the
+        guest powered off or panicked), else a VM that did not answer."""
         if not self._alive():
             panic = qemu.console_panic(self.console_tail(16000))
             why = f"the guest kernel panicked: {panic}" if panic else "its QEMU is not running"
-            return SandboxError(
-                f"VM {self.name} is not running ({why}); `tierbox vm start {self.name}` "
-                "boots it again"
+            return SandboxDeadError(
+                f"VM {self.name} is dead ({why}): close it and create a new one "
+                f"(`tierbox vm start {self.name}` boots this one again from its disk)"
             )
         return SandboxError(f"VM {self.name} did not answer ({what}): {exc}")
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """An agent call, reconnecting once when the line went away (QEMU restarted)."""
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        *,
+        refused: Callable[[AgentError], SandboxError] | None = None,
+        retry: bool = True,
+    ) -> T:
+        """An agent call, reconnecting once when the line went away (QEMU
+        restarted) if ``retry``. ``refused`` turns the agent's own errors into
+        the caller's (file errors); a dead VM raises SandboxDeadError."""
         with self._lock:
             self._check_usable()
             for attempt in (0, 1):
                 self._ensure_agent()
                 try:
-                    result = fn(*args, **kwargs)
-                    self._release_agent()
-                    return result
+                    result = fn()
                 except AgentGoneError as exc:
                     self.agent.close()
-                    if attempt or not self._alive():
+                    if attempt or not retry or not self._alive():
                         raise self._gone_or_hung(exc, what) from exc
+                    continue
                 except AgentTimeoutError as exc:
                     self.agent.close()
                     raise self._gone_or_hung(exc, what) from exc
                 except AgentError as exc:
                     self._release_agent()
+                    if refused is not None:
+                        raise refused(exc) from exc
                     raise SandboxError(f"{what} failed in VM {self.name}: {exc}") from exc
+                except BaseException:
+                    self._release_agent()
+                    raise
+                self._release_agent()
+                return result
             raise AssertionError("unreachable")
 
     def _release_agent(self) -> None:
@@ -458,6 +478,10 @@ class VMInstance(Instance):
                 )
             raise AssertionError("unreachable")
 
+    # ---- files (through the agent, as the workload's user: see vmm/agent.py) -------------
+    def _refused(self, verb: str, path: str) -> Callable[[AgentError], SandboxError]:
+        return lambda exc: file_error(exc, verb, path, f"VM {self.name}")
+
     def _put_file(self, path: str, data: bytes, mode: int) -> None:
         self._call(
             f"writing {path}",
@@ -469,30 +493,51 @@ class VMInstance(Instance):
                 gid=self.guest.gid,
                 deadline=time.monotonic() + CALL_TIMEOUT_S + len(data) / (20 * MIB),
             ),
+            refused=self._refused("write", path),
         )
 
     def _get_file(self, path: str, max_bytes: int) -> bytes:
-        data: bytes = self._call(
+        return self._call(
             f"reading {path}",
             lambda: self.agent.get(
-                path, deadline=time.monotonic() + CALL_TIMEOUT_S, max_bytes=max_bytes
+                path,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
             ),
+            refused=self._refused("read", path),
         )
-        return data
 
-    def _entries(self, path: str) -> list[FileEntry]:  # kinds: see the agent LIST
-        names: list[str] = self._call(
-            f"listing {path}",
-            lambda: self.agent.list_dir(path, deadline=time.monotonic() + CALL_TIMEOUT_S),
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        # no retry: part of the file may be in ``out`` already
+        return self._call(
+            f"reading {path}",
+            lambda: self.agent.copy_out(
+                path,
+                out.write,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
+            ),
+            refused=self._refused("read", path),
+            retry=False,
         )
-        return [FileEntry(n, FileKind.OTHER) for n in names]
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        return self._call(
+            f"listing {path}",
+            lambda: self.agent.entries(
+                path, uid=self.guest.uid, gid=self.guest.gid, idle_timeout_s=CALL_TIMEOUT_S
+            ),
+            refused=self._refused("list", path),
+        )
 
     def stats(self) -> Stats:
         """Host cost of the VM (its QEMU's PSS, peak RSS, CPU time) and the
         guest's view (processes, guest OOM kills)."""
-        guest: dict[str, str] = self._call(
-            "stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0)
-        )
+        guest = self._call("stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0))
         pid = self.qemu_pid()
         pss, hwm, cpu_s = _process_memory_cpu(pid) if pid else (None, None, None)
         procs = guest.get("procs")

@@ -17,15 +17,32 @@ EXEC     2    8 x u32 (timeout_ms, output_cap, pids_max, uid,     STDOUT/STDERR 
 STDIN    3    a chunk of the running exec's stdin; empty = EOF    -
 PUT      4    u32 mode, uid, gid, path; then DATA_IN chunks,      OK or ERR
               an empty one ends the file
-GET      5    path                                                DATA chunks, then OK (or ERR)
+GET      5    u64 max_bytes, u32 uid, gid, path                   DATA chunks, then OK
+                                                                  ``size=N`` (or ERR)
 STATS    6    -                                                   OK: ``key=value`` lines
 SYNC     7    u64 realtime ns, random bytes                       OK (clock set, RNG reseeded)
-LIST     8    path                                                OK: NUL-separated names
+LIST     8    u64 max_bytes, u32 uid, gid, path                   DATA chunks of records
+                                                                  (u8 kind, u64 size, name
+                                                                  NUL), then OK ``entries=N``
 POWEROFF 9    -                                                   OK, then the guest powers off
-KILL    10    - (id of the running exec)                          the exec ends with reason=killed
+KILL    10    - (id of the running exec or stream)                the exec ends with
+                                                                  reason=killed; a stream
+                                                                  ends with ERR ECANCELED
 ============  ==================================================  =========================
 
-ERR payloads are ``u32 errno`` + a message. Payloads are at most 1 MiB.
+ERR payloads are ``u32 code`` + a message; the code is an errno value, or
+``E_NOTREG`` (0x10000) for "not a regular file". Payloads are at most 1 MiB.
+
+Files (protocol 2, ``agent=2`` in HELLO): PUT, GET and LIST run in the guest
+with the workload's file-system uid/gid and resolve paths inside the
+workload's root. GET opens non-blocking and refuses FIFOs, devices, sockets,
+directories and /proc or /sys files (E_NOTREG), refuses a file whose size is
+over ``max_bytes`` (EFBIG) and never sends more than ``max_bytes`` bytes (a
+file that grows while read ends in EFBIG too); ``max_bytes`` 2**64-1 means
+no cap. LIST reports each entry's kind (lstat: a symlink is a symlink) and
+size. The host bounds what it keeps by the same cap, whatever the guest
+sends, and ends a stream it gives up on with KILL; the agent checks for it
+(or any new request) between chunks and stops.
 """
 
 from __future__ import annotations
@@ -43,8 +60,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import SandboxError
-from tierbox.spec import SandboxSpec
+from tierbox.errors import (
+    FileTooLargeError,
+    NotRegularFileError,
+    SandboxError,
+    SandboxFileError,
+)
+from tierbox.spec import FileEntry, FileKind, SandboxSpec
 
 MAGIC = 0x31584254
 HEADER = struct.Struct("<IIII")
@@ -56,6 +78,18 @@ T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_K
 )
 T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA = range(101, 107)
 F_STDIN = 1
+#: ERR code for "not a regular file" (beyond errno values; the message says what it is)
+E_NOTREG = 0x10000
+#: GET/LIST ``max_bytes`` meaning no cap
+NO_CAP = (1 << 64) - 1
+#: The protocol the file requests need (the agent's ``agent=`` in HELLO).
+FILES_PROTOCOL = 2
+#: A directory listing may hold this many bytes of records (name + 9 each).
+LIST_MAX_BYTES = 16 << 20
+#: How long the host waits for a stream it gave up on to end.
+CANCEL_TIMEOUT_S = 10.0
+_KINDS = {1: FileKind.FILE, 2: FileKind.DIR, 3: FileKind.SYMLINK}
+_RECORD = struct.Struct("<BQ")
 
 
 class AgentError(SandboxError):
@@ -74,6 +108,11 @@ class AgentGoneError(SandboxError):
 
 class AgentTimeoutError(SandboxError):
     """The agent did not answer in time."""
+
+
+class AgentTooOldError(SandboxError):
+    """The guest runs an agent older than this host's protocol (a snapshot or
+    VM made before an upgrade)."""
 
 
 def parse_kv(payload: bytes) -> dict[str, str]:
@@ -109,6 +148,8 @@ class AgentClient:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
+        #: the agent's protocol version, from its HELLO (None: not asked yet)
+        self.version: int | None = None
 
     # ---- connection ---------------------------------------------------------
     def connect(self, *, deadline: float, alive: Callable[[], bool]) -> None:
@@ -127,6 +168,7 @@ class AgentClient:
                 time.sleep(0.002)
         self._sock = sock
         self._buf.clear()
+        self.version = None  # a reconnect may reach another agent (a reverted VM)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -205,7 +247,20 @@ class AgentClient:
             ftype, payload = self._reply(fid, deadline)
             info = parse_kv(payload)
             if ftype == T_OK and info.get("nonce") == nonce.decode():
+                agent = info.get("agent", "")
+                self.version = int(agent) if agent.isdigit() else 0
                 return info
+
+    def _require_files(self, deadline: float) -> None:
+        """File requests need protocol 2; an older agent would misread them."""
+        if self.version is None:
+            self.hello(deadline=deadline)
+        if (self.version or 0) < FILES_PROTOCOL:
+            raise AgentTooOldError(
+                f"the guest agent speaks protocol {self.version}; file access needs "
+                f"{FILES_PROTOCOL}: this guest was made by an older tierbox (a snapshot "
+                "or VM from before an upgrade): create a new one"
+            )
 
     def sync(self, *, deadline: float, realtime_ns: int | None = None) -> None:
         """Set the guest clock to ours and mix fresh host randomness into its RNG."""
@@ -219,15 +274,34 @@ class AgentClient:
         self._send(T_STATS, fid)
         return parse_kv(self._reply(fid, deadline)[1])
 
-    def list_dir(self, path: str, *, deadline: float) -> list[str]:
-        fid = next(self._ids)
-        self._send(T_LIST, fid, path.encode() + b"\0")
-        payload = self._reply(fid, deadline)[1]
-        return sorted(n.decode(errors="surrogateescape") for n in payload.split(b"\0") if n)
+    def entries(
+        self,
+        path: str,
+        *,
+        uid: int,
+        gid: int,
+        idle_timeout_s: float,
+        max_bytes: int = LIST_MAX_BYTES,
+    ) -> list[FileEntry]:
+        """Entries of a guest directory with kind and size (symlinks not followed)."""
+        records = bytearray()
+        self._stream(T_LIST, path, uid, gid, max_bytes, records.extend, idle_timeout_s)
+        out: list[FileEntry] = []
+        off = 0
+        while off + _RECORD.size < len(records):
+            kind, size = _RECORD.unpack_from(records, off)
+            end = records.find(b"\0", off + _RECORD.size)
+            if end < 0:
+                break
+            name = bytes(records[off + _RECORD.size : end]).decode(errors="surrogateescape")
+            out.append(FileEntry(name, _KINDS.get(kind, FileKind.OTHER), size))
+            off = end + 1
+        return out
 
     def put(
         self, path: str, data: bytes, *, mode: int, uid: int, gid: int, deadline: float
     ) -> None:
+        self._require_files(deadline)
         fid = next(self._ids)
         self._send(T_PUT, fid, struct.pack("<III", mode, uid, gid) + path.encode() + b"\0")
         view = memoryview(data)
@@ -236,17 +310,96 @@ class AgentClient:
         self._send(T_DATA_IN, fid, b"")
         self._reply(fid, deadline)
 
-    def get(self, path: str, *, deadline: float, max_bytes: int | None = None) -> bytes:
+    def get(self, path: str, *, uid: int, gid: int, max_bytes: int, idle_timeout_s: float) -> bytes:
+        """A regular file's bytes, at most ``max_bytes`` of them (AgentError
+        EFBIG beyond, E_NOTREG for anything but a regular file)."""
+        chunks: list[bytes] = []
+        self._stream(T_GET, path, uid, gid, max_bytes, chunks.append, idle_timeout_s)
+        return b"".join(chunks)
+
+    def copy_out(
+        self,
+        path: str,
+        sink: Callable[[bytes], object],
+        *,
+        uid: int,
+        gid: int,
+        max_bytes: int | None,
+        idle_timeout_s: float,
+    ) -> int:
+        """Stream a regular file into ``sink`` chunk by chunk (at most 1 MiB
+        held at a time); returns the byte count. ``max_bytes`` None: no cap."""
+        return self._stream(T_GET, path, uid, gid, max_bytes, sink, idle_timeout_s)
+
+    def _stream(
+        self,
+        ftype: int,
+        path: str,
+        uid: int,
+        gid: int,
+        max_bytes: int | None,
+        sink: Callable[[bytes], object],
+        idle_timeout_s: float,
+    ) -> int:
+        """One GET or LIST: DATA frames into ``sink`` until OK or ERR.
+
+        Each frame must come within ``idle_timeout_s`` of the previous. The
+        host keeps to ``max_bytes`` whatever the guest sends; when it stops
+        early (over the cap, ``sink`` failed) it sends KILL and drains the
+        stream, so the line stays usable and the agent stops sending.
+        """
+        self._require_files(time.monotonic() + idle_timeout_s)
+        cap = NO_CAP if max_bytes is None else min(max_bytes, NO_CAP - 1)
         fid = next(self._ids)
-        self._send(T_GET, fid, path.encode() + b"\0")
-        out = bytearray()
-        while True:
-            ftype, payload = self._reply(fid, deadline)
-            if ftype == T_OK:
-                return bytes(out)
-            out += payload
-            if max_bytes is not None and len(out) > max_bytes:
-                raise SandboxError(f"{path} is larger than {max_bytes} bytes")
+        self._send(ftype, fid, struct.pack("<QII", cap, uid, gid) + path.encode() + b"\0")
+        total = 0
+        ended = False
+        deadline = time.monotonic() + idle_timeout_s
+        try:
+            while True:
+                rtype, rid, payload = self._recv(deadline)
+                if rid != fid:
+                    continue  # stale frames of an earlier request: they do not count as progress
+                deadline = time.monotonic() + idle_timeout_s
+                if rtype == T_ERR:
+                    ended = True
+                    err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+                    raise AgentError(err, payload[4:].decode(errors="replace"))
+                if rtype == T_OK:
+                    ended = True
+                    return total
+                if rtype != T_DATA:
+                    continue
+                total += len(payload)
+                if total > cap:
+                    raise AgentError(
+                        errno_mod.EFBIG,
+                        f"the guest sent more than the max_bytes cap of {cap} bytes",
+                    )
+                sink(payload)
+        except (AgentGoneError, AgentTimeoutError):
+            raise
+        except Exception:
+            if not ended:
+                self._cancel(fid)
+            raise
+        except BaseException:  # Ctrl-C: no time to drain; the line is dropped
+            if not ended:
+                self.close()
+            raise
+
+    def _cancel(self, fid: int) -> None:
+        """End stream ``fid`` early: KILL, then drop its frames until its last
+        one. A guest that does not stop in time loses the connection."""
+        deadline = time.monotonic() + CANCEL_TIMEOUT_S
+        try:
+            self._send(T_KILL, fid)
+            while True:
+                rtype, rid, _ = self._recv(deadline)
+                if rid == fid and rtype in (T_OK, T_ERR):
+                    return
+        except (AgentGoneError, AgentTimeoutError):
+            self.close()
 
     def poweroff(self, *, deadline: float) -> None:
         fid = next(self._ids)
@@ -433,3 +586,26 @@ def run_in_guest(
         if exc.errno == errno_mod.ENOENT and exc.message.startswith("command not found"):
             raise SandboxError(f"command not found in the sandbox: {argv[0]!r}") from exc
         raise SandboxError(f"cannot run {argv[0]!r} in {where}: {exc}") from exc
+
+
+def file_error(exc: AgentError, verb: str, path: str, where: str) -> SandboxFileError:
+    """A guest agent's refusal of a file request, as the files API reports it
+    on every tier (NotRegularFileError, FileTooLargeError, SandboxFileError)."""
+    if exc.errno == E_NOTREG:
+        return NotRegularFileError(
+            f"cannot {verb} {path} in {where}: {exc.message}, not a regular file", path=path
+        )
+    if exc.errno == errno_mod.EFBIG and verb == "read":
+        return FileTooLargeError(
+            f"cannot {verb} {path} in {where}: {exc.message}: pass a larger max_bytes "
+            "or use download",
+            path=path,
+        )
+    if exc.errno == errno_mod.EFBIG and verb == "list":
+        return FileTooLargeError(f"cannot {verb} {path} in {where}: {exc.message}", path=path)
+    hint = ""
+    if exc.errno == errno_mod.ELOOP:
+        hint = ": too many symlinks, or a symlink where tierbox does not follow one"
+    elif exc.errno == errno_mod.EROFS:
+        hint = ": that part of the guest's file system is read-only"
+    return SandboxFileError(f"cannot {verb} {path} in {where}: {exc.message}{hint}", path=path)
