@@ -10,7 +10,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from tierbox.errors import SandboxError, UsageError
+from tierbox.errors import UsageError
 from tierbox.spec import ExecResult, TerminationKind
 
 out = Console()
@@ -23,13 +23,12 @@ EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE
 
 
 def fail(exc: BaseException) -> NoReturn:
-    """Print a one-line error; exit 2 for usage errors, 127 for a command
-    missing in the sandbox, 125 for anything else (as docker run does)."""
+    """Print a one-line error; exit 2 for usage errors, 125 for anything else
+    (as docker run does). A command missing in the sandbox is not an error
+    here: it is a result with status 127, mirrored like any other."""
     err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
     if isinstance(exc, UsageError):
         raise typer.Exit(2)
-    if isinstance(exc, SandboxError) and "command not found" in str(exc):
-        raise typer.Exit(127)
     raise typer.Exit(125)
 
 

@@ -133,8 +133,17 @@ def test_output_flood_is_capped(tier: str) -> None:
     assert r.stdout_truncated
 
 
-def test_missing_command_is_a_clear_error(tier: str) -> None:
-    from tierbox.errors import SandboxError
-
-    with pytest.raises(SandboxError, match="not found"):
-        get_tier(tier).run(spec(tier), ["no-such-program-xyz"])  # type: ignore[arg-type]
+def test_missing_command_exits_127_with_a_clear_line(tier: str) -> None:
+    """One behaviour everywhere, one-shot and long-lived: status 127 (126 for
+    a file that is not executable) and one line on stderr naming the program."""
+    r = get_tier(tier).run(spec(tier), ["no-such-program-xyz"])  # type: ignore[arg-type]
+    assert r.exit_code == 127, r
+    assert r.termination.kind is TerminationKind.EXITED
+    assert b"no-such-program-xyz" in r.stderr and b"not found" in r.stderr, r.stderr
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=mem(tier), pids=64) as sb:
+        r = sb.run(["no-such-program-xyz", "arg"])
+        assert r.exit_code == 127 and b"not found" in r.stderr, r
+        sb.files.write("/tmp/not-executable", "echo hi", mode=0o644)
+        r = sb.run(["/tmp/not-executable"])
+        assert r.exit_code == 126, r
+        assert sb.run(["true"]).ok  # the sandbox is fine

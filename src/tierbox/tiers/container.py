@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -30,7 +31,6 @@ from tierbox.errors import (
     CommandError,
     HostError,
     SandboxClosedError,
-    SandboxError,
     SpecError,
     TierUnavailableError,
 )
@@ -39,7 +39,7 @@ from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.pinned import PinnedProcess, start_time
 from tierbox.host.procs import kill_tree
 from tierbox.host.rootfs import RootDir
-from tierbox.host.runner import run, which
+from tierbox.host.runner import exit_error, run, spawn, which
 from tierbox.paths import MARKER, home, run_dir
 from tierbox.spec import (
     ExecResult,
@@ -53,12 +53,18 @@ from tierbox.spec import (
 from tierbox.tiers import _pool, oci
 from tierbox.tiers.base import Availability, Instance, Tier
 from tierbox.tiers.oci import INIT_PATH
-from tierbox.tiers.outcome import classify
+from tierbox.tiers.outcome import classify, not_runnable
 
 INIT_BINARY = "/usr/bin/catatonit"
 BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
+# What crun, runc and runsc print (last stderr line) when they cannot start
+# the workload's program: not the workload's own failure.
 _NOT_FOUND = re.compile(
     r"executable file .* not found|error finding executable|exec(ve)? .*: No such file"
+)
+_NOT_EXECUTABLE = re.compile(
+    r"open executable: (Permission denied|Operation not permitted)"
+    r"|failed to load .*: permission denied|exec(ve)? .*: [Pp]ermission denied"
 )
 _CID = re.compile(rf"{MARKER}-([0-9a-f]{{12}})")  # Debian package catatonit: static, reaps zombies
 
@@ -168,7 +174,7 @@ class OciInstance(Instance):
         started = time.monotonic()
         # The runtime itself puts the exec'd process into the container's
         # cgroup (crun, runc) or runs it inside the Sentry (runsc).
-        proc = subprocess.Popen(
+        proc = spawn(
             cmd,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -207,8 +213,7 @@ class OciInstance(Instance):
         # dies with it): the next call finds the sandbox dead.
         if not result.ok and result.termination.kind is not TerminationKind.OOM_KILLED:
             self.init.check()
-        self.tier.check_runtime_failure(cap.returncode, cap.stderr, argv)
-        return result
+        return self.tier.runtime_failure(cap, argv) or result
 
     # ---- files -------------------------------------------------------------
     # Through the init's root (/proc/PID/root, pinned): exactly the workload's
@@ -279,16 +284,20 @@ class OciTier(Tier):
         with contextlib.suppress(OSError, ValueError):
             kill_tree(int(pid_file.read_text().strip()))
 
-    def check_runtime_failure(self, returncode: int, stderr: bytes, argv: Sequence[str]) -> None:
-        """Turn the runtime's own "no such executable" (not the workload's
-        failure) into an error, as Docker does with exit status 127."""
-        if returncode in (0, 2) or returncode > 128:
-            return
-        lines = stderr.decode(errors="replace").strip().splitlines()
-        if lines and _NOT_FOUND.search(lines[-1]):
-            raise SandboxError(
-                f"command not found in the sandbox: {argv[0]!r} ({lines[-1].strip()})"
-            )
+    def runtime_failure(self, cap: capture.Captured, argv: Sequence[str]) -> ExecResult | None:
+        """The runtime's own "no such executable" or "not executable" (not the
+        workload's failure) as the result every tier gives: 127 or 126 and
+        one line on stderr, as a shell reports it."""
+        if cap.returncode == 0 or cap.stop is not capture.StopReason.NONE:
+            return None
+        lines = cap.stderr.decode(errors="replace").strip().splitlines()
+        last = lines[-1] if lines else ""
+        if _NOT_FOUND.search(last):
+            return not_runnable(argv[0], FileNotFoundError(), cap.duration_s)
+        if _NOT_EXECUTABLE.search(last):
+            denied = PermissionError(errno.EACCES, "Permission denied")
+            return not_runnable(argv[0], denied, cap.duration_s)
+        return None
 
     def cgroups_path(self, cg: SandboxCgroup, *, one_shot: bool) -> str | None:
         """Where the runtime should put the container, or None to have it
@@ -307,9 +316,7 @@ class OciTier(Tier):
         self, cg: SandboxCgroup, cgroups_path: str | None, argv: Sequence[str], **kwargs: Any
     ) -> subprocess.Popen[bytes]:
         """Start the runtime, inside ``cg`` when it manages no cgroups."""
-        if cgroups_path is None:
-            return cg.popen(argv, **kwargs)
-        return subprocess.Popen(list(argv), **kwargs)
+        return spawn(argv, launch=cg.popen if cgroups_path is None else None, **kwargs)
 
     def cgroup_limits(self, spec: SandboxSpec) -> Limits:
         """Limits for the host cgroup; engines with their own overhead add to it."""
@@ -375,14 +382,11 @@ class OciTier(Tier):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-                raise CommandError(argv, None, log.read_text(errors="replace")) from None
+                raise exit_error(
+                    proc, message=f"{self.runtime} did not start {cid} in 60 s", log=log
+                ) from None
         if rc != 0:
-            raise CommandError(
-                argv,
-                rc,
-                log.read_text(errors="replace"),
-                message=f"{self.runtime} could not start {cid}",
-            )
+            raise exit_error(proc, message=f"{self.runtime} could not start {cid}", log=log)
 
     # ---- shared life cycle -------------------------------------------------
     def image_config(
@@ -530,8 +534,7 @@ class OciTier(Tier):
                 status_from_runtime=True,
             )
             slot.refresh_counters()
-            self.check_runtime_failure(cap.returncode, cap.stderr, argv or default)
-            return result
+            return self.runtime_failure(cap, argv or default) or result
         finally:
             if not exited:
                 self.delete_container(sandbox_id, managed=managed)
