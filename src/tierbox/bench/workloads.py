@@ -111,10 +111,13 @@ def target(workload: str, tier: str, overrides: dict[str, str]) -> Target | NotR
     if workload == "python":
         code = "print('hello')"
         if tier == "process":
-            py = shutil.which("python3")
-            if py is None:
-                return NotRun(workload, "no python3 on the host")
-            return Target(workload, None, (py, "-c", code))
+            # the workload's own PATH, not this process's (a virtualenv or a
+            # per-user install is not the workload's to run)
+            from tierbox.tiers.process import DEFAULT_PATH
+
+            if shutil.which("python3", path=DEFAULT_PATH) is None:
+                return NotRun(workload, "no python3 on the host's system PATH")
+            return Target(workload, None, ("python3", "-c", code))
         if tier == "wasm":
             from tierbox.errors import TierboxError
             from tierbox.wasm.images import resolve_record
