@@ -70,7 +70,7 @@ from tierbox.spec import (
     Stats,
 )
 from tierbox.tiers.base import Availability
-from tierbox.tiers.container import INIT_BINARY, OciInstance, OciTier, container_id
+from tierbox.tiers.oci_runtime import INIT_BINARY, OciInstance, OciTier, container_id
 from tierbox.tiers.outcome import MIB, engine_evidence
 
 #: Host threads runsc may hold: a base for the Sentry, Gofer and runsc's own
