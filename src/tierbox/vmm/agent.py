@@ -583,9 +583,21 @@ def run_in_guest(
             host_deadline=host_deadline,
         )
     except AgentError as exc:
+        # A program the guest cannot run is a result, as on every tier: 127
+        # (not found) or 126 (not executable) and one line on stderr.
         if exc.errno == errno_mod.ENOENT and exc.message.startswith("command not found"):
-            raise SandboxError(f"command not found in the sandbox: {argv[0]!r}") from exc
+            return _not_runnable(argv[0], 127, "command not found")
+        if exc.errno in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
+            return _not_runnable(argv[0], 126, os.strerror(exc.errno))
         raise SandboxError(f"cannot run {argv[0]!r} in {where}: {exc}") from exc
+
+
+def _not_runnable(program: str, code: int, why: str) -> ExecOutcome:
+    return ExecOutcome(
+        stdout=b"",
+        stderr=f"tierbox: {program}: {why}\n".encode(),
+        fields={"reason": "exited", "exit_code": str(code)},
+    )
 
 
 def file_error(exc: AgentError, verb: str, path: str, where: str) -> SandboxFileError:
