@@ -73,7 +73,11 @@ class PinnedProcess:
         """An O_PATH fd on the init's root directory, opened while the pidfd
         proves the PID still names our init."""
         self.check()
-        fd = os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            # exiting: its filesystem is released before the pidfd says so
+            raise self._dead() from exc
         if not self.alive():  # died meanwhile: the fd may name someone else's root
             os.close(fd)
             raise self._dead()
