@@ -354,12 +354,35 @@ def image_import(
     name: Annotated[
         str | None, typer.Option("--name", help="name[:tag] to store it under.")
     ] = None,
+    max_unpacked_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-unpacked-size",
+            metavar="SIZE",
+            help="Refuse an archive whose layers unpack to more than this, like 500m (default 8g).",
+        ),
+    ] = None,
+    max_entries: Annotated[
+        int | None,
+        typer.Option(
+            "--max-entries",
+            metavar="N",
+            help="Refuse an archive with more entries than this (default 1000000).",
+        ),
+    ] = None,
 ) -> None:
     """Import an image archive (docker save / podman save / skopeo copy) or wrap a .wasm module."""
     try:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
-        if path.suffix == ".wasm" or path.read_bytes()[:4] == b"\0asm":
+        limits: dict[str, int] = {}
+        if max_unpacked_size is not None:
+            limits["max_unpacked_bytes"] = _size_bytes(max_unpacked_size, "--max-unpacked-size")
+        if max_entries is not None:
+            limits["max_entries"] = max_entries
+        with path.open("rb") as fh:
+            is_wasm = path.suffix == ".wasm" or fh.read(4) == b"\0asm"
+        if is_wasm:
             from tierbox.tiers.wasm import import_wasm
 
             if name is None:
@@ -367,11 +390,23 @@ def image_import(
             rec = import_wasm(path, name)
         else:
             rec = _store().import_archive(
-                path, name=name, progress=lambda line: err.print(line, highlight=False)
+                path,
+                name=name,
+                progress=lambda line: err.print(line, highlight=False),
+                **limits,
             )
     except TierboxError as exc:
         fail(exc)
     print(rec.ref)
+
+
+def _size_bytes(text: str, option: str) -> int:
+    """``8g`` or ``500m`` in bytes, for image import limits."""
+    try:
+        return parse_memory_mib(text) << 20
+    except UsageError:
+        hint = "use a size with a unit, like 8g or 500m"
+        raise UsageError(f"bad {option} {text!r}: {hint}") from None
 
 
 @image_app.command("bootstrap")

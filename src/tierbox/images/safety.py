@@ -1,23 +1,32 @@
-"""Refuse hostile tarballs before anything unpacks them.
+"""Refuse hostile tar entries before anything unpacks them.
 
-Only tar *headers* are read here (Python's tarfile); unpacking is left to umoci
-and skopeo. An archive is refused when an entry would land outside the image
-root: ``..`` components, absolute names, hardlinks to outside, a file written
-*through* a symlink, relative symlinks that climb above the root, or device
-nodes. Absolute symlinks such as ``/bin/sh -> /bin/busybox`` are normal in
-images and allowed: they resolve inside the container's root.
+Entries reach :class:`TarScanner` from :mod:`tierbox.images.tarstream`, the one
+tar reader of an import; what passes is written back canonically and only that
+copy reaches umoci, so these rules hold for what is unpacked. An entry is
+refused when it would land outside the image root (``..`` components, absolute
+names, hardlinks to outside, a file written *through* a symlink, relative
+symlinks that climb above the root), when it is not a plain file, directory,
+symlink or hardlink (device nodes, FIFOs, anything tar readers interpret
+differently), when it carries extended attributes a kernel acts on
+(``trusted.*``, such as overlayfs' own), or when tar readers could disagree on
+it (the same name twice in a layer, a hardlink to an entry that comes later).
+Absolute symlinks such as ``/bin/sh -> /bin/busybox`` are normal in images and
+allowed: they resolve inside the container's root.
 """
 
 from __future__ import annotations
 
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from tierbox.errors import ImageError, UnsafeImageError
+from tierbox.errors import UnsafeImageError
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+XATTR_PREFIX = "SCHILY.xattr."
+#: Extended attributes an image may carry; the kernel acts on trusted.* (overlayfs).
+_XATTR_NAMESPACES = ("user.", "security.")
+_XATTR_NAMES = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
 
 
 def clean_member_name(name: str, where: str) -> str:
@@ -45,50 +54,75 @@ def _escapes_root(parent: str, target: str) -> bool:
     return False
 
 
+def check_entry_type(member: tarfile.TarInfo, where: str) -> None:
+    """Refuse anything but regular files, directories, symlinks and hardlinks."""
+    if member.isreg() or member.isdir() or member.issym() or member.islnk():
+        return
+    if member.ischr() or member.isblk():
+        raise UnsafeImageError(
+            f"{where}: entry {member.name!r} is a device node; images may not carry devices"
+        )
+    if member.isfifo():
+        raise UnsafeImageError(
+            f"{where}: entry {member.name!r} is a FIFO; images may not carry FIFOs or sockets"
+        )
+    raise UnsafeImageError(
+        f"{where}: entry {member.name!r} has tar type {member.type!r}, which images may not "
+        "carry (only files, directories, symlinks and hardlinks; no sockets, FIFOs or devices)"
+    )
+
+
+def image_xattrs(member: tarfile.TarInfo, where: str) -> dict[str, str]:
+    """The entry's extended attributes as PAX records; refuses namespaces images may not set."""
+    kept: dict[str, str] = {}
+    for key, value in member.pax_headers.items():
+        if not key.startswith(XATTR_PREFIX):
+            continue
+        attr = key[len(XATTR_PREFIX) :]
+        if not (attr.startswith(_XATTR_NAMESPACES) or attr in _XATTR_NAMES):
+            raise UnsafeImageError(
+                f"{where}: entry {member.name!r} carries the extended attribute {attr!r}; "
+                "images may carry only user.*, security.* and POSIX ACL attributes"
+            )
+        kept[key] = value
+    return kept
+
+
 class TarScanner:
     """Checks the entries of one archive, or of an image's layers in order.
 
     Symlinks are remembered across layers so that a later layer cannot write a
-    file through a symlink an earlier layer planted.
+    file through a symlink an earlier layer planted; names are remembered per
+    layer (:meth:`begin_layer`) to refuse duplicates and forward hardlinks.
     """
 
     def __init__(self) -> None:
         self._symlinks: set[str] = set()
+        self._seen_dirs: dict[str, bool] = {}  # name -> is a directory, this layer
+        self._files: set[str] = set()  # regular files and hardlinks, this layer
 
-    def scan_file(self, path: Path, where: str) -> None:
-        """Scan every header of the (possibly gzip/bzip2/xz compressed) tarball at ``path``."""
-        with path.open("rb") as fh:
-            if fh.read(4) == _ZSTD_MAGIC:
-                raise ImageError(
-                    f"{where} is zstd-compressed, which umoci 0.4.7 cannot unpack: "
-                    "re-export the image with gzip layers (skopeo copy --dest-compress-format gzip)"
-                )
-            fh.seek(0)
-            try:
-                with tarfile.open(fileobj=fh, mode="r|*") as tar:
-                    for member in tar:
-                        self.check(member, where)
-            except tarfile.TarError as exc:
-                raise ImageError(f"{where} is not a readable tar archive: {exc}") from exc
+    def begin_layer(self) -> None:
+        """Start the next layer: names may repeat across layers, not within one."""
+        self._seen_dirs = {}
+        self._files = set()
 
-    def check(self, member: tarfile.TarInfo, where: str) -> None:
-        """Raise UnsafeImageError if ``member`` could write outside the root."""
+    def check(self, member: tarfile.TarInfo, where: str) -> str:
+        """Raise UnsafeImageError if ``member`` is refused; return its normalised name."""
         name = clean_member_name(member.name, where)
+        check_entry_type(member, where)
         if not name and not member.isdir():
             raise UnsafeImageError(f"{where}: entry {member.name!r} replaces the root directory")
-        if member.ischr() or member.isblk():
-            raise UnsafeImageError(
-                f"{where}: entry {member.name!r} is a device node; images may not carry devices"
-            )
+        image_xattrs(member, where)
         self._check_not_through_symlink(member.name, name, where)
+        self._check_first_time(member, name, where)
         base = PurePosixPath(name).name
         parent = str(PurePosixPath(name).parent) if "/" in name else ""
         if base == _OPAQUE:
             self._forget_under(parent)
-            return
+            return name
         if base.startswith(_WHITEOUT):
             self._forget_under(f"{parent}/{base[len(_WHITEOUT) :]}".lstrip("/"), itself=True)
-            return
+            return name
         if member.issym():
             target = member.linkname
             if not target.startswith("/") and _escapes_root(parent, target):
@@ -96,17 +130,37 @@ class TarScanner:
                     f"{where}: symlink {member.name!r} -> {target!r} points outside the image root"
                 )
             self._symlinks.add(name)
-            return
+            return name
         if member.islnk():
-            try:
-                target = clean_member_name(member.linkname, where)
-            except UnsafeImageError:
-                raise UnsafeImageError(
-                    f"{where}: hardlink {member.name!r} -> {member.linkname!r} "
-                    "points outside the image root"
-                ) from None
-            self._check_not_through_symlink(member.linkname, target, where)
+            self._check_hardlink(member, where)
+        if not member.isdir():
+            self._files.add(name)
         self._symlinks.discard(name)
+        return name
+
+    def _check_first_time(self, member: tarfile.TarInfo, name: str, where: str) -> None:
+        """A name once per layer (directories may repeat): readers differ on which copy wins."""
+        was_dir = self._seen_dirs.get(name)
+        if was_dir is not None and not (was_dir and member.isdir()):
+            raise UnsafeImageError(
+                f"{where}: entry {member.name!r} appears twice in one layer; refusing it"
+            )
+        self._seen_dirs[name] = member.isdir()
+
+    def _check_hardlink(self, member: tarfile.TarInfo, where: str) -> None:
+        try:
+            target = clean_member_name(member.linkname, where)
+        except UnsafeImageError:
+            raise UnsafeImageError(
+                f"{where}: hardlink {member.name!r} -> {member.linkname!r} "
+                "points outside the image root"
+            ) from None
+        self._check_not_through_symlink(member.linkname, target, where)
+        if target not in self._files:
+            raise UnsafeImageError(
+                f"{where}: hardlink {member.name!r} -> {member.linkname!r} does not point at a "
+                "regular file earlier in the same layer; refusing it"
+            )
 
     def _check_not_through_symlink(self, raw: str, name: str, where: str) -> None:
         if not self._symlinks:

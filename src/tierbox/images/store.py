@@ -9,8 +9,10 @@ Layout of ``root`` (default ``$TIERBOX_HOME/images``)::
 
 Every JSON blob is hashed when first read and layers are hashed and scanned
 (:mod:`tierbox.images.safety`) before anything is unpacked, so a corrupted or
-hostile blob is refused rather than run. :meth:`ImageStore.rootfs` is on the
-sandbox start path: when the rootfs is cached it costs a few ``stat`` calls.
+hostile blob is refused rather than run. Imports rewrite every layer
+canonically first (:mod:`tierbox.images.importer`), bounded in size and entries.
+:meth:`ImageStore.rootfs` is on the sandbox start path: when the rootfs is cached it
+costs a few ``stat`` calls.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ from typing import Any
 from tierbox import paths
 from tierbox.errors import ImageError, ImageNotFoundError, UsageError
 from tierbox.host.runner import require, run
-from tierbox.images import archive, builtin
 from tierbox.images import bootstrap as boot
+from tierbox.images import builtin
+from tierbox.images.importer import stage_archive
 from tierbox.images.refs import canonical_ref, parse_ref
 from tierbox.images.safety import TarScanner
+from tierbox.images.tarstream import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_UNPACKED_BYTES,
+    ImportLimits,
+    scan_layer,
+)
 
 __all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_MAX_UNPACKED_BYTES",
     "ImageConfig",
     "ImageRecord",
     "ImageStore",
@@ -211,39 +222,44 @@ class ImageStore:
             self._collect_garbage(record)
 
     def import_archive(
-        self, path: Path, name: str | None = None, progress: Progress | None = None
+        self,
+        path: Path,
+        name: str | None = None,
+        progress: Progress | None = None,
+        *,
+        max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> ImageRecord:
         """Import a docker-archive or oci-archive tarball (kind detected from its content).
 
-        The archive and every layer are scanned for hostile entries in a staging
-        layout first; nothing reaches the store unless all of it passes.
+        The archive and every layer are parsed once, checked and bounded (at most
+        ``max_unpacked_bytes`` unpacked and ``max_entries`` entries over all
+        layers), and written back canonically into a staging layout; only that
+        copy reaches the store, so umoci unpacks exactly what was checked.
         ``name`` sets the ref (and picks that image from a multi-image archive).
         """
         say = progress or _quiet
+        limits = ImportLimits(max_unpacked_bytes=max_unpacked_bytes, max_entries=max_entries)
         source = Path(path)
         if not source.is_file():
             raise UsageError(f"{source}: no such file")
         wanted = canonical_ref(name) if name is not None else None
-        say(f"checking {source.name}")
-        info = archive.inspect_archive(source, wanted=name)
-        key = wanted or self._name_for_archive(info, source, say)
         skopeo = require("skopeo", "skopeo")
         self._tmp_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="import-", dir=self._tmp_root) as tmp:
-            staging = ImageStore(Path(tmp))
-            link = Path(tmp) / "archive.tar"  # skopeo splits its argument at ':'
-            link.symlink_to(source.resolve())
-            say(f"reading {info.kind} with skopeo")
-            source_ref = f"{info.kind}:{link}{info.selector}"
-            self._skopeo_copy(skopeo, source_ref, staging.layout, key, tmp)
-            staged = staging.resolve(key)
-            say(f"checking {len(staging._manifest(staged)['layers'])} layer(s)")
-            staging.check_layers(staged)
+            staged, key = stage_archive(
+                source,
+                Path(tmp),
+                wanted=name,
+                limits=limits,
+                name_for=lambda embedded: wanted or self._name_for_archive(embedded, source, say),
+                say=say,
+            )
             with self._lock(exclusive=True):
                 self._ensure_layout()
                 previous = self._entries().get(key)
                 say(f"storing {key}")
-                self._skopeo_copy(skopeo, f"oci:{staging.layout}:{key}", self.layout, key, tmp)
+                self._skopeo_copy(skopeo, f"oci:{staged}:{key}", self.layout, key, tmp)
                 if isinstance(previous, ImageRecord):
                     self._collect_garbage(previous)
                 return self.resolve(key)
@@ -318,7 +334,10 @@ class ImageStore:
         return self._build(key, config, fill)
 
     def check_layers(self, record: ImageRecord) -> None:
-        """Hash every blob and scan every layer's tar headers; raise before anything unpacks."""
+        """Hash every blob and check every layer's entries; raise before anything unpacks.
+
+        No size limits here: an image was bounded when it was imported or built.
+        """
         with self._lock(exclusive=False):
             self._verify_blobs(record)
             manifest = self._manifest(record)
@@ -327,7 +346,8 @@ class ImageStore:
             for i, layer in enumerate(layers, 1):
                 digest = layer["digest"]
                 where = f"image {record.ref} layer {i}/{len(layers)} ({digest[:19]})"
-                scanner.scan_file(self._blob_path(digest), where)
+                with self._blob_path(digest).open("rb") as fh:
+                    scan_layer(fh, where, scanner)
 
     # ---------------------------------------------------------------- internals
 
@@ -556,10 +576,10 @@ class ImageStore:
         )
 
     @staticmethod
-    def _name_for_archive(info: archive.ArchiveInfo, source: Path, say: Progress) -> str:
-        if info.embedded_ref:
+    def _name_for_archive(embedded: str | None, source: Path, say: Progress) -> str:
+        if embedded:
             try:
-                return canonical_ref(info.embedded_ref)
+                return canonical_ref(embedded)
             except UsageError:
                 pass
         stem = re.sub(r"[^a-z0-9._-]+", "-", source.name.lower().split(".")[0]).strip("-._")
