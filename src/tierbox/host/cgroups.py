@@ -404,10 +404,12 @@ def remove_empty_leftovers(live: set[str]) -> list[str]:
     )
     for root in roots:
         for top in root.glob(f"{MARKER}*"):
-            if top.is_dir():
-                candidates += [p for p in top.rglob("*") if p.is_dir()]
-                if top.name != MARKER:
-                    candidates.append(top)
+            # other processes make and remove cgroups meanwhile: a walk that
+            # finds a directory gone just skips it
+            for parent, dirs, _files in os.walk(top, onerror=lambda _exc: None):
+                candidates += [Path(parent) / d for d in dirs]
+            if top.name != MARKER:
+                candidates.append(top)
         candidates += [p for p in root.glob(f"machine/qemu-*-{MARKER}-*") if p.is_dir()]
     for d in sorted(candidates, key=lambda p: -len(p.parts)):
         owner = _SANDBOX_ID.search(str(d.relative_to(CGROUP_ROOT)))
