@@ -102,34 +102,6 @@ def _spec_from(image: str | None, options: Mapping[str, Any]) -> SandboxSpec:
     return make_spec(image, **options)
 
 
-def check_run_args(
-    argv: object, stdin: object, env: object, timeout_s: object
-) -> tuple[list[str], bytes | None]:
-    """The arguments of every exec, checked once: argv a list of str (a
-    program first), stdin bytes or str (UTF-8), env str -> str, timeout_s a
-    positive finite number."""
-    if isinstance(argv, str | bytes):
-        raise UsageError(f"argv must be a list of strings, not one string: ['sh', '-c', {argv!r}]")
-    if not isinstance(argv, Sequence) or not all(isinstance(a, str) for a in argv):
-        raise UsageError("argv must be a list of strings, program first, like ['echo', 'hi']")
-    if not argv:
-        raise UsageError("argv is empty: give the program and its arguments, like ['echo', 'hi']")
-    if any("\0" in a for a in argv):
-        raise UsageError("argv contains a NUL byte, which no argument can hold")
-    if isinstance(stdin, str):
-        stdin = stdin.encode()
-    elif stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview):
-        raise UsageError(f"stdin must be bytes or str, not {type(stdin).__name__}")
-    if env is not None and (
-        not isinstance(env, Mapping)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-    ):
-        raise UsageError("env must map str names to str values, like {'DEBUG': '1'}")
-    if timeout_s is not None:
-        check_timeout_s(timeout_s)
-    return list(argv), bytes(stdin) if stdin is not None else None
-
-
 class Files:
     """``sb.files``: the sandbox's files, E2B style. Paths are sandbox paths;
     relative ones start at the workload's working directory."""
@@ -331,8 +303,7 @@ class Sandbox:
     ) -> ExecResult:
         """Run ``argv`` and wait for it (the result holds capped output and
         how it ended)."""
-        args, data = check_run_args(argv, stdin, env, timeout_s)
-        return self._inst.exec(args, stdin=data, env=env, timeout_s=timeout_s)
+        return self._inst.exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
 
     exec = run
 
@@ -352,10 +323,8 @@ class Sandbox:
         return self._inst.snapshot()
 
     def revert(self, name: str) -> None:
-        revert = getattr(self._inst, "revert", None)
-        if revert is None:
-            raise NotSupportedError(f"the {self.tier} tier cannot revert to a snapshot")
-        revert(name)
+        """Go back to the named snapshot in place (tiers whose snapshots revert)."""
+        self._inst.revert(name)
 
     def close(self) -> None:
         """Stop the sandbox and free everything. Idempotent."""
@@ -390,5 +359,4 @@ def run(
 ) -> ExecResult:
     """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards."""
     spec = spec or _spec_from(image, options)
-    args, data = check_run_args(argv, stdin, None, None)
-    return get_tier(tier).run(spec, args, stdin=data)
+    return get_tier(tier).run(spec, argv, stdin=stdin)

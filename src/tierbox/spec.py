@@ -7,6 +7,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,3 +355,32 @@ def parse_duration_s(text: str) -> float:
     if value <= 0:
         raise SpecError(f"duration {text!r} must be positive")
     return value
+
+
+def check_run_args(
+    argv: object, stdin: object, env: object, timeout_s: object, *, allow_empty: bool = False
+) -> tuple[list[str], bytes | None]:
+    """The arguments of every exec, checked once for every tier: argv a list
+    of str (a program first; empty only for a one-shot run of the image's own
+    command), stdin bytes or str (UTF-8), env str -> str, timeout_s a
+    positive finite number."""
+    if isinstance(argv, str | bytes):
+        raise UsageError(f"argv must be a list of strings, not one string: ['sh', '-c', {argv!r}]")
+    if not isinstance(argv, Sequence) or not all(isinstance(a, str) for a in argv):
+        raise UsageError("argv must be a list of strings, program first, like ['echo', 'hi']")
+    if not argv and not allow_empty:
+        raise UsageError("argv is empty: give the program and its arguments, like ['echo', 'hi']")
+    if any("\0" in a for a in argv):
+        raise UsageError("argv contains a NUL byte, which no argument can hold")
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    elif stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview):
+        raise UsageError(f"stdin must be bytes or str, not {type(stdin).__name__}")
+    if env is not None and (
+        not isinstance(env, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise UsageError("env must map str names to str values, like {'DEBUG': '1'}")
+    if timeout_s is not None:
+        check_timeout_s(timeout_s)
+    return list(argv), bytes(stdin) if stdin is not None else None

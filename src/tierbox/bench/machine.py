@@ -105,7 +105,7 @@ def engine_facts() -> dict[str, dict[str, Any]]:
         try:
             tier = get_tier(name)
             info = tier.available().to_dict()
-            info["isolation"] = getattr(tier, "isolation", "")
+            info["isolation"] = tier.isolation
         except Exception as exc:  # a tier's own check blew up: report, do not stop
             info = {"available": False, "reason": f"availability check failed: {exc}"}
         out[name] = info
@@ -115,7 +115,7 @@ def engine_facts() -> dict[str, dict[str, Any]]:
 def machine_facts(engines: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     engines = engines if engines is not None else engine_facts()
     mem = meminfo()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    affinity = len(os.sched_getaffinity(0))  # Linux only, as tierbox is
     facts: dict[str, Any] = {
         "cores": os.cpu_count(),
         "cores_usable": affinity,

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from tierbox.host.procs import children_map
-from tierbox.paths import MARKER
+from tierbox.tiers.base import Instance
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -92,84 +90,16 @@ def heap_in_use_bytes() -> int | None:
     return int(m.uordblks + m.hblkhd)
 
 
-def _marked_pids(sandbox_id: str) -> list[int]:
-    """Processes whose command line names ``tierbox-<id>`` (QEMU ``-name``,
-    container ids), plus all their descendants."""
-    needle = f"{MARKER}-{sandbox_id}".encode()
-    roots: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline:
-            roots.append(int(name))
-    if not roots:
-        return []
+def sandbox_pids(inst: Instance) -> list[int]:
+    """The host processes of a sandbox (as the tier declares them), with
+    their descendants; the bench process itself excluded."""
+    me = os.getpid()
     kids = children_map()
     seen: set[int] = set()
-    todo = list(roots)
+    todo = list(inst.host_pids())
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo.extend(kids.get(pid, []))
-    return sorted(seen)
-
-
-def _attr_pids(inst: Any) -> list[int]:
-    """pids an instance exposes directly: ``pids()``, ``pid``, or ``.pid`` of
-    a process object it holds (``qemu``, ``proc``, ``process``, ``vmm``)."""
-    fn = getattr(inst, "pids", None)
-    if callable(fn):
-        try:
-            got = fn()
-        except Exception:
-            got = None
-        if isinstance(got, list | tuple | set):
-            return [int(p) for p in got]
-    found: list[int] = []
-    for name in ("pid", "qemu_pid", "vmm_pid"):
-        pid = getattr(inst, name, None)
-        if isinstance(pid, int) and pid > 0:
-            found.append(pid)
-    for name in ("qemu", "proc", "process", "vmm", "popen"):
-        obj = getattr(inst, name, None)
-        pid = getattr(obj, "pid", None)
-        if isinstance(pid, int):
-            found.append(pid)
-    return found
-
-
-def sandbox_pids(inst: Any) -> tuple[list[int], str]:
-    """The host processes of a sandbox, and how they were found.
-
-    Cgroup-based tiers: every pid in the sandbox's cgroup
-    (``SandboxCgroup.pids()``). Otherwise whatever process the instance holds
-    or names, plus descendants. The bench process itself is excluded.
-    """
-    me = os.getpid()
-    cg = getattr(inst, "cg", None) or getattr(inst, "cgroup", None)
-    if cg is not None and hasattr(cg, "pids"):
-        # the sandbox's cgroup holds all of its processes; empty means none (process tier)
-        return [p for p in cg.pids() if p != me], "cgroup"
-    direct = [p for p in _attr_pids(inst) if p != me]
-    if direct:
-        kids = children_map()
-        seen: set[int] = set()
-        todo = list(direct)
-        while todo:
-            pid = todo.pop()
-            if pid not in seen:
-                seen.add(pid)
-                todo.extend(kids.get(pid, []))
-        return sorted(seen - {me}), "instance process"
-    sandbox_id = str(getattr(inst, "id", ""))
-    if re.fullmatch(r"[0-9a-f]{6,64}", sandbox_id):
-        marked = [p for p in _marked_pids(sandbox_id) if p != me]
-        if marked:
-            return marked, f"processes named {MARKER}-<id>"
-    return [], "none found"
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(kids.get(pid, []))
+    return sorted(seen - {me})

@@ -76,11 +76,11 @@ def memory_cells(t: dict[str, Any]) -> tuple[str, str]:
     if m.get("status") != "ok":
         return (_na(m) if m else "-"), ""
     idle = m.get("idle_pss_bytes")
-    kind = "in-process" if t.get("tier") == "wasm" else "PSS"
+    kind = "in-process" if t.get("in_process") else "PSS"
     idle_s = f"{fmt_bytes(idle)} {kind}" if idle is not None else "-"
     if m.get("idle_cgroup_bytes"):
         idle_s += f" (cgroup {fmt_bytes(m['idle_cgroup_bytes'])})"
-    if t.get("tier") == "wasm" and m.get("idle_note"):
+    if t.get("in_process") and m.get("idle_note"):
         idle_s += f" ({m['idle_note'].replace('averaged over', 'avg of')})"
     pts = ", ".join(
         f"@{r['instances']} {fmt_bytes(r.get('avg_pss_bytes', r['avg_bytes']))}"
@@ -286,7 +286,7 @@ def tier_details(name: str, t: dict[str, Any]) -> list[tuple[str, str, Any]]:
     out.append(("table", "Timings", (STATS_HEADER, rows)))
     m = t.get("memory", {})
     if m.get("status") == "ok":
-        wasm = t.get("tier") == "wasm"
+        wasm = bool(t.get("in_process"))
         mrows = [
             [
                 str(r["instances"]),

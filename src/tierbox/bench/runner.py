@@ -54,6 +54,7 @@ from tierbox.errors import NotSupportedError, UnknownTierError
 from tierbox.sandbox import Sandbox
 from tierbox.spec import ExecResult
 from tierbox.tiers import get_tier, tier_names
+from tierbox.tiers.base import SnapshotKind
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -191,6 +192,7 @@ class TierRun:
         canaries_error: str | None = None,
     ) -> None:
         self.name = name
+        self.caps = get_tier(name).capabilities
         self.canaries_error = canaries_error
         self.cfg = cfg
         self.canaries = canaries
@@ -200,6 +202,7 @@ class TierRun:
         self._lock = threading.Lock()
         self.res: dict[str, Any] = {
             "tier": name,
+            "in_process": self.caps.in_process,
             "status": "running",
             "error": None,
             "availability": {},
@@ -327,7 +330,7 @@ class TierRun:
         tier = get_tier(self.name)
         avail = tier.available()
         self.res["availability"] = avail.to_dict()
-        self.res["isolation_claimed"] = getattr(tier, "isolation", "")
+        self.res["isolation_claimed"] = tier.isolation
         if not avail.available:
             self.res["status"] = "unavailable"
             self.res["error"] = avail.reason
@@ -515,7 +518,7 @@ class TierRun:
             return
         self.report.start(self.name, "isolation probes", None)
         try:
-            if self.name == "wasm":
+            if self.caps.in_process:
                 probes = self._wasi_probes(c)
             else:
                 probes = self._shell_probes(c, resident, t)
@@ -578,7 +581,7 @@ class TierRun:
 
     # ---- 4+5. memory and density ------------------------------------------
     def memory_density(self, resident: Sandbox | None, t: Target | None) -> None:
-        if t is None or (resident is None and self.name != "wasm"):
+        if t is None or (resident is None and not self.caps.in_process):
             why = "skipped: no sandbox could be started"
             self.res["memory"] = {"status": "skipped", "reason": why}
             self.res["density"] = {"status": "skipped", "reason": why}
@@ -590,8 +593,8 @@ class TierRun:
             return
         den: dict[str, Any] = {}
         with self.phase(self.res, "memory") as mem:
-            if self.name == "wasm":
-                self._fill_wasm(mem, den, t)
+            if self.caps.in_process:
+                self._fill_in_process(mem, den, t)
             else:
                 assert resident is not None
                 self._fill_processes(mem, den, resident, t)
@@ -712,7 +715,7 @@ class TierRun:
         self, mem: dict[str, Any], den: dict[str, Any], resident: Sandbox, t: Target
     ) -> None:
         extra: list[Sandbox] = []
-        pids0, how = sandbox_pids(resident.instance)
+        pids0, how = sandbox_pids(resident.instance), "the tier's host processes"
         mem["method"] = (
             "sum of PSS (/proc/PID/smaps_rollup) over the sandbox's processes "
             f"(found via: {how}); bench process excluded"
@@ -726,11 +729,7 @@ class TierRun:
         mem["idle_pss_bytes"] = total_pss(pids0)
         mem["idle_pids"] = len(pids0)
         if not pids0:
-            mem["note"] = (
-                "an idle sandbox of this tier has no resident process"
-                if self.name == "process"
-                else f"no host process found for the sandbox ({how})"
-            )
+            mem["note"] = "an idle sandbox of this tier has no resident process"
 
         def make() -> None:
             extra.append(self.create(t.image))
@@ -743,7 +742,7 @@ class TierRun:
             charge = 0
             charged = True
             for sb in [resident, *extra]:
-                all_pids.extend(sandbox_pids(sb.instance)[0])
+                all_pids.extend(sandbox_pids(sb.instance))
                 try:
                     b = sb.stats().memory_bytes
                 except Exception:
@@ -778,37 +777,23 @@ class TierRun:
                 self.res["errors"].append({"phase": "density cleanup", "error": e})
             self.report.done()
 
-    def _fill_wasm(self, mem: dict[str, Any], den: dict[str, Any], t: Target) -> None:
-        """Wasm runs in the bench process: cost = RSS growth per instance, over many.
-
-        One instance = a wasm sandbox plus its module instantiated in a live
-        wasmtime Store (what each concurrent run holds; an idle sandbox alone
-        holds no Store at all).
-        """
-        import wasmtime
-
-        from tierbox.wasm import engine as eng
-
+    def _fill_in_process(self, mem: dict[str, Any], den: dict[str, Any], t: Target) -> None:
+        """An in-process tier (wasm) runs in the bench process: cost = RSS
+        growth per instance, over many. One instance = a sandbox holding what
+        a running workload holds (``hold_resident``: for wasm, its module
+        instantiated in a live Store; an idle sandbox alone holds none)."""
         sbs: list[Sandbox] = []
-        live: list[tuple[Any, Any]] = []
+        releases: list[Callable[[], None]] = []
         mem["method"] = (
-            "growth of the bench process per instance (wasm runs in-process): the larger of "
-            "RSS growth and malloc heap growth (mallinfo2), averaged over many; one instance = "
-            "a sandbox + its module instantiated in a live wasmtime Store"
+            "growth of the bench process per instance (the tier runs in-process): the larger "
+            "of RSS growth and malloc heap growth (mallinfo2), averaged over many; one "
+            "instance = a sandbox holding what a running workload holds"
         )
-        module: Any = None
 
         def make() -> None:
-            nonlocal module
             sb = self.create(t.image)
             sbs.append(sb)
-            if module is None:
-                workload = getattr(sb.instance, "workload", None)
-                module = workload.module() if workload is not None else None
-            if module is not None:
-                store = wasmtime.Store(eng.engine())
-                store.set_wasi(wasmtime.WasiConfig())
-                live.append((store, module.pre.instantiate(store)))
+            releases.append(sb.instance.hold_resident())
 
         def count() -> int:
             return len(sbs)
@@ -829,7 +814,7 @@ class TierRun:
                 "avg_rss_growth_bytes": rss / n,
                 "avg_heap_growth_bytes": heap / n,
                 "avg_address_space_bytes": vm / n,
-                "live_stores": len(live),
+                "held_resident": len(releases),
             }
 
         checkpoints, cap = self._checkpoints(True)
@@ -853,31 +838,26 @@ class TierRun:
                         den["projected_fit"] = bound
                         den["note"] = "projection bounded by virtual address space, not memory"
             mem["idle_cgroup_bytes"] = None
-            mem["instantiate_us"] = self._instantiate_us(module)
+            mem["instantiate_us"] = self._resident_us(sbs[0] if sbs else None)
         finally:
-            for store, _inst in live:
-                with contextlib.suppress(Exception):
-                    store.close()
-            live.clear()
+            for release in releases:
+                release()
+            releases.clear()
             for e in self.close_many(sbs):
                 self.res["errors"].append({"phase": "density cleanup", "error": e})
 
-    def _instantiate_us(self, module: Any) -> dict[str, Any] | None:
-        """wasmtime alone: a fresh Store + instantiation from the InstancePre."""
-        if module is None:
+    @staticmethod
+    def _resident_us(sb: Sandbox | None) -> dict[str, Any] | None:
+        """How long making a sandbox resident takes (wasm: a fresh Store plus
+        an instantiation from the cached InstancePre), released each time."""
+        if sb is None:
             return None
-        import wasmtime
-
-        from tierbox.wasm import engine as eng
-
         samples: list[float] = []
         for i in range(220):
             t0 = time.perf_counter()
-            store = wasmtime.Store(eng.engine())
-            store.set_wasi(wasmtime.WasiConfig())
-            module.pre.instantiate(store)
+            release = sb.instance.hold_resident()
             dt = time.perf_counter() - t0
-            store.close()
+            release()
             if i >= 20:
                 samples.append(dt)
         return summarize_ms(samples, warmup=20)
@@ -922,7 +902,7 @@ class TierRun:
                 try:
                     sb = self.restore(snap)
                 except NotSupportedError as exc:
-                    if i > 0 or not name or not hasattr(resident.instance, "revert"):
+                    if i > 0 or not name or self.caps.snapshot is not SnapshotKind.REVERT:
                         d.update(status="n/a", reason=f"n/a: {exc}")
                         return
                     in_place = True  # vm: no restore into a new sandbox, but revert works
@@ -959,7 +939,7 @@ class TierRun:
             return  # the probes could not run; their error already stands for every probe
         self.report.start(self.name, "memory bomb", None)
         try:
-            if self.name == "wasm":
+            if self.caps.in_process:
                 probes["memory_limit"] = self._wasm_bomb()
             else:
                 probes["memory_limit"] = self._shell_bomb(resident, t)
@@ -1002,7 +982,7 @@ def _discard_snapshot(snap: Any) -> None:
     (wasm: meta.json, microvm: manifest.json) under tierbox's dirs. Anything else
     (a vm's internal snapshot lives in the VM's disk, which ``path`` names) is
     left to the tier, which drops it when the sandbox closes."""
-    raw = str(getattr(snap, "path", "") or "")
+    raw = str(snap.path or "")
     if not raw:
         return
     path = Path(raw)

@@ -53,7 +53,7 @@ class _MissingTier(Tier):
     def available(self) -> Availability:
         return Availability(False, self._reason)
 
-    def create(self, spec: object) -> Instance:
+    def _create(self, spec: object) -> Instance:
         from tierbox.errors import TierUnavailableError
 
         raise TierUnavailableError(f"tier {self.name} is unavailable: {self._reason}")

@@ -7,11 +7,12 @@ against :class:`Tier` and :class:`Instance`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from tierbox.errors import NotSupportedError, SandboxFileError, UsageError
+from tierbox.errors import NotSupportedError, SandboxFileError, SpecError, UsageError
 from tierbox.host.rootfs import RootDir
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
@@ -20,6 +21,7 @@ from tierbox.spec import (
     SandboxSpec,
     Stats,
     Termination,
+    check_run_args,
     sandbox_path,
 )
 
@@ -51,14 +53,56 @@ class SnapshotRef:
     meta: dict[str, Any]
 
 
+class SnapshotKind(enum.StrEnum):
+    """What ``snapshot()`` gives on a tier."""
+
+    NONE = "none"  # no snapshots
+    RESTORE = "restore"  # Sandbox.restore/clone make new sandboxes from it
+    REVERT = "revert"  # named snapshots; the sandbox reverts to one in place
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a tier can do, declared once so that callers (bench, pools,
+    server) never probe instances or branch on tier names."""
+
+    snapshot: SnapshotKind = SnapshotKind.NONE
+    #: the workload runs inside the caller's process (wasm): no host process
+    #: to meter, memory is held only while it runs
+    in_process: bool = False
+    #: the smallest ``memory_mib`` the tier can start with
+    min_memory_mib: int = 4
+
+
+def _tiers_that(kind: SnapshotKind) -> str:
+    from tierbox.tiers import get_tier, tier_names
+
+    names = [n for n in tier_names() if get_tier(n).capabilities.snapshot is kind]
+    return ", ".join(names) or "none"
+
+
 class Instance(abc.ABC):
     """A live sandbox on one tier. ``close`` is idempotent."""
 
     id: str
     tier_name: str
+    capabilities: Capabilities = Capabilities()
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` (program first) inside the sandbox and wait for it.
+        The arguments are checked here, once, for every tier."""
+        args, data = check_run_args(argv, stdin, env, timeout_s)
+        return self._exec(args, stdin=data, env=env, timeout_s=timeout_s)
 
     @abc.abstractmethod
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -66,7 +110,26 @@ class Instance(abc.ABC):
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> ExecResult:
-        """Run ``argv`` inside the sandbox and wait for it."""
+        """The tier's exec, with checked arguments."""
+
+    def host_pids(self) -> list[int]:
+        """The host processes this sandbox costs (to meter PSS): its cgroup's,
+        its VMM's. Empty for in-process tiers."""
+        return []
+
+    def hold_resident(self) -> Callable[[], None]:
+        """Keep what a running workload holds in memory (an in-process tier's
+        live instance) so it can be metered; returns the release. Sandboxes
+        with host processes hold theirs already: nothing to do."""
+        return lambda: None
+
+    def revert(self, name: str) -> None:
+        """Go back to the named snapshot in place (tiers whose snapshot kind
+        is REVERT)."""
+        raise NotSupportedError(
+            f"the {self.tier_name} tier cannot revert a sandbox in place; "
+            f"tiers that can: {_tiers_that(SnapshotKind.REVERT)}"
+        )
 
     # ---- files ---------------------------------------------------------------
     # Public methods check and normalise the path once for every tier (see
@@ -132,7 +195,11 @@ class Instance(abc.ABC):
         """Current resource use."""
 
     def snapshot(self) -> SnapshotRef:
-        raise NotSupportedError(f"the {self.tier_name} tier cannot snapshot a sandbox")
+        raise NotSupportedError(
+            f"the {self.tier_name} tier cannot snapshot a sandbox; tiers that can: "
+            f"{_tiers_that(SnapshotKind.RESTORE)} (restore into new sandboxes), "
+            f"{_tiers_that(SnapshotKind.REVERT)} (revert in place)"
+        )
 
     def state(self) -> dict[str, Any]:
         """What ``Tier.attach`` needs to reconnect from another process."""
@@ -195,24 +262,52 @@ class Tier(abc.ABC):
     name: str
     #: One line on what this tier isolates, shown by ``tierbox tiers`` and bench.
     isolation: str
+    capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
     def available(self) -> Availability:
         """Can this tier run here? Cheap and cached where possible."""
 
-    @abc.abstractmethod
+    def check_spec(self, spec: SandboxSpec) -> None:
+        """What every tier refuses the same way, checked once: too little memory."""
+        mem = spec.limits.memory_mib
+        least = self.capabilities.min_memory_mib
+        if mem is not None and mem < least:
+            raise SpecError(
+                f"memory_mib={mem} is too small for the {self.name} tier: give at least {least} MiB"
+            )
+
     def create(self, spec: SandboxSpec) -> Instance:
         """Start a long-lived sandbox."""
+        self.check_spec(spec)
+        return self._create(spec)
+
+    @abc.abstractmethod
+    def _create(self, spec: SandboxSpec) -> Instance:
+        """The tier's create, with a checked spec."""
 
     def run(
         self,
         spec: SandboxSpec,
         argv: Sequence[str],
         *,
+        stdin: bytes | str | None = None,
+    ) -> ExecResult:
+        """One-shot: a fresh sandbox runs ``argv`` (empty: the image's own
+        command) once and is gone. Arguments checked here for every tier."""
+        self.check_spec(spec)
+        args, data = check_run_args(argv, stdin, None, None, allow_empty=True)
+        return self._run(spec, args, stdin=data)
+
+    def _run(
+        self,
+        spec: SandboxSpec,
+        argv: Sequence[str],
+        *,
         stdin: bytes | None = None,
     ) -> ExecResult:
-        """One-shot: create, run ``argv`` once, close. Tiers override for speed."""
-        inst = self.create(spec)
+        """Create, exec, close. Tiers override for speed."""
+        inst = self._create(spec)
         try:
             return inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
         finally:
@@ -223,7 +318,10 @@ class Tier(abc.ABC):
         raise NotSupportedError(f"the {self.name} tier cannot reattach to sandbox {sandbox_id}")
 
     def restore(self, snap: SnapshotRef) -> Instance:
-        raise NotSupportedError(f"the {self.name} tier cannot restore snapshots")
+        raise NotSupportedError(
+            f"the {self.name} tier cannot restore snapshots into new sandboxes; "
+            f"tiers that can: {_tiers_that(SnapshotKind.RESTORE)}"
+        )
 
     def clone(self, snap: SnapshotRef, count: int = 1) -> Sequence[Instance]:
         """``count`` independent sandboxes from one snapshot. Tiers with

@@ -143,7 +143,7 @@ class GVisorInstance(OciInstance):
 
     tier: GVisorTier
 
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -160,7 +160,7 @@ class GVisorInstance(OciInstance):
             engine_mib = before.engine_bytes / MIB
         hits = self.cg.pids_max_hits()
         try:
-            result = super().exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
+            result = super()._exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
         except SandboxDeadError as exc:
             pids = self.spec.limits.pids
             if pids is not None and self.cg.pids_max_hits() > hits:
@@ -198,7 +198,7 @@ class GVisorInstance(OciInstance):
     ) -> bytes:
         """Run a file script; its exit code says what went wrong."""
         self._check_open()
-        r = self._exec(
+        r = self._runtime_exec(
             [BUSYBOX, "sh", "-c", script, "sh", path, *args],
             stdin,
             {"PATH": "/.tierbox/bin"},  # nothing but busybox applets by full name
@@ -496,21 +496,21 @@ class GVisorTier(OciTier):
             measuring[1].append(cg)
         return super().popen(cg, cgroups_path, argv, **kwargs)
 
-    def run(
+    def _run(
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
         """One-shot, with the evidence split. The engine's share in it is the
         measured idle one: by the time an OOM kill is read, runsc is gone."""
-        result = super().run(spec, argv, stdin=stdin)
+        result = super()._run(spec, argv, stdin=stdin)
         limited = spec.limits.memory_mib is not None
         engine = self.footprint().one_shot_idle_mib if limited else None
         return self.finish(result, spec, engine)
 
-    def create(self, spec: SandboxSpec) -> OciInstance:
+    def _create(self, spec: SandboxSpec) -> OciInstance:
         """Once runsc has started, the ``runsc run --detach`` that started it
         is gone: the cgroup narrows to the long-lived footprint, and its peak
         restarts so that it tells the workload's, not runsc's start-up."""
-        inst = super().create(spec)
+        inst = super()._create(spec)
         mem = spec.limits.memory_mib
         try:
             if mem is not None:
@@ -581,7 +581,7 @@ class GVisorTier(OciTier):
         image = default_store().ensure_busybox().ref
         spec = SandboxSpec(image=image, limits=Limits(memory_mib=None, pids=None, timeout_s=60))
 
-        inst = OciTier.create(self, spec)
+        inst = OciTier._create(self, spec)
 
         def background(script: str) -> threading.Thread:
             t = threading.Thread(target=inst.exec, args=(["sh", "-c", script],))
@@ -632,7 +632,7 @@ class GVisorTier(OciTier):
         def one_shot_run() -> None:
             self._measuring = (threading.get_ident(), started)
             try:
-                OciTier.run(self, spec, ["sleep", "2"])
+                OciTier._run(self, spec, ["sleep", "2"])
             finally:
                 self._measuring = None
 

@@ -62,7 +62,7 @@ from tierbox.spec import (
     TerminationKind,
 )
 from tierbox.tiers import _state
-from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
+from tierbox.tiers.base import Availability, Capabilities, Instance, SnapshotKind, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH, parse_user
 from tierbox.tiers.outcome import classify_agent, signame
 from tierbox.vmm import artifacts, qemu
@@ -99,10 +99,14 @@ def _vm_state_file(d: Path) -> Path:
     return d / "vm.json"
 
 
+CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, min_memory_mib=qemu.MIN_MEMORY_MIB)
+
+
 class MicroVMInstance(Instance):
     """One running microVM. Thread-safe: calls are serialised on one agent line."""
 
     tier_name = "microvm"
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -254,7 +258,7 @@ class MicroVMInstance(Instance):
         return self._qmp
 
     # ---- the contract ---------------------------------------------------------------
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -401,6 +405,9 @@ class MicroVMInstance(Instance):
             ),
         )
 
+    def host_pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc.alive() else []
+
     def stats(self) -> Stats:
         """Host cost of the VM (QEMU's PSS, peak RSS, CPU) and the guest's view
         (process count, guest OOM kills)."""
@@ -536,6 +543,7 @@ class MicroVMInstance(Instance):
 
 class MicroVMTier(Tier):
     name = "microvm"
+    capabilities = CAPABILITIES
     isolation = (
         "own guest kernel in a QEMU microvm (virtio-mmio only, no NIC, no PCI); "
         "read-only root disk with a tmpfs overlay; QEMU seccomp-sandboxed in its own cgroup"
@@ -643,11 +651,6 @@ class MicroVMTier(Tier):
     def _machine_for(self, spec: SandboxSpec, disk: artifacts.RootDisk | None) -> qemu.Machine:
         lim = spec.limits
         mem = lim.memory_mib if lim.memory_mib is not None else qemu.DEFAULT_MEMORY_MIB
-        if mem < qemu.MIN_MEMORY_MIB:
-            raise SpecError(
-                f"memory_mib={mem} is too small for a microVM: give at least "
-                f"{qemu.MIN_MEMORY_MIB} MiB (the guest kernel and agent need it)"
-            )
         vcpus = max(1, math.ceil(lim.cpus)) if lim.cpus else 1
         vcpus = min(vcpus, os.cpu_count() or 1)
         accel, _ = self.accelerator()
@@ -669,7 +672,7 @@ class MicroVMTier(Tier):
         workdir = spec.workdir if spec.workdir != "/" else (disk.workdir if disk else "/")
         return GuestConfig(uid=uid, gid=gid, env=env, workdir=workdir or "/")
 
-    def create(self, spec: SandboxSpec) -> MicroVMInstance:
+    def _create(self, spec: SandboxSpec) -> MicroVMInstance:
         if qemu.qemu_path() is None:
             raise TierUnavailableError(self.available().reason)
         if spec.network is not NetworkPolicy.NONE:

@@ -113,7 +113,7 @@ class OciInstance(Instance):
             raise SandboxClosedError(f"sandbox {self.id} is closed")
         self.init.check()
 
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -125,9 +125,9 @@ class OciInstance(Instance):
         if not argv:
             raise SpecError("no command given: pass the program and its arguments")
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
-        return self._exec(argv, stdin, env, timeout, self.spec.limits.output_bytes)
+        return self._runtime_exec(argv, stdin, env, timeout, self.spec.limits.output_bytes)
 
-    def _exec(
+    def _runtime_exec(
         self,
         argv: Sequence[str],
         stdin: bytes | None,
@@ -221,6 +221,9 @@ class OciInstance(Instance):
 
     def stats(self) -> Stats:
         return self.cg.stats()
+
+    def host_pids(self) -> list[int]:
+        return self.cg.pids()
 
     def close(self) -> Termination | None:
         if self._closed:
@@ -472,7 +475,7 @@ class OciTier(Tier):
             return entrypoint_cmd
         raise SpecError(f"no command given and image {spec.image} has no default command")
 
-    def run(
+    def _run(
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
@@ -522,7 +525,7 @@ class OciTier(Tier):
                 self.delete_container(sandbox_id, managed=managed)
             self.release(slot, pooled=exited)
 
-    def create(self, spec: SandboxSpec) -> OciInstance:
+    def _create(self, spec: SandboxSpec) -> OciInstance:
         slot, image = self._prepare(spec, pooled=False)
         sandbox_id, d, cg = slot.id, slot.dir, slot.cg
         cid = container_id(sandbox_id)

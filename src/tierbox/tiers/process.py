@@ -126,7 +126,7 @@ class ProcessInstance(DirectoryFiles, Instance):
             cmd = list(argv)
         return self._namespace().call(lambda: self.cg.popen(cmd, **kwargs))
 
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -172,6 +172,9 @@ class ProcessInstance(DirectoryFiles, Instance):
 
     def stats(self) -> Stats:
         return self.cg.stats()
+
+    def host_pids(self) -> list[int]:
+        return self.cg.pids()
 
     def state(self) -> dict[str, Any]:
         return {
@@ -249,7 +252,7 @@ class ProcessTier(Tier):
             inst._ns = slot.extra["ns"]
         return inst
 
-    def run(
+    def _run(
         self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
     ) -> ExecResult:
         """One-shot on a pooled slot (see tiers/_pool.py) whose uid, /tmp and
@@ -284,7 +287,7 @@ class ProcessTier(Tier):
             engine="subprocess",
         )
 
-    def create(self, spec: SandboxSpec) -> ProcessInstance:
+    def _create(self, spec: SandboxSpec) -> ProcessInstance:
         slot = _pool.new_slot(spec.limits)
         try:
             return self._attach_slot(slot, spec)

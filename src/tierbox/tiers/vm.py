@@ -86,7 +86,7 @@ from tierbox.spec import (
     TerminationKind,
 )
 from tierbox.tiers import _state
-from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
+from tierbox.tiers.base import Availability, Capabilities, Instance, SnapshotKind, SnapshotRef, Tier
 from tierbox.tiers.oci import DEFAULT_PATH
 from tierbox.tiers.outcome import classify_agent
 from tierbox.vmm import libvirt_domain as lvd
@@ -258,10 +258,14 @@ def _process_memory_cpu(pid: int) -> tuple[int | None, int | None, float | None]
     return pss, hwm, cpu
 
 
+CAPABILITIES = Capabilities(snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB)
+
+
 class VMInstance(Instance):
     """One tierbox VM (a libvirt domain). Thread-safe: calls share one agent line."""
 
     tier_name = "vm"
+    capabilities = CAPABILITIES
 
     def __init__(self, tier: VMTier, domain: str, meta: lvd.VMMeta) -> None:
         self.tier = tier
@@ -332,6 +336,10 @@ class VMInstance(Instance):
     def domain_state(self) -> str:
         st = lvh.call("reading the domain state", self.domain().state)
         return _STATE_NAMES.get(int(st[0]), str(st[0]))
+
+    def host_pids(self) -> list[int]:
+        pid = self.qemu_pid()
+        return [pid] if pid else []
 
     def qemu_pid(self) -> int | None:
         return _qemu_pid(self.domain_name)
@@ -424,7 +432,7 @@ class VMInstance(Instance):
             self.agent.close()
 
     # ---- the contract --------------------------------------------------------------------
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -882,6 +890,7 @@ class VMTier(Tier):
     """Full VMs on libvirt (``qemu:///system``)."""
 
     name = "vm"
+    capabilities = CAPABILITIES
     isolation = (
         "own guest kernel on an emulated q35 PC (libvirt + QEMU); "
         "hardware virtualization where KVM works, else TCG"
@@ -1014,7 +1023,7 @@ class VMTier(Tier):
             console.unlink(missing_ok=True)
 
     # ---- create ---------------------------------------------------------------------------
-    def create(self, spec: SandboxSpec) -> VMInstance:
+    def _create(self, spec: SandboxSpec) -> VMInstance:
         return self.create_vm(spec)
 
     def shape(self, spec: SandboxSpec) -> Shape:
@@ -1025,12 +1034,8 @@ class VMTier(Tier):
                 f"network={spec.network.value}: the vm tier has no network interface yet; "
                 "use network=none"
             )
+        self.check_spec(spec)
         mem = spec.limits.memory_mib or DEFAULT_MEMORY_MIB
-        if mem < MIN_MEMORY_MIB:
-            raise SpecError(
-                f"memory_mib={mem} is too small for a VM: give at least {MIN_MEMORY_MIB} MiB "
-                "(the guest kernel and agent need it)"
-            )
         vcpus = max(1, math.ceil(spec.limits.cpus)) if spec.limits.cpus else 1
         if vcpus > (os.cpu_count() or 1):
             raise SpecError(

@@ -37,7 +37,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,15 @@ from tierbox.errors import (
 from tierbox.host.rootfs import RootDir
 from tierbox.spec import ExecResult, NetworkPolicy, SandboxSpec, Stats, Termination, TerminationKind
 from tierbox.tiers import _state
-from tierbox.tiers.base import Availability, DirectoryFiles, Instance, SnapshotRef, Tier
+from tierbox.tiers.base import (
+    Availability,
+    Capabilities,
+    DirectoryFiles,
+    Instance,
+    SnapshotKind,
+    SnapshotRef,
+    Tier,
+)
 from tierbox.wasm import engine as eng
 from tierbox.wasm.images import Workload, import_wasm, resolve_workload
 from tierbox.wasm.runner import fuel_budget, run_wasi
@@ -77,10 +85,14 @@ def _check_spec(spec: SandboxSpec) -> None:
         )
 
 
+CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, in_process=True)
+
+
 class WasmInstance(DirectoryFiles, Instance):
     """A sandbox directory plus the workload to run in it; no Store lives between execs."""
 
     tier_name = "wasm"
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -109,7 +121,7 @@ class WasmInstance(DirectoryFiles, Instance):
 
     # ------------------------------------------------------------------ exec
 
-    def exec(
+    def _exec(
         self,
         argv: Sequence[str],
         *,
@@ -194,6 +206,18 @@ class WasmInstance(DirectoryFiles, Instance):
 
     # ----------------------------------------------------------------- files
 
+    def hold_resident(self) -> Callable[[], None]:
+        """A live Store with the workload instantiated: what a running
+        sandbox of this tier holds in memory (nothing lives between execs)."""
+        if self.workload is None:
+            return lambda: None
+        import wasmtime
+
+        store = wasmtime.Store(eng.engine())
+        store.set_wasi(wasmtime.WasiConfig())
+        held = [store, self.workload.module().pre.instantiate(store)]
+        return held.clear
+
     def _files_root(self) -> RootDir:
         """The sandbox directory, pinned at first use (WASI has no users:
         files are the host user's)."""
@@ -269,6 +293,7 @@ def _argv0(path: str) -> str:
 
 class WasmTier(Tier):
     name = "wasm"
+    capabilities = CAPABILITIES
     isolation = "Wasm linear memory + WASI p1: own directory as /, no network, no processes"
 
     def __init__(self, fuel: int | None = None, *, fuel_per_cpu_s: int = FUEL_PER_CPU_S) -> None:
@@ -303,7 +328,7 @@ class WasmTier(Tier):
             version=version,
         )
 
-    def create(self, spec: SandboxSpec) -> WasmInstance:
+    def _create(self, spec: SandboxSpec) -> WasmInstance:
         _check_spec(spec)
         fuel = self.fuel
         workload = resolve_workload(spec.image) if spec.image else None
@@ -323,7 +348,7 @@ class WasmTier(Tier):
             sandbox_id, spec, workload, root, fuel=fuel, fuel_per_cpu_s=self.fuel_per_cpu_s
         )
 
-    def run(
+    def _run(
         self,
         spec: SandboxSpec,
         argv: Sequence[str],
