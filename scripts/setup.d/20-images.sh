@@ -8,4 +8,4 @@ PY=${PY:-python3}
 
 # Debian packages: listed in scripts/setup.d/*.packages, installed by scripts/setup.sh.
 
-"$PY" -m tierbox.images.builtin
+"$PY" -m tierbox.images

@@ -10,7 +10,8 @@ are translated at the boundary with ``raise ... from exc``::
     │   └── ImageNotFoundError     an image that is not in the store
     ├── TierUnavailableError       the tier exists but cannot run on this host
     ├── ImageError                 store corruption, digest mismatch, bad archive
-    │   └── UnsafeImageError       a hostile archive: ../ paths, escaping links, devices
+    │   ├── UnsafeImageError       a hostile archive: ../ paths, escaping links, devices
+    │   └── NotTarError            a file that is not a tar archive at all
     ├── CommandError               an external command failed (argv, exit code, stderr)
     ├── SandboxError               a sandbox operation failed
     │   ├── SandboxNotFoundError   no sandbox with that id
@@ -20,7 +21,9 @@ are translated at the boundary with ``raise ... from exc``::
     │   │   ├── FileTooLargeError  a read would exceed its max_bytes cap
     │   │   └── NotRegularFileError  a FIFO, device, socket or directory where a file was asked for
     │   └── NotSupportedError      the tier cannot do this (e.g. snapshot)
-    └── HostError                  the host lacks something (cgroups, mounts)
+    ├── HostError                  the host lacks something (cgroups, mounts)
+    └── BenchError                 a benchmark step got a result it cannot use
+        └── ProbeBuildError        an isolation probe program could not be built
 """
 
 from __future__ import annotations
@@ -62,6 +65,18 @@ class UnsafeImageError(ImageError):
 
 class HostError(TierboxError):
     """The host lacks a facility tierbox needs (cgroups, mount namespaces)."""
+
+
+class NotTarError(ImageError):
+    """The file is not a tar archive at all."""
+
+
+class BenchError(TierboxError):
+    """A benchmark step got a result it cannot use (the bench reports it and goes on)."""
+
+
+class ProbeBuildError(BenchError):
+    """An isolation probe program could not be built (no compiler, a failed build)."""
 
 
 class SandboxError(TierboxError):

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from tierbox.bench.machine import host_boot_id
 from tierbox.bench.workloads import cache_dir
-from tierbox.errors import SandboxError
+from tierbox.errors import BenchError, ProbeBuildError, SandboxError
 from tierbox.spec import ExecResult, TerminationKind
 
 if TYPE_CHECKING:
@@ -369,7 +369,7 @@ def judge_shell(
     """Turn the shell probe's output (and what the host saw) into verdicts."""
     out: dict[str, dict[str, Any]] = {}
     if kv.get("probe_done") != "1":
-        raise RuntimeError(f"the probe script did not finish: got {sorted(kv)}")
+        raise BenchError(f"the probe script did not finish: got {sorted(kv)}")
     nprocs = kv.get("nprocs", "?")
     hit = kv.get("canary", "")
     if hit:
@@ -569,10 +569,6 @@ CLANG = "clang-14"
 WASI_CFLAGS = ("--target=wasm32-wasi", "--sysroot=/usr", "-O1")
 
 
-class ProbeBuildError(RuntimeError):
-    """The WASI probe could not be built here (no toolchain)."""
-
-
 def wasi_probe() -> Path:
     """Build the WASI probe once (cached by source and compiler version)."""
     clang = shutil.which(CLANG)
@@ -618,7 +614,7 @@ def judge_wasi(
     kv: dict[str, str], c: HostCanaries, tier: str, run: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     if kv.get("probe_done") != "1":
-        raise RuntimeError(f"the WASI probe did not finish: got {sorted(kv)}")
+        raise BenchError(f"the WASI probe did not finish: got {sorted(kv)}")
     out: dict[str, dict[str, Any]] = {}
     proc = kv.get("proc", "")
     visible = proc.endswith("pids") and not proc.startswith("0 ")
@@ -753,7 +749,7 @@ def judge_attacks(
     kernel makes a namespace or a key a way out; a kernel of the sandbox's own
     keeps them inside."""
     if kv.get("nsprobe_done") != "1":
-        raise RuntimeError(f"nsprobe did not finish: got {sorted(kv)}")
+        raise BenchError(f"nsprobe did not finish: got {sorted(kv)}")
     where = "the host kernel" if kernel_shared else "the sandbox's own kernel"
     created = kv.get("unshare_user") == "0" or kv.get("userns_mount") == "0"
     mounted = kv.get("userns_mount") == "0"
@@ -795,7 +791,7 @@ def attack_probes(
         r = run(sb, argv, PROBE_TIMEOUT_S)
         kv = parse_kv(r.stdout)
         if kv.get("nsprobe_done") != "1":
-            raise RuntimeError(
+            raise BenchError(
                 f"nsprobe failed: {r.termination.describe()}: "
                 f"{r.stderr.decode(errors='replace').strip()[:300]}"
             )
@@ -838,7 +834,7 @@ def file_race_probe(sb: Sandbox, tier: str, run: RunFn, seconds: float) -> dict[
         sb.files.write(mirror, "sandbox copy\n")
         made = run(sb, ["ln", "-s", "/", f"{RACE_DIR}/l"], 30.0)
         if not made.ok:
-            raise RuntimeError(f"ln -s / {RACE_DIR}/l: {made.termination.describe()}")
+            raise BenchError(f"ln -s / {RACE_DIR}/l: {made.termination.describe()}")
         done: list[ExecResult] = []
         failed: list[BaseException] = []
 

@@ -50,7 +50,7 @@ from tierbox.bench.memory import (
 )
 from tierbox.bench.stats import summarize_ms
 from tierbox.bench.workloads import WORKLOADS, NotRun, Target, base_image, target
-from tierbox.errors import NotSupportedError, UnknownTierError
+from tierbox.errors import BenchError, NotSupportedError, ProbeBuildError, UnknownTierError
 from tierbox.sandbox import Sandbox
 from tierbox.spec import ExecResult
 from tierbox.tiers import get_tier, tier_names
@@ -468,7 +468,7 @@ class TierRun:
                     + (f"; {len(failures)} failed" if failures else "")
                 )
             if not totals:
-                raise RuntimeError(
+                raise BenchError(
                     "no run printed the expected output: " + (failures[0] if failures else "?")
                 )
             if t.workload == self.cfg.workloads[0] or self.create_p50_s is None:
@@ -496,7 +496,7 @@ class TierRun:
                 r = self.run(sb, t.argv, timeout_s=60)
                 dt = time.perf_counter() - t0
                 if not (r.ok and t.ok(r.stdout)):
-                    raise RuntimeError(f"exec {i + 1}: {r.termination.describe()}")
+                    raise BenchError(f"exec {i + 1}: {r.termination.describe()}")
                 if i >= warm:
                     samples.append(dt)
                 self.report.advance()
@@ -548,7 +548,7 @@ class TierRun:
             r = self.run(sb, ["sh", "-c", pr.shell_probe_script(c, self.name)], pr.PROBE_TIMEOUT_S)
             kv = pr.parse_kv(r.stdout)
             if kv.get("probe_done") != "1":
-                raise RuntimeError(
+                raise BenchError(
                     f"probe script failed: {r.termination.describe()}: "
                     f"{r.stderr.decode(errors='replace').strip()[:400]}"
                 )
@@ -566,7 +566,7 @@ class TierRun:
     def _wasi_probes(self, c: pr.HostCanaries) -> dict[str, dict[str, Any]]:
         try:
             module = pr.wasi_probe()
-        except pr.ProbeBuildError as exc:
+        except ProbeBuildError as exc:
             return pr.not_measured(f"not measured: {exc}")
         sb = self.create(str(module))
         try:
@@ -574,7 +574,7 @@ class TierRun:
             r = self.run(sb, argv, pr.PROBE_TIMEOUT_S)
             kv = pr.parse_kv(r.stdout)
             if kv.get("probe_done") != "1":
-                raise RuntimeError(f"WASI probe failed: {r.termination.describe()}")
+                raise BenchError(f"WASI probe failed: {r.termination.describe()}")
             return pr.judge_wasi(kv, c, self.name, pr.run_record(r, "probe.wasm probe"))
         finally:
             self.close(sb)
@@ -918,7 +918,7 @@ class TierRun:
                         self.close(sb)
             dt = time.perf_counter() - t0
             if not (r.ok and t.ok(r.stdout)):
-                raise RuntimeError(f"after restore: {r.termination.describe()}")
+                raise BenchError(f"after restore: {r.termination.describe()}")
             if i >= warmup:
                 samples.append(dt)
             self.report.advance()

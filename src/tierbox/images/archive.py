@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from tierbox.errors import ImageError, UnsafeImageError, UsageError
+from tierbox.errors import ImageError, NotTarError, UnsafeImageError, UsageError
 from tierbox.images import tarstream
 from tierbox.images.refs import same_ref
 from tierbox.images.safety import TarScanner, clean_member_name
@@ -91,7 +91,7 @@ def open_image(
         stream = tarstream.TarStream(fh, where, seekable=True)
         try:
             tar = tarstream.open_tar(stream, where)
-        except tarstream.NotTarError:
+        except NotTarError:
             raise UsageError(
                 f"{path.name} is not an image archive: expected {ACCEPTED_KINDS}"
             ) from None

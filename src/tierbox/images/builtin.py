@@ -1,7 +1,7 @@
 """The built-in ``busybox:latest`` image, made from the host's busybox-static in seconds.
 
 It needs no network, so every tier has an image to run even on an offline host.
-``python -m tierbox.images.builtin`` builds it (idempotently) and unpacks its
+``python -m tierbox.images`` builds it (idempotently) and unpacks its
 rootfs, so that the first sandbox start is fast; setup calls it.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from tierbox.errors import HostError
@@ -45,18 +44,3 @@ def make_busybox_rootfs(dest: Path, busybox: Path = BUSYBOX_BINARY) -> None:
                 link.symlink_to("/bin/busybox")
     (dest / "etc" / "passwd").write_text(PASSWD)
     (dest / "etc" / "group").write_text(GROUP)
-
-
-def main() -> int:
-    """Build busybox:latest if missing and warm its rootfs cache."""
-    from tierbox.images.store import default_store  # late: store imports this module
-
-    store = default_store()
-    record = store.ensure_busybox()
-    rootfs = store.rootfs(record.ref)
-    print(f"{record.ref} {record.manifest_digest[:19]} ready: {rootfs}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

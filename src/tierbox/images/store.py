@@ -396,7 +396,7 @@ class ImageStore:
         held = getattr(self._tls, "held", None)
         if held is not None:
             if exclusive and held != "ex":
-                raise RuntimeError("image store lock upgrade from shared to exclusive")
+                raise ImageError("image store lock upgrade from shared to exclusive: a tierbox bug")
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
@@ -605,7 +605,7 @@ class ImageStore:
         if key in boot.TARGETS:
             how = f"get it with `tierbox image bootstrap {key}`"
         elif key == builtin.BUSYBOX_REF:
-            how = "build it with `python -m tierbox.images.builtin` (part of `make setup`)"
+            how = "build it with `python -m tierbox.images` (part of `make setup`)"
         else:
             how = (
                 "import it with `tierbox image import FILE.tar` (docker save, podman save or "

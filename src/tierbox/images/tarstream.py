@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-from tierbox.errors import ImageError, UnsafeImageError, UsageError
+from tierbox.errors import ImageError, NotTarError, UnsafeImageError, UsageError
 from tierbox.images.safety import TarScanner, image_xattrs
 
 DEFAULT_MAX_UNPACKED_BYTES = 8 << 30
@@ -70,10 +70,6 @@ class Writable(Protocol):
     """Anything with ``write(data)``: a file, a gzip stream, a hashing writer."""
 
     def write(self, data: bytes, /) -> object: ...
-
-
-class NotTarError(ImageError):
-    """The stream does not start with a tar header."""
 
 
 def _human(n_bytes: int) -> str:
