@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 
 import pytest
 
-from tests.conftest import assert_gone, require_image, require_tier
+from tests.conftest import assert_gone, require_image, require_tier, wait_until
 from tierbox import Sandbox, TerminationKind, make_spec
 from tierbox.errors import SandboxClosedError
 from tierbox.tiers import get_tier
 
-SHELL_TIERS = ["process", "container", "gvisor", "microvm"]
-IMAGE = {"process": None, "container": "busybox", "gvisor": "busybox", "microvm": "busybox"}
-#: memory limit per tier: a microVM's limit is its guest RAM, and its kernel keeps ~49 MiB
-MEM = {"microvm": 128}
+SHELL_TIERS = ["process", "container", "gvisor", "microvm", "vm"]
+IMAGE = {
+    "process": None,
+    "container": "busybox",
+    "gvisor": "busybox",
+    "microvm": "busybox",
+    "vm": "busybox",
+}
+#: memory limit per tier: a (micro)VM's limit is its guest RAM, and its kernel keeps ~49 MiB
+MEM = {"microvm": 128, "vm": 128}
+GUESTS = ("microvm", "vm")
 
 
 def mem(tier: str) -> int:
@@ -83,7 +91,7 @@ def test_memory_bomb_is_oom_killed(tier: str) -> None:
     assert t.kind is TerminationKind.OOM_KILLED, t
     assert t.evidence["limit_mib"] == mem(tier)
     assert t.evidence["oom_kill"] >= 1
-    if tier != "microvm":  # in a guest the kernel's own share is outside the workload's peak
+    if tier not in GUESTS:  # in a guest the kernel's own share is outside the workload's peak
         assert t.evidence["peak_mib"] >= mem(tier)
     assert r.exit_code == 137
 
@@ -147,3 +155,83 @@ def test_missing_command_exits_127_with_a_clear_line(tier: str) -> None:
         r = sb.run(["/tmp/not-executable"])
         assert r.exit_code == 126, r
         assert sb.run(["true"]).ok  # the sandbox is fine
+
+
+def test_files_make_parents_owned_by_the_workload_and_round_trip(tier: str) -> None:
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=mem(tier), pids=64) as sb:
+        sb.files.write("/tmp/deep/er/note.txt", "héllo\n")  # str: UTF-8
+        sb.files.write("/tmp/deep/er/blob.bin", bytes(range(256)) * 64, mode=0o600)
+        assert sb.files.read("/tmp/deep/er/note.txt") == "héllo\n".encode()
+        assert sb.files.read_text("/tmp/deep/er/note.txt") == "héllo\n"
+        assert sb.files.read("/tmp/deep/er/blob.bin") == bytes(range(256)) * 64
+        me = sb.run(["id", "-u"]).stdout.strip()
+        owners = sb.run(["stat", "-c", "%u", "/tmp/deep", "/tmp/deep/er", "/tmp/deep/er/note.txt"])
+        assert owners.stdout.split() == [me, me, me], owners
+        # the workload can write below the directories the files API made
+        assert sb.run(["sh", "-c", "echo inside > /tmp/deep/er/made-inside"]).ok
+        kinds = {e.name: e.kind.value for e in sb.files.entries("/tmp/deep/er")}
+        assert kinds == {"note.txt": "file", "blob.bin": "file", "made-inside": "file"}, kinds
+        assert sorted(sb.files.list("/tmp/deep")) == ["er"]
+
+
+def test_pids_counts_the_workload_only(tier: str) -> None:
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=mem(tier), pids=64) as sb:
+        sleepers = "i=0; while [ $i -lt 30 ]; do sleep 2 & i=$((i+1)); done; wait; echo ok"
+        r = sb.run(["sh", "-c", sleepers], timeout_s=30)
+        assert r.ok and r.stdout == b"ok\n", r  # 30 processes fit a limit of 64
+        assert "pids_max_hits" not in r.termination.evidence
+        r = sb.run(["sh", "-c", sleepers.replace("30", "90")], timeout_s=30)
+        assert (
+            b"ok" in r.stdout
+            or r.termination.evidence.get("pids_max_hits")
+            or (b"fork" in r.stderr)
+        ), r
+        assert sb.run(["echo", "still here"]).stdout == b"still here\n"
+
+
+@pytest.mark.parametrize("tier", [t for t in SHELL_TIERS if t != "process"])
+def test_a_dead_sandbox_raises_on_every_call(tier: str) -> None:
+    """Its host processes killed from outside (what a crash, an OOM of the
+    whole engine or a workload killing its init leaves): every call says it
+    is dead and what to do; close still works."""
+    import os
+    import signal
+
+    from tierbox.errors import SandboxDeadError
+
+    require_tier(tier)
+    require_image(IMAGE[tier])
+    sb = Sandbox.create(IMAGE[tier], tier=tier, memory_mib=mem(tier), pids=64)
+    try:
+        pids = sb.instance.host_pids()
+        assert pids, "the tier names no host process"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _dead(sb), timeout_s=20, what=f"{tier} sandbox to report its death")
+        for call in (
+            lambda: sb.run(["true"]),
+            lambda: sb.files.read("/etc/hostname"),
+            lambda: sb.files.write("/tmp/x", "x"),
+        ):
+            with pytest.raises(SandboxDeadError, match="create a new one"):
+                call()
+    finally:
+        sb.close()
+    assert sb.id not in [s["id"] for s in Sandbox.list()]
+
+
+def _dead(sb: Sandbox) -> bool:
+    from tierbox.errors import SandboxDeadError
+
+    try:
+        sb.run(["true"])
+    except SandboxDeadError:
+        return True
+    return False
+
+
+def test_repr_names_id_tier_and_image(tier: str) -> None:
+    with Sandbox.create(IMAGE[tier], tier=tier, memory_mib=mem(tier), pids=64) as sb:
+        text = repr(sb)
+        assert sb.id in text and tier in text and str(IMAGE[tier] or "-") in text

@@ -35,6 +35,8 @@ from tierbox.tiers.outcome import classify, not_runnable
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TMP_MIB = 64
+#: How long to wait for killed processes to be reaped before a new spawn.
+ZOMBIE_WAIT_S = 5.0
 NOFILE_LIMIT = 4096  # hard limit; root here cannot raise it past 20000 anyway
 TMP = "/tmp"
 
@@ -126,6 +128,26 @@ class ProcessInstance(DirectoryFiles, Instance):
             cmd = list(argv)
         return self._namespace().call(lambda: self.cg.popen(cmd, **kwargs))
 
+    def _spawn_when_room(
+        self, argv: Sequence[str], stdin: bytes | None, env: Mapping[str, str] | None
+    ) -> subprocess.Popen[bytes]:
+        """Spawn; if the pids limit refuses the fork because the last exec's
+        killed processes still count (zombies wait for the host's init to
+        reap them), wait for them to go, then try once more."""
+        try:
+            return self._spawn(argv, stdin, env)
+        except BlockingIOError:
+            deadline = time.monotonic() + ZOMBIE_WAIT_S
+            while self.cg.has_tasks() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        try:
+            return self._spawn(argv, stdin, env)
+        except BlockingIOError as exc:
+            raise SandboxError(
+                f"sandbox {self.id} cannot start a process: its pids limit "
+                f"({self.spec.limits.pids}) is taken by processes still exiting; try again"
+            ) from exc
+
     def _exec(
         self,
         argv: Sequence[str],
@@ -144,7 +166,7 @@ class ProcessInstance(DirectoryFiles, Instance):
         before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
         started = time.monotonic()
         try:
-            proc = self._spawn(argv, stdin, env)
+            proc = self._spawn_when_room(argv, stdin, env)
         except (FileNotFoundError, PermissionError) as exc:
             return not_runnable(argv[0], exc, time.monotonic() - started)
         cap = capture.communicate(
