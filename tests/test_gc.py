@@ -99,19 +99,27 @@ def test_kept_sandbox_with_ttl_is_reaped_after_it_expires() -> None:
 
 
 def test_unclosed_sandboxes_are_closed_when_the_program_exits() -> None:
-    for tier in ("process", "container", "gvisor", "wasm"):
+    """Every tier: a script that never closes its sandboxes leaves nothing
+    running (no QEMU, runsc, crun or libvirt domain) once it exits."""
+    tiers = [("process", None), ("container", "busybox"), ("gvisor", "busybox")]
+    tiers += [("microvm", "busybox"), ("vm", "busybox"), ("wasm", "micropython:wasi")]
+    for tier, _image in tiers:
         require_tier(tier)
     script = (
         "from tierbox import Sandbox\n"
-        "ids = [Sandbox.create(img, tier=t).id for t, img in "
-        "[('process', None), ('container', 'busybox'), ('gvisor', 'busybox'), "
-        "('wasm', 'micropython:wasi')]]\n"
-        "print(' '.join(ids))\n"
+        f"made = [Sandbox.create(img, tier=t, memory_mib=128) for t, img in {tiers!r}]\n"
+        "print(' '.join(sb.id for sb in made))\n"
     )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     ids = p.stdout.split()
-    assert len(ids) == 4
+    assert len(ids) == len(tiers)
     from tests.conftest import assert_gone
 
     assert_gone(set(ids))
+    domains = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert not any(i in domains for i in ids), domains
