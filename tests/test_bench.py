@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import leftovers
+from tests.conftest import leftovers, require_tier
 from tierbox.bench.probes import PROBES
 from tierbox.bench.stats import percentile, summarize_ms
 from tierbox.paths import MARKER, sandboxes_dir
-from tierbox.tiers import get_tier
 
 BENCH = [sys.executable, "-m", "tierbox.cli_bench"]
 TINY = ["--runs", "2", "--warmup", "0", "--instances", "2", "--density-cap", "3"]
@@ -27,7 +26,10 @@ FAST_TIERS = ["process", "container", "wasm"]
 
 
 def available(names: list[str]) -> list[str]:
-    return [n for n in names if get_tier(n).available().available]
+    """``names``, each required to run here (a skip says which cannot)."""
+    for n in names:
+        require_tier(n)
+    return names
 
 
 def bench(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[bytes]:
@@ -203,6 +205,7 @@ def test_every_probe_answered_by_a_run(tiny: dict[str, Any]) -> None:
 
 def test_probe_values_differ_where_isolation_differs(tiny: dict[str, Any]) -> None:
     tiers = tiny["results"]["tiers"]
+    assert set(FAST_TIERS) <= set(tiers), sorted(tiers)
     if "process" in tiers:
         p = tiers["process"]["isolation"]["probes"]
         assert p["host_pids"]["contained"] is False  # the host canary is visible
@@ -345,14 +348,13 @@ def test_ctrl_c_closes_every_sandbox(delay_s: float) -> None:
 @pytest.mark.slow
 def test_tiny_bench_on_every_available_tier(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Slow tiers too (gVisor, microVM under TCG): same shape, same probe rule."""
-    names = [n for n in ("gvisor", "microvm", "vm") if get_tier(n).available().available]
-    if not names:
-        pytest.skip("no slow tier available here")
+    names = available(["gvisor", "microvm", "vm"])
     got = _tiny(tmp_path_factory, names)
     res = got["results"]
     for name in names:
         check_tier(name, res["tiers"][name], res["machine"])
         check_probes(name, res["tiers"][name]["isolation"])
+    assert set(names) <= set(res["tiers"]), sorted(res["tiers"])
     if "gvisor" in names:
         p = res["tiers"]["gvisor"]["isolation"]["probes"]
         assert p["file_race"]["contained"] is True, p["file_race"]
