@@ -155,6 +155,8 @@ def _close_owned() -> None:
     with _owned_lock:
         left = list(_owned)
     for sb in left:
+        # at exit nobody is left to hear of a failure; ``tierbox gc`` reaps
+        # whatever a failed close leaves, so one failure must not stop the rest
         with contextlib.suppress(Exception):
             sb.close()
 

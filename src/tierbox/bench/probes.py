@@ -875,7 +875,7 @@ def file_race_probe(sb: Sandbox, tier: str, run: RunFn, seconds: float) -> dict[
         return _probe(f"{leaks} leaks in {reads} reads", leaks == 0, detail, record)
     finally:
         shutil.rmtree(host, ignore_errors=True)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # tidying a sandbox that is closed next anyway
             run(sb, ["rm", "-rf", RACE_DIR, IN_SANDBOX_SWAPRACE, IN_SANDBOX_NSPROBE], 30.0)
 
 

@@ -393,7 +393,7 @@ class TierRun:
             why = _err(exc)
         self.res["errors"].append({"phase": "resident sandbox", "error": f"it died: {why}"})
         self.report.note(f"{self.name}: the resident sandbox died ({why[:160]}); replacing it")
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # best effort: it died already; it is replaced
             self.close(resident)
         try:
             return self.create(t.image)
