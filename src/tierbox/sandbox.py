@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from tierbox import transfer
-from tierbox.errors import NotSupportedError, SandboxClosedError, UsageError
+from tierbox.errors import SandboxClosedError, UsageError
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
