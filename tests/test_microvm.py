@@ -23,14 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from tierbox.errors import SandboxDeadError, SandboxError, SpecError
+from tierbox.errors import (
+    SandboxDeadError,
+    SandboxError,
+    SnapshotError,
+    SpecError,
+    UsageError,
+)
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits, SandboxSpec, TerminationKind
 from tierbox.tiers import get_tier
 from tierbox.tiers.base import SnapshotRef
 from tierbox.tiers.microvm import MicroVMInstance, MicroVMTier
 from tierbox.vmm import artifacts, qemu
-from tierbox.vmm.snapshot import SnapshotError, sha256_file
+from tierbox.vmm.snapshot import sha256_file
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -122,7 +128,7 @@ def test_exit_codes_output_stdin_env(vm: MicroVMInstance) -> None:
     assert vm.exec(["id", "-u"]).stdout == b"65534\n"  # non-root by default
     r = vm.exec(["no-such-program"])  # a result, as on every tier
     assert r.exit_code == 127 and b"command not found" in r.stderr, r
-    with pytest.raises(SpecError):
+    with pytest.raises(UsageError):
         vm.exec([])
 
 

@@ -24,17 +24,20 @@ import pytest
 
 from tests.conftest import require_image, require_tier
 from tierbox import Sandbox, TerminationKind, make_spec
-from tierbox.errors import SandboxError, SpecError, TierboxError, UsageError
-from tierbox.tiers import _state, get_tier
-from tierbox.tiers.vm import (
+from tierbox.errors import (
+    LibvirtUnreachableError,
+    SandboxError,
     SnapshotExistsError,
     SnapshotHasChildrenError,
     SnapshotNotFoundError,
+    SpecError,
+    TierboxError,
+    UsageError,
     VMExistsError,
-    VMInstance,
     VMNotFoundError,
-    VMTier,
 )
+from tierbox.tiers import _state, get_tier
+from tierbox.tiers.vm import VMInstance, VMTier
 
 IMAGE = "busybox:latest"
 #: A counter that keeps running in the guest between execs: it moves itself
@@ -113,7 +116,7 @@ def test_exec_limits_and_errors(vm: VMInstance) -> None:
     assert vm.exec(["true"]).ok  # still usable
     r = vm.exec(["no-such-command"])  # a result, as on every tier
     assert r.exit_code == 127 and b"command not found" in r.stderr, r
-    with pytest.raises(SpecError):
+    with pytest.raises(UsageError):
         vm.exec([])
 
 
@@ -380,7 +383,7 @@ def test_libvirtd_stopped_in_the_middle(
         #    while the VM itself keeps running and answering
         monkeypatch.setenv(lvh.AUTOSTART_ENV, "0")
         _kill_libvirtd()
-        with pytest.raises(lvh.LibvirtUnreachableError, match="libvirtd -d") as exc:
+        with pytest.raises(LibvirtUnreachableError, match="libvirtd -d") as exc:
             inst.create_snapshot("s1")
         assert "TIERBOX_LIBVIRT_AUTOSTART" in str(exc.value)
         assert sh(inst, "cat /f.txt") == "one\n"
@@ -397,7 +400,7 @@ def test_libvirtd_stopped_in_the_middle(
         outcome = "ok"
         try:
             inst.create_snapshot("s2")
-        except lvh.LibvirtUnreachableError as e:
+        except LibvirtUnreachableError as e:
             outcome = str(e)
             assert "libvirtd" in outcome
         killer.join()

@@ -9,6 +9,7 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── UnknownTierError       a tier name that does not exist
     │   └── ImageNotFoundError     an image that is not in the store
     ├── TierUnavailableError       the tier exists but cannot run on this host
+    │   └── LibvirtUnreachableError  libvirtd cannot be reached: not running, not startable, gone
     ├── ImageError                 store corruption, digest mismatch, bad archive
     │   ├── UnsafeImageError       a hostile archive: ../ paths, escaping links, devices
     │   └── NotTarError            a file that is not a tar archive at all
@@ -20,7 +21,19 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── SandboxFileError       a file operation inside the sandbox failed
     │   │   ├── FileTooLargeError  a read would exceed its max_bytes cap
     │   │   └── NotRegularFileError  a FIFO, device, socket or directory where a file was asked for
-    │   └── NotSupportedError      the tier cannot do this (e.g. snapshot)
+    │   ├── NotSupportedError      the tier cannot do this (e.g. snapshot)
+    │   ├── VMNotFoundError        no tierbox VM with that name (also a UsageError)
+    │   ├── VMExistsError          a VM, libvirt domain or sandbox has that name (also a UsageError)
+    │   ├── SnapshotNotFoundError  a VM has no snapshot with that name (also a UsageError)
+    │   ├── SnapshotExistsError    a VM has a snapshot with that name already (also a UsageError)
+    │   ├── SnapshotHasChildrenError  a VM snapshot with children, deleted alone (also a UsageError)
+    │   ├── SnapshotError          a microVM snapshot is missing, corrupted or for another machine
+    │   ├── LibvirtError           libvirt refused or failed an operation (carries its code)
+    │   ├── QMPError               QEMU refused a QMP command, or its monitor went away
+    │   ├── AgentError             the guest agent refused a request (errno and message)
+    │   ├── AgentGoneError         the guest agent's line closed: QEMU exited, the guest died
+    │   ├── AgentTimeoutError      the guest agent did not answer in time
+    │   └── AgentTooOldError       the guest runs an agent older than the host's protocol
     ├── HostError                  the host lacks something (cgroups, mounts)
     └── BenchError                 a benchmark step got a result it cannot use
         └── ProbeBuildError        an isolation probe program could not be built
@@ -28,6 +41,7 @@ are translated at the boundary with ``raise ... from exc``::
 
 from __future__ import annotations
 
+import errno as errno_mod
 from collections.abc import Sequence
 
 
@@ -134,3 +148,70 @@ class CommandError(TierboxError):
         code = "timed out" if returncode is None else f"exit code {returncode}"
         tail = stderr.strip()[-2000:]
         super().__init__(f"{what} ({code})" + (f": {tail}" if tail else ""))
+
+
+# ---- the VM tiers (microvm, vm) and their machinery (vmm/, libvirt_host) ------------
+
+
+class LibvirtUnreachableError(TierUnavailableError):
+    """libvirtd cannot be reached (not running, not startable, or it went
+    away); the message says how to start it."""
+
+
+class VMNotFoundError(SandboxError, UsageError):
+    """No tierbox VM with that name: ``tierbox vm ls`` lists them."""
+
+
+class VMExistsError(SandboxError, UsageError):
+    """A VM (or another libvirt domain, or a sandbox) already has that name."""
+
+
+class SnapshotNotFoundError(SandboxError, UsageError):
+    """The VM has no snapshot with that name."""
+
+
+class SnapshotExistsError(SandboxError, UsageError):
+    """The VM already has a snapshot with that name."""
+
+
+class SnapshotHasChildrenError(SandboxError, UsageError):
+    """A snapshot with children cannot be deleted alone."""
+
+
+class SnapshotError(SandboxError):
+    """A microVM snapshot is missing, truncated, corrupted or made for another machine."""
+
+
+class LibvirtError(SandboxError):
+    """libvirt refused or failed an operation; ``code`` is libvirt's error number."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class QMPError(SandboxError):
+    """QEMU refused a QMP command or the monitor connection failed."""
+
+
+class AgentError(SandboxError):
+    """The guest agent answered with an error (errno and message from the guest)."""
+
+    def __init__(self, err: int, message: str) -> None:
+        self.errno = err
+        self.message = message
+        name = errno_mod.errorcode.get(err, str(err))
+        super().__init__(f"{message} ({name})")
+
+
+class AgentGoneError(SandboxError):
+    """The agent's connection closed: QEMU exited or the guest died."""
+
+
+class AgentTimeoutError(SandboxError):
+    """The agent did not answer in time."""
+
+
+class AgentTooOldError(SandboxError):
+    """The guest runs an agent older than this host's protocol (a snapshot or
+    VM made before an upgrade)."""

@@ -12,7 +12,9 @@ Everything the ``vm`` tier asks of libvirt goes through this module:
 - :func:`call` runs one binding call and translates ``libvirt.libvirtError``
   into tierbox errors at the boundary (``raise ... from exc``): a lost
   connection becomes :class:`LibvirtUnreachableError`, anything else
-  :class:`LibvirtError` carrying libvirt's error code.
+  :class:`LibvirtError` carrying libvirt's error code (both live in
+  :mod:`tierbox.errors`). Daemons are started through the one runner
+  (:mod:`tierbox.host.runner`).
 
 The binding (PyPI ``libvirt-python``, built against Debian's libvirt-dev) is
 imported lazily and typed as ``Any``: it ships no type information, and a
@@ -22,6 +24,7 @@ other tiers.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import grp
 import importlib
@@ -36,8 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import CommandError, SandboxError, TierUnavailableError
-from tierbox.host.runner import run, which
+from tierbox.errors import (
+    CommandError,
+    LibvirtError,
+    LibvirtUnreachableError,
+    SandboxError,
+    TierUnavailableError,
+)
+from tierbox.host.runner import exit_error, run, spawn, which
 
 log = logging.getLogger("tierbox.libvirt")
 
@@ -47,22 +56,11 @@ DEFAULT_URI = "qemu:///system"
 #: Where the system daemons put their pid files and libvirtd its socket.
 RUN = Path("/run")
 LIBVIRTD_SOCKET = RUN / "libvirt" / "libvirt-sock"
+LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd.log")
 VIRTLOGD_SOCKET = RUN / "libvirt" / "virtlogd-sock"
 #: How long a freshly started libvirtd may take to answer (it probes QEMU's
 #: capabilities on its first start: a few seconds).
 START_TIMEOUT_S = 30.0
-
-
-class LibvirtUnreachableError(TierUnavailableError):
-    """libvirtd cannot be reached (not running, not startable, or it went away)."""
-
-
-class LibvirtError(SandboxError):
-    """libvirt refused or failed an operation; ``code`` is libvirt's error number."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def uri() -> str:
@@ -108,11 +106,21 @@ def qemu_binding() -> Any:
 
 
 def binding_version() -> str:
+    """libvirt's version ("9.0.0"); empty when the binding or library is missing."""
     try:
-        v = int(binding().getVersion())
-    except Exception:  # any failure means "unknown"
+        lv = binding()
+    except TierUnavailableError:
+        return ""
+    try:
+        v = int(lv.getVersion())
+    except lv.libvirtError:
         return ""
     return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+def is_libvirt_error(exc: BaseException) -> bool:
+    """True if ``exc`` is the binding's own ``libvirtError`` (not yet translated)."""
+    return _binding is not None and isinstance(exc, _binding.libvirtError)
 
 
 # ---------------------------------------------------------------- the daemons
@@ -197,19 +205,28 @@ def _start_under_reaper(reaper: str, libvirtd: str) -> None:
     setsid = which("setsid")
     argv = [setsid, "-f", reaper, "--", libvirtd] if setsid else [reaper, "--", libvirtd]
     try:
-        proc = subprocess.Popen(
+        proc = spawn(
             argv,
+            message="cannot start libvirtd",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
         )
-    except OSError as exc:
-        raise LibvirtUnreachableError(f"cannot start libvirtd: {exc}") from exc
+    except CommandError as exc:
+        raise LibvirtUnreachableError(str(exc)) from exc
     if setsid:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+        # ``setsid -f`` returns once the daemon is forked off; a non-zero exit
+        # means it was not (the daemon's own failures are in its log)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return
+        if rc != 0:
+            raise LibvirtUnreachableError(
+                str(exit_error(proc, message="cannot start libvirtd", log=LIBVIRTD_LOG))
+            )
 
 
 def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
@@ -250,11 +267,11 @@ def start_daemons(*, timeout_s: float = START_TIMEOUT_S) -> list[str]:
         if waited > timeout_s:
             raise LibvirtUnreachableError(
                 f"libvirtd did not open {LIBVIRTD_SOCKET} within {timeout_s:.0f} s "
-                "(see /var/log/libvirt/libvirtd.log)"
+                f"(see {LIBVIRTD_LOG})"
             )
         if waited > 2.0 and not _pids_named("libvirtd"):
             raise LibvirtUnreachableError(
-                "libvirtd exited right after starting (see /var/log/libvirt/libvirtd.log)"
+                f"libvirtd exited right after starting (see {LIBVIRTD_LOG})"
             )
         time.sleep(0.05)
     return done
@@ -268,6 +285,23 @@ _conn_lock = threading.Lock()
 #: Counts the connections opened by this process: a caller that sees it change
 #: knows libvirtd may have restarted since its last call.
 generation = 0
+
+
+def _close_at_exit() -> None:
+    """Close the cached connection while the binding is whole: left to the
+    interpreter's teardown, its finaliser can run after the binding's C
+    module is gone and print a traceback."""
+    global _conn
+    with _conn_lock:
+        conn, _conn = _conn, None
+    if conn is None:
+        return
+    # the process is ending: a connection that will not close is dropped anyway
+    with contextlib.suppress(binding().libvirtError):
+        conn.close()
+
+
+atexit.register(_close_at_exit)
 
 
 def _is_local_system(u: str) -> bool:

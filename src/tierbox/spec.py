@@ -13,6 +13,8 @@ from typing import Any
 
 from tierbox.errors import SpecError, UsageError
 
+#: One mebibyte, the unit of every ``*_mib`` limit.
+MIB = 1 << 20
 DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20  # 1 MiB per stream, like a terminal scrollback
 #: Reads from a sandbox (files.read, get_file) return at most this much unless
 #: the caller passes another ``max_bytes``: a hostile workload can offer an

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_image, require_tier
+from tierbox.errors import SnapshotError
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import get_tier
 from tierbox.tiers.base import SnapshotRef
 from tierbox.tiers.microvm import MicroVMInstance, MicroVMTier
 from tierbox.vmm import snapshot as snapfmt
-from tierbox.vmm.snapshot import SnapshotError
 
 pytestmark = pytest.mark.timeout(600)
 

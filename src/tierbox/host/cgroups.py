@@ -206,13 +206,6 @@ class SandboxCgroup:
                     _write(CGROUP_ROOT / self.relpath / "cgroup.subtree_control", f"+{c}")
 
     # ---- placing work ------------------------------------------------------
-    def add_pid(self, pid: int) -> None:
-        if self.version == 2:
-            _write(CGROUP_ROOT / self.relpath / "cgroup.procs", str(pid))
-        else:
-            for d in self.dirs().values():
-                _write(d / "cgroup.procs", str(pid))
-
     @contextlib.contextmanager
     def _thread_inside(self) -> Iterator[None]:
         """v1: move only the calling thread in, and back out afterwards.

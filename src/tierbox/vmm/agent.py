@@ -61,6 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import (
+    AgentError,
+    AgentGoneError,
+    AgentTimeoutError,
+    AgentTooOldError,
     FileTooLargeError,
     NotRegularFileError,
     SandboxError,
@@ -90,29 +94,6 @@ LIST_MAX_BYTES = 16 << 20
 CANCEL_TIMEOUT_S = 10.0
 _KINDS = {1: FileKind.FILE, 2: FileKind.DIR, 3: FileKind.SYMLINK}
 _RECORD = struct.Struct("<BQ")
-
-
-class AgentError(SandboxError):
-    """The agent answered with an error (errno and message from the guest)."""
-
-    def __init__(self, err: int, message: str) -> None:
-        self.errno = err
-        self.message = message
-        name = errno_mod.errorcode.get(err, str(err))
-        super().__init__(f"{message} ({name})")
-
-
-class AgentGoneError(SandboxError):
-    """The agent's connection closed: QEMU exited or the guest died."""
-
-
-class AgentTimeoutError(SandboxError):
-    """The agent did not answer in time."""
-
-
-class AgentTooOldError(SandboxError):
-    """The guest runs an agent older than this host's protocol (a snapshot or
-    VM made before an upgrade)."""
 
 
 def parse_kv(payload: bytes) -> dict[str, str]:
@@ -379,7 +360,7 @@ class AgentClient:
                 sink(payload)
         except (AgentGoneError, AgentTimeoutError):
             raise
-        except Exception:
+        except Exception:  # re-raised: a refusal or a broken sink ends the stream early
             if not ended:
                 self._cancel(fid)
             raise

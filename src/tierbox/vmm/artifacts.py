@@ -46,6 +46,7 @@ from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableE
 from tierbox.guest import AGENT_SOURCE
 from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run, which
+from tierbox.spec import MIB
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: Modules the guest loads from the initramfs (the rest it needs is built in:
@@ -53,7 +54,6 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"
 WANTED_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "overlay")
 #: Bump when the initramfs layout changes, so old builds are redone.
 INITRAMFS_FORMAT = 2
-MIB = 1024 * 1024
 
 
 def microvm_home() -> Path:

@@ -236,13 +236,6 @@ def parse_meta(text: str) -> VMMeta | None:
         return None
 
 
-def meta_element(meta: VMMeta) -> str:
-    """The metadata element alone (for ``virDomainSetMetadata``)."""
-    el = ET.Element(f"{{{NS}}}vm")
-    el.text = json.dumps(meta.to_dict(), sort_keys=True)
-    return ET.tostring(el, encoding="unicode")
-
-
 # ---------------------------------------------------------------- snapshots
 
 

@@ -43,9 +43,9 @@ from tierbox import paths
 from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
 from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run
+from tierbox.spec import MIB
 from tierbox.vmm import artifacts, qemu
 
-MIB = 1024 * 1024
 #: Modules /vminit loads, in this order (their dependencies come first).
 VM_MODULES = ("virtio_pci", "virtio_console", "virtio_rng", "virtio_blk")
 #: Virtual size of every base disk's file system; the qcow2 files stay sparse.

@@ -33,8 +33,9 @@ from typing import Any
 
 from tierbox.errors import CommandError
 from tierbox.host.cgroups import SandboxCgroup
-from tierbox.host.runner import run, which
+from tierbox.host.runner import exit_error, run, spawn, which
 from tierbox.paths import MARKER
+from tierbox.vmm.guest import file_tail
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: The smallest guest RAM allowed. Debian's cloud kernel reserves ~49 MiB at
@@ -267,13 +268,23 @@ def restore_argv(
 
 
 class QemuProcess:
-    """A running QEMU, in its own process group."""
+    """A running QEMU, in its own process group, started through the one
+    runner (:func:`~tierbox.host.runner.spawn`): ``argv`` is kept, a start
+    that fails raises CommandError, and :meth:`exit_error` gives the exit
+    code and the end of QEMU's log."""
 
     def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None, files: Files) -> None:
         self.pid = pid
         self.popen = popen
         self.files = files
         self._returncode: int | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        """QEMU's command line (empty for a QEMU adopted from another process)."""
+        if self.popen is None:
+            return []
+        return [str(a) for a in self.popen.args] if isinstance(self.popen.args, list) else []
 
     @classmethod
     def start(
@@ -286,18 +297,17 @@ class QemuProcess:
     ) -> QemuProcess:
         log = open(files.log, "ab")  # noqa: SIM115 - handed to the child
         try:
-            kwargs: dict[str, Any] = {
-                "stdin": subprocess.DEVNULL,
-                "stdout": log,
-                "stderr": log,
-                "start_new_session": True,
-                "pass_fds": pass_fds,
-                "close_fds": True,
-            }
-            if cgroup is not None:
-                popen = cgroup.popen(argv, **kwargs)
-            else:
-                popen = subprocess.Popen(argv, **kwargs)
+            popen = spawn(
+                argv,
+                launch=cgroup.popen if cgroup is not None else None,
+                message=f"cannot start {QEMU_BINARY}",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                pass_fds=pass_fds,
+                close_fds=True,
+            )
         finally:
             log.close()
         return cls(popen.pid, popen, files)
@@ -344,21 +354,16 @@ class QemuProcess:
             return None
 
     def log_tail(self, n_bytes: int = 2000) -> str:
-        return _tail(self.files.log, n_bytes)
+        return file_tail(self.files.log, n_bytes)
 
     def console_tail(self, n_bytes: int = 4000) -> str:
-        return _tail(self.files.console, n_bytes)
+        return file_tail(self.files.console, n_bytes)
 
-
-def _tail(path: Path, n_bytes: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - n_bytes))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
+    def exit_error(self, message: str) -> CommandError:
+        """The error for a QEMU that failed: its argv, exit code and log tail."""
+        if self.popen is None:
+            return CommandError([QEMU_BINARY], self.returncode, self.log_tail(), message=message)
+        return exit_error(self.popen, message=message, log=self.files.log)
 
 
 def _pid_is_qemu(pid: int, files: Files) -> bool:

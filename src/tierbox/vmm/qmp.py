@@ -19,11 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import SandboxError
-
-
-class QMPError(SandboxError):
-    """QEMU refused a QMP command or the monitor connection failed."""
+from tierbox.errors import QMPError
 
 
 class QMPClient:
@@ -32,7 +28,6 @@ class QMPClient:
     def __init__(self, path: Path, *, timeout_s: float = 10.0) -> None:
         self.path = path
         self.timeout_s = timeout_s
-        self.events: list[dict[str, Any]] = []
         self._buf = b""
         self._sock: socket.socket | None = None
 
@@ -95,23 +90,11 @@ class QMPClient:
         while True:
             reply = self._read_message(deadline)
             if "event" in reply:
-                self.events.append(reply)
-                continue
+                continue  # asynchronous events (STOP, RESUME...): nothing here waits for them
             if "error" in reply:
                 err = reply["error"]
                 raise QMPError(f"QMP {command} failed: {err.get('class')}: {err.get('desc')}")
             return reply.get("return")
-
-    def wait_event(self, name: str, *, timeout_s: float) -> dict[str, Any]:
-        """Wait for an event called ``name`` (events seen earlier count too)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev.get("event") == name:
-                    return self.events.pop(i)
-            msg = self._read_message(deadline)
-            if "event" in msg:
-                self.events.append(msg)
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
         assert self._sock is not None

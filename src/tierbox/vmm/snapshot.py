@@ -62,7 +62,7 @@ from types import TracebackType
 from typing import Any
 
 from tierbox import paths
-from tierbox.errors import SandboxError
+from tierbox.errors import SnapshotError
 
 FORMAT = "tierbox-microvm-snapshot/1"
 STATE = "state.bin"
@@ -76,10 +76,6 @@ CTIME_MARGIN_NS = 50_000_000
 #: At most this many remembered digests (the oldest go first).
 MAX_RECORDS = 512
 _CHUNK = 1 << 20
-
-
-class SnapshotError(SandboxError):
-    """A snapshot is missing, truncated, corrupted or made for another machine."""
 
 
 def sha256_file(path: Path) -> str:

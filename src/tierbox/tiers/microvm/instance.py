@@ -1,0 +1,417 @@
+"""One microVM as a sandbox: :class:`MicroVMInstance`, a QEMU ``-M microvm``
+process with the guest agent behind a virtio-serial port.
+
+Calls are serialised on one agent line. A guest that stops answering is
+stopped (a timeout), and a guest that died (panic, killed QEMU, host OOM
+killer) makes every later call raise SandboxDeadError with the evidence of
+how it ended. Snapshots are in :mod:`tierbox.tiers.microvm.snapshots`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+
+from tierbox.errors import (
+    AgentError,
+    AgentGoneError,
+    AgentTimeoutError,
+    HostError,
+    SandboxClosedError,
+    SandboxDeadError,
+    SandboxError,
+    SpecError,
+)
+from tierbox.host.cgroups import SandboxCgroup
+from tierbox.spec import (
+    MIB,
+    ExecResult,
+    FileEntry,
+    SandboxSpec,
+    Stats,
+    Termination,
+    TerminationKind,
+)
+from tierbox.tiers import _state
+from tierbox.tiers.base import Capabilities, Instance, SnapshotKind
+from tierbox.tiers.microvm.snapshots import SnapshotOps
+from tierbox.tiers.outcome import classify_agent, signame
+from tierbox.vmm import qemu
+from tierbox.vmm.agent import AgentClient, ExecOutcome, GuestConfig, file_error, run_in_guest
+from tierbox.vmm.guest import guest_stats
+from tierbox.vmm.qmp import QMPClient
+
+if TYPE_CHECKING:
+    from tierbox.tiers.microvm.tier import MicroVMTier
+
+T = TypeVar("T")
+_DOING = {"read": "reading", "write": "writing", "list": "listing"}
+
+#: Host-side deadline for agent calls that are not execs (files, stats).
+CALL_TIMEOUT_S = 30.0
+
+CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, min_memory_mib=qemu.MIN_MEMORY_MIB)
+
+
+def vm_state_file(d: Path) -> Path:
+    """The microVM's own record in its sandbox directory (QEMU pid, machine,
+    guest settings): what attach, snapshots and reap read."""
+    return d / "vm.json"
+
+
+class MicroVMInstance(SnapshotOps, Instance):
+    """One running microVM. Thread-safe: calls are serialised on one agent line."""
+
+    tier_name = "microvm"
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self,
+        tier: MicroVMTier,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        machine: qemu.Machine,
+        guest: GuestConfig,
+        proc: qemu.QemuProcess,
+        cgroup: SandboxCgroup | None,
+        ram_path: Path | None,
+        disk_info: dict[str, Any] | None,
+    ) -> None:
+        self.tier = tier
+        self.id = sandbox_id
+        self.spec = spec
+        self.machine = machine
+        self.guest = guest
+        self.proc = proc
+        self.files = proc.files
+        self.cgroup = cgroup
+        #: the shared RAM file of a cold-booted guest; None for a restored one
+        #: (whose RAM is a private mapping of its snapshot's file)
+        self.ram_path = ram_path
+        self.disk_info = disk_info
+        self.agent = AgentClient(self.files.agent)
+        self.agent_info: dict[str, str] = {}
+        self._qmp: QMPClient | None = None
+        self._lock = threading.RLock()
+        self._close_lock = threading.Lock()
+        self._closed = False
+        self._dead: Termination | None = None
+        self._snap_seq = 0
+
+    # ---- state for attach / gc ----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "dir": str(self.files.dir),
+            "pid": self.proc.pid,
+            "machine": self.machine.to_dict(),
+            "guest": self.guest.to_dict(),
+            "cgroup": self.cgroup.relpath if self.cgroup is not None else None,
+            "ram_path": str(self.ram_path) if self.ram_path is not None else None,
+            "disk": self.disk_info,
+        }
+
+    def _save_state(self) -> None:
+        d = self.files.dir
+        tmp = d / "vm.json.tmp"
+        tmp.write_text(json.dumps({**self.state(), "spec": self.spec.to_dict()}, indent=1))
+        os.replace(tmp, vm_state_file(d))
+        if not (d / "state.json").exists():
+            _state.write_state(
+                self.id,
+                {
+                    "id": self.id,
+                    "tier": "microvm",
+                    "spec": self.spec.to_dict(),
+                    "created": time.time(),
+                    "persistent": False,
+                    "owner_pid": os.getpid(),
+                    "tier_state": self.state(),
+                },
+            )
+
+    # ---- liveness ---------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if self._dead is None and not self.proc.alive():
+            self._dead = self._death_termination()
+        if self._dead is not None:
+            raise self._dead_error()
+
+    def _dead_error(self, what: str = "") -> SandboxDeadError:
+        """What every call on a dead VM raises (``close`` still works)."""
+        assert self._dead is not None
+        during = f" ({what})" if what else ""
+        return SandboxDeadError(
+            f"microVM {self.id} is dead{during}: {self._dead.describe()}; nothing in it is "
+            "reachable any more: close it and create a new one"
+        )
+
+    def _death_termination(self) -> Termination:
+        """Why the VM is gone, from QEMU's exit, the console and the cgroup."""
+        rc = self.proc.wait(2.0)
+        console = self.proc.console_tail(16000)
+        panic = qemu.console_panic(console)
+        ev: dict[str, Any] = {}
+        if panic is not None:
+            ev["guest_kernel_panic"] = panic
+            kind = TerminationKind.SIGNALED
+        elif self.cgroup is not None and _safe_oom_kills(self.cgroup) > 0:
+            ev["vmm"] = "QEMU was killed by the host OOM killer"
+            ev["oom_kill"] = _safe_oom_kills(self.cgroup)
+            kind = TerminationKind.OOM_KILLED
+        else:
+            kind = TerminationKind.SIGNALED
+        if rc is None:
+            ev["vmm"] = ev.get("vmm", "QEMU stopped answering")
+        elif rc < 0:
+            ev.setdefault("vmm", f"QEMU was killed by signal {-rc} ({signame(-rc)})")
+        elif rc == 0 and panic is None:
+            ev["vmm"] = "the guest shut down (QEMU exited with code 0)"
+        elif rc > 0:
+            ev.setdefault("vmm", f"QEMU exited with code {rc}")
+        tail = self.proc.log_tail(400).strip()
+        if rc and tail:
+            ev["qemu_log"] = tail.splitlines()[-1]
+        return Termination(kind, signal=int(signal.SIGKILL), evidence=ev)
+
+    def _stop_vm(self, term: Termination) -> Termination:
+        """Kill a VM that cannot be trusted any more; later calls report ``term``."""
+        self._dead = term
+        self.proc.kill()
+        return term
+
+    # ---- agent connection ------------------------------------------------------------
+    def _connect(self, *, deadline: float, hello: bool) -> None:
+        try:
+            self.agent.connect(deadline=deadline, alive=self.proc.alive)
+            if hello:
+                self.agent_info = self.agent.hello(deadline=deadline)
+            self.agent.sync(deadline=deadline)
+        except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+            raise self._boot_failure(exc, deadline) from exc
+
+    def _boot_failure(self, exc: Exception, deadline: float) -> SandboxError:
+        if isinstance(exc, AgentGoneError):
+            self.proc.wait(2.0)  # the socket closes a moment before QEMU is reaped
+        alive = self.proc.alive()
+        console = self.proc.console_tail(1500).strip()
+        if alive:
+            what = (
+                f"the guest agent did not answer ({exc}); the guest may still be booting "
+                f"or be hung (accelerator {self.machine.accel})"
+            )
+        else:
+            term = self._death_termination()
+            what = f"the microVM died while starting: {term.describe()}"
+        lines = "\n  ".join(console.splitlines()[-12:]) if console else "(empty)"
+        return SandboxError(f"microVM {self.id} did not start: {what}\n  console:\n  {lines}")
+
+    def _qmp_client(self) -> QMPClient:
+        if self._qmp is None:
+            client = QMPClient(self.files.qmp, timeout_s=30.0)
+            client.connect(alive=self.proc.alive)
+            self._qmp = client
+        return self._qmp
+
+    # ---- the contract ---------------------------------------------------------------
+    def _exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        if not argv:
+            raise SpecError("no command given: pass the program and its arguments")
+        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        with self._lock:
+            self._check_usable()
+            started = time.monotonic()
+            host_deadline = (
+                started + timeout + self.tier.exec_grace_s + 0.25 * timeout if timeout else None
+            )
+            try:
+                out = run_in_guest(
+                    self.agent,
+                    self.guest,
+                    self.spec,
+                    argv,
+                    env=env,
+                    stdin=stdin,
+                    timeout_s=timeout,
+                    host_deadline=host_deadline,
+                    where=f"microVM {self.id}",
+                )
+            except AgentTimeoutError as exc:
+                term = self._stop_vm(
+                    Termination(
+                        TerminationKind.TIMED_OUT,
+                        signal=int(signal.SIGKILL),
+                        evidence={
+                            "timeout_s": timeout,
+                            "guest": f"{exc}; the microVM was stopped",
+                        },
+                    )
+                )
+                return ExecResult(b"", b"", term, time.monotonic() - started)
+            except AgentGoneError:
+                if self._closed:
+                    term = Termination(
+                        TerminationKind.SIGNALED,
+                        signal=int(signal.SIGKILL),
+                        evidence={"vmm": "the sandbox was closed while the command ran"},
+                    )
+                    return ExecResult(b"", b"", term, time.monotonic() - started)
+                self._dead = self._death_termination()
+                return ExecResult(b"", b"", self._dead, time.monotonic() - started)
+            return self._classify(out, timeout)
+
+    def _classify(self, out: ExecOutcome, timeout: float | None) -> ExecResult:
+        return classify_agent(
+            out,
+            timeout_s=timeout,
+            output_bytes=self.spec.limits.output_bytes,
+            memory_mib=self.machine.memory_mib,
+        )
+
+    def _call_deadline(self) -> float:
+        return time.monotonic() + CALL_TIMEOUT_S
+
+    def _agent_call_failed(self, exc: Exception, what: str) -> SandboxError:
+        if isinstance(exc, AgentTimeoutError):
+            self._stop_vm(
+                Termination(
+                    TerminationKind.TIMED_OUT,
+                    signal=int(signal.SIGKILL),
+                    evidence={"guest": f"agent did not answer {what} in {CALL_TIMEOUT_S:.0f} s"},
+                )
+            )
+            return self._dead_error(f"it stopped answering {what} and was stopped")
+        if isinstance(exc, AgentGoneError):
+            if self._closed:
+                return SandboxClosedError(f"sandbox {self.id} was closed during {what}")
+            self._dead = self._death_termination()
+            return self._dead_error(f"it died during {what}")
+        return SandboxError(f"{what} failed in microVM {self.id}: {exc}")
+
+    # ---- files (through the agent, as the workload's user: see vmm/agent.py) -------------
+    def _files_call(self, verb: str, path: str, fn: Callable[[], T]) -> T:
+        """One file request; the guest's refusals become the files API's errors
+        (NotRegularFileError, FileTooLargeError), a VM that died or hangs
+        SandboxDeadError."""
+        with self._lock:
+            self._check_usable()
+            try:
+                if not self.agent.connected:  # dropped after a stream that would not end
+                    self.agent.connect(deadline=self._call_deadline(), alive=self.proc.alive)
+                return fn()
+            except AgentError as exc:
+                raise file_error(exc, verb, path, f"microVM {self.id}") from exc
+            except (AgentGoneError, AgentTimeoutError) as exc:
+                raise self._agent_call_failed(exc, f"{_DOING[verb]} {path}") from exc
+
+    def _put_file(self, path: str, data: bytes, mode: int) -> None:
+        self._files_call(
+            "write",
+            path,
+            lambda: self.agent.put(
+                path,
+                data,
+                mode=mode,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                deadline=self._call_deadline() + len(data) / (20 * MIB),
+            ),
+        )
+
+    def _get_file(self, path: str, max_bytes: int) -> bytes:
+        return self._files_call(
+            "read",
+            path,
+            lambda: self.agent.get(
+                path,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
+            ),
+        )
+
+    def _copy_out(self, path: str, out: BinaryIO, max_bytes: int | None) -> int:
+        return self._files_call(
+            "read",
+            path,
+            lambda: self.agent.copy_out(
+                path,
+                out.write,
+                uid=self.guest.uid,
+                gid=self.guest.gid,
+                max_bytes=max_bytes,
+                idle_timeout_s=CALL_TIMEOUT_S,
+            ),
+        )
+
+    def _entries(self, path: str) -> list[FileEntry]:
+        return self._files_call(
+            "list",
+            path,
+            lambda: self.agent.entries(
+                path, uid=self.guest.uid, gid=self.guest.gid, idle_timeout_s=CALL_TIMEOUT_S
+            ),
+        )
+
+    def host_pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc.alive() else []
+
+    def stats(self) -> Stats:
+        """Host cost of the VM (QEMU's PSS, peak RSS, CPU) and the guest's view
+        (process count, guest OOM kills)."""
+        with self._lock:
+            self._check_usable()
+            try:
+                guest = self.agent.stats(deadline=time.monotonic() + 10.0)
+            except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
+                raise self._agent_call_failed(exc, "stats") from exc
+            return guest_stats(self.proc.pid, guest)
+
+    def guest_stats(self) -> dict[str, str]:
+        """The agent's raw view: meminfo fields, oom_kill, uptime."""
+        with self._lock:
+            self._check_usable()
+            return self.agent.stats(deadline=self._call_deadline())
+
+    # ---- teardown ----------------------------------------------------------------------
+    def close(self) -> Termination | None:
+        """Kill the VM and remove everything it held. Returns how the VM ended
+        if it died before (panic, killed QEMU), None for an ordinary close.
+        Safe from another thread while an exec runs: that exec ends at once."""
+        with self._close_lock:
+            if self._closed:
+                return None
+            self._closed = True
+            term = self._dead
+            if term is None and not self.proc.alive():
+                term = self._death_termination()
+        if self.proc.alive():  # a dead QEMU's pid may belong to another process by now
+            self.proc.kill()  # an exec in flight sees the line close and returns
+        with self._lock:
+            self.agent.close()
+            if self._qmp is not None:
+                self._qmp.close()
+            self.tier.release(self.id, self.files.dir, self.cgroup, self.ram_path)
+        return term
+
+
+def _safe_oom_kills(cg: SandboxCgroup) -> int:
+    try:
+        return cg.oom_kills()
+    except (OSError, HostError):
+        return 0
