@@ -23,3 +23,5 @@ if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
 fi
 
 "$PY" -m tierbox.vmm.build
+# the accelerator verdict, through the tier itself (KVM only if a test boot works)
+"$PY" -c 'from tierbox.tiers import get_tier; a = get_tier("microvm").available(); print(f"50-microvm: {a.reason}")'

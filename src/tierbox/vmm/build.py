@@ -42,7 +42,6 @@ def check_config(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--force", action="store_true", help="refetch the kernel, rebuild all")
-    parser.add_argument("--no-probe", action="store_true", help="skip the KVM test boot")
     args = parser.parse_args(argv)
     try:
         kernel = artifacts.build_kernel(force=args.force)
@@ -59,11 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         f"modules {', '.join(kernel.modules_loaded)}; "
         f"initramfs {initramfs.path.stat().st_size // 1024} KiB"
     )
-    if not args.no_probe:
-        from tierbox.tiers.microvm import MicroVMTier
-
-        accel, why = MicroVMTier().accelerator()
-        print(f"50-microvm: accelerator {accel}: {why}")
     return 0
 
 
