@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Promise, enter_runtime_namespace, interleaved, p50, p95, report
 from tierbox import make_spec
 from tierbox.images.store import default_store
+from tierbox.spec import DEFAULT_PATH
 from tierbox.tiers import get_tier, oci
 from tierbox.tiers.gvisor import _platform
 
@@ -43,7 +44,7 @@ def raw_bundle(
     its own cgroup the ordinary way."""
     d = Path(tempfile.mkdtemp(prefix="tierbox-bench-"))
     rootfs = default_store().rootfs("busybox")
-    proc = oci.process_json(argv, SPEC, env={"PATH": oci.DEFAULT_PATH, "HOME": "/tmp"}, cwd="/")
+    proc = oci.process_json(argv, SPEC, env={"PATH": DEFAULT_PATH, "HOME": "/tmp"}, cwd="/")
     cfg = oci.bundle_config(
         rootfs=rootfs,
         process=proc,
@@ -141,7 +142,7 @@ def main() -> int:
         proc_file = root / "exec.json"
         oci.write_json(
             proc_file,
-            oci.process_json(["/bin/true"], SPEC, env={"PATH": oci.DEFAULT_PATH}, cwd="/"),
+            oci.process_json(["/bin/true"], SPEC, env={"PATH": DEFAULT_PATH}, cwd="/"),
         )
         state_root = str(container.state_root())  # type: ignore[attr-defined]
         t = interleaved(

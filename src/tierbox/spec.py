@@ -15,6 +15,8 @@ from tierbox.errors import SpecError, UsageError
 
 #: One mebibyte, the unit of every ``*_mib`` limit.
 MIB = 1 << 20
+#: PATH a workload gets unless its image or spec says otherwise (Debian's default)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20  # 1 MiB per stream, like a terminal scrollback
 #: Reads from a sandbox (files.read, get_file) return at most this much unless
 #: the caller passes another ``max_bytes``: a hostile workload can offer an

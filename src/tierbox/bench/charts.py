@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.bench.claims import START_CLAIMS
-
-MIB = 1 << 20
+from tierbox.spec import MIB
 
 
 def _plt() -> Any:

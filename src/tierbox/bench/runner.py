@@ -52,12 +52,11 @@ from tierbox.bench.stats import summarize_ms
 from tierbox.bench.workloads import WORKLOADS, NotRun, Target, base_image, target
 from tierbox.errors import BenchError, NotSupportedError, ProbeBuildError, UnknownTierError
 from tierbox.sandbox import Sandbox
-from tierbox.spec import ExecResult
+from tierbox.spec import MIB, ExecResult
 from tierbox.tiers import get_tier, tier_names
 from tierbox.tiers.base import SnapshotKind
 
 GIB = 1 << 30
-MIB = 1 << 20
 SCHEMA = "tierbox-bench/1"
 #: Guest RAM / memory limit per tier; a full VM's kernel needs more.
 DEFAULT_MEMORY_MIB = {"vm": 256}
@@ -970,7 +969,7 @@ class TierRun:
         module = pr.wasi_probe()
         sb = self.create(str(module))
         try:
-            r = self.run(sb, ["membomb"], pr.BOMB_TIMEOUT_S)
+            r = self.run(sb, ["probe", "membomb"], pr.BOMB_TIMEOUT_S)
             after = self.run(sb, ["probe", "/nonexistent"], 30)
             return pr.judge_bomb(r, None, after.ok, "probe.wasm membomb")
         finally:

@@ -47,14 +47,20 @@ def communicate(
     output_bytes: int,
     kill: Callable[[], None],
     started: float | None = None,
+    on_stdout: Callable[[bytes], object] | None = None,
+    on_stderr: Callable[[bytes], object] | None = None,
 ) -> Captured:
-    """Drive ``proc`` to its end. ``kill`` must stop the workload (not just ``proc``)."""
+    """Drive ``proc`` to its end. ``kill`` must stop the workload (not just
+    ``proc``). ``on_stdout``/``on_stderr`` get each chunk as it is read (what
+    is kept, up to the cap). If anything interrupts the wait (Ctrl-C, a
+    callback that raises), the workload is killed and reaped first."""
     start = started if started is not None else time.monotonic()
     deadline = start + timeout_s if timeout_s is not None else None
     out_fd = proc.stdout.fileno() if proc.stdout is not None else -1
     err_fd = proc.stderr.fileno() if proc.stderr is not None else -2
     in_fd = proc.stdin.fileno() if proc.stdin is not None else -3
     bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    sinks = {out_fd: on_stdout, err_fd: on_stderr}
     truncated = {out_fd: False, err_fd: False}
     sel = selectors.DefaultSelector()
     readers = 0
@@ -111,13 +117,20 @@ def communicate(
                     buf = bufs[fd]
                     room = output_bytes - len(buf)
                     if len(chunk) > room:
-                        buf += chunk[: max(room, 0)]
+                        chunk = chunk[: max(room, 0)]
                         truncated[fd] = True
                         stop = StopReason.OUTPUT_LIMIT
-                    else:
-                        buf += chunk
+                    buf += chunk
+                    sink = sinks[fd]
+                    if sink is not None and chunk:
+                        sink(chunk)
             if stop is not StopReason.NONE:
                 break
+    except BaseException:
+        # interrupted (Ctrl-C, a callback raised): nothing keeps running
+        kill()
+        _wait_after_kill(proc, kill)
+        raise
     finally:
         sel.close()
         os.close(pidfd)

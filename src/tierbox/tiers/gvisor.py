@@ -61,6 +61,7 @@ from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import run, which
 from tierbox.paths import home
 from tierbox.spec import (
+    MIB,
     ExecResult,
     FileEntry,
     FileKind,
@@ -71,7 +72,7 @@ from tierbox.spec import (
 )
 from tierbox.tiers.base import Availability
 from tierbox.tiers.oci_runtime import INIT_BINARY, OciInstance, OciTier, container_id
-from tierbox.tiers.outcome import MIB, engine_evidence
+from tierbox.tiers.outcome import engine_evidence
 
 #: Host threads runsc may hold: a base for the Sentry, Gofer and runsc's own
 #: Go runtimes, plus this many per workload process. Measured here: ~33 at

@@ -22,7 +22,6 @@ from tierbox.spec import parse_user as spec_user
 
 SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
 DEFAULT_USER = (65534, 65534)  # nobody:nogroup
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT_PATH = "/.tierbox/init"  # where the long-lived sandbox's init is bind-mounted
 
 MASKED_PATHS = [

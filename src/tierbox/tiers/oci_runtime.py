@@ -36,6 +36,7 @@ from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import exit_error, run, spawn
 from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
+    DEFAULT_PATH,
     ExecResult,
     FileEntry,
     Limits,
@@ -392,7 +393,7 @@ class OciTier(Tier):
     def merged_env(
         self, image_env: Mapping[str, str], spec: SandboxSpec, extra: Mapping[str, str] | None
     ) -> dict[str, str]:
-        env = {"PATH": oci.DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
+        env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}
         env.update(image_env)
         env.update(spec.env)
         if extra:

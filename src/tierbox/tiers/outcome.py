@@ -12,9 +12,7 @@ from typing import Any
 
 from tierbox.host.capture import Captured, StopReason
 from tierbox.host.cgroups import SandboxCgroup
-from tierbox.spec import ExecResult, Limits, Termination, TerminationKind
-
-MIB = 1024 * 1024
+from tierbox.spec import MIB, ExecResult, Limits, Termination, TerminationKind
 
 
 def cgroup_evidence(cg: SandboxCgroup | None, limits: Limits) -> dict[str, Any]:

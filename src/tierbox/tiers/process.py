@@ -28,12 +28,11 @@ from tierbox.host import capture, helpers, mntns, uids
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
 from tierbox.host.rootfs import RootDir
-from tierbox.spec import ExecResult, SandboxSpec, Stats, Termination, parse_user
+from tierbox.spec import DEFAULT_PATH, ExecResult, SandboxSpec, Stats, Termination, parse_user
 from tierbox.tiers import _pool
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
 from tierbox.tiers.outcome import classify, not_runnable
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TMP_MIB = 64
 #: How long to wait for killed processes to be reaped before a new spawn.
 ZOMBIE_WAIT_S = 5.0

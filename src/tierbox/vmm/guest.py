@@ -18,11 +18,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from tierbox.spec import SandboxSpec, Stats, parse_user
+from tierbox.spec import DEFAULT_PATH, SandboxSpec, Stats, parse_user
 from tierbox.vmm.agent import GuestConfig
 
 #: PATH inside a guest, the Debian default (the OCI bundle uses the same).
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GUEST_PATH = DEFAULT_PATH
 
 
 def guest_config(
