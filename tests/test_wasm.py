@@ -3,7 +3,6 @@ the built-in CPython and MicroPython images, limits, escapes and bad input."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -20,21 +19,22 @@ import pytest
 from tests.conftest import assert_clean, leftovers, require_image
 from tierbox import Sandbox, make_spec
 from tierbox.errors import (
+    InvalidModuleError,
     NotSupportedError,
     SandboxClosedError,
     SandboxError,
     SpecError,
+    TierboxError,
+    UnsupportedImageError,
     UsageError,
 )
 from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, TerminationKind
 from tierbox.tiers import get_tier
 from tierbox.tiers.wasm import WasmInstance, WasmTier
-from tierbox.wasm import engine, growtrack
-from tierbox.wasm.engine import InvalidModuleError
+from tierbox.wasm import engine, growtrack, modules, toolchain
 
 GUESTS = Path(__file__).resolve().parent / "wasm_guests"
-CLANG = "clang-14"
-CFLAGS = ["--target=wasm32-wasi", "--sysroot=/usr", "-O0"]
+CFLAGS = ["-O0"]
 EXTRA_FLAGS: dict[str, list[str]] = {
     "bigmem": ["-Wl,--initial-memory=83886080"],  # 80 MiB of linear memory at start
     "reactor": ["-mexec-model=reactor"],
@@ -46,31 +46,21 @@ Guests = Callable[[str], Path]
 
 @pytest.fixture(scope="session")
 def guest() -> Guests:
-    """Compile tests/wasm_guests/NAME.c to WASI once per source hash (cached in /tmp)."""
-    clang = shutil.which(CLANG)
-    if clang is None or not Path("/usr/lib/wasm32-wasi/libc.a").exists():
-        pytest.skip("clang-14 / wasi-libc missing: run `make setup` (scripts/setup.d/40-wasm.sh)")
-    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
+    """Compile tests/wasm_guests/NAME.c to NAME.wasm (program name NAME) once
+    per source, flags and clang version (cached in /tmp)."""
+    why = toolchain.missing()
+    if why is not None:
+        pytest.skip(why)
     cache = Path(tempfile.gettempdir()) / "tierbox-test-wasm-guests"
-    cache.mkdir(exist_ok=True)
     built: dict[str, Path] = {}
     lock = threading.Lock()
 
     def build(name: str) -> Path:
         with lock:
-            if name in built:
-                return built[name]
-            src = GUESTS / f"{name}.c"
-            flags = CFLAGS + EXTRA_FLAGS.get(name, [])
-            key = hashlib.sha256(src.read_bytes() + repr((flags, version)).encode()).hexdigest()
-            out = cache / key[:16] / f"{name}.wasm"  # argv[0] in the guest is NAME
-            if not out.exists():
-                out.parent.mkdir(exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                subprocess.run([clang, *flags, "-o", str(tmp), str(src)], check=True)
-                os.replace(tmp, out)
-            built[name] = out
-            return out
+            if name not in built:
+                src = (GUESTS / f"{name}.c").read_bytes()
+                built[name] = toolchain.build(src, name, cache, CFLAGS + EXTRA_FLAGS.get(name, []))
+            return built[name]
 
     return build
 
@@ -98,7 +88,7 @@ def test_tier_is_registered_and_available() -> None:
 
 
 def test_hello_args_exit_code_stdout_stderr(guest: Guests) -> None:
-    r = run(guest("hello"), ["7", "two words"])
+    r = run(guest("hello"), ["hello", "7", "two words"])
     assert r.termination.kind is TerminationKind.EXITED
     assert r.exit_code == 7
     assert r.stdout == b"argc=3\nargv[0]=hello\nargv[1]=7\nargv[2]=two words\n"
@@ -108,7 +98,7 @@ def test_hello_args_exit_code_stdout_stderr(guest: Guests) -> None:
 
 @pytest.mark.parametrize(("code", "status"), [(0, 0), (1, 1), (125, 125), (200, 200), (300, 44)])
 def test_every_exit_status_is_mirrored(guest: Guests, code: int, status: int) -> None:
-    r = run(guest("hello"), [str(code)])
+    r = run(guest("hello"), ["hello", str(code)])
     assert r.termination.kind is TerminationKind.EXITED, r.termination
     assert r.exit_code == status
     assert r.stderr == b"to-stderr\n"  # exit() flushed stdio first
@@ -136,12 +126,12 @@ def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
     inst = tier.create(spec(guest("fileops")))
     try:
         inst.put_file("/in/data.txt", b"payload\n")
-        r = inst.exec(["read", "/in/data.txt"])
+        r = inst.exec(["fileops", "read", "/in/data.txt"])
         assert r.stdout == b"opened /in/data.txt: payload\n", r
-        assert inst.exec(["write", "/out.txt", "made inside"]).ok
+        assert inst.exec(["fileops", "write", "/out.txt", "made inside"]).ok
         assert inst.get_file("/out.txt") == b"made inside\n"
         assert inst.list_dir("/") == ["in", "out.txt"]
-        assert sorted(inst.exec(["ls", "/"]).stdout.split()) == [b"in", b"out.txt"]
+        assert sorted(inst.exec(["fileops", "ls", "/"]).stdout.split()) == [b"in", b"out.txt"]
         st = inst.stats()
         assert st.memory_peak_bytes is not None and st.memory_peak_bytes > 0
         assert st.memory_bytes == 0  # nothing runs: an idle sandbox holds no Wasm memory
@@ -153,7 +143,7 @@ def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
         assert inst.close() is None
     assert inst.close() is None  # idempotent
     with pytest.raises(SandboxClosedError):
-        inst.exec(["ls", "/"])
+        inst.exec(["fileops", "ls", "/"])
     assert_clean(before)
 
 
@@ -161,8 +151,8 @@ def test_exec_env_overrides_spec_env(guest: Guests) -> None:
     s = SandboxSpec(image=str(guest("hello")), env={"GREETING": "spec"})
     inst = WasmTier().create(s)
     try:
-        assert b"GREETING=exec\n" in inst.exec([], env={"GREETING": "exec"}).stdout
-        assert b"GREETING=spec\n" in inst.exec([]).stdout
+        assert b"GREETING=exec\n" in inst.exec(["hello"], env={"GREETING": "exec"}).stdout
+        assert b"GREETING=spec\n" in inst.exec(["hello"]).stdout
     finally:
         inst.close()
 
@@ -173,9 +163,78 @@ def test_sandbox_without_image_runs_modules_put_into_it(guest: Guests) -> None:
         inst.put_file("/bin/hello.wasm", guest("hello").read_bytes())
         r = inst.exec(["/bin/hello.wasm", "3"])
         assert r.exit_code == 3
-        assert r.stdout.startswith(b"argc=2\nargv[0]=hello\nargv[1]=3\n")
-        with pytest.raises(SandboxError, match="no such file"):
-            inst.exec(["/bin/nothing.wasm"])
+        assert r.stdout.startswith(b"argc=2\nargv[0]=/bin/hello.wasm\nargv[1]=3\n")
+        r = inst.exec(["bin/hello.wasm", "4"])  # relative: from the working directory, /
+        assert r.exit_code == 4 and b"argv[0]=bin/hello.wasm\n" in r.stdout
+        # Replaced in place: the new module runs, not a remembered one.
+        inst.put_file("/bin/hello.wasm", guest("crash").read_bytes())
+        assert inst.exec(["/bin/hello.wasm"]).termination.kind is TerminationKind.SIGNALED
+    finally:
+        inst.close()
+
+
+def test_argv0_names_the_program(guest: Guests) -> None:
+    """argv[0] is the program on every tier: the image's module by its names,
+    or a .wasm file inside the sandbox; the guest sees argv as given."""
+    hello = guest("hello")
+    for name in ("hello", "hello.wasm"):
+        r = run(hello, [name, "5"])
+        assert r.exit_code == 5 and r.stdout.startswith(f"argc=2\nargv[0]={name}\n".encode()), r
+    r = run(hello, [])  # one-shot, empty argv: the module's own command
+    assert r.exit_code == 0 and r.stdout.startswith(b"argc=1\nargv[0]=hello\n"), r
+
+
+@pytest.mark.parametrize("program", ["5", "sh", "crash", "/usr/bin/env", "/x.wasm"])
+def test_a_program_the_sandbox_cannot_run_is_127(guest: Guests, program: str) -> None:
+    """Like every tier: status 127 and one line on stderr, one-shot and long-lived;
+    a program the image does not have, a host path, a module that is not there."""
+    r = run(guest("hello"), [program, "x"])
+    assert r.exit_code == 127, r
+    assert r.stderr == f"tierbox: {program}: command not found\n".encode(), r.stderr
+    assert r.stdout == b""
+    inst = WasmTier().create(spec(guest("hello")))
+    try:
+        r = inst.exec([program])
+        assert r.exit_code == 127 and r.termination.kind is TerminationKind.EXITED, r
+        assert r.stderr.count(b"\n") == 1 and b"not found" in r.stderr
+    finally:
+        inst.close()
+
+
+def test_a_file_that_is_not_a_module_is_126(guest: Guests) -> None:
+    inst = WasmTier().create(SandboxSpec(image=None))
+    try:
+        inst.put_file("/app/notes.wasm", b"just text\n")
+        inst.put_file("/app/lib.wasm", guest("reactor").read_bytes())
+        inst.put_file("/app/dir.wasm/x", b"")
+        cases = {
+            "/app/notes.wasm": b"not a WebAssembly module",
+            "/app/lib.wasm": b"no _start",
+            "/app/dir.wasm": b"Is a directory",
+            "/app/notes.wasm/x": b"Not a directory",
+        }
+        for path, why in cases.items():
+            r = inst.exec([path])
+            assert r.exit_code == 126, (path, r)
+            assert r.stderr.startswith(f"tierbox: {path}: ".encode()), r.stderr
+            assert why in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    finally:
+        inst.close()
+
+
+def test_modules_are_read_inside_the_sandbox_only(guest: Guests, tmp_path: Path) -> None:
+    """A symlink to a host module resolves inside the sandbox's root, never on the host."""
+    host_module = tmp_path / "host.wasm"
+    shutil.copyfile(guest("hello"), host_module)
+    inst = WasmTier().create(SandboxSpec(image=None))
+    try:
+        assert isinstance(inst, WasmInstance)
+        (inst.root / "up.wasm").symlink_to(host_module)
+        (inst.root / "dots.wasm").symlink_to("../../../../../../.." + str(host_module))
+        for link in ("/up.wasm", "/dots.wasm", "../../../../.." + str(host_module)):
+            r = inst.exec([link])
+            assert r.exit_code == 127, (link, r)
+            assert b"argc=" not in r.stdout
     finally:
         inst.close()
 
@@ -183,19 +242,19 @@ def test_sandbox_without_image_runs_modules_put_into_it(guest: Guests) -> None:
 def test_facade_create_attach_snapshot_restore(guest: Guests) -> None:
     before = leftovers()
     with Sandbox.create(str(guest("fileops")), tier="wasm", memory_mib=64) as sb:
-        assert sb.run(["write", "/state.txt", "v1"]).ok
+        assert sb.run(["fileops", "write", "/state.txt", "v1"]).ok
         again = Sandbox.connect(sb.id)  # what another process would do
-        assert again.run(["read", "/state.txt"]).stdout == b"opened /state.txt: v1\n"
+        assert again.run(["fileops", "read", "/state.txt"]).stdout == b"opened /state.txt: v1\n"
         usage = Sandbox.connect(sb.id).stats()  # both execs, as another process sees them
         assert usage.memory_peak_bytes is not None and usage.memory_peak_bytes > 0
         assert usage.cpu_s is not None and usage.cpu_s > 0
         snap = sb.snapshot()
         assert snap.tier == "wasm"
-        assert sb.run(["write", "/state.txt", "v2"]).ok
+        assert sb.run(["fileops", "write", "/state.txt", "v2"]).ok
         with Sandbox.restore(snap) as restored:
             assert restored.id != sb.id
             assert restored.get_file("/state.txt") == b"v1\n"
-            assert restored.run(["read", "/state.txt"]).ok
+            assert restored.run(["fileops", "read", "/state.txt"]).ok
         assert sb.get_file("/state.txt") == b"v2\n"
         shutil.rmtree(snap.path)
     assert_clean(before)
@@ -209,16 +268,16 @@ def test_host_files_are_invisible_and_escapes_fail(guest: Guests) -> None:
     inst = WasmTier().create(spec(guest("fileops")))
     try:
         for path in ("/etc/passwd", "../etc/passwd", "/../../../../etc/passwd", "../../../.."):
-            r = inst.exec(["open", path])
+            r = inst.exec(["fileops", "open", path])
             assert r.exit_code == 1, (path, r)
             assert b"failed" in r.stdout and b"root:" not in r.stdout, (path, r.stdout)
-        r = inst.exec(["ls", ".."])
+        r = inst.exec(["fileops", "ls", ".."])
         assert b"etc" not in r.stdout
         # A symlink may be created, but following it stays inside the sandbox.
-        inst.exec(["symlink", "/etc/passwd", "/link"])
-        inst.exec(["symlink", "../../../../../etc/passwd", "/link2"])
+        inst.exec(["fileops", "symlink", "/etc/passwd", "/link"])
+        inst.exec(["fileops", "symlink", "../../../../../etc/passwd", "/link2"])
         for link in ("/link", "/link2"):
-            r = inst.exec(["open", link])
+            r = inst.exec(["fileops", "open", link])
             assert b"root:" not in r.stdout, (link, r)
         # Host-side file access is confined the same way.
         with pytest.raises(SandboxError):
@@ -261,7 +320,7 @@ def test_memory_bomb_is_oom_killed_at_the_limit(guest: Guests) -> None:
 def test_refused_growth_is_evidence_when_the_guest_copes_and_exits_0(guest: Guests) -> None:
     """malloc(200 MiB) under a 64 MiB limit: memory.grow returns -1, the guest
     handles NULL and exits 0. The run is ``exited``, and says what was refused."""
-    r = run(guest("growrefused"), ["200"], memory_mib=64)
+    r = run(guest("growrefused"), ["growrefused", "200"], memory_mib=64)
     t = r.termination
     assert r.stdout == b"refused 200 MiB\n"
     assert t.kind is TerminationKind.EXITED and t.exit_code == 0, t
@@ -273,7 +332,7 @@ def test_refused_growth_is_evidence_when_the_guest_copes_and_exits_0(guest: Gues
     assert ev["peak_mib"] < 64
     assert "memory_grow_refused" in t.describe()
     # Growth within the limit leaves no such evidence.
-    ok = run(guest("growrefused"), ["10"], memory_mib=64)
+    ok = run(guest("growrefused"), ["growrefused", "10"], memory_mib=64)
     assert ok.stdout == b"granted 10 MiB\n" and ok.termination.evidence == {}
 
 
@@ -281,8 +340,8 @@ def test_refused_growth_is_evidence_for_other_endings_too(guest: Guests) -> None
     """A long-lived sandbox: refused growth is counted per run, and a later run
     that grows within the limit is clean again."""
     with Sandbox.create(str(guest("growrefused")), tier="wasm", memory_mib=32) as sb:
-        first = sb.run(["100"])
-        second = sb.run(["1"])
+        first = sb.run(["growrefused", "100"])
+        second = sb.run(["growrefused", "1"])
     assert first.termination.evidence["memory_grow_refused"] >= 1
     assert second.termination.evidence == {}
 
@@ -361,7 +420,7 @@ def test_infinite_loop_times_out(guest: Guests) -> None:
 def test_exec_timeout_overrides_spec(guest: Guests) -> None:
     inst = WasmTier().create(spec(guest("spin"), timeout_s=600.0))
     try:
-        r = inst.exec([], timeout_s=0.2)
+        r = inst.exec(["spin"], timeout_s=0.2)
         assert r.termination.kind is TerminationKind.TIMED_OUT
         assert r.termination.evidence["timeout_s"] == 0.2
     finally:
@@ -369,13 +428,13 @@ def test_exec_timeout_overrides_spec(guest: Guests) -> None:
 
 
 def test_sleeping_guest_times_out(guest: Guests) -> None:
-    r = run(guest("sleeper"), ["1000"], timeout_s=0.3)
+    r = run(guest("sleeper"), ["sleeper", "1000"], timeout_s=0.3)
     assert r.stdout == b"sleeping 1000\n"
     assert r.termination.kind is TerminationKind.TIMED_OUT
 
 
 def test_sleep_completes_within_the_timeout(guest: Guests) -> None:
-    r = run(guest("sleeper"), ["1"], timeout_s=20.0)
+    r = run(guest("sleeper"), ["sleeper", "1"], timeout_s=20.0)
     assert r.stdout == b"sleeping 1\nwoke\n"
     assert r.ok
     assert r.duration_s >= 1.0
@@ -412,7 +471,7 @@ def test_fuel_budget_derived_from_cpus_times_timeout(guest: Guests) -> None:
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 def test_output_flood_is_capped_and_stopped(guest: Guests, stream: str) -> None:
-    r = run(guest("flood"), [stream], output_bytes=4096, timeout_s=30.0)
+    r = run(guest("flood"), ["flood", stream], output_bytes=4096, timeout_s=30.0)
     t = r.termination
     assert t.kind is TerminationKind.OUTPUT_LIMIT, t
     assert t.evidence == {"output_bytes": 4096}
@@ -428,7 +487,7 @@ def test_output_flood_is_capped_and_stopped(guest: Guests, stream: str) -> None:
     ("mode", "trap"), [("native", "stack_overflow"), ("frames", "memory_out_of_bounds")]
 )
 def test_deep_recursion_traps(guest: Guests, mode: str, trap: str) -> None:
-    r = run(guest("recurse"), [mode])
+    r = run(guest("recurse"), ["recurse", mode])
     t = r.termination
     assert r.stdout == b"recursing\n"
     assert t.kind is TerminationKind.SIGNALED, t
@@ -446,7 +505,7 @@ def test_deep_recursion_traps(guest: Guests, mode: str, trap: str) -> None:
 def test_traps_are_signaled_with_the_trap_code(
     guest: Guests, mode: str, trap: str, sig: int
 ) -> None:
-    r = run(guest("crash"), [mode])
+    r = run(guest("crash"), ["crash", mode])
     assert r.stdout == b"about to crash\n"
     t = r.termination
     assert t.kind is TerminationKind.SIGNALED, t
@@ -492,9 +551,11 @@ def test_component_is_refused(tmp_path: Path) -> None:
         run(component, [])
 
 
-def test_argv_with_nul_is_refused(guest: Guests) -> None:
-    with pytest.raises(SpecError, match="NUL"):
-        run(guest("hello"), ["a\0b"])
+def test_argv_and_env_with_nul_are_refused(guest: Guests) -> None:
+    with pytest.raises(UsageError, match="NUL"):
+        run(guest("hello"), ["hello", "a\0b"])
+    with pytest.raises(SpecError, match="environment"):
+        WasmTier().run(SandboxSpec(image=str(guest("hello")), env={"A": "x\0y"}), ["hello"])
 
 
 # ------------------------------------------------------------ the module cache
@@ -502,21 +563,22 @@ def test_argv_with_nul_is_refused(guest: Guests) -> None:
 
 def test_compiled_modules_are_cached_on_disk(guest: Guests) -> None:
     path = guest("hello")
-    digest = engine.file_digest(path)
-    cwasm = engine.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
+    digest = modules.file_digest(path)
+    cwasm = modules.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
     run(path, [])
     assert cwasm.is_file()
     assert oct(cwasm.parent.stat().st_mode & 0o777) == "0o700"
     # A fresh process loads the .cwasm instead of compiling.
     code = (
         "import sys, wasmtime\n"
-        "from tierbox.wasm import engine\n"
+        "from pathlib import Path\n"
+        "from tierbox.wasm import modules\n"
         "calls = []\n"
         "orig = wasmtime.Module.__init__\n"
         "def spy(self, *a, **k):\n"
         "    calls.append(1); orig(self, *a, **k)\n"
         "wasmtime.Module.__init__ = spy\n"
-        f"m = engine.load_module(engine.Path({str(path)!r}))\n"
+        f"m = modules.load_module(Path({str(path)!r}))\n"
         "print(len(calls))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -527,13 +589,13 @@ def test_damaged_cache_entry_is_recompiled(guest: Guests, tmp_path: Path) -> Non
     src = guest("hello")
     copy = tmp_path / "hello-copy.wasm"
     copy.write_bytes(src.read_bytes() + b"")  # same digest as src
-    digest = engine.file_digest(src)
-    cwasm = engine.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
+    digest = modules.file_digest(src)
+    cwasm = modules.cache_dir() / f"{digest}-{engine.engine_fingerprint()}.cwasm"
     run(src, [])
     code = (
         "from tierbox.tiers.wasm import WasmTier\n"
         "from tierbox.spec import SandboxSpec\n"
-        f"print(WasmTier().run(SandboxSpec(image={str(copy)!r}), ['5']).exit_code)\n"
+        f"print(WasmTier().run(SandboxSpec(image={str(copy)!r}), ['hello-copy', '5']).exit_code)\n"
     )
     # Damage it as a new file: this process has the old one mmapped, and truncating
     # a mapped file in place would crash it (SIGBUS), as with any mmapped code.
@@ -559,7 +621,7 @@ def test_many_sandboxes_on_worker_threads(guest: Guests) -> None:
             inst = tier.create(spec(hello))
             try:
                 for i in range(5):
-                    results[(n, i)] = inst.exec([str(n), f"t{n}-{i}"])
+                    results[(n, i)] = inst.exec(["hello", str(n), f"t{n}-{i}"])
             finally:
                 inst.close()
         except BaseException as exc:
@@ -593,11 +655,11 @@ def test_wasm_runs_without_holding_the_gil(guest: Guests) -> None:
 def test_mixed_outcomes_on_threads_do_not_cross(guest: Guests) -> None:
     tier = WasmTier()
     jobs: list[tuple[Path, list[str], dict[str, object], TerminationKind]] = [
-        (guest("hello"), ["3"], {}, TerminationKind.EXITED),
+        (guest("hello"), ["hello", "3"], {}, TerminationKind.EXITED),
         (guest("spin"), [], {"timeout_s": 0.3}, TerminationKind.TIMED_OUT),
         (guest("flood"), [], {"output_bytes": 2048}, TerminationKind.OUTPUT_LIMIT),
         (guest("crash"), [], {}, TerminationKind.SIGNALED),
-        (guest("sleeper"), ["100"], {"timeout_s": 0.3}, TerminationKind.TIMED_OUT),
+        (guest("sleeper"), ["sleeper", "100"], {"timeout_s": 0.3}, TerminationKind.TIMED_OUT),
     ] * 3
     got: dict[int, TerminationKind] = {}
 
@@ -618,21 +680,21 @@ EXIT_SCRIPT = textwrap.dedent(
     import sys, threading, time, wasmtime
     from tierbox.spec import Limits, SandboxSpec
     from tierbox.tiers.wasm import WasmTier
-    from tierbox.wasm import engine
+    from tierbox.wasm import control, engine
 
     spin, sleeper, flood = sys.argv[1:4]
     tier = WasmTier()
     unlimited = Limits(timeout_s=None)
     idle = tier.create(SandboxSpec(image=spin))  # never closed
     store = wasmtime.Store(engine.engine())  # a bare Store alive at exit
-    for image, argv in ((spin, []), (sleeper, ["1000"]), (flood, [])):
+    for image, argv in ((spin, []), (sleeper, ["sleeper", "1000"]), (flood, [])):
         lim = unlimited if image != flood else Limits(timeout_s=None, output_bytes=64 << 20)
         job = (SandboxSpec(image=image, limits=lim), argv)
         threading.Thread(target=tier.run, args=job, daemon=True).start()
     deadline = time.monotonic() + 20
-    while engine.live_runs() < 3 and time.monotonic() < deadline:
+    while control.live_runs() < 3 and time.monotonic() < deadline:
         time.sleep(0.001)
-    print("exiting with", engine.live_runs(), "live runs", flush=True)
+    print("exiting with", control.live_runs(), "live runs", flush=True)
     time.sleep(0.05)
     """
 )
@@ -649,7 +711,7 @@ def test_interpreter_exit_with_live_stores_is_clean(guest: Guests) -> None:
     assert p.stderr == "", p.stderr
 
 
-@pytest.mark.parametrize(("name", "argv"), [("spin", []), ("sleeper", ["1000"])])
+@pytest.mark.parametrize(("name", "argv"), [("spin", []), ("sleeper", ["sleeper", "1000"])])
 def test_ctrl_c_stops_a_run_on_the_main_thread(guest: Guests, name: str, argv: list[str]) -> None:
     code = textwrap.dedent(
         f"""
@@ -682,14 +744,15 @@ def test_ctrl_c_stops_a_run_on_the_main_thread(guest: Guests, name: str, argv: l
 
 def test_cpython_in_wasm() -> None:
     require_image("python:wasi")
-    r = get_tier("wasm").run(make_spec("python"), ["-c", "print(2+2)"])
+    r = get_tier("wasm").run(make_spec("python"), ["python3", "-c", "print(2+2)"])
     assert r.stdout == b"4\n", r
     assert r.ok
-    r = get_tier("wasm").run(
-        make_spec("python"),
-        ["-c", "import sys, os; print(sys.platform, sys.version_info[:2], os.listdir('/'))"],
-    )
-    assert r.stdout == b"wasi (3, 12) []\n", r
+    code = "import sys, os; print(sys.platform, sys.version_info[:2], os.listdir('/'))"
+    for program in ("python", "python3.12", "python.wasm", "/python.wasm"):
+        r = get_tier("wasm").run(make_spec("python:wasi"), [program, "-c", code])
+        assert r.stdout == b"wasi (3, 12) []\n", (program, r)
+    r = get_tier("wasm").run(make_spec("python"), ["-c", "print(1)"])  # argv[0] is the program
+    assert r.exit_code == 127 and r.stderr == b"tierbox: -c: command not found\n", r
 
 
 def test_cpython_sees_no_host_and_no_network() -> None:
@@ -709,7 +772,7 @@ def test_cpython_sees_no_host_and_no_network() -> None:
             print("no network", type(e).__name__)
         """
     )
-    r = get_tier("wasm").run(make_spec("python"), ["-c", code])
+    r = get_tier("wasm").run(make_spec("python"), ["python3", "-c", code])
     assert r.ok, r
     assert b"READ" not in r.stdout and b"CONNECTED" not in r.stdout, r.stdout
     assert r.stdout.count(b"no ") == 4
@@ -722,16 +785,18 @@ def test_cpython_stdin_and_files_in_a_sandbox() -> None:
         script = (
             "n = int(open('/data/in.txt').read()); open('/data/out.txt', 'w').write(str(n + 1))"
         )
-        assert sb.run(["-c", script]).ok
+        assert sb.run(["python3", "-c", script]).ok
         assert sb.get_file("/data/out.txt") == b"42"
-        r = sb.run(["-c", "import sys; print(sys.stdin.read().upper())"], stdin=b"shout")
+        r = sb.run(["python", "-c", "import sys; print(sys.stdin.read().upper())"], stdin=b"shout")
         assert r.stdout == b"SHOUT\n"
+        sb.put_file("/app/main.py", "import sys; print('main', sys.argv[1:])")
+        assert sb.run(["python", "/app/main.py", "a"]).stdout == b"main ['a']\n"
 
 
 def test_cpython_memory_error_is_oom_killed() -> None:
     require_image("python:wasi")
     code = "blocks = []\nwhile True: blocks.append(bytearray(1 << 20))"
-    r = get_tier("wasm").run(make_spec("python", memory_mib=64), ["-c", code])
+    r = get_tier("wasm").run(make_spec("python", memory_mib=64), ["python3", "-c", code])
     assert b"MemoryError" in r.stderr, r
     assert r.termination.kind is TerminationKind.OOM_KILLED
     assert r.termination.evidence["limit_mib"] == 64
@@ -740,24 +805,71 @@ def test_cpython_memory_error_is_oom_killed() -> None:
 
 def test_cpython_timeout() -> None:
     require_image("python:wasi")
-    r = get_tier("wasm").run(make_spec("python", timeout_s=1.0), ["-c", "while True: pass"])
+    r = get_tier("wasm").run(
+        make_spec("python", timeout_s=1.0), ["python3", "-c", "while True: pass"]
+    )
     assert r.termination.kind is TerminationKind.TIMED_OUT
 
 
 def test_micropython() -> None:
     require_image("micropython:wasi")
-    r = get_tier("wasm").run(make_spec("micropython"), ["-c", "print(2+2)"])
+    r = get_tier("wasm").run(make_spec("micropython"), ["micropython", "-c", "print(2+2)"])
     assert r.stdout == b"4\n", r
     r = get_tier("wasm").run(
-        make_spec("micropython"), ["-c", "import sys; print(sys.implementation.name)"]
+        make_spec("micropython:wasi"),
+        ["micropython", "-c", "import sys; print(sys.implementation.name)"],
     )
     assert r.stdout == b"micropython\n"
+    r = get_tier("wasm").run(make_spec("micropython"), ["python3", "-c", "print(1)"])
+    assert r.exit_code == 127, r  # python3 is CPython's name, not MicroPython's
 
 
-def test_linux_image_is_not_a_wasm_image() -> None:
+@pytest.mark.parametrize("ref", ["python", "python:3.11", "python:3.12", "python:latest"])
+def test_python_names_resolve_to_the_wasi_build_and_say_so(
+    ref: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image name means the same image on every tier: on this one, the
+    WASI build of it, chosen explicitly (log, record, repr)."""
+    require_image("python:wasi")
+    with caplog.at_level("INFO", logger="tierbox.wasm"):
+        r = get_tier("wasm").run(make_spec(ref), ["python3", "-c", "print(2+2)"])
+    assert r.stdout == b"4\n", r
+    assert f"{ref} on the wasm tier is python:wasi" in caplog.text
+    with Sandbox.create(ref, tier="wasm") as sb:
+        inst = sb.instance
+        assert isinstance(inst, WasmInstance)
+        assert f"image=python:wasi requested={ref}" in repr(inst)
+        record = Sandbox.list()
+        mine = next(s for s in record if s["id"] == sb.id)["tier_state"]["workload"]
+        assert mine["image"] == "python:wasi" and mine["requested"] == ref
+        assert "CPython 3.12" in mine["note"]
+        assert sb.run(["python3", "-c", "print(3)"]).stdout == b"3\n"
+        again = Sandbox.connect(sb.id)  # another process: the same resolution, not redone
+        assert f"requested={ref}" in repr(again.instance)
+
+
+def test_wasm_images_are_not_renamed(caplog: pytest.LogCaptureFixture) -> None:
+    require_image("micropython:wasi")
+    with caplog.at_level("INFO", logger="tierbox.wasm"):
+        inst = WasmTier().create(make_spec("micropython:wasi"))
+    try:
+        assert "wasm tier is" not in caplog.text
+        assert "requested=" not in repr(inst)
+    finally:
+        inst.close()
+
+
+def test_linux_images_are_refused_naming_the_images_that_work() -> None:
     require_image("busybox")
-    with pytest.raises(SpecError, match="not a Wasm image"):
+    with pytest.raises(UnsupportedImageError, match="not a Wasm image") as info:
         WasmTier().create(make_spec("busybox"))
+    assert "python:wasi" in str(info.value) and "micropython:wasi" in str(info.value)
+    with pytest.raises(UnsupportedImageError):
+        run("busybox", ["sh", "-c", "echo hi"])
+    with pytest.raises(UsageError, match="python:wasi"):  # in the store or not
+        run("debian:bookworm", ["sh"])
+    with pytest.raises(UsageError, match="python:wasi"):
+        run("python:2.7", ["python"])  # no WASI build of Python 2
 
 
 # -------------------------------------------------------- importing images
@@ -777,9 +889,9 @@ def test_import_wasm_makes_a_runnable_image(
     assert rec.ref == "hello-wasm:latest"
     assert rec.config.entrypoint[0].endswith(".wasm")
     assert rec.config.annotations[VARIANT_ANNOTATION] == "compat"
-    assert rec.config.annotations[SHA_ANNOTATION] == engine.file_digest(guest("hello"))
+    assert rec.config.annotations[SHA_ANNOTATION] == modules.file_digest(guest("hello"))
     assert default_store().resolve("hello-wasm").ref == "hello-wasm:latest"
-    r = WasmTier().run(spec("hello-wasm"), ["9", "x"])
+    r = WasmTier().run(spec("hello-wasm"), ["hello", "9", "x"])
     assert r.exit_code == 9
     assert r.stdout.startswith(b"argc=3\nargv[0]=hello\nargv[1]=9\n")
     with pytest.raises(InvalidModuleError):
@@ -812,9 +924,31 @@ def test_image_files_are_copied_into_each_sandbox_but_not_the_module(
     try:
         assert inst.list_dir("/") == ["bin", "data"]
         assert inst.list_dir("/bin") == []  # the module runs from the store, not from /
-        assert inst.exec(["write", "/data/motd.txt", "changed"]).ok
+        assert inst.exec(["fileops", "write", "/data/motd.txt", "changed"]).ok
         assert inst.get_file("/data/motd.txt") == b"changed\n"
     finally:
         inst.close()
     again = WasmTier().run(spec("files-wasm:1"), [])
     assert again.stdout == b"opened /data/motd.txt: from the image\n"  # each sandbox: a copy
+
+
+def test_builtin_images_record_their_program_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci missing: run `make setup`")
+    from tierbox.wasm import images
+
+    builtin = images.BUILTINS["micropython:wasi"]
+    try:
+        builtin.module_file()
+    except TierboxError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("TIERBOX_HOME", str(tmp_path / "home"))
+    rec = images.install_builtin(builtin)
+    assert rec.config.annotations[images.PROGRAMS_ANNOTATION] == "micropython"
+    w = images.workload_for_image("micropython")
+    assert {"micropython", "micropython.wasm", "/micropython.wasm"} <= w.programs
+    assert w.image_ref == "micropython:wasi" and w.requested == "micropython"
+    r = WasmTier().run(spec("micropython"), ["micropython.wasm", "-c", "print(6*7)"])
+    assert r.stdout == b"42\n", r

@@ -6,8 +6,10 @@ are translated at the boundary with ``raise ... from exc``::
     TierboxError
     ├── UsageError                 bad input from the caller (CLI exit code 2)
     │   ├── SpecError              malformed spec: memory string, limits, command
+    │   │   └── InvalidModuleError a file that is not a runnable WASI command module
     │   ├── UnknownTierError       a tier name that does not exist
-    │   └── ImageNotFoundError     an image that is not in the store
+    │   ├── ImageNotFoundError     an image that is not in the store
+    │   └── UnsupportedImageError  an image the tier cannot run and has no variant of
     ├── TierUnavailableError       the tier exists but cannot run on this host
     │   └── LibvirtUnreachableError  libvirtd cannot be reached: not running, not startable, gone
     ├── ImageError                 store corruption, digest mismatch, bad archive
@@ -148,6 +150,16 @@ class CommandError(TierboxError):
         code = "timed out" if returncode is None else f"exit code {returncode}"
         tail = stderr.strip()[-2000:]
         super().__init__(f"{what} ({code})" + (f": {tail}" if tail else ""))
+
+
+class InvalidModuleError(SpecError):
+    """The file is not a runnable WASI command module (bad bytes, a component,
+    imports tierbox does not provide, no ``_start``)."""
+
+
+class UnsupportedImageError(UsageError):
+    """The image exists, but this tier cannot run it and knows no variant of it
+    that it can (a Linux image on the wasm tier); the message names images that work."""
 
 
 # ---- the VM tiers (microvm, vm) and their machinery (vmm/, libvirt_host) ------------

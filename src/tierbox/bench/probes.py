@@ -64,8 +64,9 @@ from typing import TYPE_CHECKING, Any
 
 from tierbox.bench.machine import host_boot_id
 from tierbox.bench.workloads import cache_dir
-from tierbox.errors import BenchError, ProbeBuildError, SandboxError
+from tierbox.errors import BenchError, CommandError, HostError, ProbeBuildError, SandboxError
 from tierbox.spec import ExecResult, TerminationKind
+from tierbox.wasm import toolchain
 
 if TYPE_CHECKING:
     from tierbox.sandbox import Sandbox
@@ -487,7 +488,7 @@ def judge_bomb(
 WASI_PROBE_C = r"""
 /* tierbox bench: isolation probe for the wasm tier (WASI preview 1).
  *   probe SECRET_PATH [BLOCKDEV...]   try what the shell probe tries
- *   membomb                           allocate and touch 1 MiB blocks until refused */
+ *   probe membomb                     allocate and touch 1 MiB blocks until refused */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -526,7 +527,7 @@ int main(int argc, char **argv) {
             mib++;
         }
     }
-    const char *secret = argc > 2 ? argv[2] : "/nonexistent";
+    const char *secret = argc > 1 ? argv[1] : "/nonexistent";
     DIR *d = opendir("/proc");
     if (!d) printf("proc=error: %s\n", strerror(errno));
     else {
@@ -554,7 +555,7 @@ int main(int argc, char **argv) {
     else printf("uname=error: %s\n", strerror(errno));
     try_open("boot_id", "/proc/sys/kernel/random/boot_id", O_RDONLY);
     try_open("procsys", "/proc/sys/kernel/printk_ratelimit", O_WRONLY);
-    for (int i = 3; i < argc; i++) {
+    for (int i = 2; i < argc; i++) {
         char key[96], path[128];
         snprintf(key, sizeof key, "blockdev_%s", argv[i]);
         snprintf(path, sizeof path, "/dev/%s", argv[i]);
@@ -565,35 +566,18 @@ int main(int argc, char **argv) {
 }
 """
 
-CLANG = "clang-14"
-WASI_CFLAGS = ("--target=wasm32-wasi", "--sysroot=/usr", "-O1")
+WASI_CFLAGS = ("-O1",)
 
 
 def wasi_probe() -> Path:
-    """Build the WASI probe once (cached by source and compiler version)."""
-    clang = shutil.which(CLANG)
-    if clang is None or not Path("/usr/lib/wasm32-wasi/libc.a").exists():
-        raise ProbeBuildError(
-            "clang-14 and wasi-libc are needed to build the WASI probe: run `make setup` "
-            "(scripts/setup.d/40-wasm.sh installs clang-14 lld-14 wasi-libc "
-            "libclang-rt-14-dev-wasm32)"
+    """Build the WASI probe once (cached by source and compiler version); it
+    runs as ``probe`` (argv[0], its program name)."""
+    try:
+        return toolchain.build(
+            WASI_PROBE_C.encode(), "probe", cache_dir() / "wasm-probe", WASI_CFLAGS
         )
-    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256((WASI_PROBE_C + repr(WASI_CFLAGS) + version).encode()).hexdigest()[:16]
-    out = cache_dir() / f"wasm-{key}" / "probe.wasm"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    src = out.with_name("probe.c")
-    src.write_text(WASI_PROBE_C)
-    tmp = out.with_suffix(".tmp")
-    proc = subprocess.run(
-        [clang, *WASI_CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise ProbeBuildError(f"building the WASI probe failed: {proc.stderr.strip()[-800:]}")
-    tmp.replace(out)
-    return out
+    except (HostError, CommandError) as exc:
+        raise ProbeBuildError(f"the WASI probe cannot be built: {exc}") from exc
 
 
 def host_block_devices() -> list[str]:

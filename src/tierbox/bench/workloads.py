@@ -3,12 +3,14 @@
 ``hello`` prints ``hello``: the trivial workload of the cold-start claim.
 On shell tiers it is ``echo hello`` in the tier's base image; on the wasm
 tier it is a 130-byte WASI module (assembled here from WAT by wasmtime, so
-no toolchain is needed) that writes ``hello`` with one ``fd_write``.
+no toolchain is needed) that writes ``hello`` with one ``fd_write``, run as
+``hello`` (argv[0] names the program on every tier).
 
-``python`` prints ``hello`` from CPython: the host's python3 on the process
-tier, the ``python:3.11`` image on image tiers, CPython-for-WASI
-(``python:wasi``) on the wasm tier. Where the image is missing the workload
-is reported as not run, with the command that would add it.
+``python`` prints ``hello`` from CPython, as ``python3 -c ...`` everywhere:
+the host's python3 on the process tier, the ``python:3.11`` image on image
+tiers, CPython-for-WASI (``python:wasi``, named as such) on the wasm tier.
+Where the image is missing the workload is reported as not run, with the
+command that would add it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ WORKLOADS = ("hello", "python")
 #: The image of shell-capable tiers (probes need sh and busybox tools).
 BASE_IMAGE = "busybox"
 PYTHON_IMAGE = "python:3.11"
+#: The wasm tier's CPython: named explicitly rather than resolved from PYTHON_IMAGE.
+WASM_PYTHON_IMAGE = "python:wasi"
 
 HELLO_WAT = """
 (module
@@ -104,29 +108,36 @@ def target(workload: str, tier: str, overrides: dict[str, str]) -> Target | NotR
     if workload == "hello":
         image = base_image(tier, overrides)
         if tier == "wasm" and image is not None and image.endswith(".wasm"):
-            return Target("hello", image, ("hello",))  # an argument: argv may not be empty
-        if tier == "wasm":
-            return Target("hello", image, ("-c", "print('hello')"))
+            return Target("hello", image, ("hello",))
+        if tier == "wasm" and image is not None:  # an image override: its own module
+            from tierbox.errors import TierboxError
+            from tierbox.wasm.images import resolve_workload
+
+            try:
+                program = resolve_workload(image).argv0
+            except TierboxError as exc:
+                return NotRun(workload, f"wasm image {image} cannot be used: {exc}")
+            return Target("hello", image, (program, "-c", "print('hello')"))
         return Target("hello", image, ("echo", "hello"))
     if workload == "python":
         code = "print('hello')"
         if tier == "process":
             # the workload's own PATH, not this process's (a virtualenv or a
             # per-user install is not the workload's to run)
-            from tierbox.tiers.process import DEFAULT_PATH
+            from tierbox.spec import DEFAULT_PATH
 
             if shutil.which("python3", path=DEFAULT_PATH) is None:
                 return NotRun(workload, "no python3 on the host's system PATH")
             return Target(workload, None, ("python3", "-c", code))
         if tier == "wasm":
             from tierbox.errors import TierboxError
-            from tierbox.wasm.images import resolve_record
+            from tierbox.wasm.images import resolve_image
 
             try:
-                resolve_record("python")
+                resolve_image(WASM_PYTHON_IMAGE)
             except TierboxError as exc:
-                return NotRun(workload, f"python:wasi is not installed: {exc}")
-            return Target(workload, "python", ("-c", code))
+                return NotRun(workload, f"{WASM_PYTHON_IMAGE} is not installed: {exc}")
+            return Target(workload, WASM_PYTHON_IMAGE, ("python3", "-c", code))
         image = overrides.get(f"{tier}:python", PYTHON_IMAGE)
         missing = _image_missing(image)
         if missing is not None:

@@ -1,12 +1,19 @@
 """The ``wasm`` tier: WASI preview 1 modules in-process on wasmtime.
 
 ``SandboxSpec.image`` is either a path to a ``.wasm`` file (``./hello.wasm``)
-or a Wasm OCI image (``python``, ``micropython``, or any image whose entrypoint
-is a ``.wasm`` file; a tagless ``NAME`` means ``NAME:wasi`` when that exists).
-``exec(argv)`` runs the image's module with ``argv`` as its arguments (the
-image's cmd when empty); the guest sees ``argv[0]`` = the module's name. A
-sandbox without an image runs ``.wasm`` files put into it: ``argv[0]`` is then
-the module's path inside the sandbox.
+or an image name. A Wasm image (its entrypoint is a ``.wasm`` file) is run as
+is; a name with a WASI variant resolves to it, explicitly (a log line, and the
+sandbox's record and repr say so): ``python``, ``python:3.11``, ``python:3.12``
+are ``python:wasi``, ``micropython`` is ``micropython:wasi``. Images without
+one (busybox, debian) are refused with an error naming the images that work.
+
+``argv[0]`` is the program, as on every tier: the image's module by one of its
+program names (``python``, ``python3``, ``python3.12`` for python:wasi; the
+module's file name with or without ``.wasm``; its entrypoint path), or a
+``.wasm`` file inside the sandbox directory (read once through the sandbox's
+pinned root). Anything else ends with status 127 (126 for a file that is not
+a runnable module) and one line on stderr. The guest sees ``argv`` as given.
+An empty ``argv`` in a one-shot run is the image's own command.
 
 Each sandbox is a directory (``$TIERBOX_RUN/sandboxes/<id>/root``) preopened
 read-write as the guest's ``/``; every ``exec`` is a fresh wasmtime Store
@@ -29,11 +36,13 @@ CPU budget: ``WasmTier(fuel=N)`` or ``TIERBOX_WASM_FUEL=N`` sets N fuel units
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -43,14 +52,25 @@ from typing import Any
 
 from tierbox import paths
 from tierbox.errors import (
+    InvalidModuleError,
     NotSupportedError,
     SandboxClosedError,
     SandboxError,
     SpecError,
     TierboxError,
 )
+from tierbox.host import rootfs
 from tierbox.host.rootfs import RootDir
-from tierbox.spec import ExecResult, NetworkPolicy, SandboxSpec, Stats, Termination, TerminationKind
+from tierbox.spec import (
+    MIB,
+    ExecResult,
+    NetworkPolicy,
+    SandboxSpec,
+    Stats,
+    Termination,
+    TerminationKind,
+    sandbox_path,
+)
 from tierbox.tiers import _state
 from tierbox.tiers.base import (
     Availability,
@@ -61,8 +81,11 @@ from tierbox.tiers.base import (
     SnapshotRef,
     Tier,
 )
+from tierbox.tiers.outcome import not_runnable
+from tierbox.wasm import control, modules, scratch, wasmtime_private
 from tierbox.wasm import engine as eng
 from tierbox.wasm.images import Workload, import_wasm, resolve_workload
+from tierbox.wasm.modules import WasmModule
 from tierbox.wasm.runner import fuel_budget, run_wasi
 
 #: Fuel per CPU-second used to turn ``cpus * timeout_s`` into a fuel budget:
@@ -71,6 +94,10 @@ from tierbox.wasm.runner import fuel_budget, run_wasi
 FUEL_PER_CPU_S = 2_000_000_000
 FUEL_ENV = "TIERBOX_WASM_FUEL"
 USAGE_PREFIX = "wasm-usage."
+#: The largest module ``exec`` reads from inside a sandbox (it is compiled in memory).
+MAX_SANDBOX_MODULE_BYTES = 256 * MIB
+#: Modules from inside one sandbox remembered (by path and inode) between execs.
+SANDBOX_MODULES_KEPT = 8
 _serials = itertools.count(1)
 
 
@@ -118,6 +145,13 @@ class WasmInstance(DirectoryFiles, Instance):
         self._ooms = 0
         self._serial = next(_serials)  # names this object's usage record
         self._root_dir: RootDir | None = None
+        self._modules: dict[str, tuple[tuple[int, ...], WasmModule]] = {}
+
+    def __repr__(self) -> str:
+        w = self.workload
+        image = "-" if w is None else (w.image_ref or w.source)
+        asked = f" requested={w.requested}" if w is not None and w.requested else ""
+        return f"<WasmInstance {self.id} image={image}{asked}>"
 
     # ------------------------------------------------------------------ exec
 
@@ -131,29 +165,22 @@ class WasmInstance(DirectoryFiles, Instance):
     ) -> ExecResult:
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
-        if self.workload is None:
-            if not argv:
-                raise SandboxError(
-                    f"sandbox {self.id} has no image: give the path of a .wasm file inside it"
-                )
-            module_path = _state.safe_join(self.root, argv[0])
-            if not module_path.is_file():
-                raise SandboxError(f"{argv[0]}: no such file in sandbox {self.id}")
-            module = eng.load_module(module_path, source=argv[0])
-            guest_argv = [_argv0(argv[0]), *argv[1:]]
-            guest_env = {**self.spec.env, **(env or {})}
+        started = time.monotonic()
+        w = self.workload
+        if w is not None and argv[0] in w.programs:
+            module: WasmModule | OSError = w.module()
         else:
-            module = self.workload.module()
-            args = list(argv) if argv else list(self.workload.cmd)
-            guest_argv = [self.workload.argv0, *args]
-            guest_env = {**self.workload.env, **self.spec.env, **(env or {})}
+            module = self._sandbox_module(argv[0])
+        if isinstance(module, OSError):
+            return not_runnable(argv[0], module, time.monotonic() - started)
+        guest_env = {**(w.env if w is not None else {}), **self.spec.env, **(env or {})}
         timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
         with self._lock:
             self._running += 1
         try:
             run = run_wasi(
                 module,
-                guest_argv,
+                argv,
                 env=guest_env,
                 root=self.root,
                 stdin=stdin,
@@ -171,6 +198,51 @@ class WasmInstance(DirectoryFiles, Instance):
             self._ooms += oom
         self._record_usage()
         return run.result
+
+    def _sandbox_module(self, name: str) -> WasmModule | OSError:
+        """The module ``argv[0]`` names inside the sandbox, or why it cannot run.
+
+        Opened once, through the sandbox's pinned root (openat2, so no path
+        can leave it), then read from that one fd: nothing is checked and then
+        opened again. Remembered by inode so a rerun costs one open and fstat.
+        """
+        if not _names_a_file(name):
+            return FileNotFoundError(errno.ENOENT, "command not found")
+        path = sandbox_path(name, cwd=self.workdir)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = rootfs.openat2(self._files_root().fd, path, flags)
+        except OSError as exc:
+            return exc
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return IsADirectoryError(errno.EISDIR, "Is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                return PermissionError(errno.EACCES, "not a regular file")
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            kept = self._modules.get(path)
+            if kept is not None and kept[0] == key:
+                return kept[1]
+            data = (
+                _read_fd(fd, MAX_SANDBOX_MODULE_BYTES)
+                if st.st_size <= MAX_SANDBOX_MODULE_BYTES
+                else None
+            )
+        finally:
+            os.close(fd)
+        if data is None:
+            cap = MAX_SANDBOX_MODULE_BYTES // MIB
+            return OSError(errno.EFBIG, f"larger than the {cap} MiB cap on a module")
+        try:
+            module = modules.load_module_bytes(data, source=path)
+        except InvalidModuleError as exc:
+            return OSError(errno.ENOEXEC, _reason(str(exc), path))
+        with self._lock:
+            if len(self._modules) >= SANDBOX_MODULES_KEPT:
+                self._modules.pop(next(iter(self._modules)))
+            self._modules[path] = (key, module)
+        return module
 
     # Usage is also kept in the sandbox directory (outside the guest's /), one small
     # fixed-size record per Instance object overwritten in place (no lock, no truncation:
@@ -286,9 +358,31 @@ def snapshots_dir() -> Path:
     return paths.home() / "wasm-snapshots"
 
 
-def _argv0(path: str) -> str:
-    base = os.path.basename(path)
-    return base[: -len(".wasm")] if base.endswith(".wasm") else base
+def _names_a_file(name: str) -> bool:
+    """A program name with a ``/`` or a ``.wasm`` suffix is a file in the sandbox
+    (there is no PATH to search: bare names are the image's programs only)."""
+    return "/" in name or name.endswith(".wasm")
+
+
+def _read_fd(fd: int, max_bytes: int) -> bytes | None:
+    """The whole file, or None when it holds (or grew to) more than ``max_bytes``."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := os.read(fd, min(MIB, max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            return None
+    return b"".join(chunks)
+
+
+def _reason(message: str, path: str) -> str:
+    """An InvalidModuleError's message without the leading file name, on one line."""
+    text = " ".join(message.split())
+    for prefix in (path, ":", " ", "is "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    return text or "not a runnable WebAssembly module"
 
 
 class WasmTier(Tier):
@@ -320,7 +414,10 @@ class WasmTier(Tier):
             eng.engine()
         except Exception as exc:  # a broken wasmtime install
             return Availability(False, f"wasmtime cannot start: {exc}", "wasmtime", version)
-        how = "" if eng._C is not None else " (no epoch callback: output cap checked after runs)"
+        how = ""
+        if not control.precise_stops():
+            changed = "; ".join(wasmtime_private.problems()) or "its C API could not be loaded"
+            how = f" (no epoch callback, output cap checked after runs: {changed})"
         return Availability(
             True,
             f"wasmtime {version} in-process, WASI preview 1{how}",
@@ -363,14 +460,19 @@ class WasmTier(Tier):
             )
         fuel = self.fuel
         workload = resolve_workload(spec.image)
+        if argv and argv[0] not in workload.programs:
+            if not _names_a_file(argv[0]):
+                missing = FileNotFoundError(errno.ENOENT, "command not found")
+                return not_runnable(argv[0], missing, 0.0)
+            return super()._run(spec, argv, stdin=stdin)  # a module among the image's files
         module = workload.module()
-        args = list(argv) if argv else list(workload.cmd)
-        root = eng.one_shot_root()
+        guest_argv = list(argv) if argv else [workload.argv0, *workload.cmd]
+        root = scratch.one_shot_root()
         try:
             workload.populate(root)
             result = run_wasi(
                 module,
-                [workload.argv0, *args],
+                guest_argv,
                 env={**workload.env, **spec.env},
                 root=root,
                 stdin=stdin,
@@ -379,7 +481,7 @@ class WasmTier(Tier):
                 fuel=fuel_budget(spec.limits, fuel, self.fuel_per_cpu_s),
             )
         finally:
-            eng.release_one_shot_root(root)
+            scratch.release_one_shot_root(root)
         return result.result
 
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> WasmInstance:
@@ -430,15 +532,15 @@ class WasmTier(Tier):
     def reap(self, live: set[str]) -> list[str]:
         """Scratch directories (stdout/stderr files, one-shot roots) of dead processes.
         Sandbox directories under $TIERBOX_RUN are gc's own job."""
-        return eng.reap_scratch()
+        return scratch.reap()
 
 
 def _check_memory(workload: Workload, spec: SandboxSpec) -> None:
     limit = spec.limits.memory_mib
     module = workload.module()
-    if limit is not None and module.min_memory_bytes > limit * 1024 * 1024:
+    if limit is not None and module.min_memory_bytes > limit * MIB:
         raise SpecError(
-            f"{workload.source} needs at least {module.min_memory_bytes / (1 << 20):.1f} MiB "
+            f"{workload.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB "
             f"of linear memory at start but memory_mib={limit}: raise the memory limit"
         )
 

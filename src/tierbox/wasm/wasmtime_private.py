@@ -1,0 +1,176 @@
+"""Every use of wasmtime-py's private API, in one place.
+
+wasmtime-py wraps most of wasmtime's C API, but not what the wasm tier needs
+to stop one run, within one epoch tick, without touching the others. What is
+used, and why:
+
+``wasmtime._ffi.dll``
+    The ``libwasmtime`` wasmtime-py loaded. Three C functions without a Python
+    wrapper are called through it:
+
+    ``wasmtime_store_epoch_deadline_callback``
+        A per-Store callback run when its epoch deadline passes, which decides
+        once per tick whether that run goes on (wall-clock timeout, output cap,
+        interpreter shutdown). The public ``Store.set_epoch_deadline`` can only
+        trap at one fixed tick.
+    ``wasmtime_error_new``
+        The callback's "stop" answer: an error that ends the run as a trap.
+    ``wasmtime_context_set_epoch_deadline``
+        Sets a Store's deadline to "now" from inside a host call (``proc_exit``,
+        an interrupted sleep), so the guest stops at its next function entry.
+        Raising from a host call instead would go through wasmtime-py's
+        process-global "last exception" slot, which another thread's call can
+        pick up.
+
+``Caller._context()``
+    The ``wasmtime_context_t*`` of the Store a host call runs in: the argument
+    of ``wasmtime_context_set_epoch_deadline``. Caller has no public accessor.
+
+``Store.ptr()``
+    The ``wasmtime_store_t*`` the deadline callback is set on. Public in name
+    (``Managed.ptr``) but a raw pointer meant for wasmtime-py's own calls.
+
+:func:`problems` checks each of these against the installed wasmtime (names,
+C symbols, and the C signatures wasmtime-py itself declares for them);
+``tests/test_wasmtime_private.py`` fails on any change, naming it. Without
+them the tier still runs (:func:`load` returns None): timeouts fall back to
+plain epoch deadlines and the output cap is applied after the run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+from typing import Any
+
+import wasmtime
+
+#: The C functions called through ``wasmtime._ffi.dll``.
+SYMBOLS = (
+    "wasmtime_store_epoch_deadline_callback",
+    "wasmtime_error_new",
+    "wasmtime_context_set_epoch_deadline",
+)
+
+#: ``wasmtime_error_t* (*)(wasmtime_context_t*, void* data, uint64_t* delta,
+#: wasmtime_update_deadline_kind_t* kind)``: NULL means go on.
+DeadlineCallback = ctypes.CFUNCTYPE(
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _dll() -> ctypes.CDLL:
+    from wasmtime import _ffi
+
+    dll = _ffi.dll
+    if not isinstance(dll, ctypes.CDLL):
+        raise AttributeError(f"wasmtime._ffi.dll is a {type(dll).__name__}, not a ctypes.CDLL")
+    return dll
+
+
+class CApi:
+    """The three C calls, typed the way tierbox calls them."""
+
+    def __init__(self) -> None:
+        dll = _dll()
+        self._set_callback = ctypes.CFUNCTYPE(
+            None, ctypes.c_void_p, DeadlineCallback, ctypes.c_void_p, _Finalizer
+        )((SYMBOLS[0], dll))
+        self._error_new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)((SYMBOLS[1], dll))
+        self._set_deadline = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(
+            (SYMBOLS[2], dll)
+        )
+        self._no_finalizer = _Finalizer()  # a NULL function pointer
+
+    def set_deadline_callback(self, store: wasmtime.Store, callback: Any, data: int) -> None:
+        """Call ``callback`` (a :data:`DeadlineCallback`) with ``data`` each
+        time ``store``'s epoch deadline passes."""
+        self._set_callback(store.ptr(), callback, data, self._no_finalizer)
+
+    def stop_error(self, message: bytes) -> int | None:
+        """A new ``wasmtime_error_t*``: the deadline callback's "stop"."""
+        result: int | None = self._error_new(message)
+        return result
+
+    def stop_at_next_check(self, caller: wasmtime.Caller) -> None:
+        """From inside a host call: the guest traps at its next function entry
+        (where compiled code re-reads its deadline) or epoch tick."""
+        self._set_deadline(caller._context(), 0)
+
+
+def load() -> CApi | None:
+    """The C calls, or None when the installed wasmtime-py lacks one."""
+    try:
+        return CApi()
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def problems() -> list[str]:
+    """What of the private API above the installed wasmtime no longer has,
+    one line per change (empty: all there, in the shape tierbox assumes)."""
+    found: list[str] = []
+    try:
+        dll = _dll()
+    except (ImportError, AttributeError) as exc:
+        return [f"wasmtime._ffi.dll (the loaded libwasmtime) is gone: {exc}"]
+    for name in SYMBOLS:
+        if not hasattr(dll, name):
+            found.append(f"libwasmtime no longer exports {name}")
+    found += _declared_signatures()
+    context = getattr(wasmtime.Caller, "_context", None)
+    if not callable(context):
+        found.append("wasmtime.Caller._context() is gone (the host call's wasmtime_context_t*)")
+    elif list(inspect.signature(context).parameters) != ["self"]:
+        sig = inspect.signature(context)
+        found.append(f"wasmtime.Caller._context changed its signature: {sig}")
+    ptr = getattr(wasmtime.Store, "ptr", None)
+    if not callable(ptr):
+        found.append("wasmtime.Store.ptr() is gone (the Store's wasmtime_store_t*)")
+    return found
+
+
+def _declared_signatures() -> list[str]:
+    """Compare the C signatures wasmtime-py declares in its own bindings with
+    the ones :class:`CApi` uses (pointer types aside: both are pointers)."""
+    try:
+        from wasmtime import _bindings
+    except ImportError as exc:
+        return [f"wasmtime._bindings is gone, C signatures cannot be compared: {exc}"]
+    found: list[str] = []
+
+    def argtypes(name: str) -> list[Any] | None:
+        fn = getattr(_bindings, f"_{name}", None)
+        types = getattr(fn, "argtypes", None)
+        if types is None:
+            found.append(f"wasmtime._bindings no longer declares {name}")
+            return None
+        return list(types)
+
+    cb = argtypes(SYMBOLS[0])
+    if cb is not None:
+        callback = cb[1] if len(cb) == 4 else None
+        inner = list(getattr(callback, "_argtypes_", None) or [])
+        if (
+            len(inner) != 4
+            or inner[2] is not ctypes.POINTER(ctypes.c_uint64)
+            or getattr(inner[3], "_type_", None) is not ctypes.c_uint8
+        ):
+            found.append(
+                f"{SYMBOLS[0]} changed: (store, callback(context, data, uint64_t*, uint8_t*), "
+                f"data, finalizer) expected, wasmtime-py declares {cb} with callback {inner}"
+            )
+    err = argtypes(SYMBOLS[1])
+    if err is not None and err not in ([ctypes.c_char_p], [ctypes.POINTER(ctypes.c_char)]):
+        found.append(f"{SYMBOLS[1]} changed: (const char*) expected, wasmtime-py declares {err}")
+    dl = argtypes(SYMBOLS[2])
+    if dl is not None and (len(dl) != 2 or dl[1] is not ctypes.c_uint64):
+        found.append(
+            f"{SYMBOLS[2]} changed: (context, uint64_t) expected, wasmtime-py declares {dl}"
+        )
+    return found
