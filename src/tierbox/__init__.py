@@ -1,13 +1,17 @@
 """tierbox: run the same workload on any rung of the isolation ladder."""
 
 from tierbox.errors import (
+    AdvisoryDBError,
     AgentError,
     AgentGoneError,
     AgentTimeoutError,
     AgentTooOldError,
     BenchError,
+    BuildError,
     CommandError,
+    DockerfileError,
     FileTooLargeError,
+    GateError,
     HostError,
     ImageError,
     ImageNotFoundError,
@@ -23,6 +27,7 @@ from tierbox.errors import (
     SandboxError,
     SandboxFileError,
     SandboxNotFoundError,
+    ScanError,
     SnapshotError,
     SnapshotExistsError,
     SnapshotHasChildrenError,
@@ -48,14 +53,18 @@ from tierbox.spec import (
 )
 
 __all__ = [
+    "AdvisoryDBError",
     "AgentError",
     "AgentGoneError",
     "AgentTimeoutError",
     "AgentTooOldError",
     "BenchError",
+    "BuildError",
     "CommandError",
+    "DockerfileError",
     "ExecResult",
     "FileTooLargeError",
+    "GateError",
     "HostError",
     "ImageError",
     "ImageNotFoundError",
@@ -75,6 +84,7 @@ __all__ = [
     "SandboxFileError",
     "SandboxNotFoundError",
     "SandboxSpec",
+    "ScanError",
     "SnapshotError",
     "SnapshotExistsError",
     "SnapshotHasChildrenError",

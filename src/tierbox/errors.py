@@ -9,7 +9,9 @@ are translated at the boundary with ``raise ... from exc``::
     │   │   └── InvalidModuleError a file that is not a runnable WASI command module
     │   ├── UnknownTierError       a tier name that does not exist
     │   ├── ImageNotFoundError     an image that is not in the store
-    │   └── UnsupportedImageError  an image the tier cannot run and has no variant of
+    │   ├── UnsupportedImageError  an image the tier cannot run and has no variant of
+    │   ├── DockerfileError        a Dockerfile that does not parse or is malformed (file:line)
+    │   └── AdvisoryDBError        an advisory directory (OSV export) that cannot be read
     ├── TierUnavailableError       the tier exists but cannot run on this host
     │   └── LibvirtUnreachableError  libvirtd cannot be reached: not running, not startable, gone
     ├── ImageError                 store corruption, digest mismatch, bad archive
@@ -37,6 +39,9 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── AgentTimeoutError      the guest agent did not answer in time
     │   └── AgentTooOldError       the guest runs an agent older than the host's protocol
     ├── HostError                  the host lacks something (cgroups, mounts)
+    ├── BuildError                 an image build failed: a step's output, or buildah itself
+    │   └── GateError              a lint or scan gate stopped a build before the image was stored
+    ├── ScanError                  an SBOM or a vulnerability source could not be produced or read
     └── BenchError                 a benchmark step got a result it cannot use
         └── ProbeBuildError        an isolation probe program could not be built
 """
@@ -227,3 +232,45 @@ class AgentTimeoutError(SandboxError):
 class AgentTooOldError(SandboxError):
     """The guest runs an agent older than this host's protocol (a snapshot or
     VM made before an upgrade)."""
+
+
+# ---- building, linting and scanning images (build/) -----------------------------------
+
+
+class DockerfileError(UsageError):
+    """A Dockerfile that does not parse, or names an unknown instruction;
+    ``path`` and ``line`` (1-based, 0 when unknown) say where."""
+
+    def __init__(self, message: str, *, path: str = "", line: int = 0) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
+        super().__init__(f"{where}{message}")
+
+
+class AdvisoryDBError(UsageError):
+    """An advisory directory given with ``--db`` (an OSV export) is missing or malformed."""
+
+
+class BuildError(TierboxError):
+    """An image build failed; ``output`` holds the tail of the failing step's output.
+    Nothing was stored."""
+
+    def __init__(self, message: str, *, output: str = "") -> None:
+        self.output = output
+        super().__init__(message + (f"\n{output}" if output else ""))
+
+
+class GateError(BuildError):
+    """A lint or scan gate found a finding at or above its level; ``gate`` is
+    ``lint`` or ``scan`` and ``finding`` names what stopped the build."""
+
+    def __init__(self, message: str, *, gate: str, finding: str) -> None:
+        self.gate = gate
+        self.finding = finding
+        super().__init__(message)
+
+
+class ScanError(TierboxError):
+    """An SBOM or vulnerability source could not be produced or read (syft
+    failed, an image's rootfs is unreadable)."""
