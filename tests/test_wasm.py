@@ -130,8 +130,8 @@ def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
         assert r.stdout == b"opened /in/data.txt: payload\n", r
         assert inst.exec(["fileops", "write", "/out.txt", "made inside"]).ok
         assert inst.get_file("/out.txt") == b"made inside\n"
-        assert inst.list_dir("/") == ["in", "out.txt"]
-        assert sorted(inst.exec(["fileops", "ls", "/"]).stdout.split()) == [b"in", b"out.txt"]
+        assert inst.list_dir("/") == ["in", "out.txt", "tmp"]  # every sandbox has a /tmp
+        assert sorted(inst.exec(["fileops", "ls", "/"]).stdout.split()) == [b"in", b"out.txt", b"tmp"]
         st = inst.stats()
         assert st.memory_peak_bytes is not None and st.memory_peak_bytes > 0
         assert st.memory_bytes == 0  # nothing runs: an idle sandbox holds no Wasm memory
@@ -750,7 +750,7 @@ def test_cpython_in_wasm() -> None:
     code = "import sys, os; print(sys.platform, sys.version_info[:2], os.listdir('/'))"
     for program in ("python", "python3.12", "python.wasm", "/python.wasm"):
         r = get_tier("wasm").run(make_spec("python:wasi"), [program, "-c", code])
-        assert r.stdout == b"wasi (3, 12) []\n", (program, r)
+        assert r.stdout == b"wasi (3, 12) ['tmp']\n", (program, r)
     r = get_tier("wasm").run(make_spec("python"), ["-c", "print(1)"])  # argv[0] is the program
     assert r.exit_code == 127 and r.stderr == b"tierbox: -c: command not found\n", r
 
@@ -922,7 +922,7 @@ def test_image_files_are_copied_into_each_sandbox_but_not_the_module(
     assert r.stdout == b"opened /data/motd.txt: from the image\n", r
     inst = WasmTier().create(spec("files-wasm:1"))
     try:
-        assert inst.list_dir("/") == ["bin", "data"]
+        assert inst.list_dir("/") == ["bin", "data", "tmp"]
         assert inst.list_dir("/bin") == []  # the module runs from the store, not from /
         assert inst.exec(["fileops", "write", "/data/motd.txt", "changed"]).ok
         assert inst.get_file("/data/motd.txt") == b"changed\n"

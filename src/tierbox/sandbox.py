@@ -181,8 +181,9 @@ class Sandbox:
         self.files = Files(self)
 
     def __repr__(self) -> str:
-        image = self.spec.image or "-"
-        return f"<Sandbox {self.id} tier={self.tier} image={image}>"
+        image = self._inst.image or "-"
+        asked = f" (asked for {self.spec.image})" if self.spec.image not in (None, image) else ""
+        return f"<Sandbox {self.id} tier={self.tier} image={image}{asked}>"
 
     # ---- construction ------------------------------------------------------
     @classmethod

@@ -26,6 +26,7 @@ import platform
 import stat
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from tierbox.errors import (
@@ -357,3 +358,34 @@ class RootDir:
                 os.close(fd)
 
         run_as(self.uid, self.gid, work)
+
+
+def resolve_static(root: Path, inner: str) -> Path:
+    """``inner`` resolved under ``root`` as if ``root`` were ``/`` (a link to
+    ``/etc`` stays inside), as a host path.
+
+    Only for trees nobody changes while tierbox reads them (an unpacked image
+    in the store): resolving first and opening later is a race a workload
+    wins in a live sandbox, where :class:`RootDir` must be used instead.
+    """
+    parts: list[str] = []
+    todo = [p for p in inner.split("/") if p not in ("", ".")]
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        candidate = root.joinpath(*parts, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many symlinks resolving {inner}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                parts = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        parts.append(part)
+    return root.joinpath(*parts)

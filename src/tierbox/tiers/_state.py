@@ -116,32 +116,3 @@ def list_states() -> list[dict[str, Any]]:
 
 def remove_dir(sandbox_id: str) -> None:
     shutil.rmtree(sandbox_dir(sandbox_id), ignore_errors=True)
-
-
-def safe_join(root: Path, inner: str) -> Path:
-    """``inner`` (absolute or relative) resolved under ``root`` without escaping it.
-
-    Symlinks are resolved as if ``root`` were ``/`` so a link to ``/etc``
-    inside the sandbox cannot make tierbox touch the host's ``/etc``.
-    """
-    parts: list[str] = []
-    todo = [p for p in inner.split("/") if p not in ("", ".")]
-    hops = 0
-    while todo:
-        part = todo.pop(0)
-        if part == "..":
-            if parts:
-                parts.pop()
-            continue
-        candidate = root.joinpath(*parts, part)
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise OSError(f"too many symlinks resolving {inner}")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                parts = []
-            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-            continue
-        parts.append(part)
-    return root.joinpath(*parts)

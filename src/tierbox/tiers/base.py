@@ -86,6 +86,7 @@ class Instance(abc.ABC):
 
     id: str
     tier_name: str
+    spec: SandboxSpec
     capabilities: Capabilities = Capabilities()
 
     def exec(
@@ -111,6 +112,12 @@ class Instance(abc.ABC):
         timeout_s: float | None = None,
     ) -> ExecResult:
         """The tier's exec, with checked arguments."""
+
+    @property
+    def image(self) -> str | None:
+        """The image this sandbox really runs (a tier that resolves a variant,
+        as wasm does for python, says which)."""
+        return self.spec.image
 
     def host_pids(self) -> list[int]:
         """The host processes this sandbox costs (to meter PSS): its cgroup's,

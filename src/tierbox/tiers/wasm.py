@@ -147,11 +147,16 @@ class WasmInstance(DirectoryFiles, Instance):
         self._root_dir: RootDir | None = None
         self._modules: dict[str, tuple[tuple[int, ...], WasmModule]] = {}
 
+    @property
+    def image(self) -> str | None:
+        """The resolved image (python:wasi for python:3.11, say)."""
+        w = self.workload
+        return None if w is None else (w.image_ref or w.source)
+
     def __repr__(self) -> str:
         w = self.workload
-        image = "-" if w is None else (w.image_ref or w.source)
         asked = f" requested={w.requested}" if w is not None and w.requested else ""
-        return f"<WasmInstance {self.id} image={image}{asked}>"
+        return f"<WasmInstance {self.id} image={self.image or '-'}{asked}>"
 
     # ------------------------------------------------------------------ exec
 
@@ -432,10 +437,10 @@ class WasmTier(Tier):
         if workload is not None:
             _check_memory(workload, spec)
         sandbox_id = _state.new_id()
-        root = _state.sandbox_dir(sandbox_id) / "root"
+        root = _state.make_dir(sandbox_id) / "root"
         try:
-            root.mkdir(parents=True)
-            _state.claim(sandbox_id)
+            root.mkdir()
+            (root / "tmp").mkdir(mode=0o1777)  # every tier's sandbox has a /tmp
             if workload is not None:
                 workload.populate(root)
         except BaseException:
@@ -513,8 +518,7 @@ class WasmTier(Tier):
         sandbox_id = _state.new_id()
         root = _state.sandbox_dir(sandbox_id) / "root"
         try:
-            root.parent.mkdir(parents=True)
-            _state.claim(sandbox_id)
+            _state.make_dir(sandbox_id)
             shutil.copytree(src, root, symlinks=True)
         except BaseException:
             _state.remove_dir(sandbox_id)

@@ -66,8 +66,8 @@ from tierbox.errors import (
     SpecError,
     UnsupportedImageError,
 )
+from tierbox.host.rootfs import resolve_static
 from tierbox.images.refs import parse_ref
-from tierbox.tiers._state import safe_join
 from tierbox.wasm.modules import WasmModule, cache_dir, file_digest, load_module
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ def workload_for_image(ref: str, store: ImageStore | None = None) -> Workload:
     else:
         raise ImageError(f"image {record.ref} names no module: its entrypoint and cmd are empty")
     rootfs = _store_rootfs(st, record.ref)
-    module_path = safe_join(rootfs, entry)
+    module_path = resolve_static(rootfs, entry)
     if not module_path.is_file():
         raise ImageError(f"image {record.ref}: its entrypoint {entry} is not a file in the image")
     traps = frozenset(

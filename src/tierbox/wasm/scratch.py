@@ -65,9 +65,10 @@ def stdio_files(scratch: Path) -> tuple[str, str, str]:
 
 
 def one_shot_root() -> Path:
-    """An empty directory to preopen as ``/`` for a one-shot run on this thread.
+    """A directory holding only an empty ``tmp/`` (every tier's sandbox has
+    a /tmp) to preopen as ``/`` for a one-shot run on this thread.
 
-    Reused while runs leave it empty (creating and removing a directory per run
+    Reused while runs leave it so (creating and removing a directory per run
     costs as much as a small run); see :func:`release_one_shot_root`.
     """
     root: Path | None = getattr(_tls, "root", None)
@@ -75,16 +76,18 @@ def one_shot_root() -> Path:
         root = thread_dir() / "root"
         with contextlib.suppress(FileExistsError):
             root.mkdir(mode=0o755)
+        with contextlib.suppress(FileExistsError):
+            (root / "tmp").mkdir(mode=0o1777)
         _tls.root = root
     return root
 
 
 def release_one_shot_root(root: Path) -> None:
-    """After a one-shot run: keep the directory if the guest left it empty."""
+    """After a one-shot run: keep the directory if the guest left it as it
+    was (only an empty ``tmp/``)."""
     try:
-        with os.scandir(root) as it:
-            if next(it, None) is None:
-                return
+        if os.listdir(root) == ["tmp"] and not os.listdir(root / "tmp"):
+            return
     except OSError:
         pass
     _tls.root = None
