@@ -886,10 +886,3 @@ def summarize(probes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "not_measured": na,
         "text": text,
     }
-
-
-def wait_for_listener(pred: Callable[[], bool], timeout_s: float = 0.5) -> None:
-    """Give the listener thread a moment to record a request that just arrived."""
-    deadline = time.monotonic() + timeout_s
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.02)
