@@ -39,6 +39,17 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── AgentTimeoutError      the guest agent did not answer in time
     │   └── AgentTooOldError       the guest runs an agent older than the host's protocol
     ├── HostError                  the host lacks something (cgroups, mounts)
+    ├── AutoscaleError             the autoscaler could not reach a decision
+    │   ├── HPASpecError           a malformed HPA or simulation file (also a UsageError)
+    │   └── MetricUnavailableError a metric could not be computed from its samples
+    ├── PoolError                  a warm pool could not do what was asked
+    │   ├── PoolNotFoundError      no pool with that name (also a UsageError)
+    │   │   └── FunctionNotFoundError  no function with that name
+    │   ├── PoolExistsError        a pool or function has that name already (also a UsageError)
+    │   ├── PoolExhaustedError     no member came free before a claim's timeout
+    │   ├── PoolClosedError        the pool was closed or removed
+    │   ├── DisruptionBudgetError  a drain could not go on without breaking the disruption budget
+    │   └── PoolManagerError       the process hosting pools cannot be reached or started
     ├── BuildError                 an image build failed: a step's output, or buildah itself
     │   └── GateError              a lint or scan gate stopped a build before the image was stored
     ├── ScanError                  an SBOM or a vulnerability source could not be produced or read
@@ -98,6 +109,61 @@ class BenchError(TierboxError):
 
 class ProbeBuildError(BenchError):
     """An isolation probe program could not be built (no compiler, a failed build)."""
+
+
+# ---- autoscaling and warm pools (autoscale/, pools/) -------------------------------
+
+
+class AutoscaleError(TierboxError):
+    """The autoscaler could not reach a decision."""
+
+
+class HPASpecError(AutoscaleError, UsageError):
+    """A HorizontalPodAutoscaler, its behavior or a simulation file is malformed;
+    the message names the field."""
+
+
+class MetricUnavailableError(AutoscaleError):
+    """A metric could not be computed from the samples given; ``reason`` is the
+    Kubernetes condition reason (FailedGetResourceMetric, ...)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class PoolError(TierboxError):
+    """A warm pool could not do what was asked."""
+
+
+class PoolNotFoundError(PoolError, UsageError):
+    """No pool with that name: ``tierbox pool ls`` lists them."""
+
+
+class FunctionNotFoundError(PoolNotFoundError):
+    """No function with that name: ``tierbox fn ls`` lists them."""
+
+
+class PoolExistsError(PoolError, UsageError):
+    """A pool or function already has that name."""
+
+
+class PoolExhaustedError(PoolError):
+    """No member came free before the claim's timeout (the pool is at its
+    max_size and every member is claimed, or members failed to start)."""
+
+
+class PoolClosedError(PoolError):
+    """The pool was closed or removed."""
+
+
+class DisruptionBudgetError(PoolError):
+    """A drain could not go on without taking ready+claimed members below the
+    pool's disruption budget before its timeout; the message says why."""
+
+
+class PoolManagerError(PoolError):
+    """The process hosting pools and functions cannot be reached or started."""
 
 
 class SandboxError(TierboxError):
