@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 
 import pytest
 
@@ -18,6 +18,7 @@ from tests.conftest import (
     leftovers,
     require_image,
     require_tier,
+    wait_until,
 )
 from tierbox import Sandbox
 from tierbox.paths import sandboxes_dir
@@ -34,8 +35,7 @@ def test_create_exec_close_cycles_leave_nothing(tier: str, cycles: int) -> None:
         with Sandbox.create(image, tier=tier, memory_mib=32, pids=16) as sb:
             assert sb.run(["true"]).ok
             ids.add(sb.id)
-    time.sleep(0.5)  # background directory removal
-    assert_gone(ids)
+    wait_until(lambda: _passes(assert_gone, ids), what="background directory removal")
 
 
 @pytest.mark.parametrize("tier", ["container", "gvisor", "process"])
@@ -44,15 +44,14 @@ def test_kill_9_then_gc_removes_every_leftover(tier: str) -> None:
     require_image("busybox")
     before = leftovers()
     proc = subprocess.Popen([*TIERBOX, "run", "--tier", tier, "busybox", "--", "sleep", "60"])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def running() -> bool:
         now = leftovers()
-        if set(now["cgroups"]) - set(before["cgroups"]) and (
-            tier == "process" or set(now["processes"]) - set(before["processes"])
-        ):
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
+        return bool(set(now["cgroups"]) - set(before["cgroups"])) and (
+            tier == "process" or bool(set(now["processes"]) - set(before["processes"]))
+        )
+
+    wait_until(running, timeout_s=30, what=f"the {tier} workload to start")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = leftovers()
@@ -109,13 +108,21 @@ def test_ctrl_c_cleans_up() -> None:
     proc = subprocess.Popen(
         [*TIERBOX, "run", "busybox", "--", "sleep", "60"], stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not set(leftovers()["processes"]) - set(
-        before["processes"]
-    ):
-        time.sleep(0.05)
+    wait_until(
+        lambda: bool(set(leftovers()["processes"]) - set(before["processes"])),
+        timeout_s=30,
+        what="the container to start",
+    )
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
-    time.sleep(0.5)
-    assert_clean(before)
+    wait_until(lambda: _passes(assert_clean, before), what="every leftover to go")
+
+
+def _passes(check: Callable[..., None], *args: object) -> bool:
+    """Whether an assert-style check holds now (for wait_until)."""
+    try:
+        check(*args)
+    except AssertionError:
+        return False
+    return True
