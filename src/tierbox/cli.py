@@ -15,6 +15,7 @@ from rich.table import Table
 
 from tierbox import gc as gc_mod
 from tierbox.cli_bench import bench
+from tierbox.cli_build import register as register_build_commands
 from tierbox.cli_common import (
     PASSTHROUGH,
     EnvOpt,
@@ -49,6 +50,7 @@ image_app = typer.Typer(
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
+register_build_commands(app, image_app)
 app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."
 )(bench)
