@@ -488,9 +488,9 @@ def test_stop_and_start_keep_the_disk(tier: VMTier) -> None:
     inst = tier.create_vm(make_spec(IMAGE, memory_mib=256), name=fresh("tbstop"))
     try:
         sh(inst, "echo kept > /kept.txt")  # no sync: stop lets the guest flush
-        inst.stop()
+        inst.power_off()
         assert inst.domain_state() == "shutoff"
-        inst.start()  # a cold boot from the same disk
+        inst.power_on()  # a cold boot from the same disk
         assert sh(inst, "cat /kept.txt") == "kept\n"
     finally:
         inst.close()

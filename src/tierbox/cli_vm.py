@@ -205,7 +205,7 @@ def vm_ls(as_json: JsonOpt = False) -> None:
 def vm_start(name: NameArg) -> None:
     """Boot a stopped VM again from its disk."""
     try:
-        _open(name).start()
+        _open(name).power_on()
     except TierboxError as exc:
         fail(exc)
     print(name)
@@ -215,7 +215,7 @@ def vm_start(name: NameArg) -> None:
 def vm_stop(name: NameArg) -> None:
     """Power a VM off (the guest syncs its disks first); its disk and snapshots stay."""
     try:
-        _open(name).stop()
+        _open(name).power_off()
     except TierboxError as exc:
         fail(exc)
     print(name)

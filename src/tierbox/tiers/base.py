@@ -22,8 +22,10 @@ from tierbox.spec import (
     Stats,
     Termination,
     check_run_args,
+    parse_user,
     sandbox_path,
 )
+from tierbox.tiers.commands import Command, ExecRequest, OutputCallback
 
 
 @dataclass(frozen=True)
@@ -96,22 +98,77 @@ class Instance(abc.ABC):
         stdin: bytes | str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """Run ``argv`` (program first) inside the sandbox and wait for it.
-        The arguments are checked here, once, for every tier."""
-        args, data = check_run_args(argv, stdin, env, timeout_s)
-        return self._exec(args, stdin=data, env=env, timeout_s=timeout_s)
+        ``on_stdout``/``on_stderr`` get the output as it is written; the
+        result still holds it (capped). Arguments are checked here, once,
+        for every tier."""
+        req = self._request(argv, stdin, env, timeout_s, cwd, user, on_stdout, on_stderr)
+        return self._start(req).wait_here()
 
-    @abc.abstractmethod
-    def _exec(
+    def start(
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
-    ) -> ExecResult:
-        """The tier's exec, with checked arguments."""
+        cwd: str | None = None,
+        user: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        keep_stdin_open: bool = False,
+    ) -> Command:
+        """Start ``argv`` and return it running: a driver (the reactor, an
+        event loop) moves it on; see :mod:`tierbox.runloop`."""
+        req = self._request(
+            argv, stdin, env, timeout_s, cwd, user, on_stdout, on_stderr, keep_stdin_open
+        )
+        return self._start(req)
+
+    def _request(
+        self,
+        argv: Sequence[str],
+        stdin: bytes | str | None,
+        env: Mapping[str, str] | None,
+        timeout_s: float | None,
+        cwd: str | None,
+        user: str | None,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        keep_stdin_open: bool = False,
+    ) -> ExecRequest:
+        args, data = check_run_args(argv, stdin, env, timeout_s)
+        if cwd is not None:
+            cwd = sandbox_path(cwd, cwd=self.workdir, param="cwd")
+        if user is not None:
+            if not isinstance(user, str):
+                raise UsageError(f"user={user!r} must be a str 'uid[:gid]', like '1000'")
+            parse_user(user)
+        for name, cb in (("on_stdout", on_stdout), ("on_stderr", on_stderr)):
+            if cb is not None and not callable(cb):
+                raise UsageError(f"{name} must be a callable taking bytes")
+        if keep_stdin_open and data is not None:
+            raise UsageError("give stdin up front or keep it open for send_stdin, not both")
+        return ExecRequest(
+            argv=args,
+            stdin=data,
+            env=env,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            user=user,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            keep_stdin_open=keep_stdin_open,
+        )
+
+    @abc.abstractmethod
+    def _start(self, req: ExecRequest) -> Command:
+        """The tier's command, with checked arguments (not yet waited for)."""
 
     @property
     def image(self) -> str | None:

@@ -35,11 +35,12 @@ import json
 import math
 import os
 import platform as host_platform
+import signal
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
@@ -71,6 +72,7 @@ from tierbox.spec import (
     Stats,
 )
 from tierbox.tiers.base import Availability
+from tierbox.tiers.commands import Command, ExecRequest, MappedCommand
 from tierbox.tiers.oci_runtime import INIT_BINARY, OciInstance, OciTier, container_id
 from tierbox.tiers.outcome import engine_evidence
 
@@ -144,14 +146,7 @@ class GVisorInstance(OciInstance):
 
     tier: GVisorTier
 
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
+    def _start(self, req: ExecRequest) -> Command:
         """As on every tier, with the evidence split into the workload's and
         the engine's share (read before the run: a host OOM kill stops the
         whole Sentry, and then the engine's share can no longer be read)."""
@@ -160,18 +155,23 @@ class GVisorInstance(OciInstance):
         if before is not None and self.spec.limits.memory_mib is not None:
             engine_mib = before.engine_bytes / MIB
         hits = self.cg.pids_max_hits()
-        try:
-            result = super()._exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
-        except SandboxDeadError as exc:
-            pids = self.spec.limits.pids
-            if pids is not None and self.cg.pids_max_hits() > hits:
-                raise SandboxDeadError(
-                    f"sandbox {self.id} is dead: runsc could not start a thread past the "
-                    f"host's cap on gVisor's own threads (engine_pids_limit={_engine_tasks(pids)}; "
-                    f"the workload's pids limit is {pids})"
-                ) from exc
-            raise
-        return self.tier.finish(result, self.spec, engine_mib)
+
+        def finish(result_of: Callable[[], ExecResult]) -> ExecResult:
+            try:
+                result = result_of()
+            except SandboxDeadError as exc:
+                pids = self.spec.limits.pids
+                if pids is not None and self.cg.pids_max_hits() > hits:
+                    raise SandboxDeadError(
+                        f"sandbox {self.id} is dead: runsc could not start a thread past the "
+                        f"host's cap on gVisor's own threads "
+                        f"(engine_pids_limit={_engine_tasks(pids)}; "
+                        f"the workload's pids limit is {pids})"
+                    ) from exc
+                raise
+            return self.tier.finish(result, self.spec, engine_mib)
+
+        return MappedCommand(super()._start(req), finish)
 
     def stats(self) -> Stats:
         """The workload's memory (the Sentry's memory file) and processes (the
@@ -679,15 +679,23 @@ class GVisorTier(OciTier):
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--internal-pid-file", str(pid_file)]
 
-    def kill_exec(self, inst: OciInstance, pid_file: Path) -> None:
-        """The exec'd process lives inside the Sentry: ask runsc to kill it."""
+    def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
+        """The exec'd process lives inside the Sentry: ask runsc to signal it."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(pid_file.read_text().strip())
+            name = signal.Signals(sig).name.removeprefix("SIG")
             run(
-                [*self.runtime_argv(), "kill", "--pid", str(pid), container_id(inst.id), "KILL"],
+                [*self.runtime_argv(), "kill", "--pid", str(pid), container_id(inst.id), name],
                 check=False,
                 timeout_s=10,
             )
+
+    def exec_pid(self, pid_file: Path) -> int | None:
+        """runsc writes the pid inside the sandbox itself (--internal-pid-file)."""
+        try:
+            return int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def available(self) -> Availability:
         try:

@@ -292,8 +292,10 @@ def process_json(
     env: Mapping[str, str],
     cwd: str,
     rlimits: Sequence[Mapping[str, Any]] = (),
+    user: str | None = None,
 ) -> dict[str, Any]:
-    uid, gid = parse_user(spec.user)
+    """The OCI ``process``: ``user`` overrides the spec's for one exec."""
+    uid, gid = parse_user(user if user is not None else spec.user)
     return {
         "terminal": False,
         "user": {"uid": uid, "gid": gid},

@@ -16,6 +16,7 @@ import errno
 import itertools
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -47,6 +48,7 @@ from tierbox.spec import (
 )
 from tierbox.tiers import _pool, oci
 from tierbox.tiers.base import Instance, Tier
+from tierbox.tiers.commands import Command, ExecRequest, PumpCommand
 from tierbox.tiers.oci import INIT_PATH
 from tierbox.tiers.outcome import classify, not_runnable
 
@@ -114,19 +116,10 @@ class OciInstance(Instance):
             raise SandboxClosedError(f"sandbox {self.id} is closed")
         self.init.check()
 
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
+    def _start(self, req: ExecRequest) -> Command:
         self._check_open()
-        if not argv:
-            raise SpecError("no command given: pass the program and its arguments")
-        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
-        return self._runtime_exec(argv, stdin, env, timeout, self.spec.limits.output_bytes)
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        return self._runtime_start(req, timeout, self.spec.limits.output_bytes)
 
     def _runtime_exec(
         self,
@@ -136,18 +129,24 @@ class OciInstance(Instance):
         timeout: float | None,
         output_bytes: int,
     ) -> ExecResult:
-        """``<runtime> exec`` with its output capped at ``output_bytes``."""
+        """``<runtime> exec`` waited for here, output capped at ``output_bytes``."""
+        req = ExecRequest(argv=list(argv), stdin=stdin, env=env)
+        return self._runtime_start(req, timeout, output_bytes).wait_here()
+
+    def _runtime_start(self, req: ExecRequest, timeout: float | None, output_bytes: int) -> Command:
+        """``<runtime> exec`` of one command, not yet waited for."""
         n = next(self._counter)
         proc_file = self.dir / f"exec-{os.getpid()}-{threading.get_native_id()}-{n}.json"
         pid_file = proc_file.with_suffix(".pid")
         oci.write_json(
             proc_file,
             oci.process_json(
-                argv,
+                req.argv,
                 self.spec,
-                env=self.tier.merged_env(self.image_env, self.spec, env),
-                cwd=self.cwd,
+                env=self.tier.merged_env(self.image_env, self.spec, req.env),
+                cwd=req.cwd or self.cwd,
                 rlimits=self.tier.process_rlimits(self.spec),
+                user=req.user,
             ),
         )
         cmd = [*self.tier.runtime_argv(self.managed), "exec", *self.tier.exec_pid_args(pid_file)]
@@ -155,48 +154,58 @@ class OciInstance(Instance):
         before = self.cg.oom_kills()
         hits = self.cg.pids_max_hits()
         started = time.monotonic()
+        piped = req.stdin is not None or req.keep_stdin_open
         # The runtime itself puts the exec'd process into the container's
         # cgroup (crun, runc) or runs it inside the Sentry (runsc).
         proc = spawn(
             cmd,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
 
-        def _kill() -> None:
-            self.tier.kill_exec(self, pid_file)
+        def signal_exec(sig: int) -> None:
+            self.tier.kill_exec(self, pid_file, sig)
+
+        def kill() -> None:
+            signal_exec(signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
-        try:
-            cap = capture.communicate(
-                proc,
-                stdin=stdin,
-                timeout_s=timeout,
-                output_bytes=output_bytes,
-                kill=_kill,
-                started=started,
-            )
-        finally:
+        def finish(cap: capture.Captured) -> ExecResult:
             proc_file.unlink(missing_ok=True)
             pid_file.unlink(missing_ok=True)
-        result = classify(
-            cap,
-            limits=self.spec.limits,
+            result = classify(
+                cap,
+                limits=self.spec.limits,
+                timeout_s=timeout,
+                cg=self.cg,
+                oom_kills_before=before,
+                pids_hits_before=hits,
+                status_from_runtime=True,
+            )
+            # A dead sandbox is not a workload that exited; but an OOM kill is
+            # reported as one even when it took the whole sandbox (gVisor's Sentry
+            # dies with it): the next call finds the sandbox dead.
+            if not result.ok and result.termination.kind is not TerminationKind.OOM_KILLED:
+                self.init.check()
+            return self.tier.runtime_failure(cap, req.argv) or result
+
+        pipe = capture.PipePump(
+            proc,
+            stdin=req.stdin,
             timeout_s=timeout,
-            cg=self.cg,
-            oom_kills_before=before,
-            pids_hits_before=hits,
-            status_from_runtime=True,
+            output_bytes=output_bytes,
+            kill=kill,
+            started=started,
+            on_stdout=req.on_stdout,
+            on_stderr=req.on_stderr,
+            keep_stdin_open=req.keep_stdin_open,
         )
-        # A dead sandbox is not a workload that exited; but an OOM kill is
-        # reported as one even when it took the whole sandbox (gVisor's Sentry
-        # dies with it): the next call finds the sandbox dead.
-        if not result.ok and result.termination.kind is not TerminationKind.OOM_KILLED:
-            self.init.check()
-        return self.tier.runtime_failure(cap, argv) or result
+        return PumpCommand(
+            pipe, finish, signal_fn=signal_exec, pid_fn=lambda: self.tier.exec_pid(pid_file)
+        )
 
     # ---- files -------------------------------------------------------------
     # Through the init's root (/proc/PID/root, pinned): exactly the workload's
@@ -265,10 +274,22 @@ class OciTier(Tier):
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--pid-file", str(pid_file)]
 
-    def kill_exec(self, inst: OciInstance, pid_file: Path) -> None:
-        """Stop one exec'd process tree (its host pid is in ``pid_file``)."""
+    def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
+        """Signal one exec'd process tree (its host pid is in ``pid_file``)."""
         with contextlib.suppress(OSError, ValueError):
-            kill_tree(int(pid_file.read_text().strip()))
+            kill_tree(int(pid_file.read_text().strip()), sig)
+
+    def exec_pid(self, pid_file: Path) -> int | None:
+        """The exec'd process's pid inside the sandbox (from its host pid)."""
+        try:
+            host_pid = int(pid_file.read_text().strip())
+            with open(f"/proc/{host_pid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        return int(line.split()[-1])
+        except (OSError, ValueError):
+            return None
+        return None
 
     def runtime_failure(self, cap: capture.Captured, argv: Sequence[str]) -> ExecResult | None:
         """The runtime's own "no such executable" or "not executable" (not the

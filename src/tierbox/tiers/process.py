@@ -8,7 +8,10 @@ filesystem, processes and network. What it does promise (SECURITY.md):
   groups, so it cannot leave its cgroup, raise its limits, or signal tierbox
   or another sandbox;
 - its limits (memory, pids, cpu, wall clock, output) hold through a cgroup it
-  is born in, and nothing it starts outlives an exec;
+  is born in; a command's timeout ends the command's process group;
+  processes a command leaves running (``sleep 300 &``) live on until the
+  sandbox closes, as in a container, and nothing outlives a one-shot run or
+  the sandbox;
 - ``/tmp`` is its own: a tmpfs of ``disk_mib`` (default 64 MiB) mounted over
   the host's ``/tmp`` in a private mount namespace. It is the working
   directory, ``HOME``, and the only place the files API reaches.
@@ -16,7 +19,9 @@ filesystem, processes and network. What it does promise (SECURITY.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -24,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import HostError, SandboxClosedError, SandboxError
-from tierbox.host import capture, helpers, mntns, uids
+from tierbox.host import helpers, mntns, uids
+from tierbox.host.capture import Captured, PipePump
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
 from tierbox.host.rootfs import RootDir
 from tierbox.spec import DEFAULT_PATH, ExecResult, SandboxSpec, Stats, Termination, parse_user
 from tierbox.tiers import _pool
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
+from tierbox.tiers.commands import Command, ExecRequest, Finished, PumpCommand
 from tierbox.tiers.outcome import classify, not_runnable
 
 DEFAULT_TMP_MIB = 64
@@ -89,31 +96,31 @@ class ProcessInstance(DirectoryFiles, Instance):
             )
         return self._root
 
-    def _spawn(
-        self, argv: Sequence[str], stdin: bytes | None, env: Mapping[str, str] | None
-    ) -> subprocess.Popen[bytes]:
+    def _spawn(self, req: ExecRequest) -> subprocess.Popen[bytes]:
         """Start the workload inside its cgroup and private /tmp, as its user.
 
         Through the static ``dropexec`` helper where it could be built: the
         spawn then stays a vfork, and the helper also lowers the hard
         RLIMIT_NOFILE/RLIMIT_CORE and sets no_new_privs. Without it, Python
         switches users itself (a full fork, ~1 ms more)."""
+        argv = req.argv
+        uid, gid = parse_user(req.user) or (self.uid, self.gid)
+        piped = req.stdin is not None or req.keep_stdin_open
         kwargs: dict[str, Any] = {
-            "stdin": subprocess.PIPE if stdin else subprocess.DEVNULL,
+            "stdin": subprocess.PIPE if piped else subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE,
-            "env": self._env(env),
-            "cwd": TMP,
-            "start_new_session": True,
+            "env": self._env(req.env),
+            "cwd": req.cwd or TMP,
+            "start_new_session": True,  # its own process group: kill() reaches its tree
         }
         helper = helpers.path("dropexec")
         if helper is not None and not str(helper).startswith(TMP + "/"):
-            ids = [str(self.uid), str(self.gid), str(NOFILE_LIMIT), "0", "--"]
+            ids = [str(uid), str(gid), str(NOFILE_LIMIT), "0", "--"]
             cmd = [str(helper), *ids, *argv]
         elif self.cg.version == 2:
             # v2 joins the cgroup in preexec_fn, which subprocess runs after
             # a user= switch: switch there too, after the join.
-            uid, gid = self.uid, self.gid
 
             def _drop() -> None:
                 os.setgroups([])
@@ -123,73 +130,74 @@ class ProcessInstance(DirectoryFiles, Instance):
             kwargs["preexec_fn"] = _drop
             cmd = list(argv)
         else:
-            kwargs.update(user=self.uid, group=self.gid, extra_groups=[])
+            kwargs.update(user=uid, group=gid, extra_groups=[])
             cmd = list(argv)
         return self._namespace().call(lambda: self.cg.popen(cmd, **kwargs))
 
-    def _spawn_when_room(
-        self, argv: Sequence[str], stdin: bytes | None, env: Mapping[str, str] | None
-    ) -> subprocess.Popen[bytes]:
+    def _spawn_when_room(self, req: ExecRequest) -> subprocess.Popen[bytes]:
         """Spawn; if the pids limit refuses the fork because the last exec's
         killed processes still count (zombies wait for the host's init to
         reap them), wait for them to go, then try once more."""
         try:
-            return self._spawn(argv, stdin, env)
+            return self._spawn(req)
         except BlockingIOError:
             deadline = time.monotonic() + ZOMBIE_WAIT_S
             while self.cg.has_tasks() and time.monotonic() < deadline:
                 time.sleep(0.02)
         try:
-            return self._spawn(argv, stdin, env)
+            return self._spawn(req)
         except BlockingIOError as exc:
             raise SandboxError(
                 f"sandbox {self.id} cannot start a process: its pids limit "
                 f"({self.spec.limits.pids}) is taken by processes still exiting; try again"
             ) from exc
 
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
+    def _start(self, req: ExecRequest) -> Command:
+        """A command in its own process group: a timeout, an output flood or
+        ``kill`` ends its tree; other commands of the sandbox (background
+        ones) keep running until the sandbox closes, as in a container."""
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
-        if not argv:
-            raise SandboxError("no command given: pass the program and its arguments")
-        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
         # Counters only move while work runs: after the first exec, the values
         # read at the end of the previous one are the baseline (one-shot hot path).
         before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
         started = time.monotonic()
         try:
-            proc = self._spawn_when_room(argv, stdin, env)
+            proc = self._spawn_when_room(req)
         except (FileNotFoundError, PermissionError) as exc:
-            return not_runnable(argv[0], exc, time.monotonic() - started)
-        cap = capture.communicate(
+            return Finished(not_runnable(req.argv[0], exc, time.monotonic() - started))
+        group = proc.pid
+
+        def signal_group(sig: int) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
+
+        def finish(cap: Captured) -> ExecResult:
+            result = classify(
+                cap,
+                limits=self.spec.limits,
+                timeout_s=timeout,
+                cg=self.cg,
+                oom_kills_before=before,
+                pids_hits_before=hits,
+                status_from_runtime=False,
+            )
+            self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
+            return result
+
+        pipe = PipePump(
             proc,
-            stdin=stdin,
+            stdin=req.stdin,
             timeout_s=timeout,
             output_bytes=self.spec.limits.output_bytes,
-            kill=self.cg.kill_all,
+            kill=lambda: signal_group(signal.SIGKILL),
             started=started,
+            on_stdout=req.on_stdout,
+            on_stderr=req.on_stderr,
+            keep_stdin_open=req.keep_stdin_open,
         )
-        # Children that outlived the main process (daemonized) die with the run.
-        if self.cg.has_tasks():
-            self.cg.kill_all()
-        result = classify(
-            cap,
-            limits=self.spec.limits,
-            timeout_s=timeout,
-            cg=self.cg,
-            oom_kills_before=before,
-            pids_hits_before=hits,
-            status_from_runtime=False,
-        )
-        self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
-        return result
+        return PumpCommand(pipe, finish, signal_fn=signal_group, pid=proc.pid)
 
     def stats(self) -> Stats:
         return self.cg.stats()
@@ -288,7 +296,10 @@ class ProcessTier(Tier):
             raise
         inst.counters = slot.counters
         try:
-            return inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
+            result = inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
+            if inst.cg.has_tasks():  # a one-shot run leaves nothing behind
+                inst.cg.kill_all()
+            return result
         finally:
             slot.counters = inst.counters or slot.counters
             if inst._ns is not None and "ns" not in slot.extra:

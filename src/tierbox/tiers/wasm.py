@@ -46,7 +46,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,11 @@ from tierbox.tiers.base import (
     SnapshotRef,
     Tier,
 )
+from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
 from tierbox.tiers.outcome import not_runnable
 from tierbox.wasm import control, modules, scratch, wasmtime_private
 from tierbox.wasm import engine as eng
+from tierbox.wasm.control import RunControl
 from tierbox.wasm.images import Workload, import_wasm, resolve_workload
 from tierbox.wasm.modules import WasmModule
 from tierbox.wasm.runner import fuel_budget, run_wasi
@@ -160,17 +162,36 @@ class WasmInstance(DirectoryFiles, Instance):
 
     # ------------------------------------------------------------------ exec
 
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
+    def _start(self, req: ExecRequest) -> Command:
+        """A run is a blocking call on the caller's thread (the guest computes
+        in this process); background and async runs get a thread of their own."""
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
+        for what, value in (("user", req.user), ("cwd", req.cwd)):
+            if value is not None and not (what == "cwd" and value == "/"):
+                raise NotSupportedError(
+                    f"the wasm tier has no {'users' if what == 'user' else 'working directory'}"
+                    f" (WASI preview 1): {what}={value!r} cannot apply; tiers that can: "
+                    "process, container, gvisor, microvm, vm"
+                )
+        if req.keep_stdin_open:
+            raise NotSupportedError(
+                "the wasm tier takes a command's stdin at start (WASI reads it from a file): "
+                "pass stdin=...; tiers that stream stdin: process, container, gvisor"
+            )
+        runs: list[RunControl] = []
+
+        def kill(_sig: int) -> None:
+            for run in runs:
+                run.cancel()
+
+        return InlineCommand(lambda: self._run_command(req, runs.append), kill=kill)
+
+    def _run_command(
+        self, req: ExecRequest, on_start: Callable[[RunControl], object]
+    ) -> ExecResult:
         started = time.monotonic()
+        argv, env = req.argv, req.env
         w = self.workload
         if w is not None and argv[0] in w.programs:
             module: WasmModule | OSError = w.module()
@@ -179,7 +200,7 @@ class WasmInstance(DirectoryFiles, Instance):
         if isinstance(module, OSError):
             return not_runnable(argv[0], module, time.monotonic() - started)
         guest_env = {**(w.env if w is not None else {}), **self.spec.env, **(env or {})}
-        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
         with self._lock:
             self._running += 1
         try:
@@ -188,10 +209,13 @@ class WasmInstance(DirectoryFiles, Instance):
                 argv,
                 env=guest_env,
                 root=self.root,
-                stdin=stdin,
+                stdin=req.stdin,
                 limits=self.spec.limits,
                 timeout_s=timeout,
                 fuel=fuel_budget(self.spec.limits, self._fuel, self._fuel_per_cpu_s),
+                on_stdout=req.on_stdout,
+                on_stderr=req.on_stderr,
+                on_start=on_start,
             )
         finally:
             with self._lock:

@@ -47,6 +47,7 @@ sends, and ends a stream it gives up on with KILL; the agent checks for it
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import itertools
 import os
@@ -70,7 +71,7 @@ from tierbox.errors import (
     SandboxError,
     SandboxFileError,
 )
-from tierbox.spec import FileEntry, FileKind, SandboxSpec
+from tierbox.spec import FileEntry, FileKind, SandboxSpec, parse_user
 
 MAGIC = 0x31584254
 HEADER = struct.Struct("<IIII")
@@ -107,6 +108,32 @@ def parse_kv(payload: bytes) -> dict[str, str]:
         else:
             out[key] = value
     return out
+
+
+class Cancel:
+    """Another thread's request to kill a running exec: a flag plus a pipe the
+    exec loop watches, so the request is seen at once."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def fileno(self) -> int:
+        return self._r
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass
@@ -400,8 +427,13 @@ class AgentClient:
         output_bytes: int,
         pids_max: int | None,
         host_deadline: float | None,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecOutcome:
         """Run a command; returns when the agent reports its end.
+        ``on_stdout``/``on_stderr`` get each chunk as its frame arrives (what is
+        kept, up to the cap); ``cancel`` lets another thread kill the command.
 
         ``timeout_s`` is enforced by the agent inside the guest. ``host_deadline``
         (monotonic) is the host's own limit for a guest that stopped answering:
@@ -440,7 +472,10 @@ class AgentClient:
         sel = selectors.DefaultSelector()
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        if cancel is not None:
+            sel.register(cancel.fileno(), selectors.EVENT_READ)
         killed_at: float | None = None
+        cancel_sent = False
         try:
             while True:
                 frame = self._frame_from_buf()
@@ -454,7 +489,11 @@ class AgentClient:
                         room = output_bytes - len(buf)
                         if len(payload) > room:
                             trunc[k] = True
-                        buf += payload[: max(room, 0)]
+                        kept = payload[: max(room, 0)]
+                        buf += kept
+                        sink = on_stdout if k == 0 else on_stderr
+                        if sink is not None and kept:
+                            sink(kept)
                         continue
                     if ftype in (T_ERR, T_EXIT):
                         # finish the frames in flight (unread stdin): the agent
@@ -489,11 +528,16 @@ class AgentClient:
                     killed_at = now
                     kill = HEADER.pack(MAGIC, T_KILL, fid, 0)
                     pending = memoryview(bytes(pending) + kill)
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    cancel_sent = True  # the caller killed it: the agent ends it (reason=killed)
+                    pending = memoryview(bytes(pending) + HEADER.pack(MAGIC, T_KILL, fid, 0))
                 wait = None
                 if host_deadline is not None:
                     wait = max(0.0, (killed_at + 2.0 if killed_at else host_deadline) - now)
                 sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0))
-                for _key, mask in sel.select(wait):
+                for key, mask in sel.select(wait):
+                    if cancel is not None and key.fd == cancel.fileno():
+                        continue  # noticed above, on the next round
                     if mask & selectors.EVENT_WRITE and pending:
                         try:
                             n = sock.send(pending)
@@ -547,21 +591,31 @@ def run_in_guest(
     timeout_s: float | None,
     host_deadline: float | None,
     where: str,
+    cwd: str | None = None,
+    user: str | None = None,
+    on_stdout: Callable[[bytes], object] | None = None,
+    on_stderr: Callable[[bytes], object] | None = None,
+    cancel: Cancel | None = None,
 ) -> ExecOutcome:
     """One exec through the guest agent with the sandbox's settings (microvm
-    and vm tiers); the agent's own refusals become SandboxErrors."""
+    and vm tiers), ``cwd``/``user`` overriding them for this command; the
+    agent's own refusals become SandboxErrors."""
+    uid, gid = parse_user(user) or (guest.uid, guest.gid)
     try:
         return agent.exec(
             list(argv),
             env={**guest.env, **(env or {})},
-            workdir=guest.workdir,
-            uid=guest.uid,
-            gid=guest.gid,
+            workdir=cwd or guest.workdir,
+            uid=uid,
+            gid=gid,
             stdin=stdin,
             timeout_s=timeout_s,
             output_bytes=spec.limits.output_bytes,
             pids_max=spec.limits.pids,
             host_deadline=host_deadline,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            cancel=cancel,
         )
     except AgentError as exc:
         # A program the guest cannot run is a result, as on every tier: 127

@@ -61,7 +61,9 @@ class RunControl:
         "exit_code",
         "interrupt",
         "key",
+        "offsets",
         "outputs",
+        "sinks",
         "stop_reason",
         "wake",
     )
@@ -77,6 +79,31 @@ class RunControl:
         self.interrupt: BaseException | None = None
         self.wake = threading.Event()  # interrupts a guest sleeping in poll_oneoff
         self.key = 0
+        #: per output file: a callback for what the guest wrote since the last tick
+        self.sinks: tuple[Callable[[bytes], object] | None, ...] = ()
+        self.offsets = [0] * len(outputs)
+
+    def cancel(self) -> None:
+        """Stop the run as a SIGKILL would (a background command killed)."""
+        if self.stop_reason is None:
+            self.stop_reason = "killed"
+        self.wake.set()
+
+    def stream(self) -> None:
+        """Hand what the guest wrote since the last call to the callbacks
+        (at each epoch tick, ~10 ms, and once at the end). At most the cap."""
+        for i, sink in enumerate(self.sinks):
+            if sink is None or self.offsets[i] >= self.cap:
+                continue
+            try:
+                with open(self.outputs[i], "rb") as f:
+                    f.seek(self.offsets[i])
+                    chunk = f.read(self.cap - self.offsets[i])
+            except OSError:
+                continue
+            if chunk:
+                self.offsets[i] += len(chunk)
+                sink(chunk)
 
     def interrupted(self, exc: BaseException) -> None:
         self.interrupt = exc
@@ -86,6 +113,12 @@ class RunControl:
     def should_stop(self) -> bool:
         if self.stop_reason is not None:
             return True
+        if self.sinks:
+            try:
+                self.stream()
+            except BaseException as exc:  # a callback raised: the run stops, the caller sees it
+                self.interrupted(exc)
+                return True
         reason = None
         if _shutting_down:
             reason = "shutdown"

@@ -35,7 +35,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,9 +119,14 @@ def run_wasi(
     limits: Limits,
     timeout_s: float | None,
     fuel: int | None,
+    on_stdout: Callable[[bytes], object] | None = None,
+    on_stderr: Callable[[bytes], object] | None = None,
+    on_start: Callable[[control.RunControl], object] | None = None,
 ) -> WasiRun:
     """Run ``module``'s ``_start`` once with ``root`` preopened as ``/``;
-    ``argv`` is the guest's, program first."""
+    ``argv`` is the guest's, program first. ``on_stdout``/``on_stderr`` get
+    output as the guest writes it (checked every epoch tick); ``on_start``
+    gets the run's control (to cancel it from another thread)."""
     check_env(env)
     limit_bytes = limits.memory_mib * MIB if limits.memory_mib is not None else None
     if limit_bytes is not None and module.min_memory_bytes > limit_bytes:
@@ -132,7 +137,18 @@ def run_wasi(
     guard = control.SignalGuard()
     with guard:
         return _run_guarded(
-            guard, module, argv, env, root, stdin, limits, limit_bytes, timeout_s, fuel
+            guard,
+            module,
+            argv,
+            env,
+            root,
+            stdin,
+            limits,
+            limit_bytes,
+            timeout_s,
+            fuel,
+            (on_stdout, on_stderr),
+            on_start,
         )
 
 
@@ -147,10 +163,16 @@ def _run_guarded(
     limit_bytes: int | None,
     timeout_s: float | None,
     fuel: int | None,
+    sinks: tuple[Callable[[bytes], object] | None, Callable[[bytes], object] | None],
+    on_start: Callable[[control.RunControl], object] | None,
 ) -> WasiRun:
     out_path, err_path, in_path = scratch.stdio_files(scratch.thread_dir())
     cap = limits.output_bytes
     run = control.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
+    if any(sinks):
+        run.sinks = sinks
+    if on_start is not None:
+        on_start(run)
     guard.run = run
     budget = fuel if fuel is not None else UNLIMITED_FUEL
 
@@ -223,6 +245,8 @@ def _run_guarded(
         store.close()
     if run.interrupt is not None:
         raise run.interrupt
+    if run.sinks:
+        run.stream()  # what the guest wrote after the last tick
     duration = time.monotonic() - started
     cpu_s = time.thread_time() - cpu_started
     stdout, out_over = _read_capped(out_path, cap)
@@ -384,6 +408,12 @@ def _ending(
     elif run.stop_reason == "timeout" or trap_name == "INTERRUPT":
         return Termination(
             TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
+        )
+    elif run.stop_reason == "killed":
+        return Termination(
+            TerminationKind.SIGNALED,
+            signal=int(signal.SIGKILL),
+            evidence={"signal_name": "SIGKILL", "reason": "killed by its caller"},
         )
     elif run.stop_reason == "interrupted":
         return Termination(

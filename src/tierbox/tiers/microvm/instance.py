@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -26,7 +26,6 @@ from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
-    SpecError,
 )
 from tierbox.host.cgroups import SandboxCgroup
 from tierbox.spec import (
@@ -40,10 +39,18 @@ from tierbox.spec import (
 )
 from tierbox.tiers import _state
 from tierbox.tiers.base import Capabilities, Instance, SnapshotKind
+from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
 from tierbox.tiers.microvm.snapshots import SnapshotOps
 from tierbox.tiers.outcome import classify_agent, signame
 from tierbox.vmm import qemu
-from tierbox.vmm.agent import AgentClient, ExecOutcome, GuestConfig, file_error, run_in_guest
+from tierbox.vmm.agent import (
+    AgentClient,
+    Cancel,
+    ExecOutcome,
+    GuestConfig,
+    file_error,
+    run_in_guest,
+)
 from tierbox.vmm.guest import guest_stats
 from tierbox.vmm.qmp import QMPClient
 
@@ -221,17 +228,22 @@ class MicroVMInstance(SnapshotOps, Instance):
         return self._qmp
 
     # ---- the contract ---------------------------------------------------------------
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
-        if not argv:
-            raise SpecError("no command given: pass the program and its arguments")
-        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+    def _start(self, req: ExecRequest) -> Command:
+        """One command through the guest agent: a blocking call (background
+        and async runs give it a thread); ``kill`` asks the agent to end it."""
+        cancel = Cancel()
+
+        def work() -> ExecResult:
+            try:
+                return self._exec_request(req, cancel)
+            finally:
+                cancel.close()
+
+        return InlineCommand(work, kill=lambda _sig: cancel.set())
+
+    def _exec_request(self, req: ExecRequest, cancel: Cancel) -> ExecResult:
+        argv, stdin, env = req.argv, req.stdin, req.env
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
         with self._lock:
             self._check_usable()
             started = time.monotonic()
@@ -249,6 +261,11 @@ class MicroVMInstance(SnapshotOps, Instance):
                     timeout_s=timeout,
                     host_deadline=host_deadline,
                     where=f"microVM {self.id}",
+                    cwd=req.cwd,
+                    user=req.user,
+                    on_stdout=req.on_stdout,
+                    on_stderr=req.on_stderr,
+                    cancel=cancel,
                 )
             except AgentTimeoutError as exc:
                 term = self._stop_vm(

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -27,7 +27,6 @@ from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
-    SpecError,
 )
 from tierbox.spec import (
     MIB,
@@ -39,6 +38,7 @@ from tierbox.spec import (
     TerminationKind,
 )
 from tierbox.tiers.base import Instance
+from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
 from tierbox.tiers.outcome import classify_agent
 from tierbox.tiers.vm.shared import (
     BOOT_TIMEOUT_S,
@@ -55,7 +55,7 @@ from tierbox.tiers.vm.shared import (
 from tierbox.tiers.vm.snapshots import SnapshotOps
 from tierbox.vmm import libvirt_domain as lvd
 from tierbox.vmm import qemu
-from tierbox.vmm.agent import AgentClient, GuestConfig, file_error, run_in_guest
+from tierbox.vmm.agent import AgentClient, Cancel, GuestConfig, file_error, run_in_guest
 from tierbox.vmm.guest import file_tail, guest_stats
 
 if TYPE_CHECKING:
@@ -236,17 +236,22 @@ class VMInstance(SnapshotOps, Instance):
         self.agent.close()
 
     # ---- the contract --------------------------------------------------------------------
-    def _exec(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> ExecResult:
-        if not argv:
-            raise SpecError("no command given: pass the program and its arguments")
-        timeout = timeout_s if timeout_s is not None else self.spec.limits.timeout_s
+    def _start(self, req: ExecRequest) -> Command:
+        """One command through the guest agent: a blocking call (background
+        and async runs give it a thread); ``kill`` asks the agent to end it."""
+        cancel = Cancel()
+
+        def work() -> ExecResult:
+            try:
+                return self._exec_request(req, cancel)
+            finally:
+                cancel.close()
+
+        return InlineCommand(work, kill=lambda _sig: cancel.set())
+
+    def _exec_request(self, req: ExecRequest, cancel: Cancel) -> ExecResult:
+        argv, stdin, env = req.argv, req.stdin, req.env
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
         with self._lock:
             self._check_usable()
             started = time.monotonic()
@@ -266,6 +271,11 @@ class VMInstance(SnapshotOps, Instance):
                         timeout_s=timeout,
                         host_deadline=host_deadline,
                         where=f"VM {self.name}",
+                        cwd=req.cwd,
+                        user=req.user,
+                        on_stdout=req.on_stdout,
+                        on_stderr=req.on_stderr,
+                        cancel=cancel,
                     )
                 except AgentTimeoutError as exc:
                     self.agent.close()
@@ -354,7 +364,7 @@ class VMInstance(SnapshotOps, Instance):
 
     # ---- power ------------------------------------------------------------------------------
     @translated("starting a VM")
-    def start(self) -> None:
+    def power_on(self) -> None:
         """Boot a stopped VM again (cold boot from its disk)."""
         with self._lock:
             self._check_usable()
@@ -373,7 +383,7 @@ class VMInstance(SnapshotOps, Instance):
             self._release_agent()
 
     @translated("stopping a VM")
-    def stop(self, *, timeout_s: float = 10.0) -> None:
+    def power_off(self, *, timeout_s: float = 10.0) -> None:
         """Power the VM off (its disk and snapshots stay): the agent syncs the
         guest's file systems and powers off; after ``timeout_s`` libvirt pulls
         the plug."""
