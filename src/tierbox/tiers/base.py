@@ -7,6 +7,7 @@ against :class:`Tier` and :class:`Instance`.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ class Capabilities:
     in_process: bool = False
     #: the smallest ``memory_mib`` the tier can start with
     min_memory_mib: int = 4
+    #: commands can run on a pseudo-terminal (interactive shells)
+    tty: bool = False
 
 
 def _tiers_that(kind: SnapshotKind) -> str:
@@ -122,12 +125,25 @@ class Instance(abc.ABC):
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         keep_stdin_open: bool = False,
+        tty: bool = False,
     ) -> Command:
         """Start ``argv`` and return it running: a driver (the reactor, an
-        event loop) moves it on; see :mod:`tierbox.runloop`."""
+        event loop) moves it on; see :mod:`tierbox.runloop`. ``tty``: on a
+        pseudo-terminal (tiers that cannot raise NotSupportedError naming
+        those that can)."""
         req = self._request(
             argv, stdin, env, timeout_s, cwd, user, on_stdout, on_stderr, keep_stdin_open
         )
+        if tty:
+            if not self.capabilities.tty:
+                from tierbox.tiers import get_tier, tier_names
+
+                can = [n for n in tier_names() if get_tier(n).capabilities.tty] or ["none yet"]
+                raise NotSupportedError(
+                    f"the {self.tier_name} tier cannot run a command on a terminal; "
+                    f"tiers that can: {', '.join(can)}"
+                )
+            req = dataclasses.replace(req, tty=True, keep_stdin_open=True)
         return self._start(req)
 
     def _request(

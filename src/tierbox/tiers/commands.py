@@ -47,6 +47,9 @@ class ExecRequest:
     on_stderr: OutputCallback | None = None
     #: a background command whose stdin is fed later (send_stdin/close_stdin)
     keep_stdin_open: bool = False
+    #: run on a pseudo-terminal: output (both streams) arrives as stdout,
+    #: input through send_stdin, size through Command.resize
+    tty: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -79,6 +82,10 @@ class Command(abc.ABC):
     @abc.abstractmethod
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the command (SIGKILL by default)."""
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the size of the command's terminal (``tty=True`` commands)."""
+        raise NotSupportedError("this command has no terminal: start it with tty=True")
 
 
 class PumpCommand(Command):
