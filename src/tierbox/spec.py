@@ -181,6 +181,26 @@ def sandbox_path(path: object, *, cwd: str = "/", param: str = "path") -> str:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """One process running in a sandbox, as the sandbox sees it."""
+
+    pid: int
+    ppid: int
+    user: str  # uid inside the sandbox
+    argv: list[str]
+    state: str  # R, S, D, Z, T... as /proc reports it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "user": self.user,
+            "argv": self.argv,
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True)
 class Stats:
     """Resource use of a sandbox right now.
 

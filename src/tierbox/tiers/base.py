@@ -19,6 +19,7 @@ from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
     FileEntry,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     Termination,
@@ -191,6 +192,16 @@ class Instance(abc.ABC):
         """The image this sandbox really runs (a tier that resolves a variant,
         as wasm does for python, says which)."""
         return self.spec.image
+
+    def processes(self) -> list[ProcessInfo]:
+        """What runs in the sandbox now, with pids as the sandbox sees them."""
+        from tierbox.tiers import get_tier, tier_names
+
+        can = [n for n in tier_names() if type(get_tier(n)).__name__ != "_MissingTier"]
+        raise NotSupportedError(
+            f"the {self.tier_name} tier cannot list its processes; tiers that can: "
+            + ", ".join(n for n in can if n != self.tier_name)
+        )
 
     def host_pids(self) -> list[int]:
         """The host processes this sandbox costs (to meter PSS): its cgroup's,
