@@ -21,8 +21,10 @@ def _say(line: str) -> None:
 
 
 def _exit_build_failure(exc: BuildError) -> NoReturn:
-    """A failed step or gate: its output, then exit 1 (docker build's status)."""
-    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
+    """A failed step or gate, then exit 1 (docker build's status). The failing step's
+    output has just streamed past, so only the summary is repeated."""
+    err.print("[bold red]tierbox:[/] ", end="", markup=True)
+    err.print(exc.summary, highlight=False, markup=False)
     raise typer.Exit(1)
 
 

@@ -323,6 +323,7 @@ class BuildError(TierboxError):
     Nothing was stored."""
 
     def __init__(self, message: str, *, output: str = "") -> None:
+        self.summary = message
         self.output = output
         super().__init__(message + (f"\n{output}" if output else ""))
 

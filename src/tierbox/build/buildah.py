@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,7 +27,7 @@ from typing import Any
 
 from tierbox import paths
 from tierbox.errors import BuildError, CommandError, HostError
-from tierbox.host.runner import require, run, spawn
+from tierbox.host.runner import require, run, spawn, which
 from tierbox.images.layout import Blob, StagingLayout
 from tierbox.images.store import HEAVY_TIMEOUT_S, ImageRecord, ImageStore
 
@@ -83,8 +84,6 @@ def choose_runtime() -> Runtime:
             require("runc", "runc"),
             "crun refuses this host's hybrid cgroups (v1 controllers beside cgroup2)",
         )
-    from tierbox.host.runner import which
-
     crun = which("crun")
     if crun is not None:
         return Runtime("crun", crun, "crun is installed and this host's cgroups suit it")
@@ -140,7 +139,7 @@ class Buildah:
             except BlockingIOError:
                 progress("waiting for another tierbox build on this host to finish")
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            self.remove_containers()
+            self.remove_leftovers()
             yield
         finally:
             os.close(fd)
@@ -157,6 +156,36 @@ class Buildah:
         if left:
             self.run("rm", "--all", check=False)
         return left
+
+    def remove_leftovers(self, *, temporary_files: bool = True) -> list[str]:
+        """What a killed build left: buildah's working containers, the runtime's
+        records of RUN containers (their bundles live in our TMPDIR) and, with
+        ``temporary_files``, the files in that TMPDIR. Called with the build lock
+        held."""
+        removed = [f"buildah container {c[:12]}" for c in self.remove_containers()]
+        tmp = str(self.tmp.resolve()) + os.sep if self.tmp.exists() else None
+        for name in ("runc", "crun"):
+            runtime = which(name)
+            if runtime is None or tmp is None:
+                continue
+            proc = run([runtime, "list", "--format", "json"], check=False, timeout_s=30)
+            try:
+                entries = json.loads(proc.stdout or b"null") or []
+            except ValueError:
+                continue
+            for entry in entries:
+                bundle = str(entry.get("bundle") or "")
+                if bundle.startswith(tmp):
+                    run([runtime, "delete", "--force", str(entry.get("id"))], check=False)
+                    removed.append(f"{name} container {entry.get('id')}")
+        if temporary_files and self.tmp.is_dir():
+            for stale in self.tmp.iterdir():
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+                removed.append(f"temporary {stale.name}")
+        return removed
 
     def has_image(self, name: str) -> bool:
         if not self.storage.exists():
@@ -238,7 +267,7 @@ class Buildah:
             log.returncode = proc.wait()
         except BaseException:
             self._stop(proc)
-            self.remove_containers()
+            self.remove_leftovers(temporary_files=False)  # the caller removes its own
             raise
         return log
 
