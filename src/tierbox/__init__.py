@@ -53,6 +53,7 @@ from tierbox.errors import (
     UsageError,
     VMExistsError,
     VMNotFoundError,
+    WaitTimeoutError,
 )
 from tierbox.sandbox import Sandbox, make_spec, run
 from tierbox.spec import (
@@ -126,6 +127,7 @@ __all__ = [
     "UsageError",
     "VMExistsError",
     "VMNotFoundError",
+    "WaitTimeoutError",
     "make_spec",
     "run",
 ]

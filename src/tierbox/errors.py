@@ -22,6 +22,7 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── SandboxNotFoundError   no sandbox with that id
     │   ├── SandboxClosedError     the sandbox was already closed
     │   ├── SandboxDeadError       the sandbox died under its user (init or VM gone)
+    │   ├── WaitTimeoutError       a background command still runs after wait(timeout_s)
     │   ├── SandboxFileError       a file operation inside the sandbox failed
     │   │   ├── FileTooLargeError  a read would exceed its max_bytes cap
     │   │   └── NotRegularFileError  a FIFO, device, socket or directory where a file was asked for
@@ -181,6 +182,11 @@ class SandboxClosedError(SandboxError):
 class SandboxDeadError(SandboxError):
     """The sandbox died (its init or its VM exited) while still open: close it
     and create a new one. Nothing it held is reachable any more."""
+
+
+class WaitTimeoutError(SandboxError):
+    """A background command is still running when ``wait(timeout_s)`` gave up
+    (it keeps running: wait again or kill it)."""
 
 
 class SandboxFileError(SandboxError):

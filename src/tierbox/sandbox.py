@@ -13,19 +13,21 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 from tierbox import transfer
 from tierbox.errors import SandboxClosedError, UsageError
+from tierbox.handles import CommandHandle
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
     FileEntry,
     Limits,
     NetworkPolicy,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     check_timeout_s,
@@ -296,6 +298,7 @@ class Sandbox:
         return self._inst
 
     # ---- work --------------------------------------------------------------
+    @overload
     def run(
         self,
         argv: Sequence[str],
@@ -303,12 +306,80 @@ class Sandbox:
         stdin: bytes | str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
-    ) -> ExecResult:
-        """Run ``argv`` and wait for it (the result holds capped output and
-        how it ended)."""
-        return self._inst.exec(argv, stdin=stdin, env=env, timeout_s=timeout_s)
+        cwd: str | None = None,
+        user: str | None = None,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+        background: Literal[False] = False,
+    ) -> ExecResult: ...
+
+    @overload
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+        background: Literal[True],
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+        background: bool = False,
+    ) -> ExecResult | CommandHandle:
+        """Run ``argv`` (program first) and wait for it; the result holds the
+        capped output and how it ended. ``on_stdout``/``on_stderr`` get the
+        output as it is written. ``cwd``/``user`` apply to this command.
+
+        ``background=True`` returns a :class:`~tierbox.handles.CommandHandle`
+        at once (``wait``, ``kill``, ``send_stdin``); it has no time limit
+        unless ``timeout_s`` is given, and its stdin stays open for
+        ``send_stdin`` unless ``stdin`` is given."""
+        if background:
+            return CommandHandle.start(
+                self._inst.start,
+                list(argv) if not isinstance(argv, str | bytes) else argv,  # type: ignore[arg-type]
+                _state.sandbox_dir(self.id) / "logs",
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                stdin=stdin,
+                env=env,
+                timeout_s=timeout_s,
+                cwd=cwd,
+                user=user,
+                keep_stdin_open=stdin is None and self._inst.capabilities.stdin_stream,
+                unbounded=True,
+            )
+        return self._inst.exec(
+            argv,
+            stdin=stdin,
+            env=env,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            user=user,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
 
     exec = run
+
+    def processes(self) -> builtins.list[ProcessInfo]:
+        """What runs in the sandbox now (pids as the sandbox sees them)."""
+        return self._inst.processes()
 
     def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         self._inst.put_file(path, data, mode)

@@ -111,6 +111,17 @@ class ExecResult:
     def ok(self) -> bool:
         return self.termination.kind is TerminationKind.EXITED and self.termination.exit_code == 0
 
+    @property
+    def stdout_text(self) -> str:
+        """stdout decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+    text = stdout_text
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "stdout": self.stdout.decode(errors="replace"),

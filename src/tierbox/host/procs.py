@@ -6,6 +6,8 @@ import contextlib
 import os
 import signal
 
+from tierbox.spec import ProcessInfo
+
 
 def children_map() -> dict[int, list[int]]:
     """Parent pid -> child pids, read from /proc/*/stat."""
@@ -48,3 +50,38 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_info(pid: int, *, in_namespace: bool) -> ProcessInfo | None:
+    """What /proc says of host process ``pid`` (None if it is gone); with
+    ``in_namespace``, pids as its own pid namespace numbers them (NSpid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read(64 * 1024)
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    state, ppid = fields[0], int(fields[1])
+    uid, ns_pid, ns_ppid = "", pid, ppid
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uid = value.split()[0]
+        elif key == "NSpid" and in_namespace:
+            ns_pid = int(value.split()[-1])
+    if in_namespace and ppid:
+        try:
+            with open(f"/proc/{ppid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        parts = line.split()[1:]
+                        # a parent outside the namespace (the runtime) shows as 0
+                        ns_ppid = int(parts[-1]) if len(parts) > 1 else 0
+        except OSError:
+            ns_ppid = 0
+    argv = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    return ProcessInfo(pid=ns_pid, ppid=ns_ppid, user=uid, argv=argv, state=state)

@@ -78,6 +78,14 @@ class Capabilities:
     min_memory_mib: int = 4
     #: commands can run on a pseudo-terminal (interactive shells)
     tty: bool = False
+    #: a running command's stdin can be fed bit by bit (send_stdin)
+    stdin_stream: bool = True
+
+
+def _tiers_where(test: Callable[[Capabilities], bool], *, but: str = "") -> list[str]:
+    from tierbox.tiers import get_tier, tier_names
+
+    return [n for n in tier_names() if n != but and test(get_tier(n).capabilities)]
 
 
 def _tiers_that(kind: SnapshotKind) -> str:
@@ -127,6 +135,7 @@ class Instance(abc.ABC):
         on_stderr: OutputCallback | None = None,
         keep_stdin_open: bool = False,
         tty: bool = False,
+        unbounded: bool = False,
     ) -> Command:
         """Start ``argv`` and return it running: a driver (the reactor, an
         event loop) moves it on; see :mod:`tierbox.runloop`. ``tty``: on a
@@ -135,6 +144,14 @@ class Instance(abc.ABC):
         req = self._request(
             argv, stdin, env, timeout_s, cwd, user, on_stdout, on_stderr, keep_stdin_open
         )
+        if unbounded:
+            req = dataclasses.replace(req, unbounded=True)
+        if keep_stdin_open and not self.capabilities.stdin_stream:
+            raise NotSupportedError(
+                f"the {self.tier_name} tier takes a command's stdin at start: pass stdin=...; "
+                "tiers that stream it: "
+                + ", ".join(_tiers_where(lambda c: c.stdin_stream, but=self.tier_name))
+            )
         if tty:
             if not self.capabilities.tty:
                 from tierbox.tiers import get_tier, tier_names

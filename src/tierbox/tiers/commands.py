@@ -50,7 +50,16 @@ class ExecRequest:
     #: run on a pseudo-terminal: output (both streams) arrives as stdout,
     #: input through send_stdin, size through Command.resize
     tty: bool = False
+    #: no wall-clock limit unless timeout_s is given (background commands:
+    #: a server runs until it ends, is killed, or the sandbox closes)
+    unbounded: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+
+    def timeout(self, default_s: float | None) -> float | None:
+        """The command's wall-clock limit: its own, else the sandbox's."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return None if self.unbounded else default_s
 
 
 class Command(abc.ABC):

@@ -54,6 +54,7 @@ from tierbox.errors import (
     NotRegularFileError,
     NotSupportedError,
     SandboxDeadError,
+    SandboxError,
     SandboxFileError,
 )
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
@@ -68,6 +69,7 @@ from tierbox.spec import (
     FileKind,
     Limits,
     NetworkPolicy,
+    ProcessInfo,
     SandboxSpec,
     Stats,
 )
@@ -228,6 +230,28 @@ class GVisorInstance(OciInstance):
                 path=path,
             )
         raise SandboxFileError(f"cannot {verb} {path} in sandbox {self.id}: {why}", path=path)
+
+    def processes(self) -> list[ProcessInfo]:
+        """The Sentry's own view (the host sees only runsc's processes), read by
+        the bind-mounted busybox ``ps`` (which is left out of the list)."""
+        self._check_open()
+        fmt = "pid,ppid,user,stat,args"
+        r = self._runtime_exec(
+            [BUSYBOX, "ps", "-o", fmt], None, {"PATH": "/.tierbox/bin"}, FILE_OP_TIMEOUT_S, 1 << 20
+        )
+        if not r.ok:
+            why = r.stderr.decode(errors="replace").strip() or r.termination.describe()
+            raise SandboxError(f"cannot list the processes of sandbox {self.id}: {why}")
+        out = []
+        for line in r.stdout.decode(errors="replace").splitlines()[1:]:
+            parts = line.split(None, 4)
+            if len(parts) < 5 or not parts[0].isdigit():
+                continue
+            argv = parts[4].split()
+            if argv[:2] == [BUSYBOX, "ps"]:
+                continue
+            out.append(ProcessInfo(int(parts[0]), int(parts[1]), parts[2], argv, parts[3][:1]))
+        return out
 
     def _put_file(self, path: str, data: bytes, mode: int) -> None:
         self._file_op("write", path, _PUT, [f"{mode:o}"], data, 64 * 1024)

@@ -32,7 +32,7 @@ from tierbox.errors import (
 from tierbox.host import capture, mntns
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.pinned import PinnedProcess, start_time
-from tierbox.host.procs import kill_tree
+from tierbox.host.procs import kill_tree, process_info
 from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import exit_error, run, spawn
 from tierbox.paths import MARKER, run_dir
@@ -41,6 +41,7 @@ from tierbox.spec import (
     ExecResult,
     FileEntry,
     Limits,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     Termination,
@@ -118,7 +119,7 @@ class OciInstance(Instance):
 
     def _start(self, req: ExecRequest) -> Command:
         self._check_open()
-        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout(self.spec.limits.timeout_s)
         return self._runtime_start(req, timeout, self.spec.limits.output_bytes)
 
     def _runtime_exec(
@@ -234,6 +235,12 @@ class OciInstance(Instance):
 
     def host_pids(self) -> list[int]:
         return self.cg.pids()
+
+    def processes(self) -> list[ProcessInfo]:
+        """Pids as the container numbers them (its init is 1)."""
+        self._check_open()
+        found = (process_info(pid, in_namespace=True) for pid in self.cg.pids())
+        return sorted((p for p in found if p is not None), key=lambda p: p.pid)
 
     def close(self) -> Termination | None:
         if self._closed:

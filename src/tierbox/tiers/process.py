@@ -33,8 +33,17 @@ from tierbox.host import helpers, mntns, uids
 from tierbox.host.capture import Captured, PipePump
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
+from tierbox.host.procs import process_info
 from tierbox.host.rootfs import RootDir
-from tierbox.spec import DEFAULT_PATH, ExecResult, SandboxSpec, Stats, Termination, parse_user
+from tierbox.spec import (
+    DEFAULT_PATH,
+    ExecResult,
+    ProcessInfo,
+    SandboxSpec,
+    Stats,
+    Termination,
+    parse_user,
+)
 from tierbox.tiers import _pool
 from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
 from tierbox.tiers.commands import Command, ExecRequest, Finished, PumpCommand
@@ -158,7 +167,7 @@ class ProcessInstance(DirectoryFiles, Instance):
         ones) keep running until the sandbox closes, as in a container."""
         if self._closed:
             raise SandboxClosedError(f"sandbox {self.id} is closed")
-        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout(self.spec.limits.timeout_s)
         # Counters only move while work runs: after the first exec, the values
         # read at the end of the previous one are the baseline (one-shot hot path).
         before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
@@ -204,6 +213,11 @@ class ProcessInstance(DirectoryFiles, Instance):
 
     def host_pids(self) -> list[int]:
         return self.cg.pids()
+
+    def processes(self) -> list[ProcessInfo]:
+        """Host pids: the process tier shares the host's pid namespace."""
+        found = (process_info(pid, in_namespace=False) for pid in self.cg.pids())
+        return [p for p in found if p is not None]
 
     def state(self) -> dict[str, Any]:
         return {

@@ -65,6 +65,7 @@ from tierbox.spec import (
     MIB,
     ExecResult,
     NetworkPolicy,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     Termination,
@@ -114,7 +115,7 @@ def _check_spec(spec: SandboxSpec) -> None:
         )
 
 
-CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, in_process=True)
+CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, in_process=True, stdin_stream=False)
 
 
 class WasmInstance(DirectoryFiles, Instance):
@@ -147,6 +148,8 @@ class WasmInstance(DirectoryFiles, Instance):
         self._ooms = 0
         self._serial = next(_serials)  # names this object's usage record
         self._root_dir: RootDir | None = None
+        #: running commands: a number of tierbox's own -> argv (no pids in WASI)
+        self._commands: dict[int, list[str]] = {}
         self._modules: dict[str, tuple[tuple[int, ...], WasmModule]] = {}
 
     @property
@@ -200,9 +203,11 @@ class WasmInstance(DirectoryFiles, Instance):
         if isinstance(module, OSError):
             return not_runnable(argv[0], module, time.monotonic() - started)
         guest_env = {**(w.env if w is not None else {}), **self.spec.env, **(env or {})}
-        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout(self.spec.limits.timeout_s)
+        token = next(_serials)
         with self._lock:
             self._running += 1
+            self._commands[token] = list(argv)
         try:
             run = run_wasi(
                 module,
@@ -220,6 +225,7 @@ class WasmInstance(DirectoryFiles, Instance):
         finally:
             with self._lock:
                 self._running -= 1
+                self._commands.pop(token, None)
         oom = run.result.termination.kind is TerminationKind.OOM_KILLED
         with self._lock:
             self._peak = max(self._peak, run.memory_bytes)
@@ -306,6 +312,15 @@ class WasmInstance(DirectoryFiles, Instance):
         return peak, cpu, ooms
 
     # ----------------------------------------------------------------- files
+
+    def processes(self) -> list[ProcessInfo]:
+        """The commands running now, each an instance in this process; WASI
+        has no processes, so their numbers are tierbox's own."""
+        with self._lock:
+            return [
+                ProcessInfo(pid=n, ppid=0, user="-", argv=argv, state="R")
+                for n, argv in sorted(self._commands.items())
+            ]
 
     def hold_resident(self) -> Callable[[], None]:
         """A live Store with the workload instantiated: what a running

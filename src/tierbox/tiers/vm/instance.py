@@ -251,7 +251,7 @@ class VMInstance(SnapshotOps, Instance):
 
     def _exec_request(self, req: ExecRequest, cancel: Cancel) -> ExecResult:
         argv, stdin, env = req.argv, req.stdin, req.env
-        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        timeout = req.timeout(self.spec.limits.timeout_s)
         with self._lock:
             self._check_usable()
             started = time.monotonic()
