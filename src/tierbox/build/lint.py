@@ -195,7 +195,11 @@ def lint_file(path: Path, *, use_hadolint: bool = True) -> list[LintFinding]:
     ]
     theirs = hadolint(path) if use_hadolint else []
     covered = {(h.line, code) for h in hits for code in h.rule.supersedes}
-    theirs = [f for f in theirs if (f.line, f.rule) not in covered]
+    # hadolint drops a pragma that names a code outside its own DL/SC families
+    # (``# hadolint ignore=DL3008,TB002``): apply every pragma to its findings too
+    theirs = [
+        f for f in theirs if (f.line, f.rule) not in covered and not df.is_ignored(f.rule, f.line)
+    ]
     return sorted([*ours, *theirs], key=lambda f: (f.line, -_RANK.get(f.severity, 0), f.rule))
 
 

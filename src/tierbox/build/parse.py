@@ -206,7 +206,7 @@ def _check(inst: Instruction, path: str) -> None:
         raise DockerfileError(
             f"{inst.cmd} needs a source and a destination", path=path, line=inst.line
         )
-    if inst.cmd in ("RUN", "WORKDIR", "USER", "EXPOSE", "LABEL", "ARG") and not inst.value:
+    if not inst.value and inst.cmd != "FROM":  # FROM's own message comes with its stage
         raise DockerfileError(f"{inst.cmd} needs an argument", path=path, line=inst.line)
 
 

@@ -108,7 +108,16 @@ RULES: tuple[Rule, ...] = (
 # ---------------------------------------------------------------- shell words
 
 _SEPARATORS = frozenset({"&&", "||", ";", "|", "&", "(", ")", ";;", "|&"})
-_WRAPPERS = frozenset({"sudo", "env", "nice", "time", "exec", "command", "nohup", "xargs"})
+#: Programs that run the command after them, with their options that take a value.
+_WRAPPERS: dict[str, frozenset[str]] = {
+    "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T"}),
+    "env": frozenset({"-u", "-C", "-S"}),
+    "nice": frozenset({"-n"}),
+    "time": frozenset({"-f", "-o"}),
+    "exec": frozenset({"-a"}),
+    "command": frozenset(),
+    "nohup": frozenset(),
+}
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -138,9 +147,10 @@ def simple_commands(text: str) -> list[list[str]]:
 
 def _strip(words: list[str]) -> list[str]:
     while words and (_ASSIGNMENT.match(words[0]) or words[0] in _WRAPPERS):
+        takes_value = _WRAPPERS.get(words[0], frozenset())
         words = words[1:]
-        while words and words[0].startswith("-") and len(words) > 1:  # sudo -u x, env -i
-            words = words[1:]
+        while len(words) > 1 and words[0].startswith("-"):  # sudo -u app, env -i
+            words = words[2:] if words[0] in takes_value else words[1:]
     return words
 
 
