@@ -29,7 +29,7 @@ from tierbox.errors import (
     UsageError,
 )
 from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, TerminationKind
-from tierbox.tiers import get_tier
+from tierbox.tiers import _state, get_tier
 from tierbox.tiers.wasm import WasmInstance, WasmTier
 from tierbox.wasm import engine, growtrack, modules, toolchain
 
@@ -131,7 +131,11 @@ def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
         assert inst.exec(["fileops", "write", "/out.txt", "made inside"]).ok
         assert inst.get_file("/out.txt") == b"made inside\n"
         assert inst.list_dir("/") == ["in", "out.txt", "tmp"]  # every sandbox has a /tmp
-        assert sorted(inst.exec(["fileops", "ls", "/"]).stdout.split()) == [b"in", b"out.txt", b"tmp"]
+        assert sorted(inst.exec(["fileops", "ls", "/"]).stdout.split()) == [
+            b"in",
+            b"out.txt",
+            b"tmp",
+        ]
         st = inst.stats()
         assert st.memory_peak_bytes is not None and st.memory_peak_bytes > 0
         assert st.memory_bytes == 0  # nothing runs: an idle sandbox holds no Wasm memory
@@ -839,8 +843,9 @@ def test_python_names_resolve_to_the_wasi_build_and_say_so(
         inst = sb.instance
         assert isinstance(inst, WasmInstance)
         assert f"image=python:wasi requested={ref}" in repr(inst)
-        record = Sandbox.list()
-        mine = next(s for s in record if s["id"] == sb.id)["tier_state"]["workload"]
+        listed = next(s for s in Sandbox.list() if s.id == sb.id)
+        assert listed.image == "python:wasi"  # what it runs, not what was asked
+        mine = _state.read_state(sb.id)["tier_state"]["workload"]
         assert mine["image"] == "python:wasi" and mine["requested"] == ref
         assert "CPython 3.12" in mine["note"]
         assert sb.run(["python3", "-c", "print(3)"]).stdout == b"3\n"

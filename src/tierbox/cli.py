@@ -27,9 +27,10 @@ from tierbox.cli_common import (
     parse_env,
     workload_argv,
 )
+from tierbox.cli_pool import autoscale_app, fn_app, pool_app
 from tierbox.cli_vm import vm_app
 from tierbox.errors import TierboxError, UsageError
-from tierbox.sandbox import DEFAULT_TIER, Sandbox
+from tierbox.sandbox import DEFAULT_TIER, Sandbox, SandboxRecord
 from tierbox.sandbox import run as run_once
 from tierbox.spec import parse_duration_s, parse_memory_mib
 from tierbox.tiers import get_tier, tier_names
@@ -50,6 +51,9 @@ image_app = typer.Typer(
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(image_app, name="image")
 app.add_typer(vm_app, name="vm")
+app.add_typer(pool_app, name="pool")
+app.add_typer(fn_app, name="fn")
+app.add_typer(autoscale_app, name="autoscale")
 register_build_commands(app, image_app)
 app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."
@@ -258,27 +262,27 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
     """List live sandboxes."""
     rows = Sandbox.list()
     if as_json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
-    table = Table("id", "tier", "image", "memory", "kept until")
+    table = Table("id", "name", "tier", "image", "memory", "kept until")
     for r in rows:
         table.add_row(
-            r["id"],
-            r["tier"],
-            str(r["spec"].get("image")),
-            f"{r['spec']['limits']['memory_mib']} MiB",
+            r.id,
+            r.name or "",
+            r.tier,
+            r.image or "-",
+            f"{r.memory_mib} MiB" if r.memory_mib is not None else "-",
             _kept_until(r),
         )
     out.print(table)
 
 
-def _kept_until(record: dict[str, Any]) -> str:
-    if not record.get("keep"):
-        return f"its creator exits (pid {record.get('owner_pid')})"
-    expires = record.get("expires_unix")
-    if expires is None:
+def _kept_until(record: SandboxRecord) -> str:
+    if not record.keep:
+        return f"its creator exits (pid {record.owner_pid})"
+    if record.expires_unix is None:
         return "removed"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(expires)))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.expires_unix))
 
 
 @sandbox_app.command("stats")

@@ -72,6 +72,13 @@ def collect(everything: bool = False) -> list[str]:
                 shutil.rmtree(d, ignore_errors=True)
                 if not d.exists():
                     removed.append(f"directory {d}")
+    names = _state.names_dir()
+    if names.is_dir():
+        for entry in sorted(names.iterdir()):
+            holder = _state.name_holder(entry.name)
+            if holder is None or holder not in live:
+                entry.unlink(missing_ok=True)
+                removed.append(f"sandbox name {entry.name}")
     # the namespace goes only when no other process uses it (a lock says so)
     removed += mntns.teardown_runtime_ns()
     return removed

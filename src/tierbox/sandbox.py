@@ -9,11 +9,13 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import dataclasses
 import inspect
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -163,6 +165,40 @@ def _close_owned() -> None:
             sb.close()
 
 
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A live sandbox as ``Sandbox.list()`` reports it."""
+
+    id: str
+    name: str | None
+    tier: str
+    image: str | None
+    created_unix: float
+    state: str  # "running": listed sandboxes are live
+    owner_pid: int | None
+    keep: bool
+    expires_unix: float | None
+    memory_mib: int | None
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> SandboxRecord:
+        return cls(
+            id=s["id"],
+            name=s.get("name"),
+            tier=s["tier"],
+            image=s.get("image") or s.get("spec", {}).get("image"),
+            created_unix=float(s.get("created", 0.0)),
+            state="running",
+            owner_pid=s.get("owner_pid"),
+            keep=bool(s.get("keep")),
+            expires_unix=s.get("expires_unix"),
+            memory_mib=s.get("spec", {}).get("limits", {}).get("memory_mib"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class Sandbox:
     """A live sandbox on some tier. Use it in ``with`` and it is always
     cleaned up; one that is never closed is closed when the program exits,
@@ -175,17 +211,20 @@ class Sandbox:
         *,
         keep: bool = False,
         expires_unix: float | None = None,
+        name: str | None = None,
     ) -> None:
         self._inst = instance
         self.spec = spec
         self.keep = keep
         self.expires_unix = expires_unix
+        self.name = name
         self.files = Files(self)
 
     def __repr__(self) -> str:
         image = self._inst.image or "-"
         asked = f" (asked for {self.spec.image})" if self.spec.image not in (None, image) else ""
-        return f"<Sandbox {self.id} tier={self.tier} image={image}{asked}>"
+        named = f" name={self.name}" if self.name else ""
+        return f"<Sandbox {self.id}{named} tier={self.tier} image={image}{asked}>"
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -197,12 +236,14 @@ class Sandbox:
         spec: SandboxSpec | None = None,
         keep: bool = False,
         ttl_s: float | None = None,
+        name: str | None = None,
         **options: Any,
     ) -> Sandbox:
         """Start a sandbox. ``options`` are make_spec's: memory_mib, cpus, pids,
         timeout_s, disk_mib, network, env, user, workdir. ``keep`` lets it
         outlive this process (the CLI's ``sandbox create``) until closed or,
-        with ``ttl_s``, until ``tierbox gc`` finds it expired."""
+        with ``ttl_s``, until ``tierbox gc`` finds it expired. ``name``: a
+        name unique among live sandboxes, usable wherever an id is."""
         if ttl_s is not None:
             if not keep:
                 raise UsageError("ttl_s only applies to kept sandboxes: pass keep=True too")
@@ -210,11 +251,18 @@ class Sandbox:
         spec = spec or _spec_from(image, options)
         expires = time.time() + ttl_s if ttl_s is not None else None
         inst = get_tier(tier).create(spec)
-        return cls._adopt([inst], spec, keep=keep, expires_unix=expires)[0]
+        try:
+            if name is not None:
+                _state.claim_name(name, inst.id)
+        except BaseException:
+            inst.close()
+            raise
+        return cls._adopt([inst], spec, keep=keep, expires_unix=expires, name=name)[0]
 
     @classmethod
     def connect(cls, sandbox_id: str) -> Sandbox:
-        """Reattach to a sandbox created by another process."""
+        """Reattach to a sandbox created by another process, by id or name."""
+        sandbox_id = _state.resolve(sandbox_id)
         state = _state.read_state(sandbox_id)
         tier = get_tier(state["tier"])
         inst = tier.attach(sandbox_id, {**state["tier_state"], "spec": state["spec"]})
@@ -224,12 +272,15 @@ class Sandbox:
             SandboxSpec.from_dict(state["spec"]),
             keep=bool(state.get("keep")),
             expires_unix=state.get("expires_unix"),
+            name=state.get("name"),
         )
 
     @staticmethod
-    def list() -> list[dict[str, Any]]:
-        """State records of live sandboxes on this host."""
-        return [s for s in _state.list_states() if _state.is_live(s["id"])]
+    def list() -> list[SandboxRecord]:
+        """The live sandboxes on this host (from their state records)."""
+        return [
+            SandboxRecord.from_state(s) for s in _state.list_states() if _state.is_live(s["id"])
+        ]
 
     @classmethod
     def restore(cls, snap: SnapshotRef) -> Sandbox:
@@ -252,11 +303,14 @@ class Sandbox:
         *,
         keep: bool = False,
         expires_unix: float | None = None,
+        name: str | None = None,
     ) -> builtins.list[Sandbox]:
         """Wrap new instances, record their state and, unless kept, own them
         (closed at exit); if recording fails (or Ctrl-C lands), close them
         all rather than leak them."""
-        out = [cls(inst, spec, keep=keep, expires_unix=expires_unix) for inst in instances]
+        out = [
+            cls(inst, spec, keep=keep, expires_unix=expires_unix, name=name) for inst in instances
+        ]
         if not keep:
             with _owned_lock:
                 _owned.update(out)
@@ -279,6 +333,8 @@ class Sandbox:
                 "created": time.time(),
                 "keep": self.keep,
                 "expires_unix": self.expires_unix,
+                "name": self.name,
+                "image": self._inst.image,
                 "owner_pid": os.getpid(),
                 "tier_state": self._inst.state(),
             },
@@ -406,6 +462,8 @@ class Sandbox:
             _owned.discard(self)
         with contextlib.suppress(SandboxClosedError):
             self._inst.close()
+        if self.name is not None:
+            _state.release_name(self.name, self.id)
         _state.remove_dir(self.id)
 
     kill = close

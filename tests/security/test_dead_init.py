@@ -93,7 +93,7 @@ def test_killed_init_makes_every_call_raise(tier: str) -> None:
             os.kill(squatter, 9)
             os.waitpid(squatter, 0)
     # close still works on a dead sandbox, and the CLI can remove it too
-    assert sb.id not in [s["id"] for s in Sandbox.list()]
+    assert sb.id not in [s.id for s in Sandbox.list()]
 
 
 def test_dead_sandbox_can_be_removed_from_the_cli() -> None:

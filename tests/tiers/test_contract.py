@@ -167,7 +167,7 @@ def test_long_lived_sandbox_exec_files_stats(box: Box) -> None:
     sb.close()  # idempotent
     with pytest.raises(SandboxClosedError):
         sb.run(box.cmd("outerr7"))
-    assert sid not in [s["id"] for s in Sandbox.list()]
+    assert sid not in [s.id for s in Sandbox.list()]
     wait_until(lambda: _gone(sid), timeout_s=10, what="the sandbox's leftovers to go")
 
 
@@ -312,7 +312,7 @@ def test_a_dead_sandbox_raises_on_every_call(name: str) -> None:
                 call()
     finally:
         sb.close()
-    assert sb.id not in [s["id"] for s in Sandbox.list()]
+    assert sb.id not in [s.id for s in Sandbox.list()]
 
 
 def _dead(sb: Sandbox) -> bool:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import SandboxNotFoundError
+from tierbox.errors import SandboxNotFoundError, UsageError
 from tierbox.host.pinned import start_time
 from tierbox.paths import sandboxes_dir
 
@@ -82,6 +83,61 @@ def live_ids() -> LiveIds:
     if not base.is_dir():
         return LiveIds()
     return LiveIds(d.name for d in base.iterdir() if not d.name.startswith(".") and is_live(d.name))
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def names_dir() -> Path:
+    return sandboxes_dir().parent / "names"
+
+
+def claim_name(name: str, sandbox_id: str) -> None:
+    """Give ``sandbox_id`` the name ``name``: refused while a live sandbox
+    holds it (a name left by a dead one is taken over)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"name={name!r} is not a sandbox name: use letters, digits, '.', '_' or '-' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    d = names_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = name_holder(name)
+            if holder is not None and is_live(holder):
+                raise UsageError(
+                    f"the name {name!r} belongs to live sandbox {holder}: choose another, "
+                    f"or `tierbox sandbox rm {name}` first"
+                ) from None
+            (d / name).unlink(missing_ok=True)  # its sandbox is gone: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(sandbox_id)
+        return
+    raise UsageError(f"the name {name!r} is being claimed by another process: try again")
+
+
+def name_holder(name: str) -> str | None:
+    try:
+        return (names_dir() / name).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def release_name(name: str, sandbox_id: str) -> None:
+    if name_holder(name) == sandbox_id:
+        (names_dir() / name).unlink(missing_ok=True)
+
+
+def resolve(id_or_name: str) -> str:
+    """A sandbox id from an id or a name."""
+    if (sandbox_dir(id_or_name) / "state.json").exists():
+        return id_or_name
+    holder = name_holder(id_or_name) if NAME_RE.fullmatch(id_or_name) else None
+    return holder or id_or_name
 
 
 def write_state(sandbox_id: str, state: dict[str, Any]) -> None:
