@@ -59,6 +59,7 @@ from tierbox.sandbox import Sandbox, make_spec, run
 from tierbox.spec import (
     ExecResult,
     Limits,
+    Mount,
     NetworkPolicy,
     SandboxSpec,
     Stats,
@@ -90,6 +91,7 @@ __all__ = [
     "LibvirtError",
     "LibvirtUnreachableError",
     "Limits",
+    "Mount",
     "MetricUnavailableError",
     "NetworkPolicy",
     "NotRegularFileError",

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,13 +22,20 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 from tierbox import transfer
-from tierbox.errors import SandboxClosedError, UsageError
+from tierbox.errors import (
+    SandboxClosedError,
+    SandboxDeadError,
+    SandboxError,
+    TierboxError,
+    UsageError,
+)
 from tierbox.handles import CommandHandle
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
     FileEntry,
     Limits,
+    Mount,
     NetworkPolicy,
     ProcessInfo,
     SandboxSpec,
@@ -54,6 +62,7 @@ def make_spec(
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     workdir: str = "/",
+    mounts: Sequence[Mount] = (),
 ) -> SandboxSpec:
     """A SandboxSpec from keyword options (defaults live in Limits); every
     bad value is a UsageError naming the option."""
@@ -83,6 +92,12 @@ def make_spec(
         raise UsageError(f"user={user!r} must be a str 'uid[:gid]', like '1000:1000'")
     parse_user(user)
     sandbox_path(workdir, param="workdir")
+    if isinstance(mounts, Mount) or not all(isinstance(m, Mount) for m in mounts):
+        raise UsageError("mounts must be a list of Mount(host=..., path=...)")
+    checked = tuple(m.checked() for m in mounts)
+    paths = [m.path for m in checked]
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"two mounts at one sandbox path: {sorted(paths)}")
     return SandboxSpec(
         image=image,
         limits=limits,
@@ -90,6 +105,7 @@ def make_spec(
         env=dict(env or {}),
         user=user,
         workdir=workdir,
+        mounts=checked,
     )
 
 
@@ -104,6 +120,23 @@ def _spec_from(image: str | None, options: Mapping[str, Any]) -> SandboxSpec:
             f"unknown option {', '.join(unknown)}: the options are {', '.join(_OPTIONS)}"
         )
     return make_spec(image, **options)
+
+
+def _copy_mounts_in(inst: Instance, spec: SandboxSpec) -> None:
+    """Mounts on a tier without a shared filesystem (microVM, VM): a copy,
+    made by root in the guest so the mount point can be anywhere, writable by
+    the workload, then read-only for a read-only mount."""
+    for m in spec.mounts:
+        target = m.path if Path(m.host).is_dir() else posixpath.dirname(m.path)
+        made = inst.exec(["sh", "-c", 'mkdir -p "$1" && chmod 1777 "$1"', "sh", target], user="0")
+        if not made.ok:
+            raise SandboxError(
+                f"cannot make the mount point {target} in sandbox {inst.id}: "
+                f"{made.stderr_text.strip() or made.termination.describe()}"
+            )
+        transfer.upload(inst, Path(m.host), m.path)
+        if m.read_only:
+            inst.exec(["chmod", "-R", "a-w", m.path], user="0")
 
 
 class Files:
@@ -219,6 +252,7 @@ class Sandbox:
         self.expires_unix = expires_unix
         self.name = name
         self.files = Files(self)
+        self._closed_here = False
 
     def __repr__(self) -> str:
         image = self._inst.image or "-"
@@ -254,6 +288,8 @@ class Sandbox:
         try:
             if name is not None:
                 _state.claim_name(name, inst.id)
+            if spec.mounts and not inst.capabilities.shares_host_files:
+                _copy_mounts_in(inst, spec)
         except BaseException:
             inst.close()
             raise
@@ -456,8 +492,30 @@ class Sandbox:
         """Go back to the named snapshot in place (tiers whose snapshots revert)."""
         self._inst.revert(name)
 
+    def sync(self, path: str | None = None) -> int:
+        """Copy writable mounts (the one at ``path``, or all) back to the host,
+        on tiers without a shared filesystem (microVM, VM); elsewhere the host
+        directory is the sandbox's already. Returns the bytes copied."""
+        if self._inst.capabilities.shares_host_files:
+            return 0
+        total = 0
+        for m in self.spec.mounts:
+            if not m.read_only and (path is None or m.path == path):
+                total += transfer.copy_back(self._inst, m.path, Path(m.host))
+        return total
+
     def close(self) -> None:
-        """Stop the sandbox and free everything. Idempotent."""
+        """Stop the sandbox and free everything. Idempotent. Writable mounts
+        of a tier without a shared filesystem are copied back first."""
+        failed: TierboxError | None = None
+        if not self._closed_here and self.spec.mounts:
+            try:
+                self.sync()
+            except SandboxDeadError:
+                pass  # a dead sandbox has nothing left to give back
+            except TierboxError as exc:
+                failed = exc  # raised once the sandbox is gone: its writes did not reach the host
+        self._closed_here = True
         with _owned_lock:
             _owned.discard(self)
         with contextlib.suppress(SandboxClosedError):
@@ -465,6 +523,8 @@ class Sandbox:
         if self.name is not None:
             _state.release_name(self.name, self.id)
         _state.remove_dir(self.id)
+        if failed is not None:
+            raise failed
 
     kill = close
 

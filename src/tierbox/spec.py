@@ -319,6 +319,65 @@ class Limits:
         return cls(**data)
 
 
+#: Host paths a mount may never expose (nor anything below them), besides
+#: tierbox's own state directories.
+_HOST_DENIED = ("/proc", "/sys", "/dev", "/boot")
+#: Sandbox paths a mount may not cover.
+_SANDBOX_DENIED = ("/proc", "/sys", "/dev", "/.tierbox")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory or file shown inside a sandbox at ``path``.
+
+    ``host`` is resolved on the host when the mount is made (symlinks
+    followed there, once), so what the sandbox sees cannot be swapped for
+    another host path later. Read-only unless ``read_only=False``. How each
+    tier shows it (bind mount, WASI preopen, a copy into a VM) is in README.
+    """
+
+    host: str
+    path: str
+    read_only: bool = True
+
+    def checked(self) -> Mount:
+        """This mount with its host path resolved; UsageError for what no
+        tier may mount: the host's / and its kernel interfaces, a path that
+        does not exist, a sandbox path over /proc, /sys or /dev."""
+        import os
+
+        if not isinstance(self.host, str) or not self.host:
+            raise UsageError(f"mount host={self.host!r}: give a host directory or file")
+        from tierbox.paths import home, run_dir
+
+        real = os.path.realpath(os.path.expanduser(self.host))
+        if not os.path.exists(real):
+            raise UsageError(f"mount host={self.host!r}: no such file or directory on the host")
+        denied = (*_HOST_DENIED, str(run_dir()), str(home()))
+        if real == "/" or any(real == d or real.startswith(d + "/") for d in denied):
+            raise UsageError(
+                f"mount host={self.host!r} resolves to {real}: the host's / and its kernel "
+                "interfaces (/proc, /sys, /dev) and tierbox's own state cannot be mounted"
+            )
+        path = sandbox_path(self.path, param="mount path")
+        if path == "/" or any(path == d or path.startswith(d + "/") for d in _SANDBOX_DENIED):
+            raise UsageError(f"mount path={path}: mount below /, away from /proc, /sys and /dev")
+        return Mount(host=real, path=path, read_only=bool(self.read_only))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "path": self.path, "read_only": self.read_only}
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        """``HOST:PATH[:ro|rw]`` as ``docker run -v`` writes it."""
+        parts = text.split(":")
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            return cls(parts[0], parts[1], read_only=parts[2] == "ro")
+        if len(parts) == 2:
+            return cls(parts[0], parts[1])
+        raise UsageError(f"bad mount {text!r}: use HOST:PATH or HOST:PATH:ro|rw")
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     """Everything a tier needs to create a sandbox."""
@@ -329,6 +388,7 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     user: str | None = None  # "uid[:gid]"; None means the tier's non-root default
+    mounts: tuple[Mount, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -338,6 +398,7 @@ class SandboxSpec:
             "env": self.env,
             "workdir": self.workdir,
             "user": self.user,
+            "mounts": [m.to_dict() for m in self.mounts],
         }
 
     @classmethod
@@ -349,6 +410,7 @@ class SandboxSpec:
             env=dict(data.get("env", {})),
             workdir=data.get("workdir", "/"),
             user=data.get("user"),
+            mounts=tuple(Mount(**m) for m in data.get("mounts", [])),
         )
 
 

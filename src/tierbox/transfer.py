@@ -144,3 +144,53 @@ def upload(inst: Instance, local: Path, path: str) -> int:
 def copy_stream(inst: Instance, path: str, out: BinaryIO, max_bytes: int | None) -> int:
     """Stream one sandbox file to ``out`` (``tierbox sandbox cp ID:PATH -``)."""
     return inst.copy_out(path, out, max_bytes=max_bytes)
+
+
+def copy_back(inst: Instance, path: str, host: Path, *, max_bytes: int | None = None) -> int:
+    """Copy the sandbox's ``path`` (a file or directory) over the host's
+    ``host``, as a writable mount of a tier without a shared filesystem
+    needs: existing files are replaced, nothing is deleted, symlinks inside
+    the sandbox are not copied, and every host-side write resolves inside
+    ``host`` (a symlink there cannot lead the copy elsewhere on the host)."""
+    from tierbox.host.rootfs import RootDir
+
+    src = sandbox_path(path, cwd=inst.workdir)
+    budget = _Budget(
+        max_bytes if max_bytes is not None else DOWNLOAD_MAX_BYTES, DOWNLOAD_MAX_ENTRIES
+    )
+    if host.is_file():
+        data = inst.get_file(src, max_bytes=budget.bytes_left or DOWNLOAD_MAX_BYTES)
+        root = RootDir.open(str(host.parent), uid=None, gid=None, label="host")
+        try:
+            root.write_file("/" + host.name, data, host.stat().st_mode & 0o777)
+        finally:
+            root.close()
+        return len(data)
+    root = RootDir.open(str(host), uid=None, gid=None, label="host")
+    try:
+        _copy_tree_back(inst, src, "/", root, budget, 0)
+    finally:
+        root.close()
+    return budget.copied
+
+
+def _copy_tree_back(
+    inst: Instance, src: str, rel: str, root: object, budget: _Budget, depth: int
+) -> None:
+    from tierbox.host.rootfs import RootDir
+
+    assert isinstance(root, RootDir)
+    if depth > MAX_DEPTH:
+        raise SandboxFileError(f"copy of {src} stopped: deeper than {MAX_DEPTH}", path=src)
+    for e in inst.entries(src):
+        child, target = posixpath.join(src, e.name), posixpath.join(rel, e.name)
+        budget.entry(child)
+        if e.kind is FileKind.DIR:
+            _copy_tree_back(inst, child, target, root, budget, depth + 1)
+        elif e.kind is FileKind.FILE:
+            cap = budget.bytes_left if budget.bytes_left is not None else DOWNLOAD_MAX_BYTES
+            data = inst.get_file(child, max_bytes=cap)
+            root.write_file(target, data, 0o644)
+            budget.copied += len(data)
+            if budget.bytes_left is not None:
+                budget.bytes_left -= len(data)

@@ -16,7 +16,7 @@ import ctypes.util
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,10 @@ from tierbox.errors import HostError
 T = TypeVar("T")
 
 CLONE_NEWNS = 0x00020000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -49,9 +53,13 @@ def _check(rc: int, what: str) -> None:
 class PrivateTmp:
     """Runs callables (spawns) in a mount namespace where ``directory`` is /tmp."""
 
-    def __init__(self, directory: Path, mountpoint: str = "/tmp") -> None:
+    def __init__(
+        self, directory: Path, mountpoint: str = "/tmp", read_only: Sequence[str] = ()
+    ) -> None:
+        """``read_only``: host paths made read-only inside the namespace."""
         self.directory = directory
         self.mountpoint = mountpoint
+        self.read_only = list(read_only)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -72,6 +80,11 @@ class PrivateTmp:
                 ),
                 f"bind {self.directory} on {self.mountpoint}",
             )
+            for path in self.read_only:
+                target = path.encode()
+                _check(_libc.mount(target, target, None, MS_BIND | MS_REC, None), f"bind {path}")
+                flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+                _check(_libc.mount(None, target, None, flags, None), f"make {path} read-only")
         except BaseException as exc:
             ready.set_exception(exc)
             return

@@ -80,6 +80,9 @@ class Capabilities:
     tty: bool = False
     #: a running command's stdin can be fed bit by bit (send_stdin)
     stdin_stream: bool = True
+    #: host directories appear in the sandbox itself (bind mount, preopen);
+    #: without it (VMs) the facade copies them in and, when writable, back
+    shares_host_files: bool = True
 
 
 def _tiers_where(test: Callable[[Capabilities], bool], *, but: str = "") -> list[str]:

@@ -390,6 +390,15 @@ def bundle_config(
             "options": ["nosuid", "nodev", "mode=1777", f"size={tmp_mib}m"],
         },
     ]
+    for m in spec.mounts:  # host directories the caller asked for (Mount.checked)
+        mounts.append(
+            {
+                "destination": m.path,
+                "type": "bind",
+                "source": m.host,
+                "options": ["rbind", "ro" if m.read_only else "rw", "nosuid", "nodev"],
+            }
+        )
     for destination, source in (binds or {}).items():
         mounts.append(
             {

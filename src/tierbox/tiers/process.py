@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tierbox.errors import HostError, SandboxClosedError, SandboxError
+from tierbox.errors import HostError, SandboxClosedError, SandboxError, SpecError
 from tierbox.host import helpers, mntns, uids
 from tierbox.host.capture import Captured, PipePump
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
@@ -93,7 +93,8 @@ class ProcessInstance(DirectoryFiles, Instance):
 
     def _namespace(self) -> PrivateTmp:
         if self._ns is None:
-            self._ns = PrivateTmp(self.host_dir, TMP)
+            read_only = [m.host for m in self.spec.mounts if m.read_only]
+            self._ns = PrivateTmp(self.host_dir, TMP, read_only=read_only)
         return self._ns
 
     def _files_root(self) -> RootDir:
@@ -271,6 +272,21 @@ class ProcessTier(Tier):
     def __init__(self) -> None:
         self._pool = _pool.SlotPool()
 
+    def check_spec(self, spec: SandboxSpec) -> None:
+        super().check_spec(spec)
+        for m in spec.mounts:
+            if m.path == TMP or m.path.startswith(TMP + "/"):
+                raise SpecError(
+                    f"mount {m.host}: the process tier's /tmp is its own, so a host path "
+                    "below /tmp is not visible there; mount a path outside /tmp"
+                )
+            if m.path != m.host:
+                raise SpecError(
+                    f"mount {m.host} at {m.path}: the process tier sees host paths as they are; "
+                    f"mount it with path={m.host!r} (read-only still applies), or use a tier "
+                    "with its own filesystem (container, gvisor)"
+                )
+
     def _attach_slot(self, slot: _pool.Slot, spec: SandboxSpec) -> ProcessInstance:
         """An instance on ``slot``: the slot's uid and /tmp are made once and
         kept while it is pooled."""
@@ -302,7 +318,7 @@ class ProcessTier(Tier):
         namespace thread are reused while they stay pristine."""
         # a slot's uid is part of what it is: one asked-for user never shares
         # a pooled slot with the default
-        slot = self._pool.acquire(spec.limits, variant=spec.user)
+        slot = self._pool.acquire(spec.limits, variant=(spec.user, spec.mounts))
         try:
             inst = self._attach_slot(slot, spec)
         except BaseException:

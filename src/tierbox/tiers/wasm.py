@@ -107,12 +107,23 @@ _serials = itertools.count(1)
 __all__ = ["FUEL_PER_CPU_S", "WasmInstance", "WasmTier", "import_wasm", "main"]
 
 
+def _preopens(spec: SandboxSpec) -> list[tuple[str, str, bool]]:
+    """The spec's mounts as WASI preopened directories (host, guest, mutable)."""
+    return [(m.host, m.path, not m.read_only) for m in spec.mounts]
+
+
 def _check_spec(spec: SandboxSpec) -> None:
     if spec.network is not NetworkPolicy.NONE:
         raise NotSupportedError(
             f"the wasm tier has no network (asked for network={spec.network.value}): "
             "WASI preview 1 guests get no sockets; use network=none or another tier"
         )
+    for m in spec.mounts:
+        if not os.path.isdir(m.host):
+            raise NotSupportedError(
+                f"mount {m.host}: WASI preopens directories only; mount its directory, "
+                "or use a tier that binds files (container, gvisor)"
+            )
 
 
 CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, in_process=True, stdin_stream=False)
@@ -221,6 +232,7 @@ class WasmInstance(DirectoryFiles, Instance):
                 on_stdout=req.on_stdout,
                 on_stderr=req.on_stderr,
                 on_start=on_start,
+                preopens=_preopens(self.spec),
             )
         finally:
             with self._lock:
@@ -523,6 +535,7 @@ class WasmTier(Tier):
                 limits=spec.limits,
                 timeout_s=spec.limits.timeout_s,
                 fuel=fuel_budget(spec.limits, fuel, self.fuel_per_cpu_s),
+                preopens=_preopens(spec),
             )
         finally:
             scratch.release_one_shot_root(root)

@@ -122,6 +122,7 @@ def run_wasi(
     on_stdout: Callable[[bytes], object] | None = None,
     on_stderr: Callable[[bytes], object] | None = None,
     on_start: Callable[[control.RunControl], object] | None = None,
+    preopens: Sequence[tuple[str, str, bool]] = (),
 ) -> WasiRun:
     """Run ``module``'s ``_start`` once with ``root`` preopened as ``/``;
     ``argv`` is the guest's, program first. ``on_stdout``/``on_stderr`` get
@@ -149,6 +150,7 @@ def run_wasi(
             fuel,
             (on_stdout, on_stderr),
             on_start,
+            preopens,
         )
 
 
@@ -165,6 +167,7 @@ def _run_guarded(
     fuel: int | None,
     sinks: tuple[Callable[[bytes], object] | None, Callable[[bytes], object] | None],
     on_start: Callable[[control.RunControl], object] | None,
+    preopens: Sequence[tuple[str, str, bool]],
 ) -> WasiRun:
     out_path, err_path, in_path = scratch.stdio_files(scratch.thread_dir())
     cap = limits.output_bytes
@@ -200,6 +203,8 @@ def _run_guarded(
             if env:
                 wasi.env = list(env.items())
             wasi.preopen_dir(str(root), "/")
+            for host, guest, mutable in preopens:  # host directories (Mount): WASI preopens
+                wasi.preopen_dir(host, guest, mutable)
             wasi.stdout_file = out_path
             wasi.stderr_file = err_path
             if stdin:

@@ -63,7 +63,9 @@ _DOING = {"read": "reading", "write": "writing", "list": "listing"}
 #: Host-side deadline for agent calls that are not execs (files, stats).
 CALL_TIMEOUT_S = 30.0
 
-CAPABILITIES = Capabilities(snapshot=SnapshotKind.RESTORE, min_memory_mib=qemu.MIN_MEMORY_MIB)
+CAPABILITIES = Capabilities(
+    snapshot=SnapshotKind.RESTORE, min_memory_mib=qemu.MIN_MEMORY_MIB, shares_host_files=False
+)
 
 
 def vm_state_file(d: Path) -> Path:

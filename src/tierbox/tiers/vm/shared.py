@@ -45,7 +45,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,62}$")
 UNIX_PATH_MAX = 107
 
-CAPABILITIES = Capabilities(snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB)
+CAPABILITIES = Capabilities(
+    snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB, shares_host_files=False
+)
 
 #: libvirt's ``virDomainState`` numbers, as ``virsh domstate`` names them.
 STATE_NAMES = {
