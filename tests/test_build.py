@@ -241,6 +241,33 @@ RUN echo final > /final
     assert r.stdout == b"spicy\nDockerfile\nkeep.txt\nno-final\n", r.stderr
 
 
+def test_run_steps_have_no_network_unless_asked(tmp_path: Path, built: list[str]) -> None:
+    for mode in ("none", "host"):
+        token = uuid.uuid4().hex  # steps of their own: the cache does not key on the network
+        ctx = make_context(
+            tmp_path / mode, f"FROM busybox\nRUN echo {token} && ls /sys/class/net > /nets\n"
+        )
+        build(ctx, f"tbtest-net:{mode}", built, network=mode == "host")
+    with Sandbox.create("tbtest-net:none", tier="container") as sb:
+        assert sb.run(["cat", "/nets"]).stdout == b"lo\n"
+    host_links = sorted(os.listdir("/sys/class/net"))
+    with Sandbox.create("tbtest-net:host", tier="container") as sb:
+        assert sb.run(["cat", "/nets"]).stdout.decode().split() == host_links
+
+
+def test_copy_from_an_image_in_the_store(tmp_path: Path, built: list[str]) -> None:
+    ctx = make_context(
+        tmp_path / "ctx",
+        "FROM scratch\nCOPY --from=busybox:latest /bin/busybox /bin/busybox\n"
+        'ENTRYPOINT ["/bin/busybox"]\n',
+    )
+    result, _ = build(ctx, "tbtest-copyfrom:1", built)
+    assert [b.record.ref for b in result.bases] == ["busybox:latest"]
+    with Sandbox.create("tbtest-copyfrom:1", tier="container") as sb:
+        r = sb.run(["/bin/busybox", "echo", "copied from an image"])
+    assert r.stdout == b"copied from an image\n", r.stderr
+
+
 def test_wasm_final_stage_runs_on_wasm(tmp_path: Path, built: list[str]) -> None:
     import wasmtime
 

@@ -13,15 +13,18 @@ OSV advisory for the same CVE gives one.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import gzip
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -133,12 +136,30 @@ class DebianSecurity:
         # the suite; that mirror does not carry it
         return uri if "security" in uri else DEFAULT_SECURITY_URI
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One apt run at a time on this cache (apt's own locking is off: the lists
+        directory is private to tierbox)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def index(
         self, codename: str, arch: str, *, refresh: bool = False, progress: Progress | None = None
     ) -> SecurityIndex:
         """The security index of ``codename`` for ``arch``: fetched when missing, older than
         :data:`MAX_INDEX_AGE_S` or ``refresh``; an older copy is used (and said) when the
         mirror cannot be reached. HostError when there is none at all."""
+        with self._locked():
+            return self._index(codename, arch, refresh=refresh, progress=progress)
+
+    def _index(
+        self, codename: str, arch: str, *, refresh: bool = False, progress: Progress | None = None
+    ) -> SecurityIndex:
         say = progress or (lambda _m: None)
         suite = f"{codename}-security"
         uri = self.security_uri(suite)
@@ -191,7 +212,8 @@ class DebianSecurity:
     ) -> ChangelogFacts:
         """CVE ids and urgency of the changelog entries of ``source`` newer than
         ``installed`` up to ``version``, read from the update's .deb (cached)."""
-        blocks = self._blocks(index, source, version, prefer)
+        with self._locked():
+            blocks = self._blocks(index, source, version, prefer)
         if blocks is None:
             return ChangelogFacts((), "", f"no changelog found in the {source} {version} packages")
         inst = Version(installed)
