@@ -1,5 +1,6 @@
 """tierbox: run the same workload on any rung of the isolation ladder."""
 
+from tierbox.aio import AsyncSandbox
 from tierbox.errors import (
     AdvisoryDBError,
     AgentError,
@@ -55,7 +56,8 @@ from tierbox.errors import (
     VMNotFoundError,
     WaitTimeoutError,
 )
-from tierbox.sandbox import Sandbox, make_spec, run
+from tierbox.handles import CommandHandle
+from tierbox.sandbox import Sandbox, SandboxRecord, make_spec, run
 from tierbox.spec import (
     ExecResult,
     Limits,
@@ -73,10 +75,12 @@ __all__ = [
     "AgentGoneError",
     "AgentTimeoutError",
     "AgentTooOldError",
+    "AsyncSandbox",
     "AutoscaleError",
     "BenchError",
     "BuildError",
     "CommandError",
+    "CommandHandle",
     "DisruptionBudgetError",
     "DockerfileError",
     "ExecResult",
@@ -91,8 +95,8 @@ __all__ = [
     "LibvirtError",
     "LibvirtUnreachableError",
     "Limits",
-    "Mount",
     "MetricUnavailableError",
+    "Mount",
     "NetworkPolicy",
     "NotRegularFileError",
     "NotSupportedError",
@@ -111,6 +115,7 @@ __all__ = [
     "SandboxError",
     "SandboxFileError",
     "SandboxNotFoundError",
+    "SandboxRecord",
     "SandboxSpec",
     "ScanError",
     "SnapshotError",
