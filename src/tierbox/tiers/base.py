@@ -228,6 +228,13 @@ class Instance(abc.ABC):
         its VMM's. Empty for in-process tiers."""
         return []
 
+    def alive(self) -> bool:
+        """Whether the sandbox can still take calls: open, and its init or VMM
+        still running. Cheap (no round trip into the sandbox), so a pool can
+        ask it before handing a member out. Tiers with nothing that can die
+        between calls keep this default."""
+        return True
+
     def hold_resident(self) -> Callable[[], None]:
         """Keep what a running workload holds in memory (an in-process tier's
         live instance) so it can be metered; returns the release. Sandboxes
@@ -403,12 +410,15 @@ class Tier(abc.ABC):
         argv: Sequence[str],
         *,
         stdin: bytes | str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot: a fresh sandbox runs ``argv`` (empty: the image's own
-        command) once and is gone. Arguments checked here for every tier."""
+        command) once and is gone; output streams to the callbacks as it
+        comes. Arguments checked here for every tier."""
         self.check_spec(spec)
         args, data = check_run_args(argv, stdin, None, None, allow_empty=True)
-        return self._run(spec, args, stdin=data)
+        return self._run(spec, args, stdin=data, on_stdout=on_stdout, on_stderr=on_stderr)
 
     def _run(
         self,
@@ -416,11 +426,19 @@ class Tier(abc.ABC):
         argv: Sequence[str],
         *,
         stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """Create, exec, close. Tiers override for speed."""
         inst = self._create(spec)
         try:
-            return inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
+            return inst.exec(
+                argv,
+                stdin=stdin,
+                timeout_s=spec.limits.timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
         finally:
             inst.close()
 

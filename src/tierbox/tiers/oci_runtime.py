@@ -49,7 +49,7 @@ from tierbox.spec import (
 )
 from tierbox.tiers import _pool, oci
 from tierbox.tiers.base import Instance, Tier
-from tierbox.tiers.commands import Command, ExecRequest, PumpCommand
+from tierbox.tiers.commands import Command, ExecRequest, OutputCallback, PumpCommand
 from tierbox.tiers.oci import INIT_PATH
 from tierbox.tiers.outcome import classify, not_runnable
 
@@ -235,6 +235,10 @@ class OciInstance(Instance):
 
     def host_pids(self) -> list[int]:
         return self.cg.pids()
+
+    def alive(self) -> bool:
+        """Open, and its init (held by a pidfd) still running."""
+        return not self._closed and self.init.alive()
 
     def processes(self) -> list[ProcessInfo]:
         """Pids as the container numbers them (its init is 1)."""
@@ -505,7 +509,13 @@ class OciTier(Tier):
         raise SpecError(f"no command given and image {spec.image} has no default command")
 
     def _run(
-        self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
+        self,
+        spec: SandboxSpec,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot: the workload is PID 1 of a fresh container."""
         self.prime(spec)
@@ -536,6 +546,8 @@ class OciTier(Tier):
                 output_bytes=spec.limits.output_bytes,
                 kill=cg.kill_all,
                 started=started,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
             )
             exited = True
             result = classify(

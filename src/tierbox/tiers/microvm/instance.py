@@ -390,6 +390,10 @@ class MicroVMInstance(SnapshotOps, Instance):
     def host_pids(self) -> list[int]:
         return [self.proc.pid] if self.proc.alive() else []
 
+    def alive(self) -> bool:
+        """Open, not found dead, and its QEMU still running."""
+        return not self._closed and self._dead is None and self.proc.alive()
+
     def stats(self) -> Stats:
         """Host cost of the VM (QEMU's PSS, peak RSS, CPU) and the guest's view
         (process count, guest OOM kills)."""

@@ -148,6 +148,10 @@ class VMInstance(SnapshotOps, Instance):
     def qemu_pid(self) -> int | None:
         return qemu_pid(self.domain_name)
 
+    def alive(self) -> bool:
+        """Open, and its QEMU still running (libvirt's pid file, no libvirt call)."""
+        return not self._closed and self._alive()
+
     def console_tail(self, n_bytes: int = 4000) -> str:
         return file_tail(self.meta.console, n_bytes)
 
