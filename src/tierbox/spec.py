@@ -150,9 +150,11 @@ class FileEntry:
     name: str
     kind: FileKind
     size: int = 0
+    #: permission bits (0o7777), where the tier reports them (None: unknown)
+    mode: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind.value, "size": self.size}
+        return {"name": self.name, "kind": self.kind.value, "size": self.size, "mode": self.mode}
 
 
 def parse_user(user: str | None) -> tuple[int, int] | None:

@@ -309,7 +309,8 @@ class RootDir:
                         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # removed while we listed
-                    out.append(FileEntry(name, _kind(st.st_mode), st.st_size))
+                    mode = stat.S_IMODE(st.st_mode)
+                    out.append(FileEntry(name, _kind(st.st_mode), st.st_size, mode))
             except OSError as exc:
                 raise self._fail("list", path, exc) from exc
             finally:
