@@ -318,5 +318,8 @@ class MappedCommand(Command):
     def close_stdin(self) -> None:
         self._inner.close_stdin()
 
+    def resize(self, rows: int, cols: int) -> None:
+        self._inner.resize(rows, cols)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self._inner.kill(sig)
