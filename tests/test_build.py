@@ -23,9 +23,10 @@ import pytest
 
 from tests.conftest import TIERBOX, cli, require_tier
 from tierbox import Sandbox
-from tierbox.build.buildah import Buildah, choose_runtime, hybrid_cgroups
+from tierbox.build.buildah import Buildah, choose_runtime
 from tierbox.build.builder import BuildOptions, BuildResult, build_image
 from tierbox.errors import BuildError, DockerfileError, ImageNotFoundError
+from tierbox.host.mntns import hybrid_cgroups
 from tierbox.host.runner import which
 from tierbox.images.store import ImageStore, default_store
 
@@ -470,9 +471,18 @@ def test_dependency_conflict_example(python311: str, tmp_path: Path) -> None:
     and run side by side on container and microVM."""
     example = ROOT / "examples" / "dependency-conflict"
     env = {**os.environ, "PYTHON": sys.executable, "TIERS": "container microvm"}
-    r = subprocess.run(
-        ["bash", str(example / "run.sh")], capture_output=True, env=env, timeout=900, cwd=tmp_path
-    )
+    try:
+        r = subprocess.run(
+            ["bash", str(example / "run.sh")],
+            capture_output=True,
+            env={**env, "WORK": str(tmp_path / "work")},
+            timeout=900,
+            cwd=tmp_path,
+        )
+    finally:
+        for app in ("legacy-app", "modern-app"):
+            with contextlib.suppress(ImageNotFoundError):
+                default_store().remove(f"depconflict/{app}:1")
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
     assert "cannot be installed side by side" in out

@@ -27,6 +27,7 @@ from typing import Any
 
 from tierbox import paths
 from tierbox.errors import BuildError, CommandError, HostError
+from tierbox.host.mntns import hybrid_cgroups
 from tierbox.host.runner import require, run, spawn, which
 from tierbox.images.layout import Blob, StagingLayout
 from tierbox.images.store import HEAVY_TIMEOUT_S, ImageRecord, ImageStore
@@ -56,20 +57,6 @@ class Runtime:
 
 def build_dir() -> Path:
     return paths.home() / "build"
-
-
-def _mounts() -> list[tuple[str, str]]:
-    try:
-        text = Path("/proc/self/mounts").read_text()
-    except OSError:
-        return []
-    return [(f[1], f[2]) for f in (line.split() for line in text.splitlines()) if len(f) > 2]
-
-
-def hybrid_cgroups() -> bool:
-    """cgroup v1 controllers mounted beside a cgroup2 hierarchy (crun refuses this)."""
-    mounts = _mounts()
-    return any(t == "cgroup" for _, t in mounts) and any(t == "cgroup2" for _, t in mounts)
 
 
 def choose_runtime() -> Runtime:
