@@ -123,6 +123,7 @@ class DebianSecurity:
             "-o", "Debug::NoLocking=1",
             "-o", "Acquire::GzipIndexes=false",
             "-o", "Acquire::Languages=none",
+            "-o", "APT::Get::List-Cleanup=false",  # a failed refresh keeps the last good index
             "-o", "APT::Sandbox::User=root",
             "-o", f"APT::Architecture={arch}",
             "-o", f"APT::Architectures::={arch}",
