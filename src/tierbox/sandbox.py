@@ -547,8 +547,11 @@ def run(
     tier: str = DEFAULT_TIER,
     stdin: bytes | str | None = None,
     spec: SandboxSpec | None = None,
+    on_stdout: Callable[[bytes], object] | None = None,
+    on_stderr: Callable[[bytes], object] | None = None,
     **options: Any,
 ) -> ExecResult:
-    """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards."""
+    """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards;
+    output streams to ``on_stdout``/``on_stderr`` as it comes."""
     spec = spec or _spec_from(image, options)
-    return get_tier(tier).run(spec, argv, stdin=stdin)
+    return get_tier(tier).run(spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)

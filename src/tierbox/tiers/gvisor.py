@@ -74,7 +74,7 @@ from tierbox.spec import (
     Stats,
 )
 from tierbox.tiers.base import Availability
-from tierbox.tiers.commands import Command, ExecRequest, MappedCommand
+from tierbox.tiers.commands import Command, ExecRequest, MappedCommand, OutputCallback
 from tierbox.tiers.oci_runtime import INIT_BINARY, OciInstance, OciTier, container_id
 from tierbox.tiers.outcome import engine_evidence
 
@@ -522,11 +522,17 @@ class GVisorTier(OciTier):
         return super().popen(cg, cgroups_path, argv, **kwargs)
 
     def _run(
-        self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
+        self,
+        spec: SandboxSpec,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot, with the evidence split. The engine's share in it is the
         measured idle one: by the time an OOM kill is read, runsc is gone."""
-        result = super()._run(spec, argv, stdin=stdin)
+        result = super()._run(spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)
         limited = spec.limits.memory_mib is not None
         engine = self.footprint().one_shot_idle_mib if limited else None
         return self.finish(result, spec, engine)
@@ -702,6 +708,10 @@ class GVisorTier(OciTier):
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--internal-pid-file", str(pid_file)]
+
+    def tty_args(self, console_socket: Path) -> list[str]:
+        """runsc has no --tty: ``terminal: true`` in the process file says it."""
+        return ["--console-socket", str(console_socket)]
 
     def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
         """The exec'd process lives inside the Sentry: ask runsc to signal it."""

@@ -29,7 +29,7 @@ from tierbox.errors import (
     SandboxClosedError,
     SpecError,
 )
-from tierbox.host import capture, mntns
+from tierbox.host import capture, mntns, pty
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.pinned import PinnedProcess, start_time
 from tierbox.host.procs import kill_tree, process_info
@@ -48,10 +48,11 @@ from tierbox.spec import (
     TerminationKind,
 )
 from tierbox.tiers import _pool, oci
-from tierbox.tiers.base import Instance, Tier
+from tierbox.tiers.base import Capabilities, Instance, Tier
 from tierbox.tiers.commands import Command, ExecRequest, OutputCallback, PumpCommand
 from tierbox.tiers.oci import INIT_PATH
 from tierbox.tiers.outcome import classify, not_runnable
+from tierbox.tiers.tty import PtyCommand
 
 INIT_BINARY = "/usr/bin/catatonit"
 _NOT_FOUND = re.compile(
@@ -77,8 +78,14 @@ def runtime_version(binary: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
+#: commands can run on a pty the runtime makes (``exec --console-socket``)
+CAPABILITIES = Capabilities(tty=True)
+
+
 class OciInstance(Instance):
     """A long-lived OCI container: PID 1 is an init, work arrives by ``exec``."""
+
+    capabilities = CAPABILITIES
 
     def __init__(
         self, tier: OciTier, sandbox_id: str, spec: SandboxSpec, state: dict[str, Any]
@@ -139,32 +146,42 @@ class OciInstance(Instance):
         n = next(self._counter)
         proc_file = self.dir / f"exec-{os.getpid()}-{threading.get_native_id()}-{n}.json"
         pid_file = proc_file.with_suffix(".pid")
-        oci.write_json(
-            proc_file,
-            oci.process_json(
-                req.argv,
-                self.spec,
-                env=self.tier.merged_env(self.image_env, self.spec, req.env),
-                cwd=req.cwd or self.cwd,
-                rlimits=self.tier.process_rlimits(self.spec),
-                user=req.user,
-            ),
+        process = oci.process_json(
+            req.argv,
+            self.spec,
+            env=self.tier.merged_env(self.image_env, self.spec, req.env),
+            cwd=req.cwd or self.cwd,
+            rlimits=self.tier.process_rlimits(self.spec),
+            user=req.user,
         )
+        if req.tty:  # 80x24 until resized
+            process["terminal"] = True
+            process["consoleSize"] = {"height": pty.DEFAULT_ROWS, "width": pty.DEFAULT_COLS}
+        oci.write_json(proc_file, process)
         cmd = [*self.tier.runtime_argv(self.managed), "exec", *self.tier.exec_pid_args(pid_file)]
+        console = None
+        if req.tty:
+            console = pty.ConsoleSocket(proc_file.with_suffix(".sock"))
+            cmd += self.tier.tty_args(console.path)
         cmd += ["--process", str(proc_file), container_id(self.id)]
         before = self.cg.oom_kills()
         hits = self.cg.pids_max_hits()
         started = time.monotonic()
-        piped = req.stdin is not None or req.keep_stdin_open
+        piped = (req.stdin is not None or req.keep_stdin_open) and console is None
         # The runtime itself puts the exec'd process into the container's
         # cgroup (crun, runc) or runs it inside the Sentry (runsc).
-        proc = spawn(
-            cmd,
-            stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        try:
+            proc = spawn(
+                cmd,
+                stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            master = console.receive(proc) if console is not None else None
+        finally:
+            if console is not None:
+                console.close()
 
         def signal_exec(sig: int) -> None:
             self.tier.kill_exec(self, pid_file, sig)
@@ -193,6 +210,23 @@ class OciInstance(Instance):
                 self.init.check()
             return self.tier.runtime_failure(cap, req.argv) or result
 
+        if console is not None:
+            if master is None:  # the runtime failed before it made the terminal
+                master, slave = pty.open_pty()
+                os.close(slave)
+            tty = pty.PtyPump(
+                proc,
+                master,
+                stdin=req.stdin,
+                timeout_s=timeout,
+                output_bytes=output_bytes,
+                kill=kill,
+                started=started,
+                on_output=req.on_stdout,
+            )
+            return PtyCommand(
+                tty, finish, signal_fn=signal_exec, pid_fn=lambda: self.tier.exec_pid(pid_file)
+            )
         pipe = capture.PipePump(
             proc,
             stdin=req.stdin,
@@ -275,6 +309,7 @@ class OciTier(Tier):
     #: subclasses set these
     runtime: str = ""
     instance_cls = OciInstance
+    capabilities = CAPABILITIES
     seccomp = True
 
     # ---- runtime specifics (overridden by gvisor) --------------------------
@@ -284,6 +319,11 @@ class OciTier(Tier):
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--pid-file", str(pid_file)]
+
+    def tty_args(self, console_socket: Path) -> list[str]:
+        """``exec`` flags for a command on a pty whose master the runtime sends
+        to ``console_socket`` (the process file says ``terminal: true`` too)."""
+        return ["--tty", "--console-socket", str(console_socket)]
 
     def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
         """Signal one exec'd process tree (its host pid is in ``pid_file``)."""

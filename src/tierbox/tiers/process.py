@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import HostError, SandboxClosedError, SandboxError, SpecError
-from tierbox.host import helpers, mntns, uids
+from tierbox.host import helpers, mntns, pty, uids
 from tierbox.host.capture import Captured, PipePump
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
@@ -45,19 +45,23 @@ from tierbox.spec import (
     parse_user,
 )
 from tierbox.tiers import _pool
-from tierbox.tiers.base import Availability, DirectoryFiles, Instance, Tier
-from tierbox.tiers.commands import Command, ExecRequest, Finished, PumpCommand
+from tierbox.tiers.base import Availability, Capabilities, DirectoryFiles, Instance, Tier
+from tierbox.tiers.commands import Command, ExecRequest, Finished, OutputCallback, PumpCommand
 from tierbox.tiers.outcome import classify, not_runnable
+from tierbox.tiers.tty import PtyCommand
 
 DEFAULT_TMP_MIB = 64
 #: How long to wait for killed processes to be reaped before a new spawn.
 ZOMBIE_WAIT_S = 5.0
 NOFILE_LIMIT = 4096  # hard limit; root here cannot raise it past 20000 anyway
 TMP = "/tmp"
+#: commands can run on a pty (host/pty.py)
+CAPABILITIES = Capabilities(tty=True)
 
 
 class ProcessInstance(DirectoryFiles, Instance):
     tier_name = "process"
+    capabilities = CAPABILITIES
     files_mount = TMP
     workdir = TMP
 
@@ -106,13 +110,14 @@ class ProcessInstance(DirectoryFiles, Instance):
             )
         return self._root
 
-    def _spawn(self, req: ExecRequest) -> subprocess.Popen[bytes]:
+    def _spawn(self, req: ExecRequest, tty_slave: int | None = None) -> subprocess.Popen[bytes]:
         """Start the workload inside its cgroup and private /tmp, as its user.
 
         Through the static ``dropexec`` helper where it could be built: the
         spawn then stays a vfork, and the helper also lowers the hard
         RLIMIT_NOFILE/RLIMIT_CORE and sets no_new_privs. Without it, Python
-        switches users itself (a full fork, ~1 ms more)."""
+        switches users itself (a full fork, ~1 ms more). ``tty_slave``: the
+        pty it runs on, as its stdio and controlling terminal."""
         argv = req.argv
         uid, gid = parse_user(req.user) or (self.uid, self.gid)
         piped = req.stdin is not None or req.keep_stdin_open
@@ -124,6 +129,9 @@ class ProcessInstance(DirectoryFiles, Instance):
             "cwd": req.cwd or TMP,
             "start_new_session": True,  # its own process group: kill() reaches its tree
         }
+        if tty_slave is not None:
+            kwargs.update(stdin=tty_slave, stdout=tty_slave, stderr=tty_slave)
+            kwargs["preexec_fn"] = pty.make_controlling
         helper = helpers.path("dropexec")
         if helper is not None and not str(helper).startswith(TMP + "/"):
             ids = [str(uid), str(gid), str(NOFILE_LIMIT), "0", "--"]
@@ -132,7 +140,11 @@ class ProcessInstance(DirectoryFiles, Instance):
             # v2 joins the cgroup in preexec_fn, which subprocess runs after
             # a user= switch: switch there too, after the join.
 
+            ctty = kwargs.get("preexec_fn")
+
             def _drop() -> None:
+                if ctty is not None:
+                    ctty()
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
@@ -144,18 +156,20 @@ class ProcessInstance(DirectoryFiles, Instance):
             cmd = list(argv)
         return self._namespace().call(lambda: self.cg.popen(cmd, **kwargs))
 
-    def _spawn_when_room(self, req: ExecRequest) -> subprocess.Popen[bytes]:
+    def _spawn_when_room(
+        self, req: ExecRequest, tty_slave: int | None = None
+    ) -> subprocess.Popen[bytes]:
         """Spawn; if the pids limit refuses the fork because the last exec's
         killed processes still count (zombies wait for the host's init to
         reap them), wait for them to go, then try once more."""
         try:
-            return self._spawn(req)
+            return self._spawn(req, tty_slave)
         except BlockingIOError:
             deadline = time.monotonic() + ZOMBIE_WAIT_S
             while self.cg.has_tasks() and time.monotonic() < deadline:
                 time.sleep(0.02)
         try:
-            return self._spawn(req)
+            return self._spawn(req, tty_slave)
         except BlockingIOError as exc:
             raise SandboxError(
                 f"sandbox {self.id} cannot start a process: its pids limit "
@@ -173,10 +187,20 @@ class ProcessInstance(DirectoryFiles, Instance):
         # read at the end of the previous one are the baseline (one-shot hot path).
         before, hits = self.counters or (self.cg.oom_kills(), self.cg.pids_max_hits())
         started = time.monotonic()
+        master, slave = pty.open_pty() if req.tty else (-1, None)
         try:
-            proc = self._spawn_when_room(req)
+            proc = self._spawn_when_room(req, slave)
         except (FileNotFoundError, PermissionError) as exc:
+            if slave is not None:
+                os.close(master)
             return Finished(not_runnable(req.argv[0], exc, time.monotonic() - started))
+        except BaseException:
+            if slave is not None:
+                os.close(master)
+            raise
+        finally:
+            if slave is not None:
+                os.close(slave)  # the child holds it: the master sees EIO when it is gone
         group = proc.pid
 
         def signal_group(sig: int) -> None:
@@ -196,6 +220,18 @@ class ProcessInstance(DirectoryFiles, Instance):
             self.counters = (self.cg.oom_kills(), self.cg.pids_max_hits())
             return result
 
+        if slave is not None:
+            tty = pty.PtyPump(
+                proc,
+                master,
+                stdin=req.stdin,
+                timeout_s=timeout,
+                output_bytes=self.spec.limits.output_bytes,
+                kill=lambda: signal_group(signal.SIGKILL),
+                started=started,
+                on_output=req.on_stdout,
+            )
+            return PtyCommand(tty, finish, signal_fn=signal_group, pid=proc.pid)
         pipe = PipePump(
             proc,
             stdin=req.stdin,
@@ -264,6 +300,7 @@ def _unmount_tmp(host_dir: Path) -> None:
 
 class ProcessTier(Tier):
     name = "process"
+    capabilities = CAPABILITIES
     isolation = (
         "none: host filesystem, processes and network are visible; own uid, "
         "own /tmp, limits via cgroup"
@@ -312,7 +349,13 @@ class ProcessTier(Tier):
         return inst
 
     def _run(
-        self, spec: SandboxSpec, argv: Sequence[str], *, stdin: bytes | None = None
+        self,
+        spec: SandboxSpec,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot on a pooled slot (see tiers/_pool.py) whose uid, /tmp and
         namespace thread are reused while they stay pristine."""
@@ -326,7 +369,13 @@ class ProcessTier(Tier):
             raise
         inst.counters = slot.counters
         try:
-            result = inst.exec(argv, stdin=stdin, timeout_s=spec.limits.timeout_s)
+            result = inst.exec(
+                argv,
+                stdin=stdin,
+                timeout_s=spec.limits.timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
             if inst.cg.has_tasks():  # a one-shot run leaves nothing behind
                 inst.cg.kill_all()
             return result

@@ -82,7 +82,7 @@ from tierbox.tiers.base import (
     SnapshotRef,
     Tier,
 )
-from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
+from tierbox.tiers.commands import Command, ExecRequest, InlineCommand, OutputCallback
 from tierbox.tiers.outcome import not_runnable
 from tierbox.wasm import control, modules, scratch, wasmtime_private
 from tierbox.wasm import engine as eng
@@ -507,6 +507,8 @@ class WasmTier(Tier):
         argv: Sequence[str],
         *,
         stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot without a sandbox directory under $TIERBOX_RUN: a scratch dir as ``/``."""
         _check_spec(spec)
@@ -520,7 +522,9 @@ class WasmTier(Tier):
             if not _names_a_file(argv[0]):
                 missing = FileNotFoundError(errno.ENOENT, "command not found")
                 return not_runnable(argv[0], missing, 0.0)
-            return super()._run(spec, argv, stdin=stdin)  # a module among the image's files
+            return super()._run(  # a module among the image's files
+                spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            )
         module = workload.module()
         guest_argv = list(argv) if argv else [workload.argv0, *workload.cmd]
         root = scratch.one_shot_root()
@@ -536,6 +540,8 @@ class WasmTier(Tier):
                 timeout_s=spec.limits.timeout_s,
                 fuel=fuel_budget(spec.limits, fuel, self.fuel_per_cpu_s),
                 preopens=_preopens(spec),
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
             )
         finally:
             scratch.release_one_shot_root(root)
