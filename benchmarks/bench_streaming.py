@@ -87,6 +87,25 @@ def wasm_latency_ms() -> list[float]:
     return lat
 
 
+def overhead(tier: str, image: str | None, n: int) -> tuple[float, float, float]:
+    """p50 of a one-shot run without and with output callbacks, and the
+    streamed runs' spread, timed in both orders so that whatever one run
+    leaves for the next (a directory deleted in the background) weighs on
+    both alike."""
+    spec = make_spec(image, memory_mib=128, pids=64, timeout_s=30)
+    t = get_tier(tier)
+    argv = ["sh", "-c", "echo hello; echo there >&2"]
+    sink: list[bytes] = []
+    fns = {
+        "plain": lambda: t.run(spec, argv),
+        "streamed": lambda: t.run(spec, argv, on_stdout=sink.append, on_stderr=sink.append),
+    }
+    first = interleaved(fns, n // 2)
+    second = interleaved(dict(reversed(fns.items())), n - n // 2)
+    times = {k: first[k] + second[k] for k in fns}
+    return p50(times["plain"]), p50(times["streamed"]), statistics.pstdev(times["streamed"])
+
+
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     promises: list[Promise] = []
@@ -108,25 +127,10 @@ def main() -> int:
         print(f"  {'wasm':<10} p50 {p50(xs):7.2f} ms   p95 {p95(xs):7.2f} ms   (guest clock)")
 
     for tier, image in (("container", "busybox"), ("process", None)):
-        spec = make_spec(image, memory_mib=128, pids=64, timeout_s=30)
-        t = get_tier(tier)
-        argv = ["sh", "-c", "echo hello; echo there >&2"]
-        sink: list[bytes] = []
-        fns = {
-            "plain": lambda t=t, spec=spec: t.run(spec, argv),  # type: ignore[misc]
-            "streamed": lambda t=t, spec=spec: t.run(  # type: ignore[misc]
-                spec, argv, on_stdout=sink.append, on_stderr=sink.append
-            ),
-        }
-        # both orders, so that whatever one run leaves for the next (a
-        # directory deleted in the background) weighs on both alike
-        first = interleaved(fns, n // 2)
-        second = interleaved(dict(reversed(fns.items())), n - n // 2)
-        times = {k: first[k] + second[k] for k in fns}
-        a, b = p50(times["plain"]), p50(times["streamed"])
+        a, b, spread = overhead(tier, image, n)
         print(
             f"{tier} one-shot: plain p50 {a * 1000:.2f} ms, streamed p50 {b * 1000:.2f} ms "
-            f"(stdev {statistics.pstdev(times['streamed']) * 1000:.2f} ms)"
+            f"(stdev {spread * 1000:.2f} ms)"
         )
         promises.append(Promise(f"{tier} one-shot streamed / plain", b / a, 1.1, "x"))
     return report(promises)
