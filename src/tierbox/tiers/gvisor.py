@@ -452,6 +452,9 @@ class GVisorTier(OciTier):
     name = "gvisor"
     runtime = "runsc"
     instance_cls = GVisorInstance
+    # runsc exec in the foreground gives the command its own stdio when that
+    # is a terminal (and forwards the terminal's signals to it)
+    tty_console_socket = False
     # runsc rejects the OCI seccomp section unless run with --oci-seccomp; the
     # Sentry already filters every syscall, so the bundle carries none.
     seccomp = False
@@ -708,10 +711,6 @@ class GVisorTier(OciTier):
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--internal-pid-file", str(pid_file)]
-
-    def tty_args(self, console_socket: Path) -> list[str]:
-        """runsc has no --tty: ``terminal: true`` in the process file says it."""
-        return ["--console-socket", str(console_socket)]
 
     def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
         """The exec'd process lives inside the Sentry: ask runsc to signal it."""

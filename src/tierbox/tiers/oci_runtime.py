@@ -159,29 +159,40 @@ class OciInstance(Instance):
             process["consoleSize"] = {"height": pty.DEFAULT_ROWS, "width": pty.DEFAULT_COLS}
         oci.write_json(proc_file, process)
         cmd = [*self.tier.runtime_argv(self.managed), "exec", *self.tier.exec_pid_args(pid_file)]
-        console = None
-        if req.tty:
+        console, master, slave = None, None, None
+        if req.tty and self.tier.tty_console_socket:
             console = pty.ConsoleSocket(proc_file.with_suffix(".sock"))
-            cmd += self.tier.tty_args(console.path)
+            cmd += ["--tty", "--console-socket", str(console.path)]
+        elif req.tty:
+            master, slave = pty.open_pty()
         cmd += ["--process", str(proc_file), container_id(self.id)]
         before = self.cg.oom_kills()
         hits = self.cg.pids_max_hits()
         started = time.monotonic()
-        piped = (req.stdin is not None or req.keep_stdin_open) and console is None
+        piped = (req.stdin is not None or req.keep_stdin_open) and not req.tty
+        stdio: dict[str, Any] = {
+            "stdin": subprocess.PIPE if piped else subprocess.DEVNULL,
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE,
+        }
+        if slave is not None:  # the runtime's own terminal, passed on to the command
+            stdio = {"stdin": slave, "stdout": slave, "stderr": slave}
+            stdio["preexec_fn"] = pty.make_controlling
         # The runtime itself puts the exec'd process into the container's
         # cgroup (crun, runc) or runs it inside the Sentry (runsc).
         try:
-            proc = spawn(
-                cmd,
-                stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-            master = console.receive(proc) if console is not None else None
+            proc = spawn(cmd, start_new_session=True, **stdio)
+            if console is not None:
+                master = console.receive(proc)
+        except BaseException:
+            if master is not None:
+                os.close(master)
+            raise
         finally:
             if console is not None:
                 console.close()
+            if slave is not None:
+                os.close(slave)
 
         def signal_exec(sig: int) -> None:
             self.tier.kill_exec(self, pid_file, sig)
@@ -210,10 +221,10 @@ class OciInstance(Instance):
                 self.init.check()
             return self.tier.runtime_failure(cap, req.argv) or result
 
-        if console is not None:
+        if req.tty:
             if master is None:  # the runtime failed before it made the terminal
-                master, slave = pty.open_pty()
-                os.close(slave)
+                master, unused = pty.open_pty()
+                os.close(unused)
             tty = pty.PtyPump(
                 proc,
                 master,
@@ -310,6 +321,11 @@ class OciTier(Tier):
     runtime: str = ""
     instance_cls = OciInstance
     capabilities = CAPABILITIES
+    #: a tty command's pty is made by the runtime and its master sent over
+    #: ``--console-socket`` (crun, runc); False: the runtime runs on a pty
+    #: tierbox makes and hands its terminal on (runsc, whose console socket
+    #: works only with --detach)
+    tty_console_socket = True
     seccomp = True
 
     # ---- runtime specifics (overridden by gvisor) --------------------------
@@ -319,11 +335,6 @@ class OciTier(Tier):
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--pid-file", str(pid_file)]
-
-    def tty_args(self, console_socket: Path) -> list[str]:
-        """``exec`` flags for a command on a pty whose master the runtime sends
-        to ``console_socket`` (the process file says ``terminal: true`` too)."""
-        return ["--tty", "--console-socket", str(console_socket)]
 
     def kill_exec(self, inst: OciInstance, pid_file: Path, sig: int = signal.SIGKILL) -> None:
         """Signal one exec'd process tree (its host pid is in ``pid_file``)."""
