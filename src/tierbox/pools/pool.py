@@ -97,8 +97,6 @@ class Member:
     state: State
     generation: int
     sb: PooledSandbox | None = None
-    #: it had host processes when it became ready: their absence means death
-    tracked: bool = False
     started_mono: float = 0.0
     ready_mono: float = 0.0
 
@@ -340,7 +338,6 @@ class Pool:
             if self.spec.warmup and self._waiting == 0:
                 # a claim waiting for this member gets it at once instead
                 sb.run(list(self.spec.warmup), timeout_s=60)
-            tracked = bool(sb.instance.host_pids())
             _annotate(sb, self.name)
         except BaseException as exc:
             if sb is not None:
@@ -361,12 +358,13 @@ class Pool:
         with self._lock:
             if self._closed or m.key not in self._members:
                 closed = True
+                self._members.pop(m.key, None)
+                self._cond.notify_all()
             else:
                 closed = False
                 del self._members[m.key]
                 m.key = sb.id
                 m.sb = sb
-                m.tracked = tracked
                 m.state = State.READY
                 m.ready_mono = time.monotonic()
                 self._members[m.key] = m
@@ -435,7 +433,7 @@ class Pool:
             held = m.sb
             assert held is not None
             sb = held
-            if m.tracked and not sb.instance.host_pids():
+            if not sb.instance.alive():
                 # it died while ready: never handed out
                 with self._lock:
                     self._drop_dead(m)
@@ -563,14 +561,7 @@ class Pool:
     def _sync(self) -> None:
         """One autoscaler loop, the liveness of ready members, the image."""
         now = time.time()
-        dead = [
-            m
-            for m in list(self._members.values())
-            if m.state is State.READY
-            and m.tracked
-            and m.sb is not None
-            and not m.sb.instance.host_pids()
-        ]
+        dead = [m for m in list(self._members.values()) if _died(m)]
         with self._lock:
             for m in dead:
                 if m.state is State.READY:
@@ -945,11 +936,8 @@ class Pool:
 
 
 def _died(m: Member) -> bool:
-    """A ready member that had host processes and has none now: its init or
-    VMM is gone."""
-    return (
-        m.state is State.READY and m.tracked and m.sb is not None and not m.sb.instance.host_pids()
-    )
+    """A ready member whose init or VMM is gone."""
+    return m.state is State.READY and m.sb is not None and not m.sb.instance.alive()
 
 
 def _quiet_close(sb: Sandbox) -> None:
