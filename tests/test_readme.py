@@ -39,7 +39,7 @@ def _running() -> set[str]:
     procs = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     out = set()
     for line in procs.splitlines()[1:]:
-        pid, stat, args = (line.split(None, 2) + ["", ""])[:3]
+        pid, stat, args = ([*line.split(None, 2), "", ""])[:3]
         if not stat.startswith("Z") and re.search(
             r"qemu-system|runsc|crun|tierbox-[0-9a-f]{12}", args
         ):
