@@ -16,6 +16,7 @@ from tierbox.errors import TierboxError
 from tierbox.host import cgroups, mntns
 from tierbox.host.runner import run
 from tierbox.paths import sandboxes_dir
+from tierbox.pools.reap import reap as reap_pools
 from tierbox.tiers import _state, get_tier, tier_names
 
 
@@ -55,6 +56,7 @@ def collect(everything: bool = False) -> list[str]:
             cg.destroy()
             removed.append(f"cgroup {cg.relpath}")
     removed += cgroups.remove_empty_leftovers(live)
+    removed += reap_pools(live)  # pool members are sandboxes: live while their host runs
     base = sandboxes_dir()
     for point in mntns.mounts_under(base):
         if point != base and _owner(point, base) not in live:
