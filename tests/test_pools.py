@@ -447,7 +447,9 @@ def test_pool_survives_a_restart_of_its_host(host: dict[str, str]) -> None:
     wait_until(lambda: not _members("t-restart"), what="members removed")
 
 
-def test_restarted_host_closes_what_the_dead_one_left(host: dict[str, str]) -> None:
+def test_restarted_host_closes_what_the_dead_one_left(
+    host: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     r = _cli(host, "pool", "create", "t-left", "--image", "busybox", "--min-ready", "1",
              "--memory", "64m")  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -455,6 +457,13 @@ def test_restarted_host_closes_what_the_dead_one_left(host: dict[str, str]) -> N
     old = _members("t-left")
     os.kill(_host_pid(host), signal.SIGKILL)
     wait_until(lambda: not _state.is_live(next(iter(old))), what="the host gone")
+    # gc's part: the dead host's pid file and socket go
+    from tierbox.pools.reap import reap
+
+    monkeypatch.setenv("TIERBOX_POOLS", host["TIERBOX_POOLS"])
+    removed = reap(_state.live_ids())
+    assert any("manager.pid" in line for line in removed), removed
+    assert not (Path(host["TIERBOX_POOLS"]) / "run" / "manager.sock").exists()
     rows = json.loads(_cli(host, "pool", "ls", "--json").stdout)
     assert rows[0]["name"] == "t-left"
     assert not (_members("t-left") & old)  # closed by the new host, not left for gc
