@@ -288,11 +288,13 @@ class GVisorInstance(OciInstance):
             mode_hex, _, size = meta.decode().partition(" ")
             if not mode_hex:
                 continue  # removed between the listing and its stat
+            raw_mode = int(mode_hex, 16)
             entries.append(
                 FileEntry(
                     name.decode(errors="surrogateescape"),
-                    _kind(int(mode_hex, 16)),
+                    _kind(raw_mode),
                     int(size or 0),
+                    stat.S_IMODE(raw_mode),
                 )
             )
         return entries
