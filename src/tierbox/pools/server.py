@@ -272,6 +272,7 @@ class PoolClient:
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                cwd="/",  # pins no directory of the caller's
             )
 
     def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
