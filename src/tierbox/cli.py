@@ -1,11 +1,16 @@
-"""The ``tierbox`` command line."""
+"""The ``tierbox`` command line, with Docker's habits: ``tierbox run -it
+-m 256m --cpus 0.5 --pids-limit 64 -e K=V -v HOST:PATH -w DIR -u USER --name N
+IMAGE -- CMD``, ``tierbox sandbox shell|exec|cp|logs|inspect``."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -14,26 +19,36 @@ import typer
 from rich.table import Table
 
 from tierbox import gc as gc_mod
+from tierbox import transfer
 from tierbox.cli_bench import bench
 from tierbox.cli_build import register as register_build_commands
 from tierbox.cli_common import (
     PASSTHROUGH,
+    EnvFileOpt,
     EnvOpt,
     JsonOpt,
     emit_result,
     err,
     fail,
+    fmt_bytes,
+    fmt_mib,
     out,
     parse_env,
+    parse_volume,
+    resolve_tier,
     workload_argv,
+    write_err,
+    write_out,
 )
+from tierbox.cli_logs import SandboxLogs
 from tierbox.cli_pool import autoscale_app, fn_app, pool_app
+from tierbox.cli_term import attach
 from tierbox.cli_vm import vm_app
-from tierbox.errors import TierboxError, UsageError
+from tierbox.errors import NotSupportedError, TierboxError, UsageError
 from tierbox.sandbox import DEFAULT_TIER, Sandbox, SandboxRecord
 from tierbox.sandbox import run as run_once
-from tierbox.spec import parse_duration_s, parse_memory_mib
-from tierbox.tiers import get_tier, tier_names
+from tierbox.spec import ExecResult, parse_duration_s, parse_memory_mib
+from tierbox.tiers import _state, get_tier, tier_names
 
 app = typer.Typer(
     help="Run one workload on any rung of the isolation ladder: process, container, "
@@ -43,7 +58,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 sandbox_app = typer.Typer(
-    help="Long-lived sandboxes: create, exec, cp, ls, stats, rm.", no_args_is_help=True
+    help="Long-lived sandboxes: create, exec, shell, cp, logs, inspect, ls, stats, rm.",
+    no_args_is_help=True,
 )
 image_app = typer.Typer(
     help="The image store: ls, inspect, rm, import, bootstrap.", no_args_is_help=True
@@ -60,64 +76,245 @@ app.command(
 )(bench)
 
 
-TierOpt = Annotated[str, typer.Option("--tier", "-t", help=f"One of: {', '.join(tier_names())}.")]
-MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Memory limit, e.g. 256m or 1g.")]
-CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU limit in cores, e.g. 0.5.")]
-PidsOpt = Annotated[int, typer.Option("--pids", help="Maximum number of processes.")]
-TimeoutOpt = Annotated[
-    str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s, 500ms, 2m.")
+def _version() -> str:
+    try:
+        return package_version("tierbox")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"tierbox {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            callback=_show_version,
+            help="Print tierbox's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Run one workload on any rung of the isolation ladder: process, container,
+    gvisor, microvm, vm, wasm."""
+
+
+# ---- options ---------------------------------------------------------------------------
+
+TierOpt = Annotated[
+    str,
+    typer.Option(
+        "--tier",
+        "-T",
+        metavar="TIER",
+        help=f"One of: {', '.join(tier_names())} (any case).",
+    ),
 ]
-NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
+MemoryOpt = Annotated[
+    str, typer.Option("--memory", "-m", metavar="SIZE", help="Memory limit, e.g. 256m or 1g.")
+]
+CpusOpt = Annotated[
+    float | None, typer.Option("--cpus", metavar="N", help="CPU limit in cores, e.g. 0.5.")
+]
+PidsOpt = Annotated[
+    int,
+    typer.Option("--pids-limit", "--pids", metavar="N", help="Maximum number of processes."),
+]
+TimeoutOpt = Annotated[
+    str,
+    typer.Option("--timeout", metavar="DURATION", help="Wall-clock limit, e.g. 10s, 500ms, 2m."),
+]
+NetOpt = Annotated[
+    str, typer.Option("--network", metavar="MODE", help="none (loopback only) or host.")
+]
 InteractiveOpt = Annotated[
-    bool, typer.Option("--interactive", "-i", help="Pass this process's stdin to the workload.")
+    bool, typer.Option("--interactive", "-i", help="Pass this terminal's input to the workload.")
+]
+TtyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tty", "-t", help="Run on a pseudo-terminal (with -i: interactive, Ctrl-C included)."
+    ),
+]
+VolumeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--volume",
+        "-v",
+        metavar="HOST:PATH[:ro]",
+        help="Show a host directory or file at PATH (read-write unless :ro); repeatable.",
+    ),
+]
+WorkdirOpt = Annotated[
+    str | None,
+    typer.Option("--workdir", "-w", metavar="DIR", help="Working directory inside the sandbox."),
+]
+UserOpt = Annotated[
+    str | None,
+    typer.Option("--user", "-u", metavar="UID[:GID]", help="Numeric user (and group) to run as."),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--name", metavar="NAME", help="A name for the sandbox, usable as its id."),
+]
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="Sandbox id or name.")]
+CommandArg = Annotated[
+    list[str] | None,
+    typer.Argument(metavar="[COMMAND]...", help="Command and arguments, after --."),
 ]
 
 
 def _spec_options(
-    memory: str, cpus: float | None, pids: int, timeout: str, env: list[str] | None, network: str
+    memory: str,
+    cpus: float | None,
+    pids: int,
+    timeout: str,
+    env: list[str] | None,
+    env_files: list[Path] | None,
+    network: str,
+    volumes: list[str] | None = None,
+    user: str | None = None,
 ) -> dict[str, Any]:
+    """make_spec's options from the command line's."""
     if network not in ("none", "host"):
         raise UsageError(f"bad --network {network!r}: use none or host")
-    return {
+    opts: dict[str, Any] = {
         "memory_mib": parse_memory_mib(memory),
         "cpus": cpus,
         "pids": pids,
         "timeout_s": parse_duration_s(timeout),
-        "env": parse_env(env),
+        "env": parse_env(env, env_files),
         "network": network,
+        "user": user,
     }
+    if volumes:
+        opts["mounts"] = [parse_volume(v) for v in volumes]
+    return opts
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+
+
+def _image_command(image: str, tier: str) -> list[str]:
+    """The image's own command, for runs that give none."""
+    from tierbox.images.store import default_store
+
+    cfg = default_store().resolve(image).config
+    argv = [*cfg.entrypoint, *cfg.cmd]
+    if not argv:
+        raise UsageError(f"give a command after --: image {image} has no default command")
+    return argv
+
+
+def _run_attached(
+    sb: Sandbox,
+    argv: list[str],
+    *,
+    tty: bool,
+    interactive: bool,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    user: str | None = None,
+    timeout_s: float | None = None,
+    unbounded: bool = False,
+) -> ExecResult:
+    """A command whose output streams to this terminal as it comes: on a
+    pty with ``tty``, else with live stdin where this terminal types it, else
+    with the whole of stdin (``interactive``) given at start."""
+    start: dict[str, Any] = {"env": env, "cwd": cwd, "user": user, "timeout_s": timeout_s}
+    if unbounded:
+        start["unbounded"] = True
+    if tty:
+        return attach(sb.instance, argv, interactive=interactive, **start)
+    live = interactive and _stdin_is_terminal() and sb.instance.capabilities.stdin_stream
+    if live:
+        return attach(sb.instance, argv, interactive=True, tty=False, **start)
+    stdin = sys.stdin.buffer.read() if interactive else None
+    return sb.run(
+        argv,
+        stdin=stdin,
+        env=env,
+        cwd=cwd,
+        user=user,
+        timeout_s=timeout_s,
+        on_stdout=write_out,
+        on_stderr=write_err,
+    )
+
+
+# ---- run -------------------------------------------------------------------------------
+
+
 @app.command(context_settings=PASSTHROUGH)
 def run(
     image: Annotated[
-        str, typer.Argument(help="Image (busybox, debian:bookworm, python:3.11) or a .wasm file.")
+        str,
+        typer.Argument(
+            metavar="IMAGE",
+            help="Image (busybox, debian:bookworm, python:3.11) or a .wasm file.",
+        ),
     ],
-    command: Annotated[
-        list[str] | None, typer.Argument(help="Command and arguments, after --.")
-    ] = None,
+    command: CommandArg = None,
     tier: TierOpt = DEFAULT_TIER,
     memory: MemoryOpt = "256m",
     cpus: CpusOpt = None,
     pids: PidsOpt = 128,
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    volume: VolumeOpt = None,
+    workdir: WorkdirOpt = None,
+    user: UserOpt = None,
+    name: NameOpt = None,
     network: NetOpt = "none",
     interactive: InteractiveOpt = False,
+    tty: TtyOpt = False,
+    remove: Annotated[
+        bool, typer.Option("--rm", hidden=True, help="Accepted: a run's sandbox is always removed.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run COMMAND once in a fresh sandbox; the exit status mirrors the workload's."""
+    """Run COMMAND once in a fresh sandbox; the exit status mirrors the workload's.
+
+    Output streams as it comes; the sandbox is gone afterwards."""
     try:
-        opts = _spec_options(memory, cpus, pids, timeout, env, network)
-        stdin = sys.stdin.buffer.read() if interactive else None
-        r = run_once(image, workload_argv(command), tier=tier, stdin=stdin, **opts)
+        tier = resolve_tier(tier)
+        opts = _spec_options(memory, cpus, pids, timeout, env, env_file, network, volume, user)
+        argv = workload_argv(command)
+        live_stdin = interactive and _stdin_is_terminal() and not as_json
+        if tty or name or workdir or live_stdin:
+            if tty and as_json:
+                raise UsageError("--json and --tty do not mix: a terminal has one stream")
+            with Sandbox.create(image, tier=tier, name=name, **opts) as sb:
+                r = _run_attached(
+                    sb,
+                    argv or _image_command(image, tier),
+                    tty=tty,
+                    interactive=interactive,
+                    cwd=workdir,
+                    timeout_s=opts["timeout_s"],
+                )
+        else:
+            stdin = sys.stdin.buffer.read() if interactive else None
+            stream: dict[str, Any] = {}
+            if not as_json:
+                stream = {"on_stdout": write_out, "on_stderr": write_err}
+            r = run_once(image, argv, tier=tier, stdin=stdin, **stream, **opts)
     except TierboxError as exc:
         fail(exc)
-    emit_result(r, as_json)
+    emit_result(r, as_json, streamed=not as_json)
 
 
 @app.command()
@@ -160,75 +357,149 @@ def gc(
     out.print(f"{len(removed)} leftovers removed", highlight=False)
 
 
-# ---- sandbox ----------------------------------------------------------------
+# ---- sandbox ----------------------------------------------------------------------------
 @sandbox_app.command("create")
 def sandbox_create(
-    image: Annotated[str, typer.Argument(help="Image to start from.")],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image to start from.")],
     tier: TierOpt = DEFAULT_TIER,
     memory: MemoryOpt = "256m",
     cpus: CpusOpt = None,
     pids: PidsOpt = 128,
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    volume: VolumeOpt = None,
+    workdir: WorkdirOpt = None,
+    user: UserOpt = None,
+    name: NameOpt = None,
     network: NetOpt = "none",
     ttl: Annotated[
         str | None,
-        typer.Option("--ttl", help="Remove it after this long (e.g. 30m, 1h) at the next gc."),
+        typer.Option(
+            "--ttl",
+            metavar="DURATION",
+            help="Remove it after this long (e.g. 30m, 1h) at the next gc.",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a sandbox that lives until `tierbox sandbox rm` (or its --ttl); prints its id."""
     try:
-        opts = _spec_options(memory, cpus, pids, timeout, env, network)
+        tier = resolve_tier(tier)
+        opts = _spec_options(memory, cpus, pids, timeout, env, env_file, network, volume, user)
+        if workdir is not None:
+            opts["workdir"] = workdir
         ttl_s = parse_duration_s(ttl) if ttl else None
-        sb = Sandbox.create(image, tier=tier, keep=True, ttl_s=ttl_s, **opts)
+        sb = Sandbox.create(image, tier=tier, keep=True, ttl_s=ttl_s, name=name, **opts)
     except TierboxError as exc:
         fail(exc)
-    print(json.dumps({"id": sb.id, "tier": sb.tier}) if as_json else sb.id)
+    if as_json:
+        print(json.dumps({"id": sb.id, "name": sb.name, "tier": sb.tier}))
+    else:
+        print(sb.id)
 
 
 @sandbox_app.command("exec", context_settings=PASSTHROUGH)
 def sandbox_exec(
-    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
-    command: Annotated[list[str], typer.Argument(help="Command and arguments, after --.")],
+    sandbox_id: IdArg,
+    command: Annotated[
+        list[str], typer.Argument(metavar="COMMAND...", help="Command and arguments, after --.")
+    ],
     timeout: Annotated[
-        str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")
+        str | None,
+        typer.Option("--timeout", metavar="DURATION", help="Wall-clock limit for this command."),
     ] = None,
     env: EnvOpt = None,
+    env_file: EnvFileOpt = None,
+    workdir: WorkdirOpt = None,
+    user: UserOpt = None,
     interactive: InteractiveOpt = False,
+    tty: TtyOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a command in a running sandbox."""
+    """Run a command in a running sandbox (-it: interactively, on a terminal)."""
+    try:
+        if tty and as_json:
+            raise UsageError("--json and --tty do not mix: a terminal has one stream")
+        sb = Sandbox.connect(sandbox_id)
+        argv = workload_argv(command)
+        timeout_s = parse_duration_s(timeout) if timeout else None
+        vars_ = parse_env(env, env_file)
+        if as_json:
+            stdin = sys.stdin.buffer.read() if interactive else None
+            r = sb.run(argv, stdin=stdin, env=vars_, timeout_s=timeout_s, cwd=workdir, user=user)
+        else:
+            r = _run_attached(
+                sb,
+                argv,
+                tty=tty,
+                interactive=interactive,
+                env=vars_,
+                cwd=workdir,
+                user=user,
+                timeout_s=timeout_s,
+                unbounded=tty and interactive and timeout_s is None,
+            )
+    except TierboxError as exc:
+        fail(exc)
+    emit_result(r, as_json, streamed=not as_json)
+
+
+@sandbox_app.command("shell")
+def sandbox_shell(
+    sandbox_id: IdArg,
+    shell: Annotated[
+        str, typer.Option("--shell", metavar="PROGRAM", help="The shell to start.")
+    ] = "sh",
+    env: EnvOpt = None,
+    workdir: WorkdirOpt = None,
+    user: UserOpt = None,
+) -> None:
+    """An interactive shell on a terminal in a running sandbox.
+
+    Leave it with exit or Ctrl-D; window size changes and Ctrl-C pass through
+    to the sandbox's terminal."""
     try:
         sb = Sandbox.connect(sandbox_id)
-        stdin = sys.stdin.buffer.read() if interactive else None
-        r = sb.run(
-            workload_argv(command),
-            stdin=stdin,
+        r = attach(
+            sb.instance,
+            [shell],
+            interactive=True,
             env=parse_env(env),
-            timeout_s=parse_duration_s(timeout) if timeout else None,
+            cwd=workdir,
+            user=user,
+            unbounded=True,
         )
     except TierboxError as exc:
         fail(exc)
-    emit_result(r, as_json)
+    emit_result(r, False, streamed=True)
 
 
 @sandbox_app.command("cp")
 def sandbox_cp(
-    src: Annotated[str, typer.Argument(help="ID:PATH or a host path (- for stdin).")],
-    dst: Annotated[str, typer.Argument(help="ID:PATH or a host path (- for stdout).")],
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="ID:PATH or a host path (- for stdin).")
+    ],
+    dst: Annotated[
+        str, typer.Argument(metavar="DEST", help="ID:PATH or a host path (- for stdout).")
+    ],
     max_size: Annotated[
         str,
         typer.Option(
-            "--max-size", help="Most bytes to copy out of the sandbox, e.g. 64m, 2g, or 'none'."
+            "--max-size",
+            metavar="SIZE",
+            help="Most bytes to copy out of the sandbox, e.g. 64m, 2g, or 'none'.",
         ),
     ] = "1g",
 ) -> None:
-    """Copy a file or directory into or out of a sandbox (like docker cp).
+    """Copy files and directories between a sandbox and the host, as docker cp does.
 
-    Out of a sandbox, regular files and directories are copied (symlinks
-    inside the sandbox are not followed); an existing host file is never
-    overwritten. `ID:PATH -` streams one file to stdout.
+    A file lands at DEST, or in DEST under its own name when DEST is a
+    directory; a directory becomes DEST, or goes into it under its own name
+    (SRC/. copies its contents). Modes are kept; what comes in belongs to
+    the sandbox's user. Out of a sandbox, symlinks and special files are not
+    copied, and nothing on the host is written through a symlink.
+    `ID:PATH -` streams one file to stdout, `- ID:PATH` stdin to one file.
     """
     try:
         cap = None if max_size == "none" else parse_memory_mib(max_size) * 1024 * 1024
@@ -239,14 +510,14 @@ def sandbox_cp(
                 sb.instance.copy_out(path, sys.stdout.buffer, max_bytes=cap)
                 sys.stdout.buffer.flush()
             else:
-                sb.files.download(path, dst, max_bytes=cap)
+                transfer.cp_out(sb.instance, path, dst, max_bytes=cap)
         elif ":" in dst and ":" not in src:
             sid, _, path = dst.partition(":")
             sb = Sandbox.connect(sid)
             if src == "-":
                 sb.files.write(path, sys.stdin.buffer.read())
             else:
-                sb.files.upload(src, path)
+                transfer.cp_in(sb.instance, src, path)
         else:
             raise UsageError(
                 "give exactly one side as ID:PATH, e.g. `tierbox sandbox cp app.py ID:/tmp/app.py`"
@@ -255,6 +526,127 @@ def sandbox_cp(
         fail(UsageError(f"{exc.filename}: {exc.strerror}"))
     except TierboxError as exc:
         fail(exc)
+
+
+@sandbox_app.command("logs")
+def sandbox_logs(
+    sandbox_id: IdArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep showing new output until Ctrl-C.")
+    ] = False,
+) -> None:
+    """Output of a sandbox's background commands, and its guest console.
+
+    Background commands' stdout and stderr, in the order they started; for
+    microVMs and VMs, then the guest's serial console."""
+    try:
+        sid = Sandbox.connect(sandbox_id).id
+        logs = SandboxLogs.of(_state.sandbox_dir(sid), _state.read_state(sid))
+    except TierboxError as exc:
+        fail(exc)
+    if not follow:
+        logs.pump()
+        return
+    try:
+        logs.follow(lambda: _state.is_live(sid))
+    except KeyboardInterrupt:
+        return
+
+
+@sandbox_app.command("inspect")
+def sandbox_inspect(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
+    """A sandbox's record, spec, limits, processes and resource use."""
+    try:
+        sb = Sandbox.connect(sandbox_id)
+        state = _state.read_state(sb.id)
+        info = _inspect(sb, state)
+    except TierboxError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    _print_inspect(info)
+
+
+def _inspect(sb: Sandbox, state: dict[str, Any]) -> dict[str, Any]:
+    record = SandboxRecord.from_state(state)
+    info: dict[str, Any] = {**record.to_dict(), "capabilities": None}
+    caps = sb.instance.capabilities
+    info["capabilities"] = {
+        "snapshot": caps.snapshot.value,
+        "tty": caps.tty,
+        "stdin_stream": caps.stdin_stream,
+    }
+    spec = sb.spec.to_dict()
+    info["limits"] = spec.get("limits", {})
+    info["spec"] = spec
+    try:
+        info["processes"] = [p.to_dict() for p in sb.processes()]
+    except NotSupportedError as exc:
+        info["processes"] = None
+        info["processes_note"] = str(exc)
+    info["stats"] = sb.stats().to_dict()
+    info["tier_state"] = state.get("tier_state", {})
+    return info
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    def line(key: str, value: object) -> None:
+        out.print(f"{key:16} {value}", highlight=False, markup=False)
+
+    line("id", info["id"])
+    line("name", info["name"] or "-")
+    line("tier", info["tier"])
+    line("image", info["image"] or "-")
+    line("state", info["state"])
+    line("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created_unix"])))
+    line("kept until", _kept_until(SandboxRecord(**{k: info[k] for k in _RECORD_KEYS})))
+    limits = info["limits"]
+    line("memory limit", fmt_mib(limits.get("memory_mib")))
+    line("cpus", limits.get("cpus") if limits.get("cpus") is not None else "-")
+    line("pids limit", limits.get("pids") if limits.get("pids") is not None else "-")
+    line("timeout", f"{limits['timeout_s']} s" if limits.get("timeout_s") is not None else "-")
+    line("disk", fmt_mib(limits.get("disk_mib")))
+    spec = info["spec"]
+    line("network", spec.get("network", "-"))
+    line("user", spec.get("user") or "(the tier's default)")
+    line("workdir", spec.get("workdir", "/"))
+    for key in sorted(spec.get("env") or {}):
+        line("env", f"{key}={spec['env'][key]}")
+    for m in spec.get("mounts") or []:
+        line("mount", f"{m['host']} -> {m['path']} ({'ro' if m['read_only'] else 'rw'})")
+    caps = info["capabilities"]
+    line("snapshots", caps["snapshot"])
+    line("terminal", "yes" if caps["tty"] else "no")
+    st = info["stats"]
+    line("memory", fmt_bytes(st.get("memory_bytes")))
+    line("memory peak", fmt_bytes(st.get("memory_peak_bytes")))
+    if st.get("engine_memory_bytes") is not None:
+        line("engine memory", fmt_bytes(st["engine_memory_bytes"]))
+    line("cpu time", f"{st['cpu_s']:.2f} s" if st.get("cpu_s") is not None else "-")
+    line("oom kills", st.get("oom_kills") if st.get("oom_kills") is not None else "-")
+    procs = info["processes"]
+    if procs is None:
+        line("processes", info.get("processes_note", "-"))
+        return
+    table = Table("pid", "ppid", "user", "state", "command")
+    for p in procs:
+        table.add_row(str(p["pid"]), str(p["ppid"]), p["user"], p["state"], " ".join(p["argv"]))
+    out.print(table)
+
+
+_RECORD_KEYS = [
+    "id",
+    "name",
+    "tier",
+    "image",
+    "created_unix",
+    "state",
+    "owner_pid",
+    "keep",
+    "expires_unix",
+    "memory_mib",
+]
 
 
 @sandbox_app.command("ls")
@@ -271,7 +663,7 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
             r.name or "",
             r.tier,
             r.image or "-",
-            f"{r.memory_mib} MiB" if r.memory_mib is not None else "-",
+            fmt_mib(r.memory_mib),
             _kept_until(r),
         )
     out.print(table)
@@ -285,10 +677,19 @@ def _kept_until(record: SandboxRecord) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.expires_unix))
 
 
+_STAT_LABELS = {
+    "memory_bytes": "memory",
+    "memory_peak_bytes": "memory peak",
+    "cpu_s": "cpu time",
+    "pids": "processes",
+    "oom_kills": "oom kills",
+    "memory_limit_bytes": "memory limit",
+    "engine_memory_bytes": "engine memory",
+}
+
+
 @sandbox_app.command("stats")
-def sandbox_stats(
-    sandbox_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False
-) -> None:
+def sandbox_stats(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
     """Current memory, peak memory, CPU time and processes of a sandbox."""
     try:
         st = Sandbox.connect(sandbox_id).stats()
@@ -298,11 +699,19 @@ def sandbox_stats(
         print(json.dumps(st.to_dict()))
         return
     for k, v in st.to_dict().items():
-        out.print(f"{k:18} {v}", highlight=False)
+        if k.endswith("_bytes"):
+            shown = fmt_bytes(v)
+        elif k == "cpu_s":
+            shown = "-" if v is None else f"{v:.2f} s"
+        else:
+            shown = "-" if v is None else str(v)
+        out.print(f"{_STAT_LABELS.get(k, k):14} {shown}", highlight=False)
 
 
 @sandbox_app.command("rm")
-def sandbox_rm(ids: Annotated[list[str], typer.Argument(metavar="ID...")]) -> None:
+def sandbox_rm(
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Sandbox ids or names.")],
+) -> None:
     """Stop and remove sandboxes."""
     for sid in ids:
         try:
@@ -328,12 +737,12 @@ def image_ls(as_json: JsonOpt = False) -> None:
         return
     table = Table("image", "digest", "size", "created")
     for r in records:
-        table.add_row(r.ref, r.manifest_digest[:19], f"{r.size_bytes / 2**20:.1f} MiB", r.created)
+        table.add_row(r.ref, r.manifest_digest[:19], fmt_bytes(r.size_bytes), r.created)
     out.print(table)
 
 
 @image_app.command("inspect")
-def image_inspect(ref: str) -> None:
+def image_inspect(ref: Annotated[str, typer.Argument(metavar="IMAGE")]) -> None:
     """Show an image's manifest digest and config as JSON."""
     try:
         print(json.dumps(_store().resolve(ref).to_dict(), indent=1))
