@@ -54,7 +54,7 @@ from tierbox.errors import (
 )
 from tierbox.pools.spec import RATE_KEY, UTILIZATION_KEY, PoolSpec, hpa_for
 from tierbox.sandbox import Sandbox
-from tierbox.spec import SandboxSpec
+from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import SnapshotRef, _state, get_tier
 from tierbox.tiers.base import SnapshotKind
 
@@ -171,7 +171,7 @@ class Pool:
         self,
         image: str | None = None,
         tier: str = "container",
-        limits: Any = None,
+        limits: Limits | None = None,
         min_ready: int = 1,
         max_size: int = 10,
         *,
