@@ -54,6 +54,14 @@ are translated at the boundary with ``raise ... from exc``::
     ├── BuildError                 an image build failed: a step's output, or buildah itself
     │   └── GateError              a lint or scan gate stopped a build before the image was stored
     ├── ScanError                  an SBOM or a vulnerability source could not be produced or read
+    ├── ServerError                the tierbox daemon (``tierbox serve``) could not do what was asked
+    │   ├── AuthenticationError    no API key, or a wrong or revoked one (HTTP 401)
+    │   ├── PermissionDeniedError  the key's tenant may not ask for this (host mounts, host network)
+    │   ├── QuotaExceededError     a tenant quota would be exceeded; ``quota`` names it (HTTP 429)
+    │   ├── InvalidRequestError    a request that does not validate; ``field`` names it (also a UsageError)
+    │   ├── ExecNotFoundError      no command with that id in the sandbox (also a UsageError)
+    │   ├── ShuttingDownError      the daemon is stopping and takes no new work
+    │   └── ServerUnreachableError the daemon cannot be reached (no socket, refused, timed out)
     └── BenchError                 a benchmark step got a result it cannot use
         └── ProbeBuildError        an isolation probe program could not be built
 """
@@ -347,3 +355,50 @@ class GateError(BuildError):
 class ScanError(TierboxError):
     """An SBOM or vulnerability source could not be produced or read (syft
     failed, an image's rootfs is unreadable)."""
+
+
+# ---- the HTTP daemon and its remote SDK (server/, client/) ----------------------------
+
+
+class ServerError(TierboxError):
+    """The tierbox daemon could not do what was asked, or answered something
+    the client cannot read."""
+
+
+class AuthenticationError(ServerError):
+    """No API key was given where one is needed, or the key is wrong or revoked
+    (the message never repeats the key)."""
+
+
+class PermissionDeniedError(ServerError):
+    """The key's tenant may not ask for this: host mounts and the host network
+    are the host operator's."""
+
+
+class QuotaExceededError(ServerError):
+    """A tenant quota would be exceeded; ``quota`` names it (``sandboxes``,
+    ``memory_mib`` or ``tiers``). Nothing was started."""
+
+    def __init__(self, message: str, *, quota: str = "") -> None:
+        self.quota = quota
+        super().__init__(message)
+
+
+class InvalidRequestError(ServerError, UsageError):
+    """A request that does not validate; ``field`` names the field (dotted)."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class ExecNotFoundError(ServerError, UsageError):
+    """No command with that id in the sandbox."""
+
+
+class ShuttingDownError(ServerError):
+    """The daemon is stopping: it finishes what runs and takes no new work."""
+
+
+class ServerUnreachableError(ServerError):
+    """The daemon cannot be reached: no socket, connection refused or timed out."""

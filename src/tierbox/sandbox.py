@@ -319,17 +319,19 @@ class Sandbox:
         ]
 
     @classmethod
-    def restore(cls, snap: SnapshotRef) -> Sandbox:
-        """A new sandbox from a snapshot."""
+    def restore(cls, snap: SnapshotRef, *, keep: bool = False) -> Sandbox:
+        """A new sandbox from a snapshot (``keep`` as in :meth:`create`)."""
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
-        return cls._adopt([get_tier(snap.tier).restore(snap)], spec)[0]
+        return cls._adopt([get_tier(snap.tier).restore(snap)], spec, keep=keep)[0]
 
     @classmethod
-    def clone(cls, snap: SnapshotRef, count: int = 1) -> builtins.list[Sandbox]:
+    def clone(
+        cls, snap: SnapshotRef, count: int = 1, *, keep: bool = False
+    ) -> builtins.list[Sandbox]:
         """``count`` independent sandboxes from one snapshot (fast where the
         tier shares memory copy-on-write, as microvm does)."""
         spec = SandboxSpec.from_dict(snap.meta.get("spec", {}))
-        return cls._adopt(get_tier(snap.tier).clone(snap, count), spec)
+        return cls._adopt(get_tier(snap.tier).clone(snap, count), spec, keep=keep)
 
     @classmethod
     def _adopt(
