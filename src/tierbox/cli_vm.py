@@ -31,9 +31,12 @@ from tierbox.cli_common import (
     emit_result,
     err,
     fail,
+    fmt_mib,
     out,
     parse_env,
     workload_argv,
+    write_err,
+    write_out,
 )
 from tierbox.errors import TierboxError, UsageError
 from tierbox.sandbox import make_spec
@@ -82,18 +85,6 @@ def _open(name: str) -> Any:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
-
-
-def _stdin_data() -> bytes | None:
-    import select
-
-    if sys.stdin is None or sys.stdin.isatty():
-        return None
-    try:
-        ready, _, _ = select.select([sys.stdin], [], [], 0)
-    except (OSError, ValueError):
-        return None
-    return sys.stdin.buffer.read() if ready else None
 
 
 # ---- VMs ------------------------------------------------------------------------------
@@ -152,11 +143,20 @@ def vm_create(
 @vm_app.command("exec", context_settings=PASSTHROUGH)
 def vm_exec(
     name: NameArg,
-    command: Annotated[list[str], typer.Argument(help="Command and arguments, after --.")],
+    command: Annotated[
+        list[str], typer.Argument(metavar="COMMAND...", help="Command and arguments, after --.")
+    ],
     timeout: Annotated[
-        str | None, typer.Option("--timeout", help="Wall-clock limit for this command.")
+        str | None,
+        typer.Option("--timeout", metavar="DURATION", help="Wall-clock limit for this command."),
     ] = None,
     env: EnvOpt = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Pass this process's stdin to the command.")
+    ] = False,
+    tty: Annotated[
+        bool, typer.Option("--tty", "-t", help="Run on a pseudo-terminal (with -i: interactive).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a command in a VM; the exit status mirrors the command's."""
@@ -164,15 +164,24 @@ def vm_exec(
         argv = workload_argv(command)
         if not argv:
             raise UsageError("give a command after --, e.g. `tierbox vm exec web -- uname -a`")
-        r = _open(name).exec(
-            argv,
-            stdin=_stdin_data(),
-            env=parse_env(env),
-            timeout_s=parse_duration_s(timeout) if timeout else None,
-        )
+        inst = _open(name)
+        timeout_s = parse_duration_s(timeout) if timeout else None
+        if tty and not as_json:
+            from tierbox.cli_term import attach
+
+            r = attach(inst, argv, interactive=interactive, env=parse_env(env), timeout_s=timeout_s)
+        else:
+            r = inst.exec(
+                argv,
+                stdin=sys.stdin.buffer.read() if interactive else None,
+                env=parse_env(env),
+                timeout_s=timeout_s,
+                on_stdout=None if as_json else write_out,
+                on_stderr=None if as_json else write_err,
+            )
     except TierboxError as exc:
         fail(exc)
-    emit_result(r, as_json)
+    emit_result(r, as_json, streamed=not as_json)
 
 
 @vm_app.command("ls")
@@ -192,7 +201,7 @@ def vm_ls(as_json: JsonOpt = False) -> None:
             r["name"],
             r["state"],
             str(r["image"]),
-            f"{r['memory_mib']} MiB",
+            fmt_mib(r["memory_mib"]),
             str(r["vcpus"]),
             "kvm" if r["accel"] == "kvm" else "qemu (TCG)",
             str(r["snapshots"]),
@@ -235,13 +244,36 @@ def vm_rm(names: Annotated[list[str], typer.Argument(metavar="NAME...")]) -> Non
 @vm_app.command("console")
 def vm_console(
     name: NameArg,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines.")] = 40,
+    log: Annotated[
+        bool, typer.Option("--log", help="Show the end of the serial console's log instead.")
+    ] = False,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", metavar="N", help="How many log lines (--log).")
+    ] = 40,
+    shell: Annotated[
+        str, typer.Option("--shell", metavar="PROGRAM", help="The shell to start.")
+    ] = "sh",
 ) -> None:
-    """The end of a VM's serial console log."""
+    """A shell on a terminal in the VM, as virsh console gives one (Ctrl-] leaves).
+
+    The guest's serial console itself is a log (the guest runs no login on
+    it): --log shows its end. Window size changes and Ctrl-C pass through.
+    """
     try:
-        text = _open(name).console_tail(200_000)
+        inst = _open(name)
+        if log:
+            text = inst.console_tail(200_000)
+        else:
+            from tierbox.cli_term import ESCAPE, attach, require_tty
+
+            require_tty(inst)
+            err.print(f"Connected to VM {name}", highlight=False, markup=False)
+            err.print("Escape character is ^] (Ctrl + ])", highlight=False, markup=False)
+            r = attach(inst, [shell], interactive=True, escape=ESCAPE, unbounded=True)
     except TierboxError as exc:
         fail(exc)
+    if not log:
+        raise typer.Exit(r.exit_code)
     for line in text.splitlines()[-lines:]:
         print(line)
 
