@@ -65,6 +65,11 @@ def test_timeout_exits_124_as_timeout_does() -> None:
         (["run", "--memory", "12q", "busybox", "--", "true"], b"bad memory size"),
         (["run", "--timeout", "soon", "busybox", "--", "true"], b"bad duration"),
         (["run", "--tier", "nope", "busybox", "--", "true"], b"unknown tier"),
+        (["run", "-T", "nope", "busybox", "--", "true"], b"unknown tier"),
+        (["run", "-e", "=x", "busybox", "--", "true"], b"bad --env"),
+        (["run", "-v", "/tmp", "busybox", "--", "true"], b"bad --volume"),
+        (["run", "-v", "/no/such/dir:/data", "busybox", "--", "true"], b"no such file"),
+        (["run", "-u", "nobody", "busybox", "--", "true"], b"numeric uid"),
         (["sandbox", "exec", "nosuchsandbox", "--", "true"], b"no sandbox"),
     ],
 )
