@@ -1,8 +1,8 @@
 /*
- * tierbox-agent: the in-guest agent of the microvm tier.
+ * tierbox-agent: the in-guest agent of the microvm and vm tiers.
  *
  * Runs as PID 1 of the guest (exec'd by the initramfs /init once the root
- * overlay is mounted at ROOT) and serves one host over a virtio-serial port
+ * overlay is mounted at ROOT) and serves the host over a virtio-serial port
  * named "tierbox.agent". Built statically at set-up:
  *
  *     gcc -static -O2 -Wall -Wextra -o tierbox-agent agent.c
@@ -15,18 +15,31 @@
  * MAX_FRAME bytes; bigger things (files, stdin, output) travel in chunks.
  * The host side lives in src/tierbox/vmm/agent.py, which documents each type.
  *
- * Workloads run chroot'ed into ROOT, in their own cgroup v2 group
- * (/sys/fs/cgroup/x<id>) with pids.max, killed as a group (cgroup.kill) on
- * timeout, output overflow or when the main process exits.
+ * Protocol 3: one poll loop serves everything at once: any number of
+ * commands (each known by its id, with its own pipes or pty and guest
+ * cgroup), file streams and requests. Nothing in the loop waits for the
+ * host: frames to it wait in a queue, and while more than OUTQ_HIGH bytes
+ * wait the loop reads no command output and no file (the commands block on
+ * their pipes), so a slow or absent host costs the guest a bounded buffer.
+ * A command's stdin is credited: the host keeps at most a window of bytes
+ * in flight and ACK frames say how many were written to the command.
+ *
+ * Commands run chroot'ed into ROOT as the requested uid/gid, in their own
+ * cgroup v2 group (/sys/fs/cgroup/x<n>) with pids.max, so their accounting
+ * (memory peak, OOM kills, refused forks) is their own. The group is killed
+ * (cgroup.kill) on timeout, output overflow or when the host gives up on
+ * the command. When a command's main process exits, what it left running
+ * (`sleep 300 &`) lives on in its group until the guest ends, as in a
+ * container, and the group is removed once it empties. A host that goes
+ * away takes its commands' pipes with it (their stdin ends, their output
+ * pipes close); their processes otherwise run on.
  *
  * File requests (PUT, GET, LIST) resolve paths with openat2(RESOLVE_IN_ROOT)
  * under ROOT and run with the workload's file-system uid/gid (setfsuid), so
  * they reach only what the workload could. GET opens non-blocking, refuses
  * anything but a regular file on a data file system (FIFOs, devices, sockets,
  * directories, /proc and /sys files) and never sends more than the host's
- * cap. Streams (GET data, LIST records) check the port between chunks: a KILL
- * for the stream or any new request ends them, so a host that gave up never
- * leaves the agent busy sending.
+ * cap. A KILL with a stream's id ends it (ERR ECANCELED).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -57,19 +70,44 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
 
 #define MAGIC 0x31584254u /* "TBX1" */
 #define MAX_FRAME (1u << 20)
 #define CHUNK (64u * 1024u)
-#define AGENT_VERSION "2"
+#define AGENT_VERSION "3"
 #define PORT_NAME "tierbox.agent"
 #define CG_ROOT "/sys/fs/cgroup"
 /* ERR code (beyond errno values) for "not a regular file"; the message says what it is */
 #define E_NOTREG 0x10000u
 /* GET/LIST cap meaning "no cap" (the host streams to a file) */
 #define NO_CAP UINT64_MAX
+/* How many commands, file streams and file uploads can be open at once */
+#define MAX_EXECS 64
+#define MAX_STREAMS 16
+#define MAX_PUTS 16
+/* Above this many bytes queued for the host, produce no more output */
+#define OUTQ_HIGH (2u << 20)
+/* Bytes of input held at most: a frame and change (frames are handled as they come) */
+#define IBUF_CAP (4u * MAX_FRAME)
+/* A command's stdin held at most (the host keeps STDIN_WINDOW = 1 MiB in flight) */
+#define STDIN_CAP (4u << 20)
+/* Acknowledge stdin in steps of this many bytes (and whenever it drains) */
+#define ACK_EVERY (32u * 1024u)
+/* After a command's main process exits, how long its orphans may keep its output open */
+#define ORPHAN_GRACE_MS 200
+/* After killing a command's group, how long to wait for its main process */
+#define KILL_GIVE_UP_MS 5000
+/* Bytes of a process's command line that PROCS reports */
+#define PROC_CMDLINE_MAX 4096
+/* Groups of ended commands whose leftovers still run, waiting to be removed */
+#define MAX_LINGER 1024
 
 enum {
     T_HELLO = 1,
@@ -83,13 +121,23 @@ enum {
     T_POWEROFF = 9,
     T_KILL = 10,
     T_DATA_IN = 11,
+    T_RESIZE = 12,
+    T_PROCS = 13,
     T_OK = 101,
     T_ERR = 102,
     T_STDOUT = 103,
     T_STDERR = 104,
     T_EXIT = 105,
     T_DATA = 106,
+    T_ACK = 107,
+    T_STARTED = 108,
 };
+
+/* EXEC flags */
+#define F_STDIN 1u /* stdin comes in STDIN frames (else /dev/null) */
+#define F_TTY 2u   /* on a pseudo-terminal: stdin, stdout and stderr are its slave */
+/* KILL flags */
+#define KILL_DEADLINE 1u /* the host gave up waiting: end with reason=killed */
 
 struct frame {
     uint32_t type, id, len;
@@ -99,50 +147,13 @@ struct frame {
 static const char *ROOT = "/newroot";
 static int port = -1;
 static int root_fd = -1;
-
-/* ---- input buffer over the port ------------------------------------------ */
-static unsigned char *ibuf;
-static size_t ilen, icap;
+static int host_up; /* the host's end of the port is open */
 
 static void die(const char *what) {
     fprintf(stderr, "tierbox-agent: %s: %s\n", what, strerror(errno));
     sync();
     reboot(RB_POWER_OFF);
     _exit(1);
-}
-
-static int64_t now_ms(void);
-static int64_t port_quiet_until; /* host disconnected: do not poll the port before this */
-
-/* Read what the port has into ibuf. Blocking mode waits for the host (SIGIO
- * announces its connection); non-blocking mode is used after poll() said the
- * port is readable. Returns 1 when bytes arrived. */
-static int fill_once(int blocking) {
-    if (icap - ilen < CHUNK) {
-        icap = icap ? icap * 2 : 2 * MAX_FRAME;
-        ibuf = realloc(ibuf, icap);
-        if (!ibuf) die("realloc");
-    }
-    for (;;) {
-        ssize_t n = read(port, ibuf + ilen, icap - ilen);
-        if (n > 0) {
-            ilen += (size_t)n;
-            return 1;
-        }
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && errno != EAGAIN) die("read port");
-        /* 0: the host is not connected (between QEMU start or restore and the
-         * host's connect). Wait for the SIGIO sent when it connects. */
-        if (!blocking) {
-            port_quiet_until = now_ms() + 100;
-            return 0;
-        }
-        sigset_t io;
-        sigemptyset(&io);
-        sigaddset(&io, SIGIO);
-        struct timespec ts = {1, 0};
-        sigtimedwait(&io, NULL, &ts);
-    }
 }
 
 static uint32_t get32(const unsigned char *p) {
@@ -158,88 +169,111 @@ static void put32(unsigned char *p, uint32_t v) {
     p[3] = (unsigned char)(v >> 24);
 }
 
-/* Drop bytes until the buffer starts at a magic word (resync after garbage). */
-static void resync(void) {
-    size_t i = 0;
-    while (i + 4 <= ilen && get32(ibuf + i) != MAGIC) i++;
-    if (i + 4 > ilen) i = ilen >= 3 ? ilen - 3 : 0;
-    if (i) {
-        memmove(ibuf, ibuf + i, ilen - i);
-        ilen -= i;
+/* ---- input from the port ----------------------------------------------------- */
+/* ibuf[ipos..ilen) is what was read and not yet parsed. A frame returned by
+ * try_frame points into ibuf and stays valid until the next read_port. */
+static unsigned char *ibuf;
+static size_t ilen, ipos;
+static const size_t icap = IBUF_CAP;
+
+/* Read what the port has: 1 when bytes came, 0 when the host is not
+ * connected (the port reads as end of file), -1 when it has nothing now. */
+static int read_port(void) {
+    if (!ibuf && !(ibuf = malloc(icap))) die("malloc");
+    if (ipos) {
+        memmove(ibuf, ibuf + ipos, ilen - ipos);
+        ilen -= ipos;
+        ipos = 0;
     }
-}
-
-static size_t consumed; /* bytes of ibuf held by the last frame returned */
-
-static void release_frame(void) {
-    if (consumed) {
-        memmove(ibuf, ibuf + consumed, ilen - consumed);
-        ilen -= consumed;
-        consumed = 0;
-    }
-}
-
-/* Parse one frame if complete; returns 1 and fills *f (valid until the next call). */
-static int try_frame(struct frame *f) {
-    release_frame();
+    if (ilen >= icap) return -1;
     for (;;) {
-        resync();
-        if (ilen < 16) return 0;
-        uint32_t len = get32(ibuf + 12);
-        if (len > MAX_FRAME) { /* not a frame header after all: skip the magic */
-            memmove(ibuf, ibuf + 1, ilen - 1);
-            ilen -= 1;
+        ssize_t n = read(port, ibuf + ilen, icap - ilen);
+        if (n > 0) {
+            ilen += (size_t)n;
+            return 1;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return -1;
+        if (n < 0) die("read port");
+        return 0;
+    }
+}
+
+/* Parse the next complete frame, skipping bytes that are not one (resync
+ * after garbage or a half frame from a host that went away). */
+static int try_frame(struct frame *f) {
+    for (;;) {
+        size_t i = ipos;
+        while (i + 4 <= ilen && get32(ibuf + i) != MAGIC) i++;
+        if (i + 4 > ilen) {
+            if (ilen - ipos > 3) ipos = ilen - 3; /* keep what may start a magic */
+            return 0;
+        }
+        ipos = i;
+        if (ilen - ipos < 16) return 0;
+        uint32_t len = get32(ibuf + ipos + 12);
+        if (len > MAX_FRAME) { /* not a frame header after all */
+            ipos++;
             continue;
         }
-        if (ilen < 16 + (size_t)len) return 0;
-        f->type = get32(ibuf + 4);
-        f->id = get32(ibuf + 8);
+        if (ilen - ipos < 16 + (size_t)len) return 0;
+        f->type = get32(ibuf + ipos + 4);
+        f->id = get32(ibuf + ipos + 8);
         f->len = len;
-        f->data = ibuf + 16;
-        consumed = 16 + (size_t)len;
+        f->data = ibuf + ipos + 16;
+        ipos += 16 + (size_t)len;
         return 1;
     }
 }
 
-static void next_frame(struct frame *f) {
-    while (!try_frame(f)) fill_once(1);
-}
+/* ---- output to the port ------------------------------------------------------- */
+/* Frames wait in oq[oq_off..oq_len) until the port takes them. */
+static unsigned char *oq;
+static size_t oq_len, oq_off, oq_cap;
 
-/* ---- output to the port --------------------------------------------------- */
-static void write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN) {
-                struct pollfd pf = {fd, POLLOUT, 0};
-                poll(&pf, 1, 100);
-                continue;
-            }
-            die("write port");
+static size_t oq_pending(void) { return oq_len - oq_off; }
+
+static void oq_add(const void *p, size_t n) {
+    if (oq_off == oq_len) oq_off = oq_len = 0;
+    if (oq_len + n > oq_cap) {
+        if (oq_off) {
+            memmove(oq, oq + oq_off, oq_len - oq_off);
+            oq_len -= oq_off;
+            oq_off = 0;
         }
-        p += w;
-        n -= (size_t)w;
+        if (oq_len + n > oq_cap) {
+            size_t c = oq_cap ? oq_cap : 256u * 1024u;
+            while (c < oq_len + n) c *= 2;
+            if (!(oq = realloc(oq, c))) die("realloc");
+            oq_cap = c;
+        }
     }
+    memcpy(oq + oq_len, p, n);
+    oq_len += n;
 }
 
 static void send_frame(uint32_t type, uint32_t id, const void *data, size_t len) {
+    if (!host_up) return; /* nobody to tell: a new host starts afresh */
     unsigned char h[16];
     put32(h, MAGIC);
     put32(h + 4, type);
     put32(h + 8, id);
     put32(h + 12, (uint32_t)len);
-    /* one write for small frames keeps header and body together */
-    if (len <= 4096) {
-        unsigned char b[16 + 4096];
-        memcpy(b, h, 16);
-        if (len) memcpy(b + 16, data, len);
-        write_all(port, b, 16 + len);
-    } else {
-        write_all(port, h, 16);
-        write_all(port, data, len);
+    oq_add(h, 16);
+    if (len) oq_add(data, len);
+}
+
+static void flush_port(void) {
+    while (host_up && oq_pending()) {
+        ssize_t n = write(port, oq + oq_off, oq_pending());
+        if (n > 0) {
+            oq_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        break; /* EAGAIN (poll says when), or the host is going away (a read says so) */
     }
+    if (oq_off == oq_len) oq_off = oq_len = 0;
 }
 
 static void send_err(uint32_t id, int err, const char *fmt, ...) {
@@ -492,26 +526,9 @@ static const char *pseudo_fs(int fd) {
     }
 }
 
-/* Between the chunks of a stream: has the host given up on it? A KILL with
- * the stream's id, or any new request, says so; the new request is left in
- * the buffer for the main loop. Stale STDIN/DATA_IN/KILL frames are dropped. */
-static int stream_cancelled(uint32_t id) {
-    if (now_ms() >= port_quiet_until) {
-        struct pollfd p = {port, POLLIN, 0};
-        if (poll(&p, 1, 0) > 0 && (p.revents & POLLIN)) fill_once(0);
-    }
-    struct frame sf;
-    while (try_frame(&sf)) {
-        if (sf.type == T_KILL && sf.id == id) return 1;
-        if (sf.type == T_STDIN || sf.type == T_DATA_IN || sf.type == T_KILL) continue;
-        consumed = 0; /* not ours to handle here: keep it */
-        return 1;
-    }
-    return 0;
-}
 
 /* The common head of GET and LIST: u64 cap, u32 uid, u32 gid, path\0.
- * The path is copied out: the frame's memory is reused by the next read. */
+ * The path is copied out, NUL-terminated within the frame. */
 static int parse_file_req(const struct frame *f, uint64_t *cap, uint32_t *uid, uint32_t *gid,
                           char *path, size_t path_cap) {
     const char *p = f->len > 16 ? cstr(f, 16) : NULL;
@@ -523,7 +540,144 @@ static int parse_file_req(const struct frame *f, uint64_t *cap, uint32_t *uid, u
     return 0;
 }
 
-/* ---- LIST ------------------------------------------------------------------------- */
+/* ---- GET and LIST: streams, one chunk per turn of the loop ------------------------ */
+struct stream {
+    int used, list;
+    uint32_t id, uid, gid;
+    int fd;   /* GET: the open file */
+    DIR *dir; /* LIST: the open directory */
+    uint64_t cap, total, n;
+};
+static struct stream streams[MAX_STREAMS];
+
+static struct stream *stream_slot(void) {
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (!streams[i].used) return &streams[i];
+    return NULL;
+}
+
+static void stream_close(struct stream *s) {
+    if (s->fd >= 0) close(s->fd);
+    if (s->dir) closedir(s->dir);
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+}
+
+/* Open a regular file for GET, as the workload (fs_as is in force): -1 and
+ * an ERR sent when refused (E_NOTREG for FIFOs, devices, sockets, directories
+ * and kernel interfaces; EFBIG when st_size is over the cap). */
+static int get_open(uint32_t id, const char *path, uint64_t cap) {
+    int fd = openat2_in_root(path, O_RDONLY | O_NONBLOCK | O_NOCTTY, 0);
+    if (fd < 0) {
+        send_err(id, errno, "%s", strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        send_err(id, e, "fstat: %s", strerror(e));
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        send_err(id, (int)E_NOTREG, "it is %s", what_is(st.st_mode));
+        return -1;
+    }
+    const char *fs = pseudo_fs(fd);
+    if (fs) {
+        close(fd);
+        send_err(id, (int)E_NOTREG, "it is a %s kernel interface", fs);
+        return -1;
+    }
+    if (cap != NO_CAP && (uint64_t)st.st_size > cap) {
+        close(fd);
+        send_err(id, EFBIG, "it is %llu bytes, over the max_bytes cap of %llu",
+                 (unsigned long long)st.st_size, (unsigned long long)cap);
+        return -1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    return fd;
+}
+
+/* GET and LIST share their head: u64 cap, u32 uid, u32 gid, path\0. */
+static void stream_start(const struct frame *f, int list) {
+    uint32_t id = f->id, uid, gid;
+    uint64_t cap;
+    char path[PATH_MAX];
+    const char *what = list ? "list" : "get";
+    if (parse_file_req(f, &cap, &uid, &gid, path, sizeof path) < 0) {
+        send_err(id, EINVAL, "%s: malformed request", what);
+        return;
+    }
+    struct stream *s = stream_slot();
+    if (!s) {
+        send_err(id, EAGAIN, "%s: %d file transfers are running already", what, MAX_STREAMS);
+        return;
+    }
+    if (fs_as(uid, gid) < 0) {
+        fs_root();
+        send_err(id, errno, "%s: cannot take uid %u: %s", what, uid, strerror(errno));
+        return;
+    }
+    int fd = -1;
+    DIR *d = NULL;
+    if (list) {
+        fd = openat2_in_root(path, O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_NOCTTY, 0);
+        if (fd < 0) {
+            send_err(id, errno, "%s", strerror(errno));
+        } else if (!(d = fdopendir(fd))) {
+            int e = errno;
+            close(fd);
+            send_err(id, e, "%s", strerror(e));
+        }
+        fd = -1;
+    } else {
+        fd = get_open(id, path, cap);
+    }
+    fs_root();
+    if (fd < 0 && !d) return;
+    memset(s, 0, sizeof *s);
+    s->used = 1;
+    s->list = list;
+    s->id = id;
+    s->uid = uid;
+    s->gid = gid;
+    s->fd = fd;
+    s->dir = d;
+    s->cap = cap;
+}
+
+/* One chunk of a file: DATA, or at the end OK "size=N"; at most cap bytes
+ * are ever sent (a file that grows past it ends in EFBIG). */
+static void get_step(struct stream *s) {
+    static unsigned char buf[CHUNK * 4];
+    size_t want = sizeof buf;
+    if (s->cap != NO_CAP && s->cap - s->total + 1 < want) want = (size_t)(s->cap - s->total + 1);
+    ssize_t n = read(s->fd, buf, want);
+    if (n < 0 && errno == EINTR) return;
+    if (n < 0) {
+        send_err(s->id, errno, "read: %s", strerror(errno));
+        stream_close(s);
+        return;
+    }
+    if (n == 0) {
+        char done[64];
+        int dl = snprintf(done, sizeof done, "size=%llu\n", (unsigned long long)s->total);
+        send_frame(T_OK, s->id, done, (size_t)dl);
+        stream_close(s);
+        return;
+    }
+    if (s->cap != NO_CAP && s->total + (uint64_t)n > s->cap) {
+        send_err(s->id, EFBIG, "it grew past the max_bytes cap of %llu while it was read",
+                 (unsigned long long)s->cap);
+        stream_close(s);
+        return;
+    }
+    send_frame(T_DATA, s->id, buf, (size_t)n);
+    s->total += (uint64_t)n;
+}
+
 enum { K_OTHER = 0, K_FILE = 1, K_DIR = 2, K_SYMLINK = 3 };
 
 static unsigned char kind_of(mode_t m) {
@@ -542,34 +696,32 @@ static unsigned char kind_of_dtype(unsigned char t) {
     }
 }
 
-/* Entries as DATA frames of records (u8 kind, u64 size, name\0; lstat, never
- * followed), then OK "entries=N"; ERR EFBIG once the records pass the cap. */
-static void list_entries(uint32_t id, const char *path, uint64_t cap) {
-    int fd = openat2_in_root(path, O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_NOCTTY, 0);
-    if (fd < 0) {
-        send_err(id, errno, "%s", strerror(errno));
-        return;
-    }
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        int e = errno;
-        close(fd);
-        send_err(id, e, "%s", strerror(e));
-        return;
-    }
+/* One chunk of a listing: a DATA frame of records (u8 kind, u64 size,
+ * name\0; lstat, never followed), or at the end OK "entries=N"; ERR EFBIG
+ * once the records pass the cap. Runs as the workload (its fstatat). */
+static void list_step(struct stream *s) {
     static unsigned char out[CHUNK];
     size_t o = 0;
-    uint64_t total = 0, n = 0;
-    struct dirent *e;
-    for (;;) {
+    if (fs_as(s->uid, s->gid) < 0) {
+        fs_root();
+        send_err(s->id, errno, "list: cannot take uid %u: %s", s->uid, strerror(errno));
+        stream_close(s);
+        return;
+    }
+    int end = 0, rerr = 0;
+    while (o < sizeof out - 9 - 256 - 1) {
         errno = 0;
-        e = readdir(d);
-        if (!e) break;
+        struct dirent *e = readdir(s->dir);
+        if (!e) {
+            rerr = errno;
+            end = 1;
+            break;
+        }
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         struct stat st;
         unsigned char kind;
         uint64_t size = 0;
-        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        if (fstatat(dirfd(s->dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0) {
             kind = kind_of(st.st_mode);
             size = (uint64_t)st.st_size;
         } else if (errno == ENOENT) {
@@ -578,19 +730,11 @@ static void list_entries(uint32_t id, const char *path, uint64_t cap) {
             kind = kind_of_dtype(e->d_type);
         }
         size_t l = strlen(e->d_name) + 1;
-        if (o + 9 + l > sizeof out) {
-            if (stream_cancelled(id)) {
-                closedir(d);
-                send_err(id, ECANCELED, "list: cancelled by the host");
-                return;
-            }
-            send_frame(T_DATA, id, out, o);
-            o = 0;
-        }
-        total += 9 + l;
-        if (cap != NO_CAP && total > cap) {
-            closedir(d);
-            send_err(id, EFBIG, "its listing is over the cap of %llu bytes", (unsigned long long)cap);
+        s->total += 9 + l;
+        if (s->cap != NO_CAP && s->total > s->cap) {
+            fs_root();
+            send_err(s->id, EFBIG, "its listing is over the cap of %llu bytes", (unsigned long long)s->cap);
+            stream_close(s);
             return;
         }
         out[o] = kind;
@@ -598,38 +742,42 @@ static void list_entries(uint32_t id, const char *path, uint64_t cap) {
         put32(out + o + 5, (uint32_t)(size >> 32));
         memcpy(out + o + 9, e->d_name, l);
         o += 9 + l;
-        n++;
+        s->n++;
     }
-    int rerr = errno;
-    closedir(d);
-    if (rerr) {
-        send_err(id, rerr, "readdir: %s", strerror(rerr));
-        return;
-    }
-    if (o) send_frame(T_DATA, id, out, o);
-    char done[64];
-    int dl = snprintf(done, sizeof done, "entries=%llu\n", (unsigned long long)n);
-    send_frame(T_OK, id, done, (size_t)dl);
-}
-
-static void do_list(const struct frame *f) {
-    uint32_t id = f->id, uid, gid;
-    uint64_t cap;
-    char path[PATH_MAX];
-    if (parse_file_req(f, &cap, &uid, &gid, path, sizeof path) < 0) {
-        send_err(id, EINVAL, "list: malformed request");
-        return;
-    }
-    if (fs_as(uid, gid) < 0) {
-        fs_root();
-        send_err(id, errno, "list: cannot take uid %u: %s", uid, strerror(errno));
-        return;
-    }
-    list_entries(id, path, cap);
     fs_root();
+    if (o) send_frame(T_DATA, s->id, out, o);
+    if (!end) return;
+    if (rerr) {
+        send_err(s->id, rerr, "readdir: %s", strerror(rerr));
+    } else {
+        char done[64];
+        int dl = snprintf(done, sizeof done, "entries=%llu\n", (unsigned long long)s->n);
+        send_frame(T_OK, s->id, done, (size_t)dl);
+    }
+    stream_close(s);
 }
 
-/* ---- PUT / GET -------------------------------------------------------------- */
+/* ---- PUT: a header, DATA_IN chunks, an empty one ends the file -------------------- */
+struct put {
+    int used;
+    uint32_t id, mode, uid, gid;
+    int fd, err;
+    char errmsg[512];
+};
+static struct put puts_[MAX_PUTS];
+
+static struct put *find_put(uint32_t id) {
+    for (int i = 0; i < MAX_PUTS; i++)
+        if (puts_[i].used && puts_[i].id == id) return &puts_[i];
+    return NULL;
+}
+
+static void put_close(struct put *p) {
+    if (p->fd >= 0) close(p->fd);
+    memset(p, 0, sizeof *p);
+    p->fd = -1;
+}
+
 /* Open path for writing as a regular file (non-blocking, so a FIFO cannot
  * stall the agent; refused before any write). Sets err/errmsg on failure. */
 static int open_for_put(const char *path, uint32_t mode, int *err, char *errmsg, size_t cap) {
@@ -662,166 +810,81 @@ static int open_for_put(const char *path, uint32_t mode, int *err, char *errmsg,
     return fd;
 }
 
-static void put_file(const struct frame *hdr) {
-    /* header: u32 mode, u32 uid, u32 gid, path\0 ; then T_DATA_IN frames, len 0 ends */
+/* header: u32 mode, u32 uid, u32 gid, path\0. A refused header is answered
+ * (ERR) once its data has come, as a good one is (OK). */
+static void put_start(const struct frame *hdr) {
     uint32_t id = hdr->id;
-    int fd = -1, err = 0;
-    char errmsg[512] = "";
-    char path[PATH_MAX];
-    uint32_t mode = 0644;
-    if (hdr->len < 13 || !cstr(hdr, 12) || strlen(cstr(hdr, 12)) >= sizeof path) {
-        err = EINVAL;
-        snprintf(errmsg, sizeof errmsg, "put: bad header");
-        path[0] = 0;
+    struct put *p = NULL;
+    for (int i = 0; i < MAX_PUTS && !p; i++)
+        if (!puts_[i].used) p = &puts_[i];
+    if (!p) {
+        send_err(id, EAGAIN, "put: %d uploads are running already", MAX_PUTS);
+        return;
+    }
+    memset(p, 0, sizeof *p);
+    p->used = 1;
+    p->id = id;
+    p->fd = -1;
+    if (hdr->len < 13 || !cstr(hdr, 12) || strlen(cstr(hdr, 12)) >= PATH_MAX) {
+        p->err = EINVAL;
+        snprintf(p->errmsg, sizeof p->errmsg, "put: bad header");
+        return;
+    }
+    p->mode = get32(hdr->data);
+    p->uid = get32(hdr->data + 4);
+    p->gid = get32(hdr->data + 8);
+    if (fs_as(p->uid, p->gid) < 0) {
+        p->err = errno;
+        snprintf(p->errmsg, sizeof p->errmsg, "put: cannot take the workload's uid: %s", strerror(p->err));
     } else {
-        mode = get32(hdr->data);
-        strcpy(path, cstr(hdr, 12));
-        if (fs_as(get32(hdr->data + 4), get32(hdr->data + 8)) < 0) {
-            err = errno;
-            snprintf(errmsg, sizeof errmsg, "put: cannot take the workload's uid: %s", strerror(err));
-        } else {
-            fd = open_for_put(path, mode, &err, errmsg, sizeof errmsg);
-        }
+        p->fd = open_for_put(cstr(hdr, 12), p->mode, &p->err, p->errmsg, sizeof p->errmsg);
     }
-    struct frame f;
-    for (;;) {
-        next_frame(&f);
-        if (f.type != T_DATA_IN || f.id != id) {
-            /* protocol error: the host gave up on this put; treat as abort */
-            if (fd >= 0) close(fd);
-            send_err(id, EPROTO, "put: unexpected frame type %u", f.type);
-            return;
-        }
-        if (f.len == 0) break;
-        if (fd >= 0 && !err) {
-            size_t done = 0;
-            while (done < f.len) {
-                ssize_t w = write(fd, f.data + done, f.len - done);
-                if (w < 0) {
-                    if (errno == EINTR) continue;
-                    err = errno;
-                    snprintf(errmsg, sizeof errmsg, "write: %s", strerror(err));
-                    break;
-                }
-                done += (size_t)w;
+    fs_root();
+}
+
+static void put_data(const struct frame *f) {
+    struct put *p = find_put(f->id);
+    if (!p) return; /* refused for want of a slot, or cancelled */
+    if (f->len) {
+        size_t done = 0;
+        while (p->fd >= 0 && !p->err && done < f->len) {
+            ssize_t w = write(p->fd, f->data + done, f->len - done);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                p->err = errno;
+                snprintf(p->errmsg, sizeof p->errmsg, "write: %s", strerror(p->err));
+                break;
             }
+            done += (size_t)w;
         }
-    }
-    if (fd >= 0) {
-        if (!err && fchmod(fd, mode & 07777) < 0) {
-            err = errno;
-            snprintf(errmsg, sizeof errmsg, "chmod: %s", strerror(err));
-        }
-        if (close(fd) < 0 && !err) {
-            err = errno;
-            snprintf(errmsg, sizeof errmsg, "close: %s", strerror(err));
-        }
-    }
-    if (err)
-        send_err(id, (int)err, "%s", errmsg);
-    else
-        send_frame(T_OK, id, NULL, 0);
-}
-
-static void do_put(const struct frame *hdr) {
-    put_file(hdr);
-    fs_root();
-}
-
-/* Stream a regular file: DATA frames, then OK "size=N". Refused with E_NOTREG
- * (FIFO, device, socket, directory, kernel interface) or EFBIG (st_size over
- * the cap, or the file grew past it: at most cap bytes are ever sent). */
-static void get_file(uint32_t id, const char *path, uint64_t cap) {
-    int fd = openat2_in_root(path, O_RDONLY | O_NONBLOCK | O_NOCTTY, 0);
-    if (fd < 0) {
-        send_err(id, errno, "%s", strerror(errno));
         return;
     }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = errno;
-        close(fd);
-        send_err(id, e, "fstat: %s", strerror(e));
-        return;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        send_err(id, (int)E_NOTREG, "it is %s", what_is(st.st_mode));
-        return;
-    }
-    const char *fs = pseudo_fs(fd);
-    if (fs) {
-        close(fd);
-        send_err(id, (int)E_NOTREG, "it is a %s kernel interface", fs);
-        return;
-    }
-    if (cap != NO_CAP && (uint64_t)st.st_size > cap) {
-        close(fd);
-        send_err(id, EFBIG, "it is %llu bytes, over the max_bytes cap of %llu",
-                 (unsigned long long)st.st_size, (unsigned long long)cap);
-        return;
-    }
-    fs_root(); /* the file is open: reading it needs no credentials */
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    static unsigned char buf[CHUNK * 4];
-    uint64_t total = 0;
-    for (;;) {
-        if (stream_cancelled(id)) {
-            close(fd);
-            send_err(id, ECANCELED, "get: cancelled by the host");
-            return;
+    if (p->fd >= 0) {
+        /* the mode as the workload would set it (setuid bits follow its rights) */
+        if (!p->err && (fs_as(p->uid, p->gid) < 0 || fchmod(p->fd, p->mode & 07777) < 0)) {
+            p->err = errno;
+            snprintf(p->errmsg, sizeof p->errmsg, "chmod: %s", strerror(p->err));
         }
-        size_t want = sizeof buf;
-        if (cap != NO_CAP && cap - total + 1 < want) want = (size_t)(cap - total + 1);
-        ssize_t n = read(fd, buf, want);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-            int e = errno;
-            close(fd);
-            send_err(id, e, "read: %s", strerror(e));
-            return;
-        }
-        if (n == 0) break;
-        if (cap != NO_CAP && total + (uint64_t)n > cap) {
-            close(fd);
-            send_err(id, EFBIG, "it grew past the max_bytes cap of %llu while it was read",
-                     (unsigned long long)cap);
-            return;
-        }
-        send_frame(T_DATA, id, buf, (size_t)n);
-        total += (uint64_t)n;
-    }
-    close(fd);
-    char done[64];
-    int dl = snprintf(done, sizeof done, "size=%llu\n", (unsigned long long)total);
-    send_frame(T_OK, id, done, (size_t)dl);
-}
-
-static void do_get(const struct frame *f) {
-    uint32_t id = f->id, uid, gid;
-    uint64_t cap;
-    char path[PATH_MAX];
-    if (parse_file_req(f, &cap, &uid, &gid, path, sizeof path) < 0) {
-        send_err(id, EINVAL, "get: malformed request");
-        return;
-    }
-    if (fs_as(uid, gid) < 0) {
         fs_root();
-        send_err(id, errno, "get: cannot take uid %u: %s", uid, strerror(errno));
-        return;
+        if (close(p->fd) < 0 && !p->err) {
+            p->err = errno;
+            snprintf(p->errmsg, sizeof p->errmsg, "close: %s", strerror(p->err));
+        }
+        p->fd = -1;
     }
-    get_file(id, path, cap);
-    fs_root();
+    if (p->err)
+        send_err(p->id, p->err, "%s", p->errmsg);
+    else
+        send_frame(T_OK, p->id, NULL, 0);
+    put_close(p);
 }
-
-/* ---- EXEC -------------------------------------------------------------------- */
 struct exec_req {
     uint32_t timeout_ms, output_cap, pids_max, uid, gid, flags, argc, envc;
     char *workdir;
     char **argv, **envp;
 };
 
-#define F_STDIN 1u
+
 
 static int parse_exec(const struct frame *f, struct exec_req *r) {
     if (f->len < 32) return -1;
@@ -854,9 +917,10 @@ static const char *env_get(char **envp, const char *key) {
     return NULL;
 }
 
-/* Child side: never returns. */
+/* Child side: never returns. With a terminal, in_fd is its slave and
+ * becomes the controlling terminal of the command's new session. */
 static void exec_child(struct exec_req *r, const char *join_cg, int in_fd, int out_fd, int err_fd,
-                       int errpipe) {
+                       int errpipe, int tty) {
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
@@ -868,6 +932,7 @@ static void exec_child(struct exec_req *r, const char *join_cg, int in_fd, int o
         snprintf(procs, sizeof procs, "%s/cgroup.procs", join_cg);
         if (write_file(procs, "0") < 0) e = errno;
     }
+    if (!e && tty && ioctl(in_fd, TIOCSCTTY, 0) < 0) e = errno;
     write_file("/proc/self/oom_score_adj", "0");
     if (!e && chroot(ROOT) < 0) e = errno;
     if (!e && chdir(r->workdir) < 0) e = errno;
@@ -946,6 +1011,18 @@ static void cg_kill(const char *cg) {
     write_file(p, "1");
 }
 
+/* Send sig to every process of a group (cg_kill is the atomic SIGKILL). */
+static void cg_signal(const char *cg, int sig) {
+    char p[128];
+    snprintf(p, sizeof p, "%s/cgroup.procs", cg);
+    FILE *f = fopen(p, "re");
+    if (!f) return;
+    int pid;
+    while (fscanf(f, "%d", &pid) == 1)
+        if (pid > 1) kill(pid, sig);
+    fclose(f);
+}
+
 static int cg_populated(const char *cg) {
     char p[128];
     snprintf(p, sizeof p, "%s/cgroup.events", cg);
@@ -953,10 +1030,37 @@ static int cg_populated(const char *cg) {
     return v != 0;
 }
 
-/* Append the kernel's OOM lines logged since the exec started to out. */
-static size_t oom_lines(int kmsg, char *out, size_t cap) {
+/* Groups of ended commands whose leftovers still run: removed once empty
+ * (checked when a child is reaped: the leftovers are the agent's orphans). */
+static char linger[MAX_LINGER][64];
+static int nlinger;
+
+static void cg_release(const char *cg) {
+    if (!cg_populated(cg) && rmdir(cg) == 0) return;
+    if (nlinger < MAX_LINGER) snprintf(linger[nlinger++], sizeof linger[0], "%s", cg);
+}
+
+static void linger_check(void) {
+    for (int i = 0; i < nlinger;) {
+        if (!cg_populated(linger[i]) && rmdir(linger[i]) == 0) {
+            memcpy(linger[i], linger[--nlinger], sizeof linger[0]);
+        } else {
+            i++;
+        }
+    }
+}
+
+/* Append to out the kernel's OOM lines about this command's group (logged
+ * since it started): the oom-kill line naming its cgroup, and the "Killed
+ * process" line of that victim. Other commands' OOMs are not its evidence. */
+static size_t oom_lines(int kmsg, const char *cg, char *out, size_t cap) {
     size_t o = 0;
     if (kmsg < 0) return 0;
+    const char *leaf = strrchr(cg, '/');
+    char memcg[64];
+    snprintf(memcg, sizeof memcg, "task_memcg=%s,", leaf ? leaf : cg);
+    long victims[16];
+    int nv = 0;
     char rec[2048];
     for (;;) {
         ssize_t n = read(kmsg, rec, sizeof rec - 1);
@@ -970,7 +1074,17 @@ static size_t oom_lines(int kmsg, char *out, size_t cap) {
         msg++;
         char *nl = strchr(msg, '\n');
         if (nl) *nl = 0;
-        if (strstr(msg, "Out of memory") || strstr(msg, "oom-kill") || strstr(msg, "Killed process")) {
+        int keep = 0;
+        char *k;
+        if (strstr(msg, "oom-kill:") && strstr(msg, memcg)) {
+            char *pp = strstr(msg, ",pid=");
+            if (pp && nv < 16) victims[nv++] = strtol(pp + 5, NULL, 10);
+            keep = 1;
+        } else if ((k = strstr(msg, "Killed process "))) {
+            long pid = strtol(k + 15, NULL, 10);
+            for (int i = 0; i < nv; i++) keep |= victims[i] == pid;
+        }
+        if (keep) {
             int w = snprintf(out + o, cap - o, "kmsg=%s\n", msg);
             if (w > 0 && (size_t)w < cap - o) o += (size_t)w;
         }
@@ -978,46 +1092,285 @@ static size_t oom_lines(int kmsg, char *out, size_t cap) {
     return o;
 }
 
-static void do_exec(const struct frame *req, int sigfd) {
-    uint32_t id = req->id;
+/* ---- commands ---------------------------------------------------------------------- */
+struct exec {
+    int used;
+    uint32_t id;
+    pid_t pid;
+    int tty;                  /* out_fd is the pty master; it takes stdin too */
+    int out_fd, err_fd, in_fd; /* our ends, -1 once closed */
+    unsigned char *sbuf;      /* stdin received, not yet written */
+    size_t slen, scap;
+    int stdin_eof, eot_sent;  /* the host ended stdin; (tty) the EOF character went */
+    uint32_t unacked;         /* stdin bytes consumed and not yet acknowledged */
+    int main_done, status, killed, detached;
+    const char *why;
+    int64_t start, deadline, kill_at, done_at;
+    uint64_t nout, nerr, output_cap;
+    int trunc_out, trunc_err;
+    uint32_t pids_max;
+    char cg[64];
+    long long oom_before;
+    int kmsg;
+};
+static struct exec execs[MAX_EXECS];
+
+static struct exec *find_exec(uint32_t id) {
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].used && execs[i].id == id) return &execs[i];
+    return NULL;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void exec_stop(struct exec *e, const char *why) {
+    if (e->killed) return;
+    e->why = why;
+    e->killed = 1;
+    e->kill_at = now_ms();
+    cg_kill(e->cg);
+}
+
+static void exec_ack(struct exec *e, int force) {
+    if (!e->unacked || (!force && e->unacked < ACK_EVERY && e->slen)) return;
+    unsigned char b[4];
+    put32(b, e->unacked);
+    send_frame(T_ACK, e->id, b, 4);
+    e->unacked = 0;
+}
+
+/* Write what stdin holds; the command closing its end (EPIPE, a pty gone:
+ * EIO) drops the rest. Every byte taken is acknowledged. */
+static void exec_write_stdin(struct exec *e) {
+    int fd = e->tty ? e->out_fd : e->in_fd;
+    while (e->slen && fd >= 0) {
+        ssize_t w = write(fd, e->sbuf, e->slen);
+        if (w > 0) {
+            memmove(e->sbuf, e->sbuf + w, e->slen - (size_t)w);
+            e->slen -= (size_t)w;
+            e->unacked += (uint32_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && errno == EAGAIN) break;
+        e->unacked += (uint32_t)e->slen;
+        e->slen = 0;
+        e->stdin_eof = e->eot_sent = 1;
+        if (!e->tty) close_fd(&e->in_fd);
+        break;
+    }
+    if (!e->slen && e->stdin_eof) {
+        if (e->tty && !e->eot_sent && e->out_fd >= 0) {
+            /* a terminal's end of input is its EOF character (^D by default) */
+            struct termios t;
+            char eof = tcgetattr(e->out_fd, &t) == 0 ? (char)t.c_cc[VEOF] : 4;
+            if (write(e->out_fd, &eof, 1) == 1 || errno != EAGAIN) e->eot_sent = 1;
+        } else if (!e->tty) {
+            close_fd(&e->in_fd);
+        }
+    }
+    exec_ack(e, 0);
+}
+
+static void exec_stdin(struct exec *e, const unsigned char *data, uint32_t len) {
+    if (!len) {
+        e->stdin_eof = 1;
+    } else if (e->stdin_eof || (e->tty ? e->out_fd : e->in_fd) < 0 || e->slen + len > STDIN_CAP) {
+        e->unacked += len; /* nobody reads it: taken and dropped */
+    } else {
+        if (e->slen + len > e->scap) {
+            size_t c = e->scap ? e->scap : 64u * 1024u;
+            while (c < e->slen + len) c *= 2;
+            unsigned char *nb = realloc(e->sbuf, c);
+            if (!nb) die("realloc");
+            e->sbuf = nb;
+            e->scap = c;
+        }
+        memcpy(e->sbuf + e->slen, data, len);
+        e->slen += len;
+    }
+    exec_write_stdin(e);
+}
+
+static void exec_read(struct exec *e, int err_side) {
+    static unsigned char obuf[CHUNK];
+    int *fd = err_side ? &e->err_fd : &e->out_fd;
+    ssize_t n = read(*fd, obuf, sizeof obuf);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (n <= 0) { /* end of output (a pty reads EIO once its last slave is closed) */
+        close_fd(fd);
+        return;
+    }
+    uint64_t *cnt = err_side ? &e->nerr : &e->nout;
+    int *tr = err_side ? &e->trunc_err : &e->trunc_out;
+    size_t send = (size_t)n;
+    if (*cnt + send > e->output_cap) {
+        send = *cnt < e->output_cap ? (size_t)(e->output_cap - *cnt) : 0;
+        *tr = 1;
+        exec_stop(e, "output_limit");
+    }
+    if (send) send_frame(err_side ? T_STDERR : T_STDOUT, e->id, obuf, send);
+    *cnt += send;
+}
+
+/* The host went away: the command's pipes go with it, its processes run on. */
+static void exec_detach(struct exec *e) {
+    e->detached = 1;
+    close_fd(&e->out_fd);
+    close_fd(&e->err_fd);
+    close_fd(&e->in_fd);
+    e->slen = 0;
+}
+
+/* The command is over: EXIT with the evidence read from its group, then
+ * its group is removed, now or (leftovers still running) once it empties. */
+static void exec_finish(struct exec *e) {
+    close_fd(&e->out_fd);
+    close_fd(&e->err_fd);
+    close_fd(&e->in_fd);
+    if (!e->detached) {
+        exec_ack(e, 1);
+        char p[128], vbuf[64];
+        static char out[8192];
+        size_t o = 0;
+        if (e->main_done && WIFEXITED(e->status))
+            o += (size_t)snprintf(out + o, sizeof out - o, "exit_code=%d\n", WEXITSTATUS(e->status));
+        if (e->main_done && WIFSIGNALED(e->status))
+            o += (size_t)snprintf(out + o, sizeof out - o, "signal=%d\n", WTERMSIG(e->status));
+        o += (size_t)snprintf(out + o, sizeof out - o, "reason=%s\nduration_ms=%lld\n", e->why,
+                              (long long)(now_ms() - e->start));
+        o += (size_t)snprintf(out + o, sizeof out - o, "stdout_truncated=%d\nstderr_truncated=%d\n",
+                              e->trunc_out, e->trunc_err);
+        snprintf(p, sizeof p, "%s/memory.peak", e->cg);
+        if (read_file(p, vbuf, sizeof vbuf) > 0)
+            o += (size_t)snprintf(out + o, sizeof out - o, "memory_peak_bytes=%lld\n", strtoll(vbuf, NULL, 10));
+        snprintf(p, sizeof p, "%s/memory.events", e->cg);
+        o += (size_t)snprintf(out + o, sizeof out - o, "cgroup_oom_kill=%lld\n", keyed(p, "oom_kill"));
+        snprintf(p, sizeof p, "%s/pids.events", e->cg);
+        o += (size_t)snprintf(out + o, sizeof out - o, "pids_max_hit=%lld\npids_max=%u\n", keyed(p, "max"),
+                              e->pids_max);
+        long long oom_after = keyed("/proc/vmstat", "oom_kill");
+        o += (size_t)snprintf(out + o, sizeof out - o, "oom_kill_before=%lld\noom_kill_after=%lld\n",
+                              e->oom_before, oom_after);
+        o += (size_t)snprintf(out + o, sizeof out - o, "mem_total_kib=%lld\n", keyed("/proc/meminfo", "MemTotal"));
+        if (oom_after > e->oom_before) o += oom_lines(e->kmsg, e->cg, out + o, sizeof out - o);
+        send_frame(T_EXIT, e->id, out, o);
+    }
+    close_fd(&e->kmsg);
+    cg_release(e->cg);
+    free(e->sbuf);
+    memset(e, 0, sizeof *e);
+    e->out_fd = e->err_fd = e->in_fd = e->kmsg = -1;
+}
+
+/* Deadlines of one command; returns ms until its next one (-1: none). */
+static int exec_tick(struct exec *e, int64_t t) {
+    if (e->deadline && !e->killed && t >= e->deadline) exec_stop(e, "timeout");
+    if (e->main_done) {
+        if ((e->out_fd < 0 && e->err_fd < 0) || t >= e->done_at + ORPHAN_GRACE_MS) {
+            exec_finish(e);
+            return -1;
+        }
+        return (int)(e->done_at + ORPHAN_GRACE_MS - t);
+    }
+    if (e->killed) {
+        if (t >= e->kill_at + KILL_GIVE_UP_MS) { /* its main process is reaped whenever it goes */
+            exec_finish(e);
+            return -1;
+        }
+        return (int)(e->kill_at + KILL_GIVE_UP_MS - t);
+    }
+    return e->deadline ? (int)(e->deadline - t) : -1;
+}
+
+/* A pseudo-terminal from the root's devpts instance: the master (ours) and
+ * its slave, owned by the command's user as a login terminal is. */
+static int open_pty(int *master, int *slave, uint32_t uid, uint32_t gid) {
+    char p[PATH_MAX];
+    snprintf(p, sizeof p, "%s/dev/pts/ptmx", ROOT);
+    int m = open(p, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+    if (m < 0) return -1;
+    int unlock = 0, s = -1;
+    if (ioctl(m, TIOCSPTLCK, &unlock) == 0) {
+        s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (s < 0) {
+            unsigned n;
+            if (ioctl(m, TIOCGPTN, &n) == 0) {
+                snprintf(p, sizeof p, "%s/dev/pts/%u", ROOT, n);
+                s = open(p, O_RDWR | O_NOCTTY | O_CLOEXEC);
+            }
+        }
+    }
+    if (s < 0) {
+        int saved = errno;
+        close(m);
+        errno = saved;
+        return -1;
+    }
+    if (fchown(s, uid, gid) < 0 || fchmod(s, 0620) < 0) { /* best effort: the fds work regardless */
+    }
+    struct winsize ws = {24, 80, 0, 0};
+    ioctl(m, TIOCSWINSZ, &ws);
+    *master = m;
+    *slave = s;
+    return 0;
+}
+
+static void exec_start(const struct frame *f) {
+    uint32_t id = f->id;
     struct exec_req r;
     memset(&r, 0, sizeof r);
-    /* copy the request: the frame memory is reused by the next read */
-    struct frame f = *req;
-    f.data = malloc(req->len ? req->len : 1);
-    if (!f.data) die("malloc");
-    memcpy(f.data, req->data, req->len);
     int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
-    int devnull = -1, kmsg = -1;
-    unsigned char *sbuf = NULL;
+    int devnull = -1, master = -1, slave = -1, kmsg = -1;
+    struct exec *e = NULL;
     char cg[64];
-    int made_cg = 0, cgfd = -1;
-
-    if (parse_exec(&f, &r) < 0) {
+    int cgfd = -1;
+    if (find_exec(id)) {
+        send_err(id, EEXIST, "exec: a command with id %u runs already", id);
+        return;
+    }
+    for (int i = 0; i < MAX_EXECS && !e; i++)
+        if (!execs[i].used) e = &execs[i];
+    if (!e) {
+        send_err(id, EAGAIN, "exec: %d commands are running already", MAX_EXECS);
+        return;
+    }
+    if (parse_exec(f, &r) < 0) {
         send_err(id, EINVAL, "exec: malformed request");
         goto out;
     }
+    int tty = (r.flags & F_TTY) != 0;
     prepare_cg();
     if (next_cg_fd < 0) {
         send_err(id, errno, "mkdir %s: %s", next_cg, strerror(errno));
         goto out;
     }
-    memcpy(cg, next_cg, sizeof cg);
+    snprintf(cg, sizeof cg, "%s", next_cg);
     cgfd = next_cg_fd;
     next_cg_fd = -1;
-    made_cg = 1;
     if (r.pids_max) {
         char p[128], v[32];
         snprintf(p, sizeof p, "%s/pids.max", cg);
         snprintf(v, sizeof v, "%u", r.pids_max);
         write_file(p, v);
     }
-    if (r.flags & F_STDIN) {
-        if (pipe2(inp, O_CLOEXEC) < 0) die("pipe");
+    if (tty) {
+        if (open_pty(&master, &slave, r.uid, r.gid) < 0) {
+            send_err(id, errno, "cannot open a pseudo-terminal: %s", strerror(errno));
+            goto fail;
+        }
     } else {
-        devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (r.flags & F_STDIN) {
+            if (pipe2(inp, O_CLOEXEC) < 0) die("pipe");
+        } else {
+            devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        }
+        if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0) die("pipe");
     }
-    if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0) die("pipe");
+    if (pipe2(ep, O_CLOEXEC) < 0) die("pipe");
     long long oom_before = keyed("/proc/vmstat", "oom_kill");
     kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (kmsg >= 0) lseek(kmsg, 0, SEEK_END);
@@ -1026,22 +1379,22 @@ static void do_exec(const struct frame *req, int sigfd) {
     pid_t pid = fork_into(cgfd, &joined);
     if (pid < 0) {
         send_err(id, errno, "fork: %s", strerror(errno));
-        goto out;
+        goto fail;
     }
-    if (pid == 0)
-        exec_child(&r, joined ? NULL : cg, (r.flags & F_STDIN) ? inp[0] : devnull, outp[1], errp[1], ep[1]);
-    close(outp[1]);
-    outp[1] = -1;
-    close(errp[1]);
-    errp[1] = -1;
-    close(ep[1]);
-    ep[1] = -1;
-    if (inp[0] >= 0) {
-        close(inp[0]);
-        inp[0] = -1;
+    if (pid == 0) {
+        if (tty)
+            exec_child(&r, joined ? NULL : cg, slave, slave, slave, ep[1], 1);
+        exec_child(&r, joined ? NULL : cg, (r.flags & F_STDIN) ? inp[0] : devnull, outp[1], errp[1], ep[1], 0);
     }
+    close_fd(&ep[1]);
+    close_fd(&slave);
+    close_fd(&outp[1]);
+    close_fd(&errp[1]);
+    close_fd(&inp[0]);
+    close_fd(&devnull);
     int32_t code[2];
     ssize_t en = read(ep[0], code, sizeof code);
+    close_fd(&ep[0]);
     if (en == (ssize_t)sizeof code) {
         int st;
         waitpid(pid, &st, 0);
@@ -1052,219 +1405,169 @@ static void do_exec(const struct frame *req, int sigfd) {
         else
             send_err(id, code[1], "cannot start %s (workdir %s, uid %u): %s", r.argv[0], r.workdir, r.uid,
                      strerror(code[1]));
-        goto out;
+        goto fail;
     }
-    fcntl(outp[0], F_SETFL, O_NONBLOCK);
-    fcntl(errp[0], F_SETFL, O_NONBLOCK);
-    if (inp[1] >= 0) fcntl(inp[1], F_SETFL, O_NONBLOCK);
-
-    /* stdin bytes received but not yet written to the child */
-    size_t slen = 0, scap = 0;
-    int stdin_eof = !(r.flags & F_STDIN);
-    int out_open = 1, err_open = 1, main_done = 0, killed = 0;
-    const char *why = "exited";
-    int status = 0;
-    uint64_t nout = 0, nerr = 0;
-    int trunc_out = 0, trunc_err = 0;
-    int64_t deadline = r.timeout_ms ? start + r.timeout_ms : 0;
-    int64_t kill_at = 0;
-    static unsigned char obuf[CHUNK];
-
-    while (!(main_done && !out_open && !err_open)) {
-        /* frames already buffered (stdin, a kill) */
-        struct frame sf;
-        while (try_frame(&sf)) {
-            if (sf.type == T_STDIN && sf.id == id) {
-                if (sf.len == 0) {
-                    stdin_eof = 1;
-                } else if (inp[1] >= 0) {
-                    if (slen + sf.len > scap) {
-                        scap = (slen + sf.len) * 2;
-                        sbuf = realloc(sbuf, scap);
-                        if (!sbuf) die("realloc");
-                    }
-                    memcpy(sbuf + slen, sf.data, sf.len);
-                    slen += sf.len;
-                }
-            } else if (sf.type == T_KILL && sf.id == id && !killed) {
-                why = "killed";
-                killed = 1;
-                kill_at = now_ms();
-                cg_kill(cg);
-            }
-            /* anything else is stale while an exec runs: drop it */
-        }
-        release_frame();
-        if (stdin_eof && !slen && inp[1] >= 0) {
-            close(inp[1]);
-            inp[1] = -1;
-        }
-        struct pollfd p[5];
-        int np = 0;
-        int i_port = -1, i_out = -1, i_err = -1, i_in = -1;
-        int64_t t = now_ms();
-        p[np].fd = sigfd;
-        p[np].events = POLLIN;
-        int i_sig = np++;
-        int wait = -1;
-        if (slen < 4 * MAX_FRAME) {
-            if (t >= port_quiet_until) {
-                p[np].fd = port;
-                p[np].events = POLLIN;
-                i_port = np++;
-            } else {
-                wait = (int)(port_quiet_until - t);
-            }
-        }
-        if (out_open) {
-            p[np].fd = outp[0];
-            p[np].events = POLLIN;
-            i_out = np++;
-        }
-        if (err_open) {
-            p[np].fd = errp[0];
-            p[np].events = POLLIN;
-            i_err = np++;
-        }
-        if (inp[1] >= 0 && slen) {
-            p[np].fd = inp[1];
-            p[np].events = POLLOUT;
-            i_in = np++;
-        }
-        if (deadline && !killed) {
-            int left = deadline > t ? (int)(deadline - t) : 0;
-            if (wait < 0 || left < wait) wait = left;
-        }
-        if (killed && (wait < 0 || wait > 50)) wait = 50;
-        int pr = poll(p, (nfds_t)np, wait);
-        if (pr < 0 && errno != EINTR) die("poll");
-        t = now_ms();
-        if (deadline && !killed && t >= deadline) {
-            why = "timeout";
-            killed = 1;
-            kill_at = t;
-            cg_kill(cg);
-        }
-        if (killed && t - kill_at > 5000) break; /* give up waiting on the pipes */
-        if (pr <= 0) {
-            if (killed) cg_kill(cg);
-            continue;
-        }
-        if (p[i_sig].revents & POLLIN) {
-            struct signalfd_siginfo si;
-            while (read(sigfd, &si, sizeof si) > 0) {
-            }
-            int st;
-            pid_t w;
-            while ((w = waitpid(-1, &st, WNOHANG)) > 0) {
-                if (w == pid) {
-                    status = st;
-                    main_done = 1;
-                    /* the main process is gone: stop whatever it left behind */
-                    cg_kill(cg);
-                }
-            }
-        }
-        if (i_port >= 0 && (p[i_port].revents & (POLLIN | POLLHUP))) fill_once(0);
-        int idx[2] = {i_out, i_err};
-        for (int k = 0; k < 2; k++) {
-            if (idx[k] < 0 || !(p[idx[k]].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-            int fd = k ? errp[0] : outp[0];
-            ssize_t n = read(fd, obuf, sizeof obuf);
-            if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-            if (n <= 0) {
-                close(fd);
-                if (k) {
-                    err_open = 0;
-                    errp[0] = -1;
-                } else {
-                    out_open = 0;
-                    outp[0] = -1;
-                }
-                continue;
-            }
-            uint64_t *cnt = k ? &nerr : &nout;
-            int *tr = k ? &trunc_err : &trunc_out;
-            size_t send = (size_t)n;
-            if (*cnt + send > r.output_cap) {
-                send = *cnt < r.output_cap ? (size_t)(r.output_cap - *cnt) : 0;
-                *tr = 1;
-                if (!killed) {
-                    why = "output_limit";
-                    killed = 1;
-                    kill_at = now_ms();
-                    cg_kill(cg);
-                }
-            }
-            if (send) send_frame(k ? T_STDERR : T_STDOUT, id, obuf, send);
-            *cnt += send;
-        }
-        if (i_in >= 0 && (p[i_in].revents & (POLLOUT | POLLERR | POLLHUP))) {
-            ssize_t w = write(inp[1], sbuf, slen);
-            if (w > 0) {
-                memmove(sbuf, sbuf + w, slen - (size_t)w);
-                slen -= (size_t)w;
-            } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
-                /* the child closed its stdin: drop the rest */
-                slen = 0;
-                stdin_eof = 1;
-            }
-        }
-    }
-    if (!main_done) cg_kill(cg); /* only after the 5 s give-up; reaped later */
-    int64_t duration = now_ms() - start;
-    /* evidence, read from the exec's cgroup before it goes */
-    char p[128];
-    char out[8192];
-    size_t o = 0;
-    if (main_done && WIFEXITED(status))
-        o += (size_t)snprintf(out + o, sizeof out - o, "exit_code=%d\n", WEXITSTATUS(status));
-    if (main_done && WIFSIGNALED(status))
-        o += (size_t)snprintf(out + o, sizeof out - o, "signal=%d\n", WTERMSIG(status));
-    o += (size_t)snprintf(out + o, sizeof out - o, "reason=%s\nduration_ms=%lld\n", why, (long long)duration);
-    o += (size_t)snprintf(out + o, sizeof out - o, "stdout_truncated=%d\nstderr_truncated=%d\n", trunc_out,
-                          trunc_err);
-    snprintf(p, sizeof p, "%s/memory.peak", cg);
-    char vbuf[64];
-    if (read_file(p, vbuf, sizeof vbuf) > 0)
-        o += (size_t)snprintf(out + o, sizeof out - o, "memory_peak_bytes=%lld\n", strtoll(vbuf, NULL, 10));
-    snprintf(p, sizeof p, "%s/memory.events", cg);
-    o += (size_t)snprintf(out + o, sizeof out - o, "cgroup_oom_kill=%lld\n", keyed(p, "oom_kill"));
-    snprintf(p, sizeof p, "%s/pids.events", cg);
-    o += (size_t)snprintf(out + o, sizeof out - o, "pids_max_hit=%lld\npids_max=%u\n", keyed(p, "max"),
-                          r.pids_max);
-    long long oom_after = keyed("/proc/vmstat", "oom_kill");
-    o += (size_t)snprintf(out + o, sizeof out - o, "oom_kill_before=%lld\noom_kill_after=%lld\n", oom_before,
-                          oom_after);
-    o += (size_t)snprintf(out + o, sizeof out - o, "mem_total_kib=%lld\n", keyed("/proc/meminfo", "MemTotal"));
-    if (oom_after > oom_before) o += oom_lines(kmsg, out + o, sizeof out - o);
-    send_frame(T_EXIT, id, out, o);
-    /* after the answer: the group is empty once its last process is reaped */
-    for (int i = 0; i < 200 && cg_populated(cg); i++) {
-        int st;
-        while (waitpid(-1, &st, WNOHANG) > 0) {
-        }
-        struct timespec ts = {0, 5 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
-
-out:
-    for (int i = 0; i < 2; i++) {
-        int *fds[] = {inp, outp, errp, ep};
-        for (int k = 0; k < 4; k++)
-            if (fds[k][i] >= 0) close(fds[k][i]);
-    }
-    if (devnull >= 0) close(devnull);
-    if (kmsg >= 0) close(kmsg);
+    memset(e, 0, sizeof *e);
+    e->used = 1;
+    e->id = id;
+    e->pid = pid;
+    e->tty = tty;
+    e->out_fd = tty ? master : outp[0];
+    e->err_fd = errp[0];
+    e->in_fd = inp[1];
+    e->stdin_eof = !tty && !(r.flags & F_STDIN);
+    e->why = "exited";
+    e->start = start;
+    e->deadline = r.timeout_ms ? start + r.timeout_ms : 0;
+    e->output_cap = r.output_cap;
+    e->pids_max = r.pids_max;
+    snprintf(e->cg, sizeof e->cg, "%s", cg);
+    e->oom_before = oom_before;
+    e->kmsg = kmsg;
+    for (int *fd = &e->out_fd; fd <= &e->in_fd; fd++)
+        if (*fd >= 0) fcntl(*fd, F_SETFL, fcntl(*fd, F_GETFL) | O_NONBLOCK);
+    close(cgfd);
+    unsigned char b[4];
+    put32(b, (uint32_t)pid);
+    send_frame(T_STARTED, id, b, 4);
+    free(r.argv);
+    free(r.envp);
+    return;
+fail:
+    for (int *fd = inp; fd < inp + 2; fd++) close_fd(fd);
+    for (int *fd = outp; fd < outp + 2; fd++) close_fd(fd);
+    for (int *fd = errp; fd < errp + 2; fd++) close_fd(fd);
+    for (int *fd = ep; fd < ep + 2; fd++) close_fd(fd);
+    close_fd(&devnull);
+    close_fd(&master);
+    close_fd(&slave);
+    close_fd(&kmsg);
     if (cgfd >= 0) close(cgfd);
-    if (made_cg) rmdir(cg);
-    prepare_cg();
-    free(sbuf);
-    free(f.data);
+    rmdir(cg);
+out:
     free(r.argv);
     free(r.envp);
 }
 
+static void do_kill(const struct frame *f) {
+    uint32_t sig = f->len >= 4 ? get32(f->data) : SIGKILL;
+    uint32_t flags = f->len >= 8 ? get32(f->data + 4) : 0;
+    struct exec *e = find_exec(f->id);
+    if (e) {
+        if (flags & KILL_DEADLINE) {
+            exec_stop(e, "killed");
+        } else if (sig == SIGKILL) {
+            if (!e->killed) {
+                e->killed = 1;
+                e->kill_at = now_ms();
+            }
+            cg_kill(e->cg);
+        } else if (sig > 0 && sig < 65) {
+            cg_signal(e->cg, (int)sig);
+        }
+        return;
+    }
+    for (int i = 0; i < MAX_STREAMS; i++) {
+        if (streams[i].used && streams[i].id == f->id) {
+            send_err(f->id, ECANCELED, "cancelled by the host");
+            stream_close(&streams[i]);
+            return;
+        }
+    }
+    struct put *p = find_put(f->id);
+    if (p) {
+        send_err(f->id, ECANCELED, "put: cancelled by the host");
+        put_close(p);
+    }
+}
+
+static void do_resize(const struct frame *f) {
+    struct exec *e = find_exec(f->id);
+    if (!e || !e->tty || e->out_fd < 0 || f->len < 8) return;
+    uint32_t rows = get32(f->data), cols = get32(f->data + 4);
+    struct winsize ws = {(unsigned short)(rows > 0xffff ? 0xffff : rows),
+                         (unsigned short)(cols > 0xffff ? 0xffff : cols), 0, 0};
+    ioctl(e->out_fd, TIOCSWINSZ, &ws);
+}
+
+/* Reap children: a command's main process ends its wait; anything else is an
+ * orphan the agent inherited as PID 1 (a command's leftover) and is let go. */
+static void reap(void) {
+    int st;
+    pid_t w;
+    while ((w = waitpid(-1, &st, WNOHANG)) > 0) {
+        for (int i = 0; i < MAX_EXECS; i++) {
+            struct exec *e = &execs[i];
+            if (e->used && !e->main_done && e->pid == w) {
+                e->status = st;
+                e->main_done = 1;
+                e->done_at = now_ms();
+            }
+        }
+    }
+    linger_check();
+}
+
+/* ---- PROCS: what runs in the guest -------------------------------------------------- */
+/* OK payload: u32 count, u32 truncated, then per process: u32 pid, u32 ppid,
+ * u32 uid, u8 state, u32 len, len bytes of command line (NUL separated).
+ * Kernel threads and the agent itself are left out; at most the host's cap
+ * (and never more than a frame) is sent. */
+static void do_procs(const struct frame *f) {
+    static unsigned char out[MAX_FRAME];
+    static char cmd[PROC_CMDLINE_MAX];
+    size_t cap = MAX_FRAME - 64;
+    if (f->len >= 4 && get32(f->data) < cap) cap = get32(f->data);
+    if (cap < 8) cap = 8;
+    DIR *d = opendir("/proc");
+    if (!d) {
+        send_err(f->id, errno, "opendir /proc: %s", strerror(errno));
+        return;
+    }
+    size_t o = 8;
+    uint32_t n = 0, truncated = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char *end;
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 1) continue;
+        char p[64], st[1024];
+        snprintf(p, sizeof p, "/proc/%ld/stat", pid);
+        if (read_file(p, st, sizeof st) <= 0) continue;
+        char *rp = strrchr(st, ')');
+        char state;
+        int ppid;
+        unsigned long flags;
+        if (!rp || sscanf(rp + 1, " %c %d %*d %*d %*d %*d %lu", &state, &ppid, &flags) != 3) continue;
+        if (flags & 0x00200000ul) continue; /* PF_KTHREAD */
+        snprintf(p, sizeof p, "/proc/%ld/status", pid);
+        long long uid = keyed(p, "Uid");
+        snprintf(p, sizeof p, "/proc/%ld/cmdline", pid);
+        size_t len = 0;
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            ssize_t r;
+            while (len < sizeof cmd && (r = read(fd, cmd + len, sizeof cmd - len)) > 0) len += (size_t)r;
+            close(fd);
+        }
+        if (o + 17 + len > cap) {
+            truncated = 1;
+            break;
+        }
+        put32(out + o, (uint32_t)pid);
+        put32(out + o + 4, (uint32_t)ppid);
+        put32(out + o + 8, (uint32_t)(uid < 0 ? 0 : uid));
+        out[o + 12] = (unsigned char)state;
+        put32(out + o + 13, (uint32_t)len);
+        memcpy(out + o + 17, cmd, len);
+        o += 17 + len;
+        n++;
+    }
+    closedir(d);
+    put32(out, n);
+    put32(out + 4, truncated);
+    send_frame(T_OK, f->id, out, o);
+}
 /* ---- start-up ------------------------------------------------------------------ */
 /*
  * As /init of the initramfs (PID 1, no arguments) the agent first sets the
@@ -1422,6 +1725,155 @@ static int open_port(void) {
     return -1;
 }
 
+
+/* ---- the loop ------------------------------------------------------------------ */
+static void do_poweroff(const struct frame *f) {
+    send_frame(T_OK, f->id, NULL, 0);
+    for (int i = 0; i < 20 && host_up && oq_pending(); i++) { /* the answer first, briefly */
+        struct pollfd p = {port, POLLOUT, 0};
+        poll(&p, 1, 50);
+        flush_port();
+    }
+    sync();
+    reboot(RB_POWER_OFF);
+}
+
+static void dispatch(const struct frame *f) {
+    struct exec *e;
+    switch (f->type) {
+    case T_HELLO: do_hello(f); break;
+    case T_EXEC: exec_start(f); break;
+    case T_STDIN:
+        if ((e = find_exec(f->id))) exec_stdin(e, f->data, f->len);
+        break; /* else: a command that ended already */
+    case T_KILL: do_kill(f); break;
+    case T_RESIZE: do_resize(f); break;
+    case T_PUT: put_start(f); break;
+    case T_DATA_IN: put_data(f); break;
+    case T_GET: stream_start(f, 0); break;
+    case T_LIST: stream_start(f, 1); break;
+    case T_STATS: do_stats(f); break;
+    case T_SYNC: do_sync(f); break;
+    case T_PROCS: do_procs(f); break;
+    case T_POWEROFF: do_poweroff(f); break;
+    default: send_err(f->id, ENOSYS, "unknown request type %u", f->type);
+    }
+}
+
+/* The host closed its end: what it was sent or was sending is void, and
+ * its commands lose their pipes (a new host knows nothing of them). */
+static void host_gone(void) {
+    host_up = 0;
+    oq_off = oq_len = 0;
+    ipos = ilen = 0;
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].used) exec_detach(&execs[i]);
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (streams[i].used) stream_close(&streams[i]);
+    for (int i = 0; i < MAX_PUTS; i++)
+        if (puts_[i].used) put_close(&puts_[i]);
+}
+
+/* While no host is connected the port reads as end of file; a connected
+ * host with nothing to say reads as EAGAIN. The kernel sends SIGIO when a
+ * host connects. */
+static void host_probe(void) {
+    if (read_port() != 0) host_up = 1;
+}
+
+#define MAX_POLL (2 + 3 * MAX_EXECS)
+
+static void serve(int sigfd) {
+    static struct pollfd p[MAX_POLL];
+    static struct exec *who[MAX_POLL];
+    static int role[MAX_POLL]; /* 0 stdout (or pty), 1 stderr, 2 stdin */
+    host_probe();
+    for (;;) {
+        struct frame f;
+        while (try_frame(&f)) dispatch(&f);
+        int room = host_up && oq_pending() < OUTQ_HIGH;
+        int busy_streams = 0;
+        for (int i = 0; i < MAX_STREAMS; i++) {
+            struct stream *s = &streams[i];
+            if (!s->used) continue;
+            if (room) {
+                if (s->list)
+                    list_step(s);
+                else
+                    get_step(s);
+            }
+            busy_streams |= s->used;
+        }
+        int64_t t = now_ms();
+        int wait = -1;
+        for (int i = 0; i < MAX_EXECS; i++) {
+            if (!execs[i].used) continue;
+            int w = exec_tick(&execs[i], t);
+            if (w >= 0 && (wait < 0 || w < wait)) wait = w;
+        }
+        prepare_cg();
+        flush_port();
+        room = host_up && oq_pending() < OUTQ_HIGH;
+        if (busy_streams && room) wait = 0;
+        int np = 0;
+        p[np].fd = sigfd;
+        p[np].events = POLLIN;
+        np++;
+        int i_port = -1;
+        if (host_up) {
+            p[np].fd = port;
+            p[np].events = (short)((ilen - ipos < icap - CHUNK ? POLLIN : 0) | (oq_pending() ? POLLOUT : 0));
+            i_port = np++;
+        } else if (wait < 0 || wait > 1000) {
+            wait = 1000; /* look for a host now and then, should a SIGIO be missed */
+        }
+        for (int i = 0; i < MAX_EXECS; i++) {
+            struct exec *e = &execs[i];
+            if (!e->used) continue;
+            int fds[3] = {e->out_fd, e->err_fd, e->in_fd};
+            for (int k = 0; k < 3; k++) {
+                if (fds[k] < 0) continue;
+                short ev = 0;
+                if (k < 2 && room) ev |= POLLIN;
+                if ((k == 2 || (k == 0 && e->tty)) && e->slen) ev |= POLLOUT;
+                if (!ev) continue;
+                p[np].fd = fds[k];
+                p[np].events = ev;
+                who[np] = e;
+                role[np] = k;
+                np++;
+            }
+        }
+        int pr = poll(p, (nfds_t)np, wait);
+        if (pr < 0 && errno != EINTR) die("poll");
+        if (pr <= 0) {
+            if (!host_up) host_probe();
+            continue;
+        }
+        if (p[0].revents & POLLIN) {
+            struct signalfd_siginfo si;
+            while (read(sigfd, &si, sizeof si) > 0) {
+            }
+            reap();
+            if (!host_up) host_probe();
+        }
+        if (i_port >= 0 && (p[i_port].revents & (POLLIN | POLLHUP | POLLERR))) {
+            if (read_port() == 0) host_gone();
+        }
+        if (i_port >= 0 && host_up && (p[i_port].revents & POLLOUT)) flush_port();
+        for (int k = 2; k < np; k++) {
+            if (k == i_port || !p[k].revents) continue;
+            struct exec *e = who[k];
+            if (!e->used) continue;
+            if (role[k] < 2 && (p[k].revents & (POLLIN | POLLHUP | POLLERR)) &&
+                (role[k] == 0 ? e->out_fd : e->err_fd) == p[k].fd)
+                exec_read(e, role[k]);
+            if ((role[k] == 2 || (role[k] == 0 && e->tty)) && (p[k].revents & (POLLOUT | POLLERR | POLLHUP)) && e->slen)
+                exec_write_stdin(e);
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc > 1)
         ROOT = argv[1];
@@ -1441,38 +1893,14 @@ int main(int argc, char **argv) {
     sigaddset(&mask, SIGCHLD);
     sigaddset(&mask, SIGIO);
     sigprocmask(SIG_BLOCK, &mask, NULL);
-    sigdelset(&mask, SIGIO);
-    /* the port raises SIGIO when the host connects (see fill_once) */
+    /* the port raises SIGIO when a host connects (see host_probe) */
     fcntl(port, F_SETOWN, getpid());
-    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
+    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC | O_NONBLOCK);
     int sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
     if (sigfd < 0) die("signalfd");
+    for (int i = 0; i < MAX_EXECS; i++) execs[i].out_fd = execs[i].err_fd = execs[i].in_fd = execs[i].kmsg = -1;
+    for (int i = 0; i < MAX_STREAMS; i++) streams[i].fd = -1;
+    for (int i = 0; i < MAX_PUTS; i++) puts_[i].fd = -1;
     fprintf(stderr, "tierbox-agent: ready on " PORT_NAME "\n");
-    for (;;) {
-        struct frame f;
-        next_frame(&f);
-        /* reap orphans re-parented to us between requests */
-        int st;
-        while (waitpid(-1, &st, WNOHANG) > 0) {
-        }
-        switch (f.type) {
-        case T_HELLO: do_hello(&f); break;
-        case T_EXEC: do_exec(&f, sigfd); break;
-        case T_PUT: do_put(&f); break;
-        case T_GET: do_get(&f); break;
-        case T_STATS: do_stats(&f); break;
-        case T_SYNC: do_sync(&f); break;
-        case T_LIST: do_list(&f); break;
-        case T_POWEROFF:
-            send_frame(T_OK, f.id, NULL, 0);
-            sync();
-            reboot(RB_POWER_OFF);
-            break;
-        case T_STDIN:
-        case T_DATA_IN:
-        case T_KILL:
-            break; /* leftovers of an exec or put that already ended */
-        default: send_err(f.id, ENOSYS, "unknown request type %u", f.type);
-        }
-    }
+    serve(sigfd);
 }

@@ -11,10 +11,13 @@ Requests (host -> guest), each answered with frames carrying the same id:
 type          payload                                             answer
 ============  ==================================================  =========================
 HELLO    1    a nonce                                             OK: ``key=value`` lines + nonce
-EXEC     2    8 x u32 (timeout_ms, output_cap, pids_max, uid,     STDOUT/STDERR chunks, then
-              gid, flags, argc, envc), then NUL-terminated        EXIT: ``key=value`` lines
-              workdir, argv..., env ``K=V``...                    (or ERR when it cannot start)
-STDIN    3    a chunk of the running exec's stdin; empty = EOF    -
+EXEC     2    8 x u32 (timeout_ms, output_cap, pids_max, uid,     STARTED (u32 guest pid),
+              gid, flags, argc, envc), then NUL-terminated        STDOUT/STDERR chunks, ACKs,
+              workdir, argv..., env ``K=V``...; flags: 1 stdin    then EXIT: ``key=value``
+              from STDIN frames (else /dev/null), 2 on a pty      lines (ERR: cannot start)
+STDIN    3    a chunk of a running command's stdin, at any time   ACK (u32 bytes taken)
+              after its EXEC; empty = end of input (on a pty:
+              its EOF character)
 PUT      4    u32 mode, uid, gid, path; then DATA_IN chunks,      OK or ERR
               an empty one ends the file
 GET      5    u64 max_bytes, u32 uid, gid, path                   DATA chunks, then OK
@@ -25,24 +28,37 @@ LIST     8    u64 max_bytes, u32 uid, gid, path                   DATA chunks of
                                                                   (u8 kind, u64 size, name
                                                                   NUL), then OK ``entries=N``
 POWEROFF 9    -                                                   OK, then the guest powers off
-KILL    10    - (id of the running exec or stream)                the exec ends with
-                                                                  reason=killed; a stream
-                                                                  ends with ERR ECANCELED
+KILL    10    [u32 signal (default SIGKILL), u32 flags]; the id   a command: the signal goes
+              of a running command or stream; flag 1: the host    to its guest cgroup (flag 1:
+              gave up waiting                                     killed, reason=killed); a
+                                                                  stream ends with ERR ECANCELED
+RESIZE  12    u32 rows, u32 cols of a pty command                 -
+PROCS   13    u32 max_bytes                                       OK: u32 count, u32 truncated,
+                                                                  records (u32 pid, ppid, uid,
+                                                                  u8 state, u32 len, cmdline)
 ============  ==================================================  =========================
 
 ERR payloads are ``u32 code`` + a message; the code is an errno value, or
 ``E_NOTREG`` (0x10000) for "not a regular file". Payloads are at most 1 MiB.
 
-Files (protocol 2, ``agent=2`` in HELLO): PUT, GET and LIST run in the guest
-with the workload's file-system uid/gid and resolve paths inside the
-workload's root. GET opens non-blocking and refuses FIFOs, devices, sockets,
-directories and /proc or /sys files (E_NOTREG), refuses a file whose size is
-over ``max_bytes`` (EFBIG) and never sends more than ``max_bytes`` bytes (a
-file that grows while read ends in EFBIG too); ``max_bytes`` 2**64-1 means
-no cap. LIST reports each entry's kind (lstat: a symlink is a symlink) and
-size. The host bounds what it keeps by the same cap, whatever the guest
-sends, and ends a stream it gives up on with KILL; the agent checks for it
-(or any new request) between chunks and stops.
+Protocol 3 (``agent=3`` in HELLO) runs everything side by side: any number
+of commands, each known by its id, with file transfers, stats and process
+listings between them; one reader per connection (:mod:`tierbox.vmm.line`)
+hands each frame to whoever waits for its id. A command's stdin is
+credited: at most :data:`STDIN_WINDOW` bytes are in flight, and the agent's
+ACKs return credit as it writes them to the command. The host refuses an
+older agent (:class:`~tierbox.errors.AgentTooOldError`) for anything but
+HELLO, SYNC, STATS and POWEROFF.
+
+Files: PUT, GET and LIST run in the guest with the workload's file-system
+uid/gid and resolve paths inside the workload's root. GET opens
+non-blocking and refuses FIFOs, devices, sockets, directories and /proc or
+/sys files (E_NOTREG), refuses a file whose size is over ``max_bytes``
+(EFBIG) and never sends more than ``max_bytes`` bytes (a file that grows
+while read ends in EFBIG too); ``max_bytes`` 2**64-1 means no cap. LIST
+reports each entry's kind (lstat: a symlink is a symlink) and size. The
+host bounds what it keeps by the same cap, whatever the guest sends, and
+ends a stream it gives up on with KILL.
 """
 
 from __future__ import annotations
@@ -52,10 +68,12 @@ import errno as errno_mod
 import itertools
 import os
 import secrets
-import selectors
+import signal
 import socket
 import struct
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,33 +86,42 @@ from tierbox.errors import (
     AgentTooOldError,
     FileTooLargeError,
     NotRegularFileError,
+    NotSupportedError,
     SandboxError,
     SandboxFileError,
+    UsageError,
 )
-from tierbox.spec import FileEntry, FileKind, SandboxSpec, parse_user
+from tierbox.runloop import READ, Pump
+from tierbox.spec import FileEntry, FileKind, ProcessInfo, SandboxSpec, parse_user
+from tierbox.vmm.line import BACKLOG_HIGH, MAX_FRAME, AgentLine, frame
 
-MAGIC = 0x31584254
-HEADER = struct.Struct("<IIII")
-MAX_FRAME = 1 << 20
 CHUNK = 256 * 1024
 
-T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL, T_DATA_IN = (
-    range(1, 12)
-)
-T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA = range(101, 107)
-F_STDIN = 1
+T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL = range(1, 11)
+T_DATA_IN, T_RESIZE, T_PROCS = 11, 12, 13
+T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA, T_ACK, T_STARTED = range(101, 109)
+F_STDIN, F_TTY = 1, 2
+#: KILL flag: the host gave up waiting for the command (it ends reason=killed)
+KILL_DEADLINE = 1
 #: ERR code for "not a regular file" (beyond errno values; the message says what it is)
 E_NOTREG = 0x10000
 #: GET/LIST ``max_bytes`` meaning no cap
 NO_CAP = (1 << 64) - 1
-#: The protocol the file requests need (the agent's ``agent=`` in HELLO).
-FILES_PROTOCOL = 2
+#: The protocol this host speaks (the agent's ``agent=`` in HELLO).
+PROTOCOL = 3
 #: A directory listing may hold this many bytes of records (name + 9 each).
 LIST_MAX_BYTES = 16 << 20
-#: How long the host waits for a stream it gave up on to end.
-CANCEL_TIMEOUT_S = 10.0
+#: A process listing may hold this many bytes (it travels in one frame).
+PROCS_MAX_BYTES = MAX_FRAME - 64
+#: Stdin bytes a command may have in flight before the agent acknowledges them.
+STDIN_WINDOW = 1 << 20
+#: How long a command may take to answer a KILL sent at its host deadline.
+KILL_ANSWER_S = 2.0
+#: How long ``pid`` waits for a command to start.
+PID_WAIT_S = 10.0
 _KINDS = {1: FileKind.FILE, 2: FileKind.DIR, 3: FileKind.SYMLINK}
 _RECORD = struct.Struct("<BQ")
+_PROC = struct.Struct("<IIIBI")
 
 
 def parse_kv(payload: bytes) -> dict[str, str]:
@@ -110,30 +137,9 @@ def parse_kv(payload: bytes) -> dict[str, str]:
     return out
 
 
-class Cancel:
-    """Another thread's request to kill a running exec: a flag plus a pipe the
-    exec loop watches, so the request is seen at once."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._w, False)
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-        with contextlib.suppress(OSError):
-            os.write(self._w, b"x")
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def fileno(self) -> int:
-        return self._r
-
-    def close(self) -> None:
-        for fd in (self._r, self._w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+def agent_error(payload: bytes) -> AgentError:
+    err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+    return AgentError(err, payload[4:1028].decode(errors="replace"))
 
 
 @dataclass
@@ -148,13 +154,70 @@ class ExecOutcome:
     duration_s: float = 0.0
 
 
+def _own_oom_evidence(fields: dict[str, str]) -> dict[str, str]:
+    """The guest-wide OOM counter also counts other commands' OOMs: where the
+    command's own cgroup counter exists, it alone is its evidence."""
+    own = fields.get("cgroup_oom_kill", "")
+    if own.isdigit() and "oom_kill_after" in fields:
+        fields = {**fields, "oom_kill_before": fields["oom_kill_after"]}
+    return fields
+
+
+class _Answer:
+    """The frames of one request, for a caller that blocks on them: a reply
+    (its last frame, OK or ERR) or a stream (DATA frames until OK or ERR)."""
+
+    def __init__(self, line: AgentLine, *, stream: bool) -> None:
+        self._line = line
+        self._stream = stream
+        self._cond = threading.Condition()
+        self._items: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self._gone: SandboxError | None = None
+
+    def frame(self, ftype: int, payload: bytes) -> bool:
+        last = ftype in (T_OK, T_ERR)
+        if last or (self._stream and ftype == T_DATA):
+            with self._cond:
+                self._items.append((ftype, payload))
+                self._bytes += len(payload)
+                self._cond.notify()
+        return last
+
+    def gone(self, exc: SandboxError) -> None:
+        with self._cond:
+            self._gone = exc
+            self._cond.notify()
+
+    def backlog(self) -> int:
+        return self._bytes
+
+    def take(self, deadline: float) -> tuple[int, bytes]:
+        with self._cond:
+            while not self._items:
+                if self._gone is not None:
+                    raise self._gone
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentTimeoutError("the guest agent did not answer in time")
+                self._cond.wait(left)
+            ftype, payload = self._items.popleft()
+            behind = self._bytes > BACKLOG_HIGH
+            self._bytes -= len(payload)
+        if behind:
+            self._line.wake()  # the line held its reads for us
+        return ftype, payload
+
+
 class AgentClient:
-    """A connection to the guest agent's socket. Not thread-safe: callers lock."""
+    """The host's connection to one guest agent. Thread-safe: requests and
+    commands from any number of threads share the line side by side."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._sock: socket.socket | None = None
-        self._buf = bytearray()
+        self._line: AgentLine | None = None
+        self._lock = threading.Lock()  # held briefly, never across a wait
+        self._hello_lock = threading.Lock()
         self._ids = itertools.count(secrets.randbelow(1 << 30) + 1)
         #: the agent's protocol version, from its HELLO (None: not asked yet)
         self.version: int | None = None
@@ -174,113 +237,91 @@ class AgentClient:
                 if time.monotonic() > deadline:
                     raise AgentTimeoutError(f"agent socket {self.path} did not appear") from exc
                 time.sleep(0.002)
-        self._sock = sock
-        self._buf.clear()
-        self.version = None  # a reconnect may reach another agent (a reverted VM)
+        with self._lock:
+            if self._line is not None:
+                self._line.close()
+            self._line = AgentLine(sock)
+            self.version = None  # a reconnect may reach another agent (a reverted VM)
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def close(self, reason: str = "the agent connection was closed") -> None:
+        """Drop the line (never blocks): requests and commands still on it
+        end with AgentGoneError(``reason``)."""
+        with self._lock:
+            if self._line is not None:
+                self._line.close(reason)
+                self._line = None
 
     @property
     def connected(self) -> bool:
-        return self._sock is not None
+        line = self._line
+        return line is not None and line.open
 
-    # ---- frames ---------------------------------------------------------------
-    def _send(self, ftype: int, fid: int, payload: bytes = b"") -> None:
-        if self._sock is None:
+    def line(self) -> AgentLine:
+        line = self._line
+        if line is None or not line.open:
             raise AgentGoneError("the agent connection is closed")
-        try:
-            self._sock.sendall(HEADER.pack(MAGIC, ftype, fid, len(payload)) + payload)
-        except OSError as exc:
-            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
+        return line
 
-    def _frame_from_buf(self) -> tuple[int, int, bytes] | None:
-        while len(self._buf) >= HEADER.size:
-            magic, ftype, fid, length = HEADER.unpack_from(self._buf)
-            if magic != MAGIC or length > MAX_FRAME:
-                # not at a frame boundary (stale bytes after a restore): resync
-                idx = self._buf.find(struct.pack("<I", MAGIC), 1)
-                del self._buf[: idx if idx > 0 else len(self._buf) - 3]
-                continue
-            if len(self._buf) < HEADER.size + length:
-                return None
-            payload = bytes(self._buf[HEADER.size : HEADER.size + length])
-            del self._buf[: HEADER.size + length]
-            return ftype, fid, payload
-        return None
-
-    def _recv_into_buf(self, deadline: float | None) -> None:
-        assert self._sock is not None
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise AgentTimeoutError("the guest agent did not answer in time")
-        self._sock.settimeout(left)
-        try:
-            chunk = self._sock.recv(1 << 20)
-        except TimeoutError as exc:
-            raise AgentTimeoutError("the guest agent did not answer in time") from exc
-        except OSError as exc:
-            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
-        if not chunk:
-            raise AgentGoneError("the agent connection closed (QEMU exited)")
-        self._buf += chunk
-
-    def _recv(self, deadline: float | None) -> tuple[int, int, bytes]:
-        while True:
-            frame = self._frame_from_buf()
-            if frame is not None:
-                return frame
-            self._recv_into_buf(deadline)
-
-    def _reply(self, fid: int, deadline: float | None) -> tuple[int, bytes]:
-        """The next answer frame for request ``fid`` (others are stale: dropped)."""
-        while True:
-            ftype, rid, payload = self._recv(deadline)
-            if rid != fid:
-                continue
-            if ftype == T_ERR:
-                err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
-                raise AgentError(err, payload[4:].decode(errors="replace"))
-            return ftype, payload
+    def _next_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF
 
     # ---- requests -----------------------------------------------------------------
-    def hello(self, *, deadline: float) -> dict[str, str]:
-        """Resynchronise and identify the agent; drops anything stale on the line."""
-        nonce = secrets.token_hex(8).encode()
-        fid = next(self._ids)
-        self._send(T_HELLO, fid, nonce)
-        while True:
-            ftype, payload = self._reply(fid, deadline)
-            info = parse_kv(payload)
-            if ftype == T_OK and info.get("nonce") == nonce.decode():
-                agent = info.get("agent", "")
-                self.version = int(agent) if agent.isdigit() else 0
-                return info
+    def _request(self, ftype: int, payload: bytes, deadline: float) -> bytes:
+        """One request and its OK payload (ERR raises AgentError)."""
+        line = self.line()
+        fid = self._next_id()
+        answer = _Answer(line, stream=False)
+        line.register(fid, answer)
+        try:
+            line.send(frame(ftype, fid, payload))
+            rtype, data = answer.take(deadline)
+        finally:
+            line.unregister(fid)
+        if rtype == T_ERR:
+            raise agent_error(data)
+        return data
 
-    def _require_files(self, deadline: float) -> None:
-        """File requests need protocol 2; an older agent would misread them."""
-        if self.version is None:
-            self.hello(deadline=deadline)
-        if (self.version or 0) < FILES_PROTOCOL:
+    def hello(self, *, deadline: float) -> dict[str, str]:
+        """Identify the agent (its protocol version, kernel)."""
+        nonce = secrets.token_hex(8)
+        info = parse_kv(self._request(T_HELLO, nonce.encode(), deadline))
+        if info.get("nonce") != nonce:
+            raise AgentError(errno_mod.EPROTO, "the guest agent answered HELLO with another nonce")
+        agent = info.get("agent", "")
+        self.version = int(agent) if agent.isdigit() and len(agent) < 6 else 0
+        return info
+
+    def _require(self, deadline: float) -> None:
+        """Refuse an agent older than this host's protocol: it would misread
+        commands and transfers that run side by side."""
+        with self._hello_lock:
+            if self.version is None:
+                self.hello(deadline=deadline)
+        if (self.version or 0) < PROTOCOL:
             raise AgentTooOldError(
-                f"the guest agent speaks protocol {self.version}; file access needs "
-                f"{FILES_PROTOCOL}: this guest was made by an older tierbox (a snapshot "
-                "or VM from before an upgrade): create a new one"
+                f"the guest agent speaks protocol {self.version}; this tierbox needs "
+                f"{PROTOCOL} (commands side by side, terminals, process listings): this guest "
+                "was made by an older tierbox (a snapshot or VM from before an upgrade): "
+                "create a new one"
             )
 
     def sync(self, *, deadline: float, realtime_ns: int | None = None) -> None:
         """Set the guest clock to ours and mix fresh host randomness into its RNG."""
         ns = time.time_ns() if realtime_ns is None else realtime_ns
-        fid = next(self._ids)
-        self._send(T_SYNC, fid, struct.pack("<Q", ns) + os.urandom(64))
-        self._reply(fid, deadline)
+        self._request(T_SYNC, struct.pack("<Q", ns) + os.urandom(64), deadline)
 
     def stats(self, *, deadline: float) -> dict[str, str]:
-        fid = next(self._ids)
-        self._send(T_STATS, fid)
-        return parse_kv(self._reply(fid, deadline)[1])
+        return parse_kv(self._request(T_STATS, b"", deadline))
+
+    def poweroff(self, *, deadline: float) -> None:
+        self._request(T_POWEROFF, b"", deadline)
+
+    def processes(self, *, deadline: float) -> list[ProcessInfo]:
+        """What runs in the guest (kernel threads and the agent left out),
+        read from its /proc; at most :data:`PROCS_MAX_BYTES` of records."""
+        self._require(deadline)
+        data = self._request(T_PROCS, struct.pack("<I", PROCS_MAX_BYTES), deadline)
+        return parse_processes(data)
 
     def entries(
         self,
@@ -309,14 +350,30 @@ class AgentClient:
     def put(
         self, path: str, data: bytes, *, mode: int, uid: int, gid: int, deadline: float
     ) -> None:
-        self._require_files(deadline)
-        fid = next(self._ids)
-        self._send(T_PUT, fid, struct.pack("<III", mode, uid, gid) + path.encode() + b"\0")
-        view = memoryview(data)
-        for off in range(0, len(data), CHUNK):
-            self._send(T_DATA_IN, fid, bytes(view[off : off + CHUNK]))
-        self._send(T_DATA_IN, fid, b"")
-        self._reply(fid, deadline)
+        self._require(deadline)
+        line = self.line()
+        fid = self._next_id()
+        answer = _Answer(line, stream=False)
+        line.register(fid, answer)
+        ended = False
+        try:
+            head = struct.pack("<III", mode, uid, gid) + path.encode() + b"\0"
+            line.send(frame(T_PUT, fid, head))
+            view = memoryview(data)
+            for off in range(0, len(data), CHUNK):
+                line.send(frame(T_DATA_IN, fid, bytes(view[off : off + CHUNK])), deadline=deadline)
+            line.send(frame(T_DATA_IN, fid, b""))
+            rtype, reply = answer.take(deadline)
+            ended = True
+            if rtype == T_ERR:
+                raise agent_error(reply)
+        except BaseException:
+            if not ended:
+                with contextlib.suppress(AgentGoneError):
+                    line.send(frame(T_KILL, fid))  # the agent drops the half-written upload
+            raise
+        finally:
+            line.unregister(fid)
 
     def get(self, path: str, *, uid: int, gid: int, max_bytes: int, idle_timeout_s: float) -> bytes:
         """A regular file's bytes, at most ``max_bytes`` of them (AgentError
@@ -335,8 +392,9 @@ class AgentClient:
         max_bytes: int | None,
         idle_timeout_s: float,
     ) -> int:
-        """Stream a regular file into ``sink`` chunk by chunk (at most 1 MiB
-        held at a time); returns the byte count. ``max_bytes`` None: no cap."""
+        """Stream a regular file into ``sink`` chunk by chunk (the line holds
+        its reads while the sink is behind); returns the byte count.
+        ``max_bytes`` None: no cap."""
         return self._stream(T_GET, path, uid, gid, max_bytes, sink, idle_timeout_s)
 
     def _stream(
@@ -353,31 +411,27 @@ class AgentClient:
 
         Each frame must come within ``idle_timeout_s`` of the previous. The
         host keeps to ``max_bytes`` whatever the guest sends; when it stops
-        early (over the cap, ``sink`` failed) it sends KILL and drains the
-        stream, so the line stays usable and the agent stops sending.
+        early (over the cap, ``sink`` failed, interrupted) it sends KILL and
+        forgets the stream: later frames of it are dropped by the line.
         """
-        self._require_files(time.monotonic() + idle_timeout_s)
+        self._require(time.monotonic() + idle_timeout_s)
         cap = NO_CAP if max_bytes is None else min(max_bytes, NO_CAP - 1)
-        fid = next(self._ids)
-        self._send(ftype, fid, struct.pack("<QII", cap, uid, gid) + path.encode() + b"\0")
-        total = 0
+        line = self.line()
+        fid = self._next_id()
+        answer = _Answer(line, stream=True)
+        line.register(fid, answer)
         ended = False
-        deadline = time.monotonic() + idle_timeout_s
+        total = 0
         try:
+            line.send(frame(ftype, fid, struct.pack("<QII", cap, uid, gid) + path.encode() + b"\0"))
             while True:
-                rtype, rid, payload = self._recv(deadline)
-                if rid != fid:
-                    continue  # stale frames of an earlier request: they do not count as progress
-                deadline = time.monotonic() + idle_timeout_s
+                rtype, payload = answer.take(time.monotonic() + idle_timeout_s)
                 if rtype == T_ERR:
                     ended = True
-                    err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
-                    raise AgentError(err, payload[4:].decode(errors="replace"))
+                    raise agent_error(payload)
                 if rtype == T_OK:
                     ended = True
                     return total
-                if rtype != T_DATA:
-                    continue
                 total += len(payload)
                 if total > cap:
                     raise AgentError(
@@ -385,36 +439,16 @@ class AgentClient:
                         f"the guest sent more than the max_bytes cap of {cap} bytes",
                     )
                 sink(payload)
-        except (AgentGoneError, AgentTimeoutError):
-            raise
-        except Exception:  # re-raised: a refusal or a broken sink ends the stream early
+        except BaseException:
             if not ended:
-                self._cancel(fid)
+                with contextlib.suppress(AgentGoneError):
+                    line.send(frame(T_KILL, fid))
             raise
-        except BaseException:  # Ctrl-C: no time to drain; the line is dropped
-            if not ended:
-                self.close()
-            raise
+        finally:
+            line.unregister(fid)
 
-    def _cancel(self, fid: int) -> None:
-        """End stream ``fid`` early: KILL, then drop its frames until its last
-        one. A guest that does not stop in time loses the connection."""
-        deadline = time.monotonic() + CANCEL_TIMEOUT_S
-        try:
-            self._send(T_KILL, fid)
-            while True:
-                rtype, rid, _ = self._recv(deadline)
-                if rid == fid and rtype in (T_OK, T_ERR):
-                    return
-        except (AgentGoneError, AgentTimeoutError):
-            self.close()
-
-    def poweroff(self, *, deadline: float) -> None:
-        fid = next(self._ids)
-        self._send(T_POWEROFF, fid)
-        self._reply(fid, deadline)
-
-    def exec(
+    # ---- commands ---------------------------------------------------------------------
+    def start(
         self,
         argv: Sequence[str],
         *,
@@ -423,33 +457,38 @@ class AgentClient:
         uid: int,
         gid: int,
         stdin: bytes | None,
+        keep_stdin_open: bool,
+        tty: bool,
         timeout_s: float | None,
         output_bytes: int,
         pids_max: int | None,
         host_deadline: float | None,
         on_stdout: Callable[[bytes], object] | None = None,
         on_stderr: Callable[[bytes], object] | None = None,
-        cancel: Cancel | None = None,
-    ) -> ExecOutcome:
-        """Run a command; returns when the agent reports its end.
-        ``on_stdout``/``on_stderr`` get each chunk as its frame arrives (what is
-        kept, up to the cap); ``cancel`` lets another thread kill the command.
+        on_end: Callable[[], None] | None = None,
+    ) -> GuestExec:
+        """Start a command and return it running (see :class:`GuestExec`).
 
         ``timeout_s`` is enforced by the agent inside the guest. ``host_deadline``
         (monotonic) is the host's own limit for a guest that stopped answering:
         past it a KILL is sent, and AgentTimeoutError raised 2 s later.
+        ``on_end`` runs once when the command is over (in the guest, or as far
+        as the host is concerned), on whichever thread learns it: it must be
+        quick and must not block.
         """
-        if self._sock is None:
-            raise AgentGoneError("the agent connection is closed")
-        fid = next(self._ids)
+        if host_deadline is not None:
+            self._require(min(host_deadline, time.monotonic() + 30.0))
+        else:
+            self._require(time.monotonic() + 30.0)
+        flags = (F_STDIN if stdin is not None or keep_stdin_open else 0) | (F_TTY if tty else 0)
         head = struct.pack(
             "<8I",
-            int(timeout_s * 1000) if timeout_s else 0,
+            min(int(timeout_s * 1000), 0xFFFFFFFF) if timeout_s else 0,
             min(output_bytes, 0xFFFFFFFF),
             pids_max or 0,
             uid,
             gid,
-            F_STDIN if stdin is not None else 0,
+            flags,
             len(argv),
             len(env),
         )
@@ -457,110 +496,355 @@ class AgentClient:
         body = head + b"".join(s.encode(errors="surrogateescape") + b"\0" for s in strings)
         if len(body) > MAX_FRAME:
             raise SandboxError("command line and environment exceed 1 MiB")
-        out = bytearray(HEADER.pack(MAGIC, T_EXEC, fid, len(body)) + body)
-        if stdin is not None:
-            view = memoryview(stdin)
-            for off in range(0, len(stdin), CHUNK):
-                piece = bytes(view[off : off + CHUNK])
-                out += HEADER.pack(MAGIC, T_STDIN, fid, len(piece)) + piece
-            out += HEADER.pack(MAGIC, T_STDIN, fid, 0)
-        pending = memoryview(bytes(out))
-        stdout, stderr = bytearray(), bytearray()
-        trunc = [False, False]
-        started = time.monotonic()
-        sock = self._sock
-        sel = selectors.DefaultSelector()
-        sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        if cancel is not None:
-            sel.register(cancel.fileno(), selectors.EVENT_READ)
-        killed_at: float | None = None
-        cancel_sent = False
+        line = self.line()
+        fid = self._next_id()
+        cmd = GuestExec(
+            line,
+            fid,
+            output_bytes=output_bytes,
+            host_deadline=host_deadline,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            on_end=on_end,
+            tty=tty,
+            stdin=stdin,
+            stdin_open=flags & F_STDIN != 0 or tty,
+            keep_stdin_open=keep_stdin_open or tty,
+        )
+        line.register(fid, cmd)
         try:
-            while True:
-                frame = self._frame_from_buf()
-                if frame is not None:
-                    ftype, rid, payload = frame
-                    if rid != fid:
-                        continue
-                    if ftype in (T_STDOUT, T_STDERR):
-                        k = 0 if ftype == T_STDOUT else 1
-                        buf = stdout if k == 0 else stderr
-                        room = output_bytes - len(buf)
-                        if len(payload) > room:
-                            trunc[k] = True
-                        kept = payload[: max(room, 0)]
-                        buf += kept
-                        sink = on_stdout if k == 0 else on_stderr
-                        if sink is not None and kept:
-                            sink(kept)
-                        continue
-                    if ftype in (T_ERR, T_EXIT):
-                        # finish the frames in flight (unread stdin): the agent
-                        # drops them, but a half-sent frame would desync the line
-                        sock.setblocking(True)
-                        sock.settimeout(5.0)
-                        try:
-                            sock.sendall(pending)
-                        except OSError as exc:
-                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
-                    if ftype == T_ERR:
-                        err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
-                        raise AgentError(err, payload[4:].decode(errors="replace"))
-                    if ftype == T_EXIT:
-                        fields = parse_kv(payload)
-                        return ExecOutcome(
-                            stdout=bytes(stdout),
-                            stderr=bytes(stderr),
-                            fields=fields,
-                            stdout_truncated=trunc[0] or fields.get("stdout_truncated") == "1",
-                            stderr_truncated=trunc[1] or fields.get("stderr_truncated") == "1",
-                            duration_s=time.monotonic() - started,
-                        )
-                    continue
-                now = time.monotonic()
-                if killed_at is not None and now > killed_at + 2.0:
-                    raise AgentTimeoutError(
+            line.send(frame(T_EXEC, fid, body))
+        except BaseException:
+            line.unregister(fid)
+            cmd.forget()
+            raise
+        cmd.feed()
+        return cmd
+
+
+def parse_processes(data: bytes) -> list[ProcessInfo]:
+    """PROCS records, read within their bounds (a short record ends the list)."""
+    out: list[ProcessInfo] = []
+    if len(data) < 8:
+        return out
+    count = struct.unpack_from("<I", data)[0]
+    off = 8
+    while len(out) < count and off + _PROC.size <= len(data):
+        pid, ppid, uid, state, n = _PROC.unpack_from(data, off)
+        off += _PROC.size
+        if n > len(data) - off:
+            break
+        raw = data[off : off + n]
+        off += n
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        out.append(ProcessInfo(pid=pid, ppid=ppid, user=str(uid), argv=argv, state=chr(state)))
+    return sorted(out, key=lambda p: p.pid)
+
+
+_GONE = -1  # an event: the line ended
+
+
+class GuestExec(Pump):
+    """One command in the guest, as a :class:`~tierbox.runloop.Pump` that
+    waits on a descriptor of its own (an eventfd the line's I/O thread
+    writes when a frame for it arrives): ``drive``, ``adrive`` and the
+    reactor wait on it with no thread of their own.
+
+    Output is kept up to ``output_bytes`` per stream (what is over it is
+    dropped on arrival, so a flooding guest costs nothing) and given to
+    ``on_stdout``/``on_stderr`` on the driving thread. ``send_stdin``,
+    ``close_stdin``, ``kill`` and ``resize`` work from any thread.
+    """
+
+    def __init__(
+        self,
+        line: AgentLine,
+        fid: int,
+        *,
+        output_bytes: int,
+        host_deadline: float | None,
+        on_stdout: Callable[[bytes], object] | None,
+        on_stderr: Callable[[bytes], object] | None,
+        on_end: Callable[[], None] | None,
+        tty: bool,
+        stdin: bytes | None,
+        stdin_open: bool,
+        keep_stdin_open: bool,
+    ) -> None:
+        self.line = line
+        self.fid = fid
+        self.tty = tty
+        self._cap = output_bytes
+        self._host_deadline = host_deadline
+        self._sinks = (on_stdout, on_stderr)
+        self._on_end = on_end
+        self._lock = threading.Lock()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._events: deque[tuple[int, Any]] = deque()
+        self._kept = [0, 0]
+        self._trunc = [False, False]
+        self._out = (bytearray(), bytearray())
+        self._pid: int | None = None
+        self._started = threading.Event()
+        self._ended = False  # on_end ran
+        # stdin: what waits for credit, what is in flight, whether it ends
+        self._stdin_open = stdin_open
+        self._pending = bytearray(stdin or b"")
+        self._in_flight = 0
+        self._closing = not keep_stdin_open
+        self._eof_sent = not stdin_open
+        # the end
+        self._done = False
+        self._outcome: ExecOutcome | None = None
+        self._error: BaseException | None = None
+        self._kill_sent_at: float | None = None
+        self._t0 = time.monotonic()
+
+    # ---- the line's side (I/O thread): quick, never blocks ---------------------------
+    def frame(self, ftype: int, payload: bytes) -> bool:
+        if ftype in (T_STDOUT, T_STDERR):
+            k = 0 if ftype == T_STDOUT else 1
+            with self._lock:
+                room = self._cap - self._kept[k]
+                if len(payload) > room:
+                    self._trunc[k] = True
+                    payload = payload[: max(room, 0)]
+                if payload:
+                    self._kept[k] += len(payload)
+                    self._events.append((ftype, payload))
+                    self._wake_locked()
+            return False
+        if ftype == T_ACK and len(payload) >= 4:
+            with self._lock:
+                self._in_flight = max(0, self._in_flight - struct.unpack_from("<I", payload)[0])
+            self.feed()
+            return False
+        if ftype == T_STARTED and len(payload) >= 4:
+            self._pid = struct.unpack_from("<I", payload)[0]
+            self._started.set()
+            return False
+        if ftype in (T_EXIT, T_ERR):
+            with self._lock:
+                self._events.append((ftype, payload))
+                self._wake_locked()
+            self._end()
+            return True
+        return False
+
+    def gone(self, exc: SandboxError) -> None:
+        with self._lock:
+            self._events.append((_GONE, exc))
+            self._wake_locked()
+        self._end()
+
+    def backlog(self) -> int:
+        return 0  # bounded by the output cap, whoever drives it
+
+    def _wake_locked(self) -> None:
+        if self._efd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self._efd, 1)
+
+    def _end(self) -> None:
+        """Over, as far as the guest or the line goes: run ``on_end`` once."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        self._started.set()
+        if self._on_end is not None:
+            self._on_end()
+
+    def forget(self) -> None:
+        """The command never reached the line (its start failed)."""
+        self._finish(None, AgentGoneError("the command was not sent"))
+        self._end()
+
+    # ---- stdin, signals, terminal (any thread) -----------------------------------------
+    def feed(self) -> None:
+        """Send what stdin holds, as far as the credit goes."""
+        with self._lock:
+            if not self._stdin_open or self._done:
+                return
+            out = []
+            while self._pending and self._in_flight < STDIN_WINDOW:
+                n = min(len(self._pending), STDIN_WINDOW - self._in_flight, CHUNK)
+                out.append(frame(T_STDIN, self.fid, bytes(self._pending[:n])))
+                del self._pending[:n]
+                self._in_flight += n
+            if not self._pending and self._closing and not self._eof_sent:
+                out.append(frame(T_STDIN, self.fid, b""))
+                self._eof_sent = True
+            if out:
+                with contextlib.suppress(AgentGoneError):  # the end shows on the pump
+                    self.line.send(b"".join(out))
+
+    def send_stdin(self, data: bytes) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise UsageError(f"stdin data must be bytes, not {type(data).__name__}")
+        with self._lock:
+            if not self._stdin_open or self._closing:
+                raise SandboxError(
+                    "this command's stdin is closed (start it with keep_stdin_open=True "
+                    "to send it input later)"
+                )
+            self._pending += data
+        self.feed()
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            if not self._stdin_open:
+                raise SandboxError("this command's stdin is not open (keep_stdin_open=True)")
+            self._closing = True
+        self.feed()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """``sig`` to every process of the command (its guest cgroup)."""
+        sig = int(sig)
+        if not 0 < sig < 65:
+            raise UsageError(f"sig={sig} is not a signal number")
+        if not self._done and not self._ended:
+            with contextlib.suppress(AgentGoneError):
+                self.line.send(frame(T_KILL, self.fid, struct.pack("<II", sig, 0)))
+
+    def resize(self, rows: int, cols: int) -> None:
+        if not self.tty:
+            raise NotSupportedError("this command has no terminal: start it with tty=True")
+        for name, v in (("rows", rows), ("cols", cols)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+                raise UsageError(f"{name}={v!r} must be a whole number from 1 to 65535")
+        if not self._done and not self._ended:
+            with contextlib.suppress(AgentGoneError):
+                self.line.send(frame(T_RESIZE, self.fid, struct.pack("<II", rows, cols)))
+
+    @property
+    def pid(self) -> int | None:
+        """The command's pid in the guest (waits briefly for it to start)."""
+        if self._pid is None and not self._done:
+            self._started.wait(PID_WAIT_S)
+        return self._pid
+
+    # ---- Pump (the driving thread) -------------------------------------------------------
+    def interests(self) -> dict[int, int]:
+        return {} if self._done or self._efd < 0 else {self._efd: READ}
+
+    def ready(self, fd: int, events: int) -> None:
+        if fd == self._efd:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._efd)
+            self._consume()
+
+    def _consume(self) -> None:
+        while not self._done:
+            with self._lock:
+                if not self._events:
+                    return
+                ftype, item = self._events.popleft()
+            if ftype in (T_STDOUT, T_STDERR):
+                k = 0 if ftype == T_STDOUT else 1
+                self._out[k].extend(item)
+                sink = self._sinks[k]
+                if sink is not None:
+                    sink(item)
+            elif ftype == T_EXIT:
+                fields = _own_oom_evidence(parse_kv(item))
+                self._finish(
+                    ExecOutcome(
+                        stdout=bytes(self._out[0]),
+                        stderr=bytes(self._out[1]),
+                        fields=fields,
+                        stdout_truncated=self._trunc[0] or fields.get("stdout_truncated") == "1",
+                        stderr_truncated=self._trunc[1] or fields.get("stderr_truncated") == "1",
+                        duration_s=time.monotonic() - self._t0,
+                    ),
+                    None,
+                )
+            elif ftype == T_ERR:
+                self._finish(None, agent_error(item))
+            else:
+                self._finish(None, item)
+
+    def deadline(self) -> float | None:
+        if self._done:
+            return None
+        if self._kill_sent_at is not None:
+            return self._kill_sent_at + KILL_ANSWER_S
+        return self._host_deadline
+
+    def tick(self) -> None:
+        self._consume()
+        if self._done:
+            return
+        now = time.monotonic()
+        if self._kill_sent_at is not None:
+            if now >= self._kill_sent_at + KILL_ANSWER_S:
+                self._finish(
+                    None,
+                    AgentTimeoutError(
                         "the guest agent stopped answering (no result "
-                        f"{now - started:.1f} s after the command started)"
-                    )
-                if host_deadline is not None and killed_at is None and now > host_deadline:
-                    killed_at = now
-                    kill = HEADER.pack(MAGIC, T_KILL, fid, 0)
-                    pending = memoryview(bytes(pending) + kill)
-                if cancel is not None and cancel.is_set() and not cancel_sent:
-                    cancel_sent = True  # the caller killed it: the agent ends it (reason=killed)
-                    pending = memoryview(bytes(pending) + HEADER.pack(MAGIC, T_KILL, fid, 0))
-                wait = None
-                if host_deadline is not None:
-                    wait = max(0.0, (killed_at + 2.0 if killed_at else host_deadline) - now)
-                sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0))
-                for key, mask in sel.select(wait):
-                    if cancel is not None and key.fd == cancel.fileno():
-                        continue  # noticed above, on the next round
-                    if mask & selectors.EVENT_WRITE and pending:
-                        try:
-                            n = sock.send(pending)
-                        except BlockingIOError:
-                            n = 0
-                        except OSError as exc:
-                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
-                        pending = pending[n:]
-                    if mask & selectors.EVENT_READ:
-                        try:
-                            chunk = sock.recv(1 << 20)
-                        except BlockingIOError:
-                            continue
-                        except OSError as exc:
-                            raise AgentGoneError(f"lost the agent connection: {exc}") from exc
-                        if not chunk:
-                            raise AgentGoneError("the agent connection closed (QEMU exited)")
-                        self._buf += chunk
-        finally:
-            sel.close()
-            if self._sock is not None:
-                self._sock.setblocking(True)
-                self._sock.settimeout(None)
+                        f"{now - self._t0:.1f} s after the command started)"
+                    ),
+                )
+                self.line.unregister(self.fid)
+                self._end()
+        elif self._host_deadline is not None and now >= self._host_deadline:
+            self._kill_sent_at = now
+            with contextlib.suppress(AgentGoneError):
+                self.line.send(frame(T_KILL, self.fid, struct.pack("<II", 9, KILL_DEADLINE)))
+
+    def abort(self) -> None:
+        """The caller was interrupted: kill the command, do not wait for it."""
+        if self._done:
+            return
+        with contextlib.suppress(AgentGoneError):
+            self.line.send(frame(T_KILL, self.fid, struct.pack("<II", 9, 0)))
+        self.line.unregister(self.fid)
+        self._finish(
+            ExecOutcome(
+                stdout=bytes(self._out[0]),
+                stderr=bytes(self._out[1]),
+                fields={"signal": "9", "reason": "exited"},
+                stdout_truncated=self._trunc[0],
+                stderr_truncated=self._trunc[1],
+                duration_s=time.monotonic() - self._t0,
+            ),
+            None,
+        )
+        self._end()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _finish(self, outcome: ExecOutcome | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._outcome = outcome
+            self._error = error
+            self._done = True
+            self._pending.clear()
+
+    def release(self) -> None:
+        """Close the descriptor once no driver watches it any more (closing it
+        under a driver could let another file reuse its number there)."""
+        with self._lock:
+            if self._efd >= 0 and self._done:
+                os.close(self._efd)
+                self._efd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._efd >= 0:
+                os.close(self._efd)
+
+    def outcome(self) -> ExecOutcome:
+        """What the agent reported (its refusal, a line that ended and a
+        guest that stopped answering raise)."""
+        if not self._done:
+            raise SandboxError("the command is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
 
 
 @dataclass(frozen=True)
@@ -580,7 +864,7 @@ class GuestConfig:
         return cls(int(d["uid"]), int(d["gid"]), dict(d["env"]), str(d["workdir"]))
 
 
-def run_in_guest(
+def start_in_guest(
     agent: AgentClient,
     guest: GuestConfig,
     spec: SandboxSpec,
@@ -590,41 +874,49 @@ def run_in_guest(
     stdin: bytes | None,
     timeout_s: float | None,
     host_deadline: float | None,
-    where: str,
     cwd: str | None = None,
     user: str | None = None,
     on_stdout: Callable[[bytes], object] | None = None,
     on_stderr: Callable[[bytes], object] | None = None,
-    cancel: Cancel | None = None,
-) -> ExecOutcome:
-    """One exec through the guest agent with the sandbox's settings (microvm
-    and vm tiers), ``cwd``/``user`` overriding them for this command; the
-    agent's own refusals become SandboxErrors."""
+    keep_stdin_open: bool = False,
+    tty: bool = False,
+    on_end: Callable[[], None] | None = None,
+) -> GuestExec:
+    """One command through the guest agent with the sandbox's settings
+    (microvm and vm tiers), ``cwd``/``user`` overriding them for this
+    command. On a terminal, TERM defaults to ``xterm``."""
     uid, gid = parse_user(user) or (guest.uid, guest.gid)
-    try:
-        return agent.exec(
-            list(argv),
-            env={**guest.env, **(env or {})},
-            workdir=cwd or guest.workdir,
-            uid=uid,
-            gid=gid,
-            stdin=stdin,
-            timeout_s=timeout_s,
-            output_bytes=spec.limits.output_bytes,
-            pids_max=spec.limits.pids,
-            host_deadline=host_deadline,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            cancel=cancel,
-        )
-    except AgentError as exc:
-        # A program the guest cannot run is a result, as on every tier: 127
-        # (not found) or 126 (not executable) and one line on stderr.
-        if exc.errno == errno_mod.ENOENT and exc.message.startswith("command not found"):
-            return _not_runnable(argv[0], 127, "command not found")
-        if exc.errno in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
-            return _not_runnable(argv[0], 126, os.strerror(exc.errno))
-        raise SandboxError(f"cannot run {argv[0]!r} in {where}: {exc}") from exc
+    full_env = {**guest.env, **(env or {})}
+    if tty:
+        full_env.setdefault("TERM", "xterm")
+    return agent.start(
+        list(argv),
+        env=full_env,
+        workdir=cwd or guest.workdir,
+        uid=uid,
+        gid=gid,
+        stdin=stdin,
+        keep_stdin_open=keep_stdin_open,
+        tty=tty,
+        timeout_s=timeout_s,
+        output_bytes=spec.limits.output_bytes,
+        pids_max=spec.limits.pids,
+        host_deadline=host_deadline,
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        on_end=on_end,
+    )
+
+
+def refused_outcome(exc: AgentError, program: str, where: str) -> ExecOutcome:
+    """The agent's refusal to start a command, as a result where every tier
+    gives one: 127 (not found) or 126 (not executable) and one line on
+    stderr; any other refusal raises SandboxError."""
+    if exc.errno == errno_mod.ENOENT and exc.message.startswith("command not found"):
+        return _not_runnable(program, 127, "command not found")
+    if exc.errno in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
+        return _not_runnable(program, 126, os.strerror(exc.errno))
+    raise SandboxError(f"cannot run {program!r} in {where}: {exc}") from exc
 
 
 def _not_runnable(program: str, code: int, why: str) -> ExecOutcome:

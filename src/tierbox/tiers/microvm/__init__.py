@@ -4,9 +4,13 @@ works, TCG (software emulation) otherwise.
 
 Inside the guest, the agent is PID 1 (the initramfs's /init): it loads the
 virtio modules, mounts the image's read-only ext4 disk under a tmpfs overlay,
-then serves the host over a virtio-serial port (:mod:`tierbox.vmm.agent`). Each exec runs
-chroot'ed into the overlay, as the sandbox user, in its own guest cgroup
-(pids limit, killed as a group on timeout or output overflow).
+then serves the host over a virtio-serial port (:mod:`tierbox.vmm.agent`). Each command
+runs chroot'ed into the overlay, as the sandbox user, in its own guest cgroup
+(pids limit, killed as a group on timeout or output overflow). Commands,
+file transfers, stats and process listings run side by side on one agent
+line; a command can run on a pseudo-terminal (``tty=True``: resize and
+Ctrl-C pass through). What a command leaves running (``sleep 300 &``) lives
+on until the sandbox closes, as in a container.
 
 Limits: ``memory_mib`` is the guest's RAM (at least
 :data:`~tierbox.vmm.qemu.MIN_MEMORY_MIB`); an OOM inside the guest is

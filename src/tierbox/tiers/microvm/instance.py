@@ -1,10 +1,11 @@
 """One microVM as a sandbox: :class:`MicroVMInstance`, a QEMU ``-M microvm``
 process with the guest agent behind a virtio-serial port.
 
-Calls are serialised on one agent line. A guest that stops answering is
-stopped (a timeout), and a guest that died (panic, killed QEMU, host OOM
-killer) makes every later call raise SandboxDeadError with the evidence of
-how it ended. Snapshots are in :mod:`tierbox.tiers.microvm.snapshots`.
+Commands, files, stats and process listings share one agent line side by
+side (:mod:`tierbox.vmm.line`): a background command blocks nothing. A guest
+that stops answering is stopped (a timeout), and a guest that died (panic,
+killed QEMU, host OOM killer) makes every later call raise SandboxDeadError
+with the evidence of how it ended. Snapshots are in :mod:`tierbox.tiers.microvm.snapshots`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    UsageError,
 )
 from tierbox.host.cgroups import SandboxCgroup
 from tierbox.spec import (
     MIB,
     ExecResult,
     FileEntry,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     Termination,
@@ -39,17 +42,18 @@ from tierbox.spec import (
 )
 from tierbox.tiers import _state
 from tierbox.tiers.base import Capabilities, Instance, SnapshotKind
-from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
+from tierbox.tiers.commands import Command, ExecRequest, Finished
+from tierbox.tiers.guest_command import GuestCommand
 from tierbox.tiers.microvm.snapshots import SnapshotOps
 from tierbox.tiers.outcome import classify_agent, signame
 from tierbox.vmm import qemu
 from tierbox.vmm.agent import (
     AgentClient,
-    Cancel,
     ExecOutcome,
     GuestConfig,
     file_error,
-    run_in_guest,
+    refused_outcome,
+    start_in_guest,
 )
 from tierbox.vmm.guest import guest_stats
 from tierbox.vmm.qmp import QMPClient
@@ -64,7 +68,10 @@ _DOING = {"read": "reading", "write": "writing", "list": "listing"}
 CALL_TIMEOUT_S = 30.0
 
 CAPABILITIES = Capabilities(
-    snapshot=SnapshotKind.RESTORE, min_memory_mib=qemu.MIN_MEMORY_MIB, shares_host_files=False
+    snapshot=SnapshotKind.RESTORE,
+    min_memory_mib=qemu.MIN_MEMORY_MIB,
+    shares_host_files=False,
+    tty=True,
 )
 
 
@@ -75,7 +82,7 @@ def vm_state_file(d: Path) -> Path:
 
 
 class MicroVMInstance(SnapshotOps, Instance):
-    """One running microVM. Thread-safe: calls are serialised on one agent line."""
+    """One running microVM. Thread-safe: calls share one agent line."""
 
     tier_name = "microvm"
     capabilities = CAPABILITIES
@@ -231,67 +238,74 @@ class MicroVMInstance(SnapshotOps, Instance):
 
     # ---- the contract ---------------------------------------------------------------
     def _start(self, req: ExecRequest) -> Command:
-        """One command through the guest agent: a blocking call (background
-        and async runs give it a thread); ``kill`` asks the agent to end it."""
-        cancel = Cancel()
-
-        def work() -> ExecResult:
-            try:
-                return self._exec_request(req, cancel)
-            finally:
-                cancel.close()
-
-        return InlineCommand(work, kill=lambda _sig: cancel.set())
-
-    def _exec_request(self, req: ExecRequest, cancel: Cancel) -> ExecResult:
-        argv, stdin, env = req.argv, req.stdin, req.env
-        timeout = req.timeout(self.spec.limits.timeout_s)
-        with self._lock:
-            self._check_usable()
-            started = time.monotonic()
-            host_deadline = (
-                started + timeout + self.tier.exec_grace_s + 0.25 * timeout if timeout else None
+        """Start a command through the guest agent and return it running; it
+        holds no lock, so other commands, files and stats go on meanwhile."""
+        self._check_usable()
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        started = time.monotonic()
+        host_deadline = (
+            started + timeout + self.tier.exec_grace_s + 0.25 * timeout if timeout else None
+        )
+        try:
+            if not self.agent.connected:  # dropped after a request that would not end
+                with self._lock:
+                    if not self.agent.connected:
+                        self.agent.connect(deadline=self._call_deadline(), alive=self.proc.alive)
+            gexec = start_in_guest(
+                self.agent,
+                self.guest,
+                self.spec,
+                req.argv,
+                env=req.env,
+                stdin=req.stdin,
+                timeout_s=timeout,
+                host_deadline=host_deadline,
+                cwd=req.cwd,
+                user=req.user,
+                on_stdout=req.on_stdout,
+                on_stderr=req.on_stderr,
+                keep_stdin_open=req.keep_stdin_open,
+                tty=req.tty,
             )
+        except (AgentGoneError, AgentTimeoutError) as exc:
+            return Finished(self._lost(exc, timeout, started))
+        except AgentError as exc:  # HELLO refused: no usable agent
+            raise SandboxError(f"microVM {self.id} cannot run commands: {exc}") from exc
+
+        def finish(outcome: Callable[[], ExecOutcome]) -> ExecResult:
             try:
-                out = run_in_guest(
-                    self.agent,
-                    self.guest,
-                    self.spec,
-                    argv,
-                    env=env,
-                    stdin=stdin,
-                    timeout_s=timeout,
-                    host_deadline=host_deadline,
-                    where=f"microVM {self.id}",
-                    cwd=req.cwd,
-                    user=req.user,
-                    on_stdout=req.on_stdout,
-                    on_stderr=req.on_stderr,
-                    cancel=cancel,
-                )
-            except AgentTimeoutError as exc:
-                term = self._stop_vm(
-                    Termination(
-                        TerminationKind.TIMED_OUT,
-                        signal=int(signal.SIGKILL),
-                        evidence={
-                            "timeout_s": timeout,
-                            "guest": f"{exc}; the microVM was stopped",
-                        },
-                    )
-                )
-                return ExecResult(b"", b"", term, time.monotonic() - started)
-            except AgentGoneError:
-                if self._closed:
-                    term = Termination(
-                        TerminationKind.SIGNALED,
-                        signal=int(signal.SIGKILL),
-                        evidence={"vmm": "the sandbox was closed while the command ran"},
-                    )
-                    return ExecResult(b"", b"", term, time.monotonic() - started)
-                self._dead = self._death_termination()
-                return ExecResult(b"", b"", self._dead, time.monotonic() - started)
+                out = outcome()
+            except (AgentGoneError, AgentTimeoutError) as exc:
+                return self._lost(exc, timeout, started)
+            except AgentError as exc:
+                out = refused_outcome(exc, req.argv[0], f"microVM {self.id}")
             return self._classify(out, timeout)
+
+        return GuestCommand(gexec, finish)
+
+    def _lost(self, exc: Exception, timeout: float | None, started: float) -> ExecResult:
+        """A command the guest never reported on: the agent stopped answering
+        (the VM is stopped), or the line closed (the VM died or was closed)."""
+        if isinstance(exc, AgentTimeoutError):
+            term = self._stop_vm(
+                Termination(
+                    TerminationKind.TIMED_OUT,
+                    signal=int(signal.SIGKILL),
+                    evidence={"timeout_s": timeout, "guest": f"{exc}; the microVM was stopped"},
+                )
+            )
+            return ExecResult(b"", b"", term, time.monotonic() - started)
+        if self._closed:
+            term = Termination(
+                TerminationKind.SIGNALED,
+                signal=int(signal.SIGKILL),
+                evidence={"vmm": "the sandbox was closed while the command ran"},
+            )
+            return ExecResult(b"", b"", term, time.monotonic() - started)
+        term = self._dead or self._death_termination()
+        if self._dead is None:
+            self._dead = term
+        return ExecResult(b"", b"", self._dead, time.monotonic() - started)
 
     def _classify(self, out: ExecOutcome, timeout: float | None) -> ExecResult:
         return classify_agent(
@@ -326,16 +340,21 @@ class MicroVMInstance(SnapshotOps, Instance):
         """One file request; the guest's refusals become the files API's errors
         (NotRegularFileError, FileTooLargeError), a VM that died or hangs
         SandboxDeadError."""
-        with self._lock:
-            self._check_usable()
-            try:
-                if not self.agent.connected:  # dropped after a stream that would not end
+        self._check_usable()
+        try:
+            self._ensure_line()
+            return fn()
+        except AgentError as exc:
+            raise file_error(exc, verb, path, f"microVM {self.id}") from exc
+        except (AgentGoneError, AgentTimeoutError) as exc:
+            raise self._agent_call_failed(exc, f"{_DOING[verb]} {path}") from exc
+
+    def _ensure_line(self) -> None:
+        """Reconnect a line this side dropped (a request that would not end)."""
+        if not self.agent.connected:
+            with self._lock:
+                if not self.agent.connected and self.proc.alive():
                     self.agent.connect(deadline=self._call_deadline(), alive=self.proc.alive)
-                return fn()
-            except AgentError as exc:
-                raise file_error(exc, verb, path, f"microVM {self.id}") from exc
-            except (AgentGoneError, AgentTimeoutError) as exc:
-                raise self._agent_call_failed(exc, f"{_DOING[verb]} {path}") from exc
 
     def _put_file(self, path: str, data: bytes, mode: int) -> None:
         self._files_call(
@@ -397,19 +416,45 @@ class MicroVMInstance(SnapshotOps, Instance):
     def stats(self) -> Stats:
         """Host cost of the VM (QEMU's PSS, peak RSS, CPU) and the guest's view
         (process count, guest OOM kills)."""
-        with self._lock:
-            self._check_usable()
-            try:
-                guest = self.agent.stats(deadline=time.monotonic() + 10.0)
-            except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
-                raise self._agent_call_failed(exc, "stats") from exc
-            return guest_stats(self.proc.pid, guest)
+        guest = self._agent_call(
+            "stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0)
+        )
+        return guest_stats(self.proc.pid, guest)
+
+    def sample(self) -> Stats:
+        """What the VM costs the host now, from QEMU's cgroup (memory the guest
+        has touched, CPU, throttling): no agent call, cheap enough to read
+        every 100 ms."""
+        if self.cgroup is not None:
+            return self.cgroup.stats()
+        return guest_stats(self.proc.pid, {})
 
     def guest_stats(self) -> dict[str, str]:
         """The agent's raw view: meminfo fields, oom_kill, uptime."""
-        with self._lock:
-            self._check_usable()
-            return self.agent.stats(deadline=self._call_deadline())
+        return self._agent_call("stats", lambda: self.agent.stats(deadline=self._call_deadline()))
+
+    def processes(self) -> list[ProcessInfo]:
+        """What runs in the guest (pids as the guest numbers them; the agent,
+        PID 1, and kernel threads left out), read from its /proc by the agent."""
+        return self._agent_call(
+            "listing processes", lambda: self.agent.processes(deadline=self._call_deadline())
+        )
+
+    def console_tail(self, n_bytes: int = 4000) -> str:
+        """The last ``n_bytes`` of the guest's serial console (kernel messages,
+        the agent's start-up lines), read from QEMU's console log; works on a
+        dead VM too."""
+        if not isinstance(n_bytes, int) or isinstance(n_bytes, bool) or n_bytes < 0:
+            raise UsageError(f"n_bytes={n_bytes!r} must be a whole number of bytes, 0 or more")
+        return self.proc.console_tail(n_bytes)
+
+    def _agent_call(self, what: str, fn: Callable[[], T]) -> T:
+        self._check_usable()
+        try:
+            self._ensure_line()
+            return fn()
+        except (AgentError, AgentGoneError, AgentTimeoutError) as exc:
+            raise self._agent_call_failed(exc, what) from exc
 
     # ---- teardown ----------------------------------------------------------------------
     def close(self) -> Termination | None:

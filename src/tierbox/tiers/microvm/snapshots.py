@@ -272,7 +272,7 @@ class RestoreOps:
                 f"QEMU could not load snapshot {snap_dir}: {exc}"
                 + (f": {detail}" if detail else "")
             ) from exc
-        inst._connect(deadline=deadline, hello=False)
+        inst._connect(deadline=deadline, hello=True)
 
     def split_full_stream(self, machine: qemu.Machine, full: Path, snap_dir: Path) -> None:
         """Turn a migration stream with RAM (from a restored guest) into the

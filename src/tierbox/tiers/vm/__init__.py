@@ -12,7 +12,10 @@ Inside, workloads run as root by default (the guest kernel is the isolation
 boundary; ``SandboxSpec.user`` picks another uid). ``memory_mib`` is the
 guest's RAM, ``cpus`` the vCPU count (rounded up) plus a libvirt CPU quota,
 ``pids`` a guest cgroup limit per exec, ``timeout_s`` is enforced per exec by
-the agent.
+the agent. Commands run side by side, on a pseudo-terminal if asked
+(``tty=True``), and what a command leaves running lives on until the VM
+stops, as in a container. The serial console is logged by virtlogd
+(``console_tail``).
 
 The modules, one job each:
 

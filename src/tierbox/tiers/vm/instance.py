@@ -1,10 +1,11 @@
 """One VM as a sandbox: :class:`VMInstance` (a libvirt domain with the guest
 agent on a virtio-serial port).
 
-Every call goes over the agent line, which is handed back after each call
-(QEMU serves one client at a time, and other processes, such as the CLI,
-attach to the same VM); a line that went away because QEMU restarted (a
-libvirt revert) is reopened once. Snapshots and revert are in
+Calls and commands share the agent line side by side (:mod:`tierbox.vmm.line`);
+it is handed back when the last of them ends (QEMU serves one client at a
+time, and other processes, such as the CLI, attach to the same VM), and a
+line that went away because QEMU restarted (a libvirt revert) is reopened
+once. Snapshots and revert are in
 :mod:`tierbox.tiers.vm.snapshots`.
 """
 
@@ -27,18 +28,21 @@ from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    UsageError,
 )
 from tierbox.spec import (
     MIB,
     ExecResult,
     FileEntry,
+    ProcessInfo,
     SandboxSpec,
     Stats,
     Termination,
     TerminationKind,
 )
 from tierbox.tiers.base import Instance
-from tierbox.tiers.commands import Command, ExecRequest, InlineCommand
+from tierbox.tiers.commands import Command, ExecRequest
+from tierbox.tiers.guest_command import GuestCommand
 from tierbox.tiers.outcome import classify_agent
 from tierbox.tiers.vm.shared import (
     BOOT_TIMEOUT_S,
@@ -55,7 +59,15 @@ from tierbox.tiers.vm.shared import (
 from tierbox.tiers.vm.snapshots import SnapshotOps
 from tierbox.vmm import libvirt_domain as lvd
 from tierbox.vmm import qemu
-from tierbox.vmm.agent import AgentClient, Cancel, GuestConfig, file_error, run_in_guest
+from tierbox.vmm.agent import (
+    AgentClient,
+    ExecOutcome,
+    GuestConfig,
+    GuestExec,
+    file_error,
+    refused_outcome,
+    start_in_guest,
+)
 from tierbox.vmm.guest import file_tail, guest_stats
 
 if TYPE_CHECKING:
@@ -65,7 +77,8 @@ T = TypeVar("T")
 
 
 class VMInstance(SnapshotOps, Instance):
-    """One tierbox VM (a libvirt domain). Thread-safe: calls share one agent line."""
+    """One tierbox VM (a libvirt domain). Thread-safe: calls and commands
+    share one agent line."""
 
     tier_name = "vm"
     capabilities = CAPABILITIES
@@ -82,6 +95,10 @@ class VMInstance(SnapshotOps, Instance):
         #: seconds spent in each step of the last create or revert (benchmarks)
         self.timings: dict[str, float] = {}
         self._lock = threading.RLock()
+        #: users of the agent line (calls, running commands) and who connects it
+        self._users = 0
+        self._users_lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self._closed = False
         self._generation = -1
 
@@ -153,6 +170,10 @@ class VMInstance(SnapshotOps, Instance):
         return not self._closed and self._alive()
 
     def console_tail(self, n_bytes: int = 4000) -> str:
+        """The last ``n_bytes`` of the guest's serial console, as virtlogd
+        logs it (capped and rotated by virtlogd); works on a dead VM too."""
+        if not isinstance(n_bytes, int) or isinstance(n_bytes, bool) or n_bytes < 0:
+            raise UsageError(f"n_bytes={n_bytes!r} must be a whole number of bytes, 0 or more")
         return file_tail(self.meta.console, n_bytes)
 
     # ---- the agent line --------------------------------------------------------------------
@@ -165,24 +186,51 @@ class VMInstance(SnapshotOps, Instance):
 
     @translated("connecting to a VM's agent")
     def connect_agent(self, *, deadline: float, sync: bool = True) -> None:
-        """(Re)open the agent line, identify the agent, set its clock, reseed its RNG."""
-        self.agent.close()
+        """(Re)open the agent line, identify the agent, set its clock, reseed its
+        RNG. Commands still on the old line end (a revert, a restart)."""
+        self.agent.close("the VM's agent line was reopened")
         self.agent.connect(deadline=deadline, alive=self._alive)
         self.agent_info = self.agent.hello(deadline=deadline)
         if sync:
             self.agent.sync(deadline=deadline)
 
-    def _ensure_agent(self) -> None:
-        if not self.agent.connected:
-            try:
-                self.connect_agent(deadline=time.monotonic() + CALL_TIMEOUT_S, sync=False)
-            except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+    def _use_line(self) -> None:
+        """Count one user of the agent line (a call, a running command),
+        connecting it if it is not. Every user ends with :meth:`_line_done`."""
+        with self._users_lock:
+            self._users += 1
+        try:
+            if not self.agent.connected:
+                with self._connect_lock:
+                    if not self.agent.connected:
+                        self.connect_agent(deadline=time.monotonic() + CALL_TIMEOUT_S, sync=False)
+        except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+            self._line_done()
+            self.agent.close()
+            raise self._gone_or_hung(
+                exc,
+                "connecting to the agent; is another process holding its line with a long command?",
+            ) from exc
+        except BaseException:
+            self._line_done()
+            raise
+
+    def _line_done(self) -> None:
+        """One user of the line is done; the last hands the line back (QEMU
+        serves one client at a time, and reconnecting costs under a
+        millisecond, so other processes, such as the CLI, never wait on an
+        idle holder). Quick and never blocking: it may run on the line's
+        own reader."""
+        with self._users_lock:
+            self._users -= 1
+            if self._users == 0:
                 self.agent.close()
-                raise self._gone_or_hung(
-                    exc,
-                    "connecting to the agent; is another process holding its line "
-                    "with a long command?",
-                ) from exc
+
+    def _release_agent(self) -> None:
+        """Hand the line back unless calls or commands are on it."""
+        with self._users_lock:
+            if self._users == 0:
+                self.agent.close()
 
     def _gone_or_hung(self, exc: Exception, what: str) -> SandboxError:
         """SandboxDeadError when the VM's QEMU is gone (killed, crashed, the
@@ -204,105 +252,112 @@ class VMInstance(SnapshotOps, Instance):
         refused: Callable[[AgentError], SandboxError] | None = None,
         retry: bool = True,
     ) -> T:
-        """An agent call, reconnecting once when the line went away (QEMU
-        restarted) if ``retry``. ``refused`` turns the agent's own errors into
-        the caller's (file errors); a dead VM raises SandboxDeadError."""
-        with self._lock:
-            self._check_usable()
-            for attempt in (0, 1):
-                self._ensure_agent()
-                try:
-                    result = fn()
-                except AgentGoneError as exc:
-                    self.agent.close()
-                    if attempt or not retry or not self._alive():
-                        raise self._gone_or_hung(exc, what) from exc
-                    continue
-                except AgentTimeoutError as exc:
-                    self.agent.close()
+        """An agent call beside whatever else runs on the line, reconnecting
+        once when the line went away (QEMU restarted) if ``retry``.
+        ``refused`` turns the agent's own errors into the caller's (file
+        errors); a dead VM raises SandboxDeadError."""
+        self._check_usable()
+        for attempt in (0, 1):
+            self._use_line()
+            try:
+                return fn()
+            except AgentGoneError as exc:
+                if attempt or not retry or not self._alive():
                     raise self._gone_or_hung(exc, what) from exc
-                except AgentError as exc:
-                    self._release_agent()
-                    if refused is not None:
-                        raise refused(exc) from exc
-                    raise SandboxError(f"{what} failed in VM {self.name}: {exc}") from exc
-                except BaseException:
-                    self._release_agent()
-                    raise
-                self._release_agent()
-                return result
-            raise AssertionError("unreachable")
-
-    def _release_agent(self) -> None:
-        """Hand the agent line back after each call: QEMU serves one client at
-        a time, and reconnecting costs under a millisecond, so other processes
-        (the CLI) never wait on an idle holder."""
-        self.agent.close()
+            except AgentTimeoutError as exc:
+                self.agent.close(f"the VM stopped answering ({what})")
+                raise self._gone_or_hung(exc, what) from exc
+            except AgentError as exc:
+                if refused is not None:
+                    raise refused(exc) from exc
+                raise SandboxError(f"{what} failed in VM {self.name}: {exc}") from exc
+            finally:
+                self._line_done()
+        raise AssertionError("unreachable")
 
     # ---- the contract --------------------------------------------------------------------
     def _start(self, req: ExecRequest) -> Command:
-        """One command through the guest agent: a blocking call (background
-        and async runs give it a thread); ``kill`` asks the agent to end it."""
-        cancel = Cancel()
-
-        def work() -> ExecResult:
+        """Start a command through the guest agent and return it running. It
+        holds the agent line (not the instance) until it ends: other
+        commands, files and stats go on beside it."""
+        self._check_usable()
+        timeout = req.timeout_s if req.timeout_s is not None else self.spec.limits.timeout_s
+        started = time.monotonic()
+        for attempt in (0, 1):
+            self._use_line()
+            host_deadline = time.monotonic() + timeout * 1.25 + EXEC_GRACE_S if timeout else None
             try:
-                return self._exec_request(req, cancel)
-            finally:
-                cancel.close()
-
-        return InlineCommand(work, kill=lambda _sig: cancel.set())
-
-    def _exec_request(self, req: ExecRequest, cancel: Cancel) -> ExecResult:
-        argv, stdin, env = req.argv, req.stdin, req.env
-        timeout = req.timeout(self.spec.limits.timeout_s)
-        with self._lock:
-            self._check_usable()
-            started = time.monotonic()
-            for attempt in (0, 1):
-                self._ensure_agent()
-                host_deadline = (
-                    time.monotonic() + timeout * 1.25 + EXEC_GRACE_S if timeout else None
-                )
-                try:
-                    out = run_in_guest(
-                        self.agent,
-                        self.guest,
-                        self.spec,
-                        argv,
-                        env=env,
-                        stdin=stdin,
-                        timeout_s=timeout,
-                        host_deadline=host_deadline,
-                        where=f"VM {self.name}",
-                        cwd=req.cwd,
-                        user=req.user,
-                        on_stdout=req.on_stdout,
-                        on_stderr=req.on_stderr,
-                        cancel=cancel,
-                    )
-                except AgentTimeoutError as exc:
-                    self.agent.close()
-                    term = Termination(
-                        TerminationKind.TIMED_OUT,
-                        signal=int(signal.SIGKILL),
-                        evidence={"timeout_s": timeout, "guest": f"{exc}"},
-                    )
-                    return ExecResult(b"", b"", term, time.monotonic() - started)
-                except AgentGoneError as exc:
-                    self.agent.close()
-                    if attempt == 0 and self._alive():
-                        continue  # the line was stale (QEMU restarted): once more
-                    raise self._gone_or_hung(exc, f"running {argv[0]!r}") from exc
-                finally:
-                    self._release_agent()
-                return classify_agent(
-                    out,
+                gexec = start_in_guest(
+                    self.agent,
+                    self.guest,
+                    self.spec,
+                    req.argv,
+                    env=req.env,
+                    stdin=req.stdin,
                     timeout_s=timeout,
-                    output_bytes=self.spec.limits.output_bytes,
-                    memory_mib=self.spec.limits.memory_mib or DEFAULT_MEMORY_MIB,
+                    host_deadline=host_deadline,
+                    cwd=req.cwd,
+                    user=req.user,
+                    on_stdout=req.on_stdout,
+                    on_stderr=req.on_stderr,
+                    keep_stdin_open=req.keep_stdin_open,
+                    tty=req.tty,
+                    on_end=self._line_done,
                 )
-            raise AssertionError("unreachable")
+            except AgentGoneError as exc:
+                self._line_done()
+                if attempt == 0 and self._alive():
+                    continue  # the line was stale (QEMU restarted): once more
+                raise self._gone_or_hung(exc, f"running {req.argv[0]!r}") from exc
+            except AgentTimeoutError as exc:
+                self._line_done()
+                self.agent.close(f"the VM stopped answering (running {req.argv[0]!r})")
+                raise self._gone_or_hung(exc, f"running {req.argv[0]!r}") from exc
+            except AgentError as exc:
+                self._line_done()
+                raise SandboxError(f"VM {self.name} cannot run commands: {exc}") from exc
+            except BaseException:
+                self._line_done()
+                raise
+            return GuestCommand(gexec, self._finisher(req.argv[0], timeout, started, gexec))
+        raise AssertionError("unreachable")
+
+    def _finisher(
+        self, program: str, timeout: float | None, started: float, gexec: GuestExec
+    ) -> Callable[[Callable[[], ExecOutcome]], ExecResult]:
+        def finish(outcome: Callable[[], ExecOutcome]) -> ExecResult:
+            try:
+                out = outcome()
+            except AgentTimeoutError as exc:
+                self.agent.close(f"the VM stopped answering (running {program!r})")
+                term = Termination(
+                    TerminationKind.TIMED_OUT,
+                    signal=int(signal.SIGKILL),
+                    evidence={"timeout_s": timeout, "guest": f"{exc}"},
+                )
+                return ExecResult(b"", b"", term, time.monotonic() - started)
+            except AgentGoneError as exc:
+                # this side ended the line (close, revert, power off): the
+                # command's end is that, not a dead VM
+                why = "the VM was closed" if self._closed else gexec.line.closed_by_host
+                if why is None:
+                    raise self._gone_or_hung(exc, f"running {program!r}") from exc
+                term = Termination(
+                    TerminationKind.SIGNALED,
+                    signal=int(signal.SIGKILL),
+                    evidence={"vmm": f"{why} while the command ran"},
+                )
+                return ExecResult(b"", b"", term, time.monotonic() - started)
+            except AgentError as exc:
+                out = refused_outcome(exc, program, f"VM {self.name}")
+            return classify_agent(
+                out,
+                timeout_s=timeout,
+                output_bytes=self.spec.limits.output_bytes,
+                memory_mib=self.spec.limits.memory_mib or DEFAULT_MEMORY_MIB,
+            )
+
+        return finish
 
     # ---- files (through the agent, as the workload's user: see vmm/agent.py) -------------
     def _refused(self, verb: str, path: str) -> Callable[[AgentError], SandboxError]:
@@ -366,6 +421,19 @@ class VMInstance(SnapshotOps, Instance):
         guest = self._call("stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0))
         return guest_stats(self.qemu_pid(), guest)
 
+    def processes(self) -> list[ProcessInfo]:
+        """What runs in the guest (pids as the guest numbers them; the agent,
+        PID 1, and kernel threads left out), read from its /proc by the agent."""
+        return self._call(
+            "listing processes",
+            lambda: self.agent.processes(deadline=time.monotonic() + CALL_TIMEOUT_S),
+        )
+
+    def sample(self) -> Stats:
+        """What the VM's QEMU costs the host now (PSS, CPU): no agent call,
+        cheap enough to read every 100 ms."""
+        return guest_stats(self.qemu_pid(), {})
+
     # ---- power ------------------------------------------------------------------------------
     @translated("starting a VM")
     def power_on(self) -> None:
@@ -397,7 +465,7 @@ class VMInstance(SnapshotOps, Instance):
                 return
             # a guest that cannot be asked to power off is destroyed below
             with contextlib.suppress(AgentError, AgentGoneError, AgentTimeoutError):
-                self.agent.close()
+                self.agent.close("the VM was powered off")
                 self.agent.connect(deadline=time.monotonic() + 2.0, alive=self._alive)
                 self.agent.poweroff(deadline=time.monotonic() + 5.0)
             self.agent.close()
@@ -432,7 +500,7 @@ class VMInstance(SnapshotOps, Instance):
         with self._lock:
             if self._closed:
                 return None
-            self.agent.close()
+            self.agent.close("the VM was closed")
             self.tier.remove_domain(self.domain_name, self.meta)
             self._closed = True
             return Termination(TerminationKind.SIGNALED, signal=int(signal.SIGKILL))

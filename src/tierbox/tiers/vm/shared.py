@@ -46,7 +46,7 @@ SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,62}$")
 UNIX_PATH_MAX = 107
 
 CAPABILITIES = Capabilities(
-    snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB, shares_host_files=False
+    snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB, shares_host_files=False, tty=True
 )
 
 #: libvirt's ``virDomainState`` numbers, as ``virsh domstate`` names them.

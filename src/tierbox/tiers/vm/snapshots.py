@@ -242,7 +242,7 @@ class SnapshotOps:
             dom = self.domain()
             snap = self._snapshot_obj(dom, name)
             info = self._info(dom, snap)
-            self.agent.close()
+            self.agent.close(f"the VM was reverted to snapshot {name!r}")
             timings: dict[str, float | str] = {}
             used = "libvirt"
             if method == "auto" and self._can_loadvm(dom, info):
