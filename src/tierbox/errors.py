@@ -54,6 +54,13 @@ are translated at the boundary with ``raise ... from exc``::
     ├── BuildError                 an image build failed: a step's output, or buildah itself
     │   └── GateError              a lint or scan gate stopped a build before the image was stored
     ├── ScanError                  an SBOM or a vulnerability source could not be produced or read
+    ├── KubeError                  Kubernetes export, advice or apply could not be done
+    │   ├── ManifestError          a manifest or workload file that does not parse (also a UsageError)
+    │   └── KubeApplyError         the API server (or kubeconfig) refused or failed an apply
+    ├── DoctorError                tierbox doctor could not read what it was given
+    │   ├── HistoryNotFoundError   no such run or sandbox in the run history (also a UsageError)
+    │   ├── DoctorInputError       a file that is no pod, inspect JSON or cgroup (also a UsageError)
+    │   └── ExplainError           the chat endpoint of --explain failed or answered nonsense
     ├── ServerError                the tierbox daemon (``tierbox serve``) could not do what was asked
     │   ├── AuthenticationError    no API key, or a wrong or revoked one (HTTP 401)
     │   ├── PermissionDeniedError  the key's tenant may not ask for this (host mounts, host network)
@@ -402,3 +409,42 @@ class ShuttingDownError(ServerError):
 
 class ServerUnreachableError(ServerError):
     """The daemon cannot be reached: no socket, connection refused or timed out."""
+
+
+# ---- Kubernetes export, advice and apply (kube/), tierbox doctor (doctor/) ----------------
+
+
+class KubeError(TierboxError):
+    """Kubernetes export, advice or apply could not be done."""
+
+
+class ManifestError(KubeError, UsageError):
+    """A manifest, workload file or bench result that does not parse or lacks a
+    field; the message names the file and the field."""
+
+
+class KubeApplyError(KubeError):
+    """The API server refused or failed an apply, or no kubeconfig could be
+    loaded; ``status`` is the HTTP status where there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class DoctorError(TierboxError):
+    """``tierbox doctor`` could not read what it was given."""
+
+
+class HistoryNotFoundError(DoctorError, UsageError):
+    """No run or sandbox with that id or name in this user's run history."""
+
+
+class DoctorInputError(DoctorError, UsageError):
+    """A file that is neither a pod (kubectl get -o json|yaml), nor docker or
+    podman inspect output, nor a cgroup directory."""
+
+
+class ExplainError(DoctorError):
+    """The chat endpoint of ``--explain`` could not be reached, refused the
+    request or answered with something that is not a chat completion."""

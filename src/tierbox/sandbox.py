@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, overload
 
-from tierbox import transfer
+from tierbox import history, transfer
 from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
@@ -45,6 +45,7 @@ from tierbox.spec import (
     sandbox_path,
 )
 from tierbox.tiers import Instance, SnapshotRef, _state, get_tier
+from tierbox.tiers.base import metered
 
 DEFAULT_TIER = "container"
 
@@ -444,7 +445,7 @@ class Sandbox:
         unless ``timeout_s`` is given, and its stdin stays open for
         ``send_stdin`` unless ``stdin`` is given."""
         if background:
-            return CommandHandle.start(
+            handle = CommandHandle.start(
                 self._inst.start,
                 list(argv) if not isinstance(argv, str | bytes) else argv,  # type: ignore[arg-type]
                 _state.sandbox_dir(self.id) / "logs",
@@ -458,16 +459,35 @@ class Sandbox:
                 keep_stdin_open=stdin is None and self._inst.capabilities.stdin_stream,
                 unbounded=True,
             )
-        return self._inst.exec(
-            argv,
-            stdin=stdin,
-            env=env,
-            timeout_s=timeout_s,
-            cwd=cwd,
-            user=user,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
+            history.record_background(handle, **self._history(argv, "background"))
+            return handle
+        with history.recording(**self._history(argv, "exec")) as rec:
+            result = self._inst.exec(
+                argv,
+                stdin=stdin,
+                env=env,
+                timeout_s=timeout_s,
+                cwd=cwd,
+                user=user,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+            if rec is not None:
+                rec.finish(result)
+        return result
+
+    def _history(self, argv: Sequence[str], kind: str) -> dict[str, Any]:
+        """What the run history records of a command here (tierbox doctor)."""
+        return {
+            "kind": kind,
+            "tier": self.tier,
+            "image": self._inst.image,
+            "argv": list(argv) if not isinstance(argv, str | bytes) else [str(argv)],
+            "limits": self.spec.limits,
+            "sandbox_id": self.id,
+            "sandbox_name": self.name,
+            "source": self._inst.sample,
+        }
 
     exec = run
 
@@ -556,4 +576,13 @@ def run(
     """One-shot: run ``argv`` in a fresh sandbox that is gone afterwards;
     output streams to ``on_stdout``/``on_stderr`` as it comes."""
     spec = spec or _spec_from(image, options)
-    return get_tier(tier).run(spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)
+    what = {"tier": tier, "image": spec.image, "limits": spec.limits}
+    argv_list = list(argv) if not isinstance(argv, str | bytes) else [str(argv)]
+    with history.recording(kind="one_shot", argv=argv_list, **what) as rec:
+        with metered(rec.set_source) if rec is not None else contextlib.nullcontext():
+            result = get_tier(tier).run(
+                spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            )
+        if rec is not None:
+            rec.finish(result)
+    return result

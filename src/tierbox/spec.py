@@ -230,6 +230,8 @@ class Stats:
     oom_kills: int | None = None
     memory_limit_bytes: int | None = None
     engine_memory_bytes: int | None = None
+    #: time the CPU quota held the sandbox back (cgroup cpu.stat), where there is one
+    cpu_throttled_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,6 +242,7 @@ class Stats:
             "oom_kills": self.oom_kills,
             "memory_limit_bytes": self.memory_limit_bytes,
             "engine_memory_bytes": self.engine_memory_bytes,
+            "cpu_throttled_s": self.cpu_throttled_s,
         }
 
 

@@ -281,22 +281,27 @@ class SandboxCgroup:
     def stats(self) -> Stats:
         if self.version == 2:
             d = CGROUP_ROOT / self.relpath
-            cpu_us = _read_keyed(d / "cpu.stat").get("usage_usec")
+            cpu = _read_keyed(d / "cpu.stat")
+            cpu_us, throttled_us = cpu.get("usage_usec"), cpu.get("throttled_usec")
             return Stats(
                 memory_bytes=_read_int(d / "memory.current"),
                 memory_peak_bytes=_read_int(d / "memory.peak"),
                 cpu_s=cpu_us / 1e6 if cpu_us is not None else None,
                 pids=_read_int(d / "pids.current"),
                 oom_kills=self.oom_kills(),
+                cpu_throttled_s=throttled_us / 1e6 if throttled_us is not None else None,
             )
         mem = self._dir("memory")
         cpu_ns = _read_int(self._dir("cpuacct") / "cpuacct.usage")
+        cpu_dir = self._dirs.get("cpu")
+        throttled_ns = _read_keyed(cpu_dir / "cpu.stat").get("throttled_time") if cpu_dir else None
         return Stats(
             memory_bytes=_read_int(mem / "memory.usage_in_bytes"),
             memory_peak_bytes=_read_int(mem / "memory.max_usage_in_bytes"),
             cpu_s=cpu_ns / 1e9 if cpu_ns is not None else None,
             pids=_read_int(self._dir("pids") / "pids.current"),
             oom_kills=self.oom_kills(),
+            cpu_throttled_s=throttled_ns / 1e9 if throttled_ns is not None else None,
         )
 
     # ---- teardown ----------------------------------------------------------

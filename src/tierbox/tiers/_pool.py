@@ -28,6 +28,7 @@ from tierbox.host.cgroups import SandboxCgroup
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits
 from tierbox.tiers import _state
+from tierbox.tiers.base import meter
 
 
 @dataclass
@@ -87,11 +88,13 @@ class SlotPool:
         tier keys its slots by), or a new one."""
         with self._lock:
             idle = self._idle.get(_key(limits, variant))
-            if idle:
-                return idle.pop()
-        return new_slot(limits, variant)
+            slot = idle.pop() if idle else None
+        slot = slot or new_slot(limits, variant)
+        meter(slot.cg.stats)  # the run history samples the one-shot's cgroup
+        return slot
 
     def release(self, slot: Slot, *, pristine: bool) -> None:
+        meter(None)
         if not pristine or slot.cg.has_tasks():
             destroy(slot)
             return

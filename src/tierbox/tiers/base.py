@@ -7,9 +7,11 @@ against :class:`Tier` and :class:`Instance`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -83,6 +85,34 @@ class Capabilities:
     #: host directories appear in the sandbox itself (bind mount, preopen);
     #: without it (VMs) the facade copies them in and, when writable, back
     shares_host_files: bool = True
+
+
+#: Reads a sandbox's usage now (its memory, CPU, pids).
+StatsSource = Callable[[], Stats]
+_meter: ContextVar[Callable[[StatsSource | None], None] | None] = ContextVar(
+    "tierbox_meter", default=None
+)
+
+
+@contextlib.contextmanager
+def metered(receiver: Callable[[StatsSource | None], None]) -> Iterator[None]:
+    """Within this block, one-shot runs (``Tier.run``) hand ``receiver`` a
+    reader of their sandbox's usage once it exists, and None once it is gone:
+    a one-shot sandbox is the tier's own, so this is how the run history
+    samples it."""
+    token = _meter.set(receiver)
+    try:
+        yield
+    finally:
+        _meter.reset(token)
+
+
+def meter(source: StatsSource | None) -> None:
+    """Tiers call this from a one-shot run: ``source`` when its sandbox
+    exists, None when it is given back (see :func:`metered`)."""
+    receiver = _meter.get()
+    if receiver is not None:
+        receiver(source)
 
 
 def _tiers_where(test: Callable[[Capabilities], bool], *, but: str = "") -> list[str]:
@@ -312,6 +342,13 @@ class Instance(abc.ABC):
     def stats(self) -> Stats:
         """Current resource use."""
 
+    def sample(self) -> Stats:
+        """The workload's usage now, cheap enough to read every 100 ms from
+        another thread while a command runs (the run history samples it).
+        Tiers whose ``stats()`` costs more, or waits for a running command,
+        override it."""
+        return self.stats()
+
     def snapshot(self) -> SnapshotRef:
         raise NotSupportedError(
             f"the {self.tier_name} tier cannot snapshot a sandbox; tiers that can: "
@@ -432,6 +469,7 @@ class Tier(abc.ABC):
         """Create, exec, close. Tiers override for speed."""
         inst = self._create(spec)
         try:
+            meter(inst.sample)
             return inst.exec(
                 argv,
                 stdin=stdin,
@@ -440,6 +478,7 @@ class Tier(abc.ABC):
                 on_stderr=on_stderr,
             )
         finally:
+            meter(None)
             inst.close()
 
     def attach(self, sandbox_id: str, state: dict[str, Any]) -> Instance:

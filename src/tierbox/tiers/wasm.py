@@ -161,6 +161,8 @@ class WasmInstance(DirectoryFiles, Instance):
         self._root_dir: RootDir | None = None
         #: running commands: a number of tierbox's own -> argv (no pids in WASI)
         self._commands: dict[int, list[str]] = {}
+        #: runs going on now, whose linear memory sample() reads
+        self._live: dict[int, RunControl] = {}
         self._modules: dict[str, tuple[tuple[int, ...], WasmModule]] = {}
 
     @property
@@ -219,6 +221,11 @@ class WasmInstance(DirectoryFiles, Instance):
         with self._lock:
             self._running += 1
             self._commands[token] = list(argv)
+
+        def begun(run: RunControl) -> None:
+            self._live[token] = run
+            on_start(run)
+
         try:
             run = run_wasi(
                 module,
@@ -231,13 +238,14 @@ class WasmInstance(DirectoryFiles, Instance):
                 fuel=fuel_budget(self.spec.limits, self._fuel, self._fuel_per_cpu_s),
                 on_stdout=req.on_stdout,
                 on_stderr=req.on_stderr,
-                on_start=on_start,
+                on_start=begun,
                 preopens=_preopens(self.spec),
             )
         finally:
             with self._lock:
                 self._running -= 1
                 self._commands.pop(token, None)
+                self._live.pop(token, None)
         oom = run.result.termination.kind is TerminationKind.OOM_KILLED
         with self._lock:
             self._peak = max(self._peak, run.memory_bytes)
@@ -369,6 +377,13 @@ class WasmInstance(DirectoryFiles, Instance):
                 pids=self._running,
                 oom_kills=max(self._ooms, rec_ooms),
             )
+
+    def sample(self) -> Stats:
+        """The linear memory of the runs going on now (as of their last
+        epoch tick, ~10 ms), not the peak of past ones that ``stats()`` gives."""
+        with self._lock:
+            live = list(self._live.values())
+        return Stats(memory_bytes=sum(r.memory_bytes for r in live), pids=len(live))
 
     def state(self) -> dict[str, Any]:
         """What ``WasmTier.attach`` needs to rebuild this instance in another process."""

@@ -29,6 +29,8 @@ from typing import Any
 import wasmtime
 
 from tierbox.errors import SandboxError
+from tierbox.spec import Stats
+from tierbox.tiers.base import meter
 from tierbox.wasm import scratch, wasmtime_private
 from tierbox.wasm.engine import engine
 
@@ -61,10 +63,13 @@ class RunControl:
         "exit_code",
         "interrupt",
         "key",
+        "memory",
+        "memory_bytes",
         "offsets",
         "outputs",
         "sinks",
         "stop_reason",
+        "store",
         "wake",
     )
 
@@ -82,6 +87,21 @@ class RunControl:
         #: per output file: a callback for what the guest wrote since the last tick
         self.sinks: tuple[Callable[[bytes], object] | None, ...] = ()
         self.offsets = [0] * len(outputs)
+        #: the guest's linear memory and its Store, once instantiated: read at
+        #: each tick on the run's own thread, so the run history can sample
+        #: ``memory_bytes`` from another
+        self.memory: wasmtime.Memory | None = None
+        self.store: wasmtime.Store | None = None
+        self.memory_bytes = 0
+
+    def measure(self) -> None:
+        """Note the linear memory's size (called on the run's thread)."""
+        if self.memory is not None and self.store is not None:
+            self.memory_bytes = self.memory.data_len(self.store)
+
+    def sample(self) -> Stats:
+        """The run's linear memory as of the last tick."""
+        return Stats(memory_bytes=self.memory_bytes, pids=1)
 
     def cancel(self) -> None:
         """Stop the run as a SIGKILL would (a background command killed)."""
@@ -160,6 +180,7 @@ def _on_epoch_py(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> i
         run = _runs.get(data or 0)
         if run is None or run.should_stop():
             return _stop_error()
+        run.measure()
         delta[0] = 1
         kind[0] = 0
         return None
@@ -308,6 +329,7 @@ def begin_run(store: wasmtime.Store, run: RunControl) -> None:
     _runs[run.key] = run
     _tls.run = run
     _ticker.acquire()
+    meter(run.sample)  # a one-shot run's memory, for the run history
     if _C is not None:
         store.set_epoch_deadline(1)
         _C.set_deadline_callback(store, _on_epoch, run.key)
@@ -319,6 +341,8 @@ def begin_run(store: wasmtime.Store, run: RunControl) -> None:
 
 
 def end_run(run: RunControl) -> None:
+    meter(None)
+    run.memory = run.store = None
     _runs.pop(run.key, None)
     _tls.run = None
     _ticker.release()

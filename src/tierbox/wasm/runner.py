@@ -228,6 +228,10 @@ def _run_guarded(
                 exports = instance.exports(store)
                 start = exports["_start"]
                 assert isinstance(start, wasmtime.Func)
+                grown = exports.get("memory")
+                if isinstance(grown, wasmtime.Memory):  # sampled at each tick
+                    run.memory, run.store = grown, store
+                    run.measure()
                 try:
                     start(store)
                     exit_code = 0
