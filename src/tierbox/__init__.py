@@ -1,5 +1,7 @@
 """tierbox: run the same workload on any rung of the isolation ladder."""
 
+from typing import TYPE_CHECKING
+
 from tierbox.aio import AsyncSandbox
 from tierbox.errors import (
     AdvisoryDBError,
@@ -7,12 +9,14 @@ from tierbox.errors import (
     AgentGoneError,
     AgentTimeoutError,
     AgentTooOldError,
+    AuthenticationError,
     AutoscaleError,
     BenchError,
     BuildError,
     CommandError,
     DisruptionBudgetError,
     DockerfileError,
+    ExecNotFoundError,
     FileTooLargeError,
     FunctionNotFoundError,
     GateError,
@@ -21,12 +25,14 @@ from tierbox.errors import (
     ImageError,
     ImageNotFoundError,
     InvalidModuleError,
+    InvalidRequestError,
     LibvirtError,
     LibvirtUnreachableError,
     MetricUnavailableError,
     NotRegularFileError,
     NotSupportedError,
     NotTarError,
+    PermissionDeniedError,
     PoolClosedError,
     PoolError,
     PoolExhaustedError,
@@ -35,12 +41,16 @@ from tierbox.errors import (
     PoolNotFoundError,
     ProbeBuildError,
     QMPError,
+    QuotaExceededError,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
     SandboxFileError,
     SandboxNotFoundError,
     ScanError,
+    ServerError,
+    ServerUnreachableError,
+    ShuttingDownError,
     SnapshotError,
     SnapshotExistsError,
     SnapshotHasChildrenError,
@@ -69,20 +79,27 @@ from tierbox.spec import (
     TerminationKind,
 )
 
+if TYPE_CHECKING:
+    from tierbox.client import AsyncClient, Client
+
 __all__ = [
     "AdvisoryDBError",
     "AgentError",
     "AgentGoneError",
     "AgentTimeoutError",
     "AgentTooOldError",
+    "AsyncClient",
     "AsyncSandbox",
+    "AuthenticationError",
     "AutoscaleError",
     "BenchError",
     "BuildError",
+    "Client",
     "CommandError",
     "CommandHandle",
     "DisruptionBudgetError",
     "DockerfileError",
+    "ExecNotFoundError",
     "ExecResult",
     "FileTooLargeError",
     "FunctionNotFoundError",
@@ -92,6 +109,7 @@ __all__ = [
     "ImageError",
     "ImageNotFoundError",
     "InvalidModuleError",
+    "InvalidRequestError",
     "LibvirtError",
     "LibvirtUnreachableError",
     "Limits",
@@ -101,6 +119,7 @@ __all__ = [
     "NotRegularFileError",
     "NotSupportedError",
     "NotTarError",
+    "PermissionDeniedError",
     "PoolClosedError",
     "PoolError",
     "PoolExhaustedError",
@@ -109,6 +128,7 @@ __all__ = [
     "PoolNotFoundError",
     "ProbeBuildError",
     "QMPError",
+    "QuotaExceededError",
     "Sandbox",
     "SandboxClosedError",
     "SandboxDeadError",
@@ -118,6 +138,9 @@ __all__ = [
     "SandboxRecord",
     "SandboxSpec",
     "ScanError",
+    "ServerError",
+    "ServerUnreachableError",
+    "ShuttingDownError",
     "SnapshotError",
     "SnapshotExistsError",
     "SnapshotHasChildrenError",
@@ -138,3 +161,12 @@ __all__ = [
     "make_spec",
     "run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The remote SDK (``Client``, ``AsyncClient``) loads httpx only when asked for."""
+    if name in ("Client", "AsyncClient"):
+        from tierbox import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'tierbox' has no attribute {name!r}")

@@ -36,7 +36,8 @@ class AsyncCommandHandle:
 
     def __init__(self, command: Command) -> None:
         self._command = command
-        self._task = asyncio.ensure_future(adrive(command.pump()))
+        self._wake = asyncio.Event()  # set after stdin is fed, so the loop writes it
+        self._task = asyncio.ensure_future(adrive(command.pump(), self._wake))
 
     @property
     def pid(self) -> int | None:
@@ -56,9 +57,11 @@ class AsyncCommandHandle:
 
     def send_stdin(self, data: bytes | str) -> None:
         self._command.send_stdin(data.encode() if isinstance(data, str) else data)
+        self._wake.set()
 
     def close_stdin(self) -> None:
         self._command.close_stdin()
+        self._wake.set()
 
 
 class AsyncFiles:

@@ -42,6 +42,7 @@ from tierbox.cli_common import (
 )
 from tierbox.cli_logs import SandboxLogs
 from tierbox.cli_pool import autoscale_app, fn_app, pool_app
+from tierbox.cli_serve import register as register_serve_commands
 from tierbox.cli_term import attach
 from tierbox.cli_vm import vm_app
 from tierbox.errors import NotSupportedError, TierboxError, UsageError
@@ -71,6 +72,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(fn_app, name="fn")
 app.add_typer(autoscale_app, name="autoscale")
 register_build_commands(app, image_app)
+register_serve_commands(app)
 app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."
 )(bench)
@@ -842,7 +844,10 @@ def image_bootstrap(
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
+        from tierbox.cli_remote import remote_main
+
+        if not remote_main(sys.argv[1:]):  # --remote URL / $TIERBOX_URL: sent to a daemon
+            app()
     except KeyboardInterrupt:
         err.print("tierbox: interrupted; sandbox cleaned up", highlight=False)
         sys.exit(130)

@@ -61,11 +61,11 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── HistoryNotFoundError   no such run or sandbox in the run history (also a UsageError)
     │   ├── DoctorInputError       a file that is no pod, inspect JSON or cgroup (also a UsageError)
     │   └── ExplainError           the chat endpoint of --explain failed or answered nonsense
-    ├── ServerError                the tierbox daemon (``tierbox serve``) could not do what was asked
+    ├── ServerError                the daemon (``tierbox serve``) could not do what was asked
     │   ├── AuthenticationError    no API key, or a wrong or revoked one (HTTP 401)
     │   ├── PermissionDeniedError  the key's tenant may not ask for this (host mounts, host network)
     │   ├── QuotaExceededError     a tenant quota would be exceeded; ``quota`` names it (HTTP 429)
-    │   ├── InvalidRequestError    a request that does not validate; ``field`` names it (also a UsageError)
+    │   ├── InvalidRequestError    a request that does not validate, ``field`` named (a UsageError)
     │   ├── ExecNotFoundError      no command with that id in the sandbox (also a UsageError)
     │   ├── ShuttingDownError      the daemon is stopping and takes no new work
     │   └── ServerUnreachableError the daemon cannot be reached (no socket, refused, timed out)

@@ -93,12 +93,13 @@ def drive(pump: Pump) -> None:
         sel.close()
 
 
-async def adrive(pump: Pump) -> None:
+async def adrive(pump: Pump, wake: asyncio.Event | None = None) -> None:
     """Await ``pump`` on the running asyncio loop: its descriptors are
     watched by the loop itself (add_reader/add_writer), its deadline by a
-    timer. Cancelling the task aborts the workload."""
+    timer. Cancelling the task aborts the workload. Setting ``wake`` makes
+    it look at the pump's interests again (after ``send_stdin``)."""
     loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
+    wake = wake or asyncio.Event()
     watched: dict[int, int] = {}
 
     def on_ready(fd: int, events: int) -> None:
