@@ -40,6 +40,7 @@ from tierbox.cli_common import (
     write_err,
     write_out,
 )
+from tierbox.cli_kube import register as register_kube_commands
 from tierbox.cli_logs import SandboxLogs
 from tierbox.cli_pool import autoscale_app, fn_app, pool_app
 from tierbox.cli_serve import register as register_serve_commands
@@ -72,6 +73,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(fn_app, name="fn")
 app.add_typer(autoscale_app, name="autoscale")
 register_build_commands(app, image_app)
+register_kube_commands(app)
 register_serve_commands(app)
 app.command(
     help="Measure every available tier side by side: start, exec, memory, density, isolation."

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import itertools
 import json
 import os
 import queue
@@ -272,9 +271,6 @@ def prune(keep: int = MAX_RUNS) -> int:
 # ---- recording a run -----------------------------------------------------------------
 
 
-_serial = itertools.count(1)
-
-
 def _run_id() -> str:
     return f"r{secrets.token_hex(5)}"
 
@@ -465,20 +461,30 @@ def last() -> dict[str, Any]:
     return found[0]
 
 
-def peaks(*, image: str | None = None, tier: str | None = None, limit: int = 50) -> list[float]:
-    """Peak memory (MiB) of this user's recent runs of ``image`` on ``tier``
-    that ended well (the basis of exported requests and limits)."""
-    out: list[float] = []
+def usage(
+    *, image: str | None = None, tier: str | None = None, limit: int = 50
+) -> list[dict[str, float | None]]:
+    """Peak memory (MiB) and average CPU (cores) of this user's recent runs
+    of ``image`` on ``tier`` that ended well: what exported requests and
+    limits are sized from."""
+    out: list[dict[str, float | None]] = []
     for data in records(limit=MAX_RUNS):
         if image is not None and data.get("image") != image:
             continue
         if tier is not None and data.get("tier") != tier:
             continue
-        if (data.get("termination") or {}).get("kind") != "exited":
+        term = data.get("termination") or {}
+        if term.get("kind") != "exited" or term.get("exit_code") != 0:
             continue
-        mem = [m for m in (data.get("samples") or {}).get("memory_bytes", []) if m is not None]
-        if mem:
-            out.append(max(mem) / (1 << 20))
+        s = data.get("samples") or {}
+        mem = [m for m in s.get("memory_bytes", []) if m is not None]
+        if not mem:
+            continue
+        cpu = [(t, c) for t, c in zip(s.get("t_s", []), s.get("cpu_s", []), strict=False) if c]
+        rate = None
+        if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]:
+            rate = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
+        out.append({"peak_mib": max(mem) / (1 << 20), "cpu": rate})
         if len(out) >= limit:
             break
     return out
