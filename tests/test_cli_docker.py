@@ -660,3 +660,46 @@ def test_vm_exec_i_and_console_log() -> None:
         )
     finally:
         tb("vm", "rm", name, timeout=300)
+
+
+@pytest.mark.slow
+def test_vm_console_is_interactive_and_ctrl_bracket_leaves() -> None:
+    require_tier("vm")
+    require_image(IMAGE)
+    name = f"tbcon-{secrets.token_hex(3)}"
+    p = tb("vm", "create", name, "--memory", "256m", timeout=600)
+    assert p.returncode == 0, p.stderr
+    term = Tmux([*TIERBOX, "vm", "console", name])
+    try:
+        term.wait_line("Escape character is ^] (Ctrl + ])")
+        term.wait_prompt()
+        term.send("echo $((6*7))", "Enter")
+        term.wait_line("42")
+        term.resize(90, 20)
+        term.send("stty size", "Enter")
+        term.wait_line("20 90")
+        term.send("C-]")
+        term.wait_line("EXITED 0")
+    finally:
+        term.close()
+        tb("vm", "rm", name, timeout=300)
+
+
+@pytest.mark.parametrize("tier", ["microvm", "vm"])
+def test_logs_show_the_guest_console(tier: str) -> None:
+    require_tier(tier)
+    require_image(IMAGE)
+    p = tb("sandbox", "create", "-T", tier, IMAGE, timeout=600)
+    assert p.returncode == 0, p.stderr
+    sid = text(p).strip()
+    try:
+        marker = f"console-{secrets.token_hex(4)}"
+        p = tb("sandbox", "exec", "-u", "0", sid, "--", "sh", "-c", f"echo {marker} > /dev/console")
+        assert p.returncode == 0, p.stderr
+        wait_until(
+            lambda: marker.encode() in tb("sandbox", "logs", sid).stdout,
+            timeout_s=30,
+            what="the guest's console line in sandbox logs",
+        )
+    finally:
+        tb("sandbox", "rm", sid)

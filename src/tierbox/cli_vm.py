@@ -269,11 +269,12 @@ def vm_console(
             require_tty(inst)
             err.print(f"Connected to VM {name}", highlight=False, markup=False)
             err.print("Escape character is ^] (Ctrl + ])", highlight=False, markup=False)
-            r = attach(inst, [shell], interactive=True, escape=ESCAPE, unbounded=True)
+            attach(inst, [shell], interactive=True, escape=ESCAPE, unbounded=True)
     except TierboxError as exc:
         fail(exc)
     if not log:
-        raise typer.Exit(r.exit_code)
+        print()  # the prompt the console was left at stays on a line of its own
+        return  # as virsh console: leaving the console is not a failure
     for line in text.splitlines()[-lines:]:
         print(line)
 
