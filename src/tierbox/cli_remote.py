@@ -84,12 +84,15 @@ def remote_main(argv: list[str]) -> bool:
         if command is None:
             rest = ["--help"]
         else:
-            fail(
-                UsageError(
-                    f"`tierbox {command}` does not run on a daemon: with --remote use "
-                    f"{', '.join(REMOTE_COMMANDS)}"
+            try:
+                fail(
+                    UsageError(
+                        f"`tierbox {command}` does not run on a daemon: with --remote use "
+                        f"{', '.join(REMOTE_COMMANDS)}"
+                    )
                 )
-            )
+            except typer.Exit as exc:
+                raise SystemExit(exc.exit_code) from None
     app(args=rest, prog_name="tierbox --remote URL")
     return True
 

@@ -825,3 +825,19 @@ def _ws_start(websocket: WebSocket) -> int:
         return max(0, int(websocket.query_params.get("start", "0")))
     except ValueError:
         return 0
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The API's OpenAPI schema, as the daemon serves it at ``/openapi.json``
+    (``python -m tierbox.server.app > src/tierbox/server/openapi.json``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(Path(tmp) / "state.db")
+        try:
+            schema: dict[str, Any] = create_app(Service(db)).openapi()
+        finally:
+            db.close()
+    return schema
+
+
+if __name__ == "__main__":
+    print(json.dumps(openapi_schema(), indent=1, sort_keys=True))
