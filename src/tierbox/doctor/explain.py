@@ -48,12 +48,15 @@ _SECRET_VALUE = re.compile(
     r"AKIA[0-9A-Z]{16}|eyJ[\w-]+\.[\w-]+\.[\w-]+|[A-Za-z0-9+/]{40,}={0,2}|[0-9a-f]{32,})",
     re.IGNORECASE,
 )
-_ASSIGN = re.compile(r"([\w.-]*(?:" + _SECRET_NAME.pattern + r")[\w.-]*)([=:])(\S+)", re.IGNORECASE)
+_ASSIGN = re.compile(
+    r"(?P<name>[\w.-]*(?:" + _SECRET_NAME.pattern + r")[\w.-]*)(?P<sep>[=:])(?P<value>\S+)",
+    re.IGNORECASE,
+)
 
 
 def redact_text(text: str) -> str:
     """Credential-looking values and ``NAME=value`` pairs with a secret-like name."""
-    text = _ASSIGN.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _ASSIGN.sub(lambda m: f"{m.group('name')}{m.group('sep')}{REDACTED}", text)
     return _SECRET_VALUE.sub(REDACTED, text)
 
 

@@ -74,12 +74,13 @@ def _memory_points(
 
 def _demand_mib(ev: dict[str, Any]) -> float | None:
     """The memory the workload reached, or asked to reach: where growth is
-    refused rather than killed (wasm), the refused request on top of the peak."""
+    refused rather than killed (wasm), the size its refused request asked for
+    (the current size included)."""
     peak = ev.get("peak_mib")
     if not isinstance(peak, int | float):
         return None
     asked = ev.get("memory_grow_last_requested_mib")
-    return float(peak) + (float(asked) if isinstance(asked, int | float) else 0.0)
+    return max(float(peak), float(asked) if isinstance(asked, int | float) else 0.0)
 
 
 def _cpu(rec: dict[str, Any]) -> dict[str, float]:
@@ -276,8 +277,8 @@ def _oom(
     demand = _demand_mib(ev)
     if demand is not None and "memory_grow_last_requested_mib" in ev:
         findings.append(
-            f"its last request for {ev['memory_grow_last_requested_mib']} MiB more was refused "
-            f"at {peak} MiB: it needed at least {demand:.0f} MiB"
+            f"its last request to grow to {ev['memory_grow_last_requested_mib']} MiB was "
+            f"refused at {peak} MiB: it needed at least {demand:.0f} MiB"
         )
         need = round_up_mib(demand * HEADROOM)
     else:
