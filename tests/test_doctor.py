@@ -77,7 +77,7 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _record(argv: list[str]) -> dict[str, Any]:
     """This test's run in the history (other runs may land beside it)."""
     history.flush()
-    for rec in history.records(limit=50):
+    for rec in history.records():
         if rec.get("argv") == argv:
             return rec
     raise AssertionError(f"no history record for {argv}")
