@@ -171,23 +171,26 @@ class _Sampler:
             self._watches.discard(w)
 
     def _loop(self) -> None:
-        due = time.monotonic()
         while True:
             with self._cond:
                 while not self._watches:
                     self._cond.wait()
-                    due = time.monotonic()
-                current = list(self._watches)
-            for w in current:
-                w.take()
-                if w.after is not None:
-                    with contextlib.suppress(Exception):
-                        w.after()
-            due += INTERVAL_S
-            now = time.monotonic()
-            if due < now:  # fell behind (a slow reading): start again from now
-                due = now
-            time.sleep(due - now)
+            # the first sample one interval after a watch came: a run shorter
+            # than that costs no reading at all (its end is in its evidence)
+            due = time.monotonic() + INTERVAL_S
+            while True:
+                time.sleep(max(0.0, due - time.monotonic()))
+                with self._cond:
+                    current = list(self._watches)
+                if not current:
+                    break
+                for w in current:
+                    w.take()
+                    if w.after is not None:
+                        with contextlib.suppress(Exception):
+                            w.after()
+                due += INTERVAL_S
+                due = max(due, time.monotonic())  # fell behind (a slow reading): from now
 
 
 _sampler = _Sampler()
@@ -323,7 +326,6 @@ class Recording:
             return None
         self._done = True
         w = self.watch
-        w.take()  # the state at the end, where the sandbox still answers
         with w.lock:
             series = w.series.to_dict()
         record = dict(self.meta)
@@ -480,7 +482,11 @@ def usage(
         mem = [m for m in s.get("memory_bytes", []) if m is not None]
         if not mem:
             continue
-        cpu = [(t, c) for t, c in zip(s.get("t_s", []), s.get("cpu_s", []), strict=False) if c]
+        cpu = [
+            (t, c)
+            for t, c in zip(s.get("t_s", []), s.get("cpu_s", []), strict=False)
+            if c is not None and t is not None
+        ]
         rate = None
         if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]:
             rate = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
