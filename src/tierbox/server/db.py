@@ -576,7 +576,10 @@ class Database:
             cur = c.execute(
                 "UPDATE execs SET status = 'interrupted', ended_unix = ?, termination = ? "
                 "WHERE status = 'running'",
-                (time.time(), json.dumps({"kind": "interrupted", "reason": reason})),
+                (
+                    time.time(),
+                    json.dumps({"kind": "interrupted", "message": reason, "code": "server"}),
+                ),
             )
             c.execute("UPDATE audit SET status = 'interrupted' WHERE status = 'running'")
         return cur.rowcount

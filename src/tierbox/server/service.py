@@ -184,6 +184,9 @@ def exec_dict(
     row: ExecRow, result: ExecResult | None, message: str | None, error_code: str | None = None
 ) -> dict[str, Any]:
     """How the API shows a command."""
+    t = row.termination or {}
+    if error_code is None and t.get("code"):
+        error_code, message = str(t["code"]), message or t.get("message")
     out: dict[str, Any] = {
         "id": row.id,
         "sandbox_id": row.sandbox_id,
@@ -381,8 +384,14 @@ class Service:
                 procs = live.sandbox.processes()
             except TierboxError:
                 continue
+            script = row.argv[2] if row.argv[1:2] == ["-c"] and len(row.argv) > 2 else None
             targets = [
-                p.pid for p in procs if p.argv == row.argv and (row.pid is None or p.pid == row.pid)
+                p.pid
+                for p in procs
+                if (row.pid is None or p.pid == row.pid)
+                and p.pid != 1
+                # the command itself, or what its shell exec'd (sh -c 'sleep 300')
+                and (p.argv == row.argv or (script is not None and " ".join(p.argv) == script))
             ]
             family = set(targets)
             grew = True
@@ -739,7 +748,13 @@ class Service:
                 status=status,
                 exit_code=session.row.exit_code,
                 termination=session.row.termination
-                or ({"kind": status, "message": session.message} if session.message else None),
+                if session.error_code is None
+                else {
+                    **(session.row.termination or {}),
+                    "kind": status,
+                    "message": session.message,
+                    "code": session.error_code,
+                },
                 stdout_head=bytes(session.heads["stdout"]),
                 stderr_head=bytes(session.heads["stderr"]),
             )
