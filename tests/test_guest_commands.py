@@ -214,6 +214,28 @@ def test_a_command_on_a_terminal(box: Instance) -> None:
     assert b"err\r\n" in r.stdout  # one stream on a terminal
 
 
+def test_a_new_connection_ends_the_pipes_of_the_old_ones(box: Instance) -> None:
+    """The guest cannot always tell when a host left (its first frames can
+    arrive before the guest sees the previous host go): each connection says
+    so itself, and commands of earlier ones lose their pipes, as a
+    container's exec does when the process that ran it dies."""
+    box.exec(["rm", "-f", "/tmp/eof"])
+    cat = box.start(["sh", "-c", "cat; echo stdin-ended > /tmp/eof"], keep_stdin_open=True)
+    assert cat.pid
+    agent: ag.AgentClient = box.agent  # type: ignore[attr-defined]
+    agent.close("the test reopened the agent line")
+    agent.connect(deadline=time.monotonic() + 10, alive=lambda: True)
+    r = cat.wait_here()
+    assert r.termination.kind is TerminationKind.SIGNALED
+    assert "reopened the agent line" in r.termination.evidence["vmm"], r
+    wait_until(
+        lambda: box.exec(["cat", "/tmp/eof"]).stdout == b"stdin-ended\n",
+        timeout_s=PROMPT_S,
+        what="cat to see the end of its stdin",
+    )
+    assert box.exec(["echo", "still usable"]).stdout == b"still usable\n"
+
+
 def test_an_older_agent_is_refused_with_a_clear_error(box: Instance) -> None:
     agent: ag.AgentClient = box.agent  # type: ignore[attr-defined]
     hold = box.start(["sleep", "30"])  # keeps the line (a vm hands an idle one back)

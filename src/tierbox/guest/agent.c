@@ -30,9 +30,10 @@
  * (cgroup.kill) on timeout, output overflow or when the host gives up on
  * the command. When a command's main process exits, what it left running
  * (`sleep 300 &`) lives on in its group until the guest ends, as in a
- * container, and the group is removed once it empties. A host that goes
- * away takes its commands' pipes with it (their stdin ends, their output
- * pipes close); their processes otherwise run on.
+ * container, and the group is removed once it empties. Each host connection
+ * starts with SESSION; the commands of earlier connections then lose their
+ * pipes (their stdin ends, their output pipes close), their processes
+ * otherwise run on.
  *
  * File requests (PUT, GET, LIST) resolve paths with openat2(RESOLVE_IN_ROOT)
  * under ROOT and run with the workload's file-system uid/gid (setfsuid), so
@@ -123,6 +124,7 @@ enum {
     T_DATA_IN = 11,
     T_RESIZE = 12,
     T_PROCS = 13,
+    T_SESSION = 14,
     T_OK = 101,
     T_ERR = 102,
     T_STDOUT = 103,
@@ -147,7 +149,8 @@ struct frame {
 static const char *ROOT = "/newroot";
 static int port = -1;
 static int root_fd = -1;
-static int host_up; /* the host's end of the port is open */
+static int host_up;      /* the guest sees the host's end of the port open */
+static uint32_t session; /* bumped by each host's SESSION, its first frame */
 
 static void die(const char *what) {
     fprintf(stderr, "tierbox-agent: %s: %s\n", what, strerror(errno));
@@ -195,6 +198,7 @@ static int read_port(void) {
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && errno == EAGAIN) return -1;
         if (n < 0) die("read port");
+        host_up = 0; /* no data, and no host */
         return 0;
     }
 }
@@ -252,8 +256,10 @@ static void oq_add(const void *p, size_t n) {
     oq_len += n;
 }
 
+/* Queued even while no host is connected: a host's first frames can come
+ * before the guest learns that it connected, and its answers must wait for
+ * that, not be lost. What producers queue is bounded by OUTQ_HIGH. */
 static void send_frame(uint32_t type, uint32_t id, const void *data, size_t len) {
-    if (!host_up) return; /* nobody to tell: a new host starts afresh */
     unsigned char h[16];
     put32(h, MAGIC);
     put32(h + 4, type);
@@ -1104,6 +1110,7 @@ struct exec {
     int stdin_eof, eot_sent;  /* the host ended stdin; (tty) the EOF character went */
     uint32_t unacked;         /* stdin bytes consumed and not yet acknowledged */
     int main_done, status, killed, detached;
+    uint32_t session; /* of the host that started it */
     const char *why;
     int64_t start, deadline, kill_at, done_at;
     uint64_t nout, nerr, output_cap;
@@ -1417,6 +1424,7 @@ static void exec_start(const struct frame *f) {
     e->in_fd = inp[1];
     e->stdin_eof = !tty && !(r.flags & F_STDIN);
     e->why = "exited";
+    e->session = session;
     e->start = start;
     e->deadline = r.timeout_ms ? start + r.timeout_ms : 0;
     e->output_cap = r.output_cap;
@@ -1738,6 +1746,34 @@ static void do_poweroff(const struct frame *f) {
     reboot(RB_POWER_OFF);
 }
 
+/* A host connected (SESSION is the first frame on every connection). What
+ * is queued was for the hosts before, and so are the commands, transfers
+ * and uploads still open: their pipes close (stdin ends, output pipes break)
+ * and their processes run on. Done here rather than when the port reads as
+ * disconnected: a host's first frames can be read before the guest has
+ * seen the previous one leave, so only the new host's own word tells which
+ * frames are whose. */
+static void new_session(void) {
+    session++;
+    oq_off = oq_len = 0;
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].used && execs[i].session != session) exec_detach(&execs[i]);
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (streams[i].used) stream_close(&streams[i]);
+    for (int i = 0; i < MAX_PUTS; i++)
+        if (puts_[i].used) put_close(&puts_[i]);
+}
+
+/* Whether a host is connected, and what it sent. While none is, the port
+ * reads as end of file and polls as hung up (so it is not polled then); the
+ * kernel sends SIGIO when one connects. */
+static void port_check(void) {
+    struct pollfd p = {port, POLLIN | POLLOUT, 0};
+    if (poll(&p, 1, 0) < 0) return;
+    host_up = !(p.revents & POLLHUP);
+    if (p.revents & POLLIN) read_port();
+}
+
 static void dispatch(const struct frame *f) {
     struct exec *e;
     switch (f->type) {
@@ -1756,29 +1792,9 @@ static void dispatch(const struct frame *f) {
     case T_SYNC: do_sync(f); break;
     case T_PROCS: do_procs(f); break;
     case T_POWEROFF: do_poweroff(f); break;
+    case T_SESSION: new_session(); break;
     default: send_err(f->id, ENOSYS, "unknown request type %u", f->type);
     }
-}
-
-/* The host closed its end: what it was sent or was sending is void, and
- * its commands lose their pipes (a new host knows nothing of them). */
-static void host_gone(void) {
-    host_up = 0;
-    oq_off = oq_len = 0;
-    ipos = ilen = 0;
-    for (int i = 0; i < MAX_EXECS; i++)
-        if (execs[i].used) exec_detach(&execs[i]);
-    for (int i = 0; i < MAX_STREAMS; i++)
-        if (streams[i].used) stream_close(&streams[i]);
-    for (int i = 0; i < MAX_PUTS; i++)
-        if (puts_[i].used) put_close(&puts_[i]);
-}
-
-/* While no host is connected the port reads as end of file; a connected
- * host with nothing to say reads as EAGAIN. The kernel sends SIGIO when a
- * host connects. */
-static void host_probe(void) {
-    if (read_port() != 0) host_up = 1;
 }
 
 #define MAX_POLL (2 + 3 * MAX_EXECS)
@@ -1787,7 +1803,7 @@ static void serve(int sigfd) {
     static struct pollfd p[MAX_POLL];
     static struct exec *who[MAX_POLL];
     static int role[MAX_POLL]; /* 0 stdout (or pty), 1 stderr, 2 stdin */
-    host_probe();
+    port_check();
     for (;;) {
         struct frame f;
         while (try_frame(&f)) dispatch(&f);
@@ -1824,8 +1840,8 @@ static void serve(int sigfd) {
             p[np].fd = port;
             p[np].events = (short)((ilen - ipos < icap - CHUNK ? POLLIN : 0) | (oq_pending() ? POLLOUT : 0));
             i_port = np++;
-        } else if (wait < 0 || wait > 1000) {
-            wait = 1000; /* look for a host now and then, should a SIGIO be missed */
+        } else if (wait < 0 || wait > 200) {
+            wait = 200; /* look for a host now and then, should a SIGIO be missed */
         }
         for (int i = 0; i < MAX_EXECS; i++) {
             struct exec *e = &execs[i];
@@ -1847,7 +1863,7 @@ static void serve(int sigfd) {
         int pr = poll(p, (nfds_t)np, wait);
         if (pr < 0 && errno != EINTR) die("poll");
         if (pr <= 0) {
-            if (!host_up) host_probe();
+            if (!host_up) port_check();
             continue;
         }
         if (p[0].revents & POLLIN) {
@@ -1855,11 +1871,9 @@ static void serve(int sigfd) {
             while (read(sigfd, &si, sizeof si) > 0) {
             }
             reap();
-            if (!host_up) host_probe();
+            if (!host_up) port_check();
         }
-        if (i_port >= 0 && (p[i_port].revents & (POLLIN | POLLHUP | POLLERR))) {
-            if (read_port() == 0) host_gone();
-        }
+        if (i_port >= 0 && (p[i_port].revents & (POLLIN | POLLHUP | POLLERR))) read_port();
         if (i_port >= 0 && host_up && (p[i_port].revents & POLLOUT)) flush_port();
         for (int k = 2; k < np; k++) {
             if (k == i_port || !p[k].revents) continue;
@@ -1893,7 +1907,7 @@ int main(int argc, char **argv) {
     sigaddset(&mask, SIGCHLD);
     sigaddset(&mask, SIGIO);
     sigprocmask(SIG_BLOCK, &mask, NULL);
-    /* the port raises SIGIO when a host connects (see host_probe) */
+    /* the port raises SIGIO when a host connects (see port_check) */
     fcntl(port, F_SETOWN, getpid());
     fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC | O_NONBLOCK);
     int sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);

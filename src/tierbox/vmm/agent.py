@@ -36,6 +36,8 @@ RESIZE  12    u32 rows, u32 cols of a pty command                 -
 PROCS   13    u32 max_bytes                                       OK: u32 count, u32 truncated,
                                                                   records (u32 pid, ppid, uid,
                                                                   u8 state, u32 len, cmdline)
+SESSION 14    - (the first frame on every connection)             - (commands of earlier
+                                                                  connections lose their pipes)
 ============  ==================================================  =========================
 
 ERR payloads are ``u32 code`` + a message; the code is an errno value, or
@@ -44,7 +46,10 @@ ERR payloads are ``u32 code`` + a message; the code is an errno value, or
 Protocol 3 (``agent=3`` in HELLO) runs everything side by side: any number
 of commands, each known by its id, with file transfers, stats and process
 listings between them; one reader per connection (:mod:`tierbox.vmm.line`)
-hands each frame to whoever waits for its id. A command's stdin is
+hands each frame to whoever waits for its id. Every connection starts with
+SESSION: the agent then closes the pipes of the commands earlier
+connections started (their processes run on) and drops what it had queued
+for them; frames for ids a host does not know are dropped by the host. A command's stdin is
 credited: at most :data:`STDIN_WINDOW` bytes are in flight, and the agent's
 ACKs return credit as it writes them to the command. The host refuses an
 older agent (:class:`~tierbox.errors.AgentTooOldError`) for anything but
@@ -98,7 +103,7 @@ from tierbox.vmm.line import BACKLOG_HIGH, MAX_FRAME, AgentLine, frame
 CHUNK = 256 * 1024
 
 T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL = range(1, 11)
-T_DATA_IN, T_RESIZE, T_PROCS = 11, 12, 13
+T_DATA_IN, T_RESIZE, T_PROCS, T_SESSION = 11, 12, 13, 14
 T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA, T_ACK, T_STARTED = range(101, 109)
 F_STDIN, F_TTY = 1, 2
 #: KILL flag: the host gave up waiting for the command (it ends reason=killed)
@@ -241,6 +246,9 @@ class AgentClient:
             if self._line is not None:
                 self._line.close()
             self._line = AgentLine(sock)
+            # the agent tells connections apart by this alone: the guest may
+            # see a host's first frames before it sees the previous one leave
+            self._line.send(frame(T_SESSION, 0))
             self.version = None  # a reconnect may reach another agent (a reverted VM)
 
     def close(self, reason: str = "the agent connection was closed") -> None:

@@ -276,16 +276,19 @@ class MicroVMInstance(SnapshotOps, Instance):
             try:
                 out = outcome()
             except (AgentGoneError, AgentTimeoutError) as exc:
-                return self._lost(exc, timeout, started)
+                return self._lost(exc, timeout, started, gexec.line.closed_by_host)
             except AgentError as exc:
                 out = refused_outcome(exc, req.argv[0], f"microVM {self.id}")
             return self._classify(out, timeout)
 
         return GuestCommand(gexec, finish)
 
-    def _lost(self, exc: Exception, timeout: float | None, started: float) -> ExecResult:
+    def _lost(
+        self, exc: Exception, timeout: float | None, started: float, closed_by: str | None = None
+    ) -> ExecResult:
         """A command the guest never reported on: the agent stopped answering
-        (the VM is stopped), or the line closed (the VM died or was closed)."""
+        (the VM is stopped), or the line closed (the VM died or was closed,
+        or this side reopened the line: ``closed_by`` says why)."""
         if isinstance(exc, AgentTimeoutError):
             term = self._stop_vm(
                 Termination(
@@ -295,11 +298,12 @@ class MicroVMInstance(SnapshotOps, Instance):
                 )
             )
             return ExecResult(b"", b"", term, time.monotonic() - started)
-        if self._closed:
+        if self._closed or (closed_by is not None and self.proc.alive()):
+            why = "the sandbox was closed" if self._closed else closed_by
             term = Termination(
                 TerminationKind.SIGNALED,
                 signal=int(signal.SIGKILL),
-                evidence={"vmm": "the sandbox was closed while the command ran"},
+                evidence={"vmm": f"{why} while the command ran"},
             )
             return ExecResult(b"", b"", term, time.monotonic() - started)
         term = self._dead or self._death_termination()
