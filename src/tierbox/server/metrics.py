@@ -139,7 +139,10 @@ class Metrics:
                 row[f"{what}_mean_s"] = d.get("sum", 0.0) / count if count else None
                 row[f"{what}_p50_s"] = _quantile(d["buckets"], 0.5, count)
                 row[f"{what}_p95_s"] = _quantile(d["buckets"], 0.95, count)
-        return [rows[t] for t in sorted(rows)]
+        keys = [
+            f"{w}_{k}" for w in ("create", "exec") for k in ("count", "mean_s", "p50_s", "p95_s")
+        ]
+        return [{k: None for k in keys} | rows[t] for t in sorted(rows)]
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float, count: int) -> float | None:
