@@ -361,13 +361,21 @@ class Tmux:
             what=f"the line {line!r} on the terminal:\n{self.screen()}",
         )
 
-    def wait_prompt(self, timeout_s: float = 60) -> None:
-        """Until a shell prompt shows: what is typed before it may be lost,
-        on any terminal (the shell sets its line editing up first)."""
+    def wait_prompt(self, *, after: str | None = None, timeout_s: float = 60) -> None:
+        """Until a shell prompt shows (below the line ``after``, if given):
+        what is typed before it may be lost, on any terminal (the shell sets
+        its line editing up first, a Ctrl-C flushes the input queue)."""
+
+        def prompted() -> bool:
+            lines = self.lines()
+            if after is not None:
+                if after not in lines:
+                    return False
+                lines = lines[len(lines) - lines[::-1].index(after) :]
+            return any(line.endswith(("$", "#")) for line in lines)
+
         wait_until(
-            lambda: any(line.endswith(("$", "#")) for line in self.lines()),
-            timeout_s=timeout_s,
-            what=f"a prompt on the terminal:\n{self.screen()}",
+            prompted, timeout_s=timeout_s, what=f"a prompt on the terminal:\n{self.screen()}"
         )
 
     def resize(self, width: int, height: int) -> None:
@@ -408,9 +416,10 @@ def test_interactive_shell_through_tmux(tier: str, how: str) -> None:
         term.wait_line("sleeping-25")
         started = time.monotonic()
         term.send("C-c")
-        term.send("echo still $((1+1))", "Enter")
-        term.wait_line("still 2", timeout_s=30)
+        term.wait_prompt(after="sleeping-25", timeout_s=30)  # not after 100 s
         assert time.monotonic() - started < 30, "Ctrl-C did not interrupt sleep 100"
+        term.send("echo still $((1+1))", "Enter")
+        term.wait_line("still 2")
         term.send("exit 4", "Enter")
         term.wait_line("EXITED 4")
     finally:
