@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -46,7 +47,7 @@ from tierbox.cli_pool import autoscale_app, fn_app, pool_app
 from tierbox.cli_serve import register as register_serve_commands
 from tierbox.cli_term import attach
 from tierbox.cli_vm import vm_app
-from tierbox.errors import NotSupportedError, TierboxError, UsageError
+from tierbox.errors import NotSupportedError, SandboxNotFoundError, TierboxError, UsageError
 from tierbox.sandbox import DEFAULT_TIER, Sandbox, SandboxRecord
 from tierbox.sandbox import run as run_once
 from tierbox.spec import ExecResult, parse_duration_s, parse_memory_mib
@@ -544,7 +545,12 @@ def sandbox_logs(
     Background commands' stdout and stderr, in the order they started; for
     microVMs and VMs, then the guest's serial console."""
     try:
-        sid = Sandbox.connect(sandbox_id).id
+        # the files, not the sandbox: its owner may hold a microVM's agent line
+        sid = _state.resolve(sandbox_id)
+        if not re.fullmatch(r"[0-9a-f]{12}", sid):
+            raise SandboxNotFoundError(
+                f"no sandbox {sandbox_id!r}: `tierbox sandbox ls` lists them"
+            )
         logs = SandboxLogs.of(_state.sandbox_dir(sid), _state.read_state(sid))
     except TierboxError as exc:
         fail(exc)
