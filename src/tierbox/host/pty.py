@@ -111,6 +111,9 @@ class ConsoleSocket:
                         os.close(extra)
                     if not fds:
                         return None
+                    if not os.isatty(fds[0]):  # only a terminal is taken for one
+                        os.close(fds[0])
+                        return None
                     os.set_inheritable(fds[0], False)
                     return fds[0]
                 if pidfd in ready:
