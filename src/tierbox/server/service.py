@@ -23,7 +23,7 @@ import signal
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ from tierbox.server.metrics import Metrics
 from tierbox.spec import ExecResult, Mount, SandboxSpec, Termination, TerminationKind
 from tierbox.tiers import get_tier
 from tierbox.tiers.base import SnapshotKind, SnapshotRef
+from tierbox.tiers.commands import Command
 
 log = logging.getLogger("tierbox.server")
 T = TypeVar("T")
@@ -118,7 +119,7 @@ class ExecSession:
         self.base = 0  # index of chunks[0] among every chunk ever emitted
         self.kept_bytes = 0
         self.heads = {"stdout": bytearray(), "stderr": bytearray()}
-        self.handle: AsyncCommandHandle | None = None
+        self.handle: AsyncCommandHandle | _PoolHandle | None = None
         self.result: ExecResult | None = None
         self.message: str | None = None
         self.cancel_reason: str | None = None
@@ -230,6 +231,31 @@ def result_from_dict(d: dict[str, Any]) -> ExecResult:
         stdout_truncated=bool(d.get("stdout_truncated")),
         stderr_truncated=bool(d.get("stderr_truncated")),
     )
+
+
+class _PoolHandle:
+    """A command whose work is a blocking call, waited for on the daemon's
+    thread pool: the handle :class:`~tierbox.aio.AsyncCommandHandle` would be."""
+
+    def __init__(self, command: Command, waiting: Awaitable[ExecResult]) -> None:
+        self._command = command
+        self._task = asyncio.ensure_future(waiting)
+
+    @property
+    def pid(self) -> int | None:
+        return self._command.pid
+
+    async def wait(self) -> ExecResult:
+        return await asyncio.shield(self._task)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self._command.kill(sig)
+
+    def send_stdin(self, data: bytes | str) -> None:
+        self._command.send_stdin(data.encode() if isinstance(data, str) else data)
+
+    def close_stdin(self) -> None:
+        self._command.close_stdin()
 
 
 @dataclass
@@ -692,17 +718,34 @@ class Service:
         if stdin is None and not args.background:
             stdin = b""  # a foreground command's stdin is closed, as in sb.run
         started = time.perf_counter()
-        handle = await live.asb.run(
-            args.argv,
-            stdin=stdin,
-            env=args.env,
-            timeout_s=timeout_s,
-            cwd=args.cwd,
-            user=args.user,
-            on_stdout=sink("stdout"),
-            on_stderr=sink("stderr"),
-            background=True,
-        )
+        handle: AsyncCommandHandle | _PoolHandle
+        if live.sandbox.instance.capabilities.in_process:
+            # the work is a call in this process (wasm): run it on a warm
+            # thread of the daemon's pool rather than a new thread per command
+            command = live.sandbox.instance.start(
+                args.argv,
+                stdin=stdin,
+                env=args.env,
+                timeout_s=timeout_s,
+                cwd=args.cwd,
+                user=args.user,
+                on_stdout=sink("stdout"),
+                on_stderr=sink("stderr"),
+                unbounded=args.background,
+            )
+            handle = _PoolHandle(command, self.blocking(command.wait_here))
+        else:
+            handle = await live.asb.run(
+                args.argv,
+                stdin=stdin,
+                env=args.env,
+                timeout_s=timeout_s,
+                cwd=args.cwd,
+                user=args.user,
+                on_stdout=sink("stdout"),
+                on_stderr=sink("stderr"),
+                background=True,
+            )
         session.handle = handle
         row.pid = handle.pid
         session.audit_seq = self.db.insert_exec(row, caller.key_id)
@@ -714,7 +757,7 @@ class Service:
         return session
 
     async def _watch(
-        self, session: ExecSession, handle: AsyncCommandHandle, started: float
+        self, session: ExecSession, handle: AsyncCommandHandle | _PoolHandle, started: float
     ) -> None:
         status = "error"
         try:
