@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -744,3 +745,21 @@ def test_dashboard_pages_render_without_a_browser(daemon: tuple[Daemon, dict[str
             assert r.status_code == 401
         bench = client.bench()
         assert bench["results"]["tiers"]
+
+
+def test_readme_example_runs_as_written(daemon: tuple[Daemon, dict[str, str]]) -> None:
+    import re as re_
+
+    d, keys = daemon
+    blocks = re_.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re_.S)
+    code = next(b for b in blocks if "with Client() as client" in b)
+    env = {**os.environ, "TIERBOX_URL": str(d.socket), "TIERBOX_API_KEY": keys["acme"]}
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert p.returncode == 0, p.stderr
+    assert "live: b'hi\\n'" in p.stdout
+    assert "0 b'fed later\\n' ['in.txt']" in p.stdout
+    assert "b'one-shot\\n'" in p.stdout
+    with d.client(keys["acme"]) as client:
+        assert client.sandboxes.list() == []  # the example leaves nothing
