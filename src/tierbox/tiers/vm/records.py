@@ -143,6 +143,9 @@ class RecordOps:
                 "spec": inst.spec.to_dict(),
                 "created": inst.meta.created,
                 "persistent": inst.meta.persistent,
+                # a VM made by `tierbox vm create` lives until removed, not
+                # with the process that made it (gc's liveness reads "keep")
+                "keep": inst.meta.persistent,
                 "owner_pid": os.getpid(),
                 "tier_state": inst.state(),
             },
