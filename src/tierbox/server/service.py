@@ -459,6 +459,15 @@ class Service:
                     if peak is not None:
                         live.memory_peak_bytes = max(peak, live.memory_peak_bytes or 0)
 
+    async def _sample_one(self, live: Live) -> None:
+        with contextlib.suppress(Exception):  # a sample is best effort
+            _, st = await self.blocking(_sample, live.sandbox)
+            if st is not None:
+                live.memory_bytes = st.memory_bytes
+                peak = st.memory_peak_bytes or st.memory_bytes
+                if peak is not None:
+                    live.memory_peak_bytes = max(peak, live.memory_peak_bytes or 0)
+
     async def drain(self, grace_s: float) -> dict[str, int]:
         """Stop taking work; let running commands end for ``grace_s``, then
         kill the rest, which end with status ``cancelled``. Sandboxes stay."""
@@ -632,6 +641,7 @@ class Service:
             audit=(caller, "create", sb.id, {"tier": req.tier, "image": req.image}, "ok"),
         )
         self.live[sb.id] = Live(row, sb, AsyncSandbox(sb))
+        self._spawn(self._sample_one(self.live[sb.id]))  # memory on the dashboard at once
         return self.live[sb.id].view()
 
     @staticmethod
