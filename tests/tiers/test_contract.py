@@ -91,7 +91,8 @@ def _toolbox_image() -> str:
     from tierbox.errors import ImageNotFoundError
     from tierbox.images.store import default_store
     from tierbox.wasm import toolchain
-    from tierbox.wasm.images import import_wasm
+    from tierbox.wasm.images import SHA_ANNOTATION, import_wasm
+    from tierbox.wasm.modules import file_digest
 
     with _toolbox_lock:
         why = toolchain.missing()
@@ -102,16 +103,10 @@ def _toolbox_image() -> str:
         module = toolchain.build(source.read_bytes(), "toolbox", cache, ["-O1"])
         with contextlib.suppress(ImageNotFoundError):
             record = default_store().resolve(TOOLBOX_IMAGE)
-            if record.config.annotations.get("org.tierbox.wasm.sha256") == _sha(module):
-                return TOOLBOX_IMAGE
+            if record.config.annotations.get(SHA_ANNOTATION) == file_digest(module):
+                return TOOLBOX_IMAGE  # the same module: never re-imported under a running test
         import_wasm(module, TOOLBOX_IMAGE)
         return TOOLBOX_IMAGE
-
-
-def _sha(path: Path) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _box(name: str) -> Box:
