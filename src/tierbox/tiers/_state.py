@@ -33,6 +33,9 @@ def make_dir(sandbox_id: str) -> Path:
     under a hidden name (which ``tierbox gc`` skips), given its owner file,
     then renamed into place, so gc never sees it unowned."""
     final = sandbox_dir(sandbox_id)
+    if final.exists():  # a named sandbox's leftover directory: claim it as it is
+        claim(sandbox_id)
+        return final
     tmp = final.with_name(f".new-{sandbox_id}")
     tmp.mkdir(parents=True)
     pid = os.getpid()

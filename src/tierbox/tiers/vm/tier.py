@@ -217,6 +217,10 @@ class VMTier(TemplateOps, RecordOps, Tier):
                 f"the agent socket path {sock} is longer than {UNIX_PATH_MAX} bytes: "
                 "use a shorter TIERBOX_RUN or VM name"
             )
+        # owned before anything else of it exists: a concurrent `tierbox gc`
+        # takes nothing made below for a leftover (a persistent VM's record
+        # says "keep" once it is registered)
+        _state.make_dir(sid)
         if d.exists():
             shutil.rmtree(d)  # a leftover with no domain (checked above)
         d.mkdir(parents=True)
@@ -250,9 +254,6 @@ class VMTier(TemplateOps, RecordOps, Tier):
         use_templates = templates.enabled() if template is None else template
         inst: VMInstance | None = None
         try:
-            if not persistent:
-                _state.sandbox_dir(sid).mkdir(parents=True, exist_ok=True)
-                _state.claim(sid)
             tpl = templates.load(shape.key) if use_templates else None
             if tpl is not None:
                 try:
