@@ -55,7 +55,7 @@ are translated at the boundary with ``raise ... from exc``::
     │   └── GateError              a lint or scan gate stopped a build before the image was stored
     ├── ScanError                  an SBOM or a vulnerability source could not be produced or read
     ├── KubeError                  Kubernetes export, advice or apply could not be done
-    │   ├── ManifestError          a manifest or workload file that does not parse (also a UsageError)
+    │   ├── ManifestError          a manifest or workload file that does not parse (UsageError)
     │   └── KubeApplyError         the API server (or kubeconfig) refused or failed an apply
     ├── DoctorError                tierbox doctor could not read what it was given
     │   ├── HistoryNotFoundError   no such run or sandbox in the run history (also a UsageError)
