@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, TIERBOX, assert_gone, require_image, require_tier, wait_until
+from tests.tiers.test_contract import TOOLBOX_IMAGE, _toolbox_image
 from tierbox import (
     AuthenticationError,
     Client,
@@ -47,7 +48,7 @@ OPENAPI = ROOT / "src" / "tierbox" / "server" / "openapi.json"
 #: the contract suite's WASI toolbox, under a name only these tests use (the
 #: contract suite re-imports its own image, which would pull the module from
 #: under a sandbox that a restarted daemon reattaches)
-WASM_IMAGE = "tierbox-server-toolbox:latest"
+WASM_IMAGE = TOOLBOX_IMAGE  # the contract suite's toolbox, imported once for both
 
 
 def free_port() -> int:
@@ -161,33 +162,11 @@ def running(
         d.cleanup()
 
 
-def wasm_image() -> str:
-    """The toolbox guest compiled to WASI, stored as :data:`WASM_IMAGE` once."""
-    from tests.tiers.test_contract import _sha
-    from tierbox.errors import ImageNotFoundError
-    from tierbox.images.store import default_store
-    from tierbox.wasm import toolchain
-    from tierbox.wasm.images import import_wasm
-
-    why = toolchain.missing()
-    if why is not None:
-        pytest.skip(why)
-    source = ROOT / "tests" / "wasm_guests" / "toolbox.c"
-    cache = Path(tempfile.gettempdir()) / "tierbox-test-wasm-guests"
-    module = toolchain.build(source.read_bytes(), "toolbox", cache, ["-O1"])
-    with contextlib.suppress(ImageNotFoundError):
-        record = default_store().resolve(WASM_IMAGE)
-        if record.config.annotations.get("org.tierbox.wasm.sha256") == _sha(module):
-            return WASM_IMAGE
-    import_wasm(module, WASM_IMAGE)
-    return WASM_IMAGE
-
-
 def require_engines() -> None:
     require_tier("container")
     require_tier("wasm")
     require_image("busybox")
-    wasm_image()
+    _toolbox_image()
 
 
 @pytest.fixture(scope="module")
