@@ -84,7 +84,9 @@ def test_long_lived_usable_memory_is_within_10_percent() -> None:
         assert st.memory_limit_bytes == MEM_MIB * MIB
         # the workload's peak is its own, the engine's memory is reported apart
         assert st.memory_peak_bytes is not None
-        assert FITS_MIB * MIB <= st.memory_peak_bytes <= MEM_MIB * 1.1 * MIB, st
+        # (the engine's share is its footprint measured once, so the workload's
+        # peak may read a few MiB under what it held when the Sentry shrank since)
+        assert (FITS_MIB - 4) * MIB <= st.memory_peak_bytes <= MEM_MIB * 1.1 * MIB, st
         assert st.engine_memory_bytes is not None and 4 * MIB < st.engine_memory_bytes < 64 * MIB
         # the Sentry gives freed pages back to the host lazily: memory_bytes may lag
         assert st.memory_bytes is not None and st.memory_bytes <= st.memory_peak_bytes, st
