@@ -74,6 +74,7 @@ from tierbox.errors import (
     WaitTimeoutError,
 )
 from tierbox.handles import CommandHandle
+from tierbox.network import Egress, PortMap
 from tierbox.sandbox import Sandbox, SandboxRecord, make_spec, run
 from tierbox.spec import (
     ExecResult,
@@ -108,6 +109,7 @@ __all__ = [
     "DockerfileError",
     "DoctorError",
     "DoctorInputError",
+    "Egress",
     "ExecNotFoundError",
     "ExecResult",
     "ExplainError",
@@ -140,6 +142,7 @@ __all__ = [
     "PoolExistsError",
     "PoolManagerError",
     "PoolNotFoundError",
+    "PortMap",
     "ProbeBuildError",
     "QMPError",
     "QuotaExceededError",

@@ -30,6 +30,7 @@ from tierbox.errors import (
     UsageError,
 )
 from tierbox.handles import CommandHandle
+from tierbox.network import Egress, PortMap, check_network
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
@@ -59,11 +60,12 @@ def make_spec(
     timeout_s: float | None = Limits.timeout_s,
     disk_mib: int | None = Limits.disk_mib,
     output_bytes: int = Limits.output_bytes,
-    network: str | NetworkPolicy = NetworkPolicy.NONE,
+    network: str | NetworkPolicy | Egress = NetworkPolicy.NONE,
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     workdir: str = "/",
     mounts: Sequence[Mount] = (),
+    ports: Sequence[PortMap | str | int] = (),
 ) -> SandboxSpec:
     """A SandboxSpec from keyword options (defaults live in Limits); every
     bad value is a UsageError naming the option."""
@@ -77,13 +79,8 @@ def make_spec(
         disk_mib=disk_mib,
         output_bytes=output_bytes,
     )
-    try:
-        policy = NetworkPolicy(network)
-    except ValueError:
-        names = ", ".join(p.value for p in NetworkPolicy)
-        raise UsageError(
-            f"network={network!r} is not a network policy: use one of {names}"
-        ) from None
+    policy = check_network(network)
+    published = _port_maps(ports)
     if env is not None and (
         not isinstance(env, Mapping)
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
@@ -107,7 +104,28 @@ def make_spec(
         user=user,
         workdir=workdir,
         mounts=checked,
+        ports=published,
     )
+
+
+def _port_maps(ports: object) -> tuple[PortMap, ...]:
+    """``ports=`` as PortMap, Docker's ``"8080:80"`` or a bare sandbox port."""
+    if isinstance(ports, str | int | PortMap) or not isinstance(ports, Sequence):
+        raise UsageError("ports must be a list, like ports=['8080:80'] or [PortMap(80, 8080)]")
+    out: list[PortMap] = []
+    for p in ports:
+        if isinstance(p, PortMap):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(PortMap.parse(p))
+        elif isinstance(p, int) and not isinstance(p, bool):
+            out.append(PortMap(p))
+        else:
+            raise UsageError(f"bad port {p!r}: write '8080:80' or PortMap(port=80, host_port=8080)")
+    taken = [(p.host_ip, p.host_port) for p in out if p.host_port]
+    if len(set(taken)) != len(taken):
+        raise UsageError(f"two mappings publish one host port: {sorted(taken)}")
+    return tuple(out)
 
 
 _OPTIONS = [p for p in inspect.signature(make_spec).parameters if p != "image"]
@@ -285,6 +303,7 @@ class Sandbox:
             check_timeout_s(ttl_s, "ttl_s")
         spec = spec or _spec_from(image, options)
         expires = time.time() + ttl_s if ttl_s is not None else None
+        spec = get_tier(tier).prepare(spec)  # names in an allow-list pinned once, here
         inst = get_tier(tier).create(spec)
         try:
             if name is not None:

@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierbox.errors import SpecError, UsageError
+from tierbox.network import (
+    Egress,
+    NetworkPolicy,
+    NetworkSpec,
+    PortMap,
+    network_from_dict,
+    network_mode,
+    network_to_dict,
+)
+
+__all__ = ["Egress", "NetworkPolicy", "PortMap"]  # re-exported: the spec's network types
 
 #: One mebibyte, the unit of every ``*_mib`` limit.
 MIB = 1 << 20
@@ -22,13 +33,6 @@ DEFAULT_OUTPUT_LIMIT_BYTES = 1 << 20  # 1 MiB per stream, like a terminal scroll
 #: the caller passes another ``max_bytes``: a hostile workload can offer an
 #: 8 GB sparse file or a link to /dev/zero.
 DEFAULT_READ_MAX_BYTES = 64 << 20
-
-
-class NetworkPolicy(enum.StrEnum):
-    """What network a sandbox gets. ``none`` means loopback only (the default)."""
-
-    NONE = "none"
-    HOST = "host"
 
 
 class TerminationKind(enum.StrEnum):
@@ -389,21 +393,29 @@ class SandboxSpec:
 
     image: str | None = None
     limits: Limits = field(default_factory=Limits)
-    network: NetworkPolicy = NetworkPolicy.NONE
+    #: "none", "host" or an :class:`Egress` allow-list (tierbox.network)
+    network: NetworkSpec = NetworkPolicy.NONE
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     user: str | None = None  # "uid[:gid]"; None means the tier's non-root default
     mounts: tuple[Mount, ...] = ()
+    #: sandbox ports published on the host (loopback unless an address is given)
+    ports: tuple[PortMap, ...] = ()
+
+    @property
+    def network_mode(self) -> NetworkPolicy:
+        return network_mode(self.network)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "image": self.image,
             "limits": self.limits.to_dict(),
-            "network": self.network.value,
+            "network": network_to_dict(self.network),
             "env": self.env,
             "workdir": self.workdir,
             "user": self.user,
             "mounts": [m.to_dict() for m in self.mounts],
+            "ports": [p.to_dict() for p in self.ports],
         }
 
     @classmethod
@@ -411,11 +423,12 @@ class SandboxSpec:
         return cls(
             image=data.get("image"),
             limits=Limits.from_dict(data.get("limits", {})),
-            network=NetworkPolicy(data.get("network", "none")),
+            network=network_from_dict(data.get("network")),
             env=dict(data.get("env", {})),
             workdir=data.get("workdir", "/"),
             user=data.get("user"),
             mounts=tuple(Mount(**m) for m in data.get("mounts", [])),
+            ports=tuple(PortMap(**p) for p in data.get("ports", [])),
         )
 
 

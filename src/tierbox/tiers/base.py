@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 from tierbox.errors import NotSupportedError, SandboxFileError, SpecError, UsageError
 from tierbox.host.rootfs import RootDir
+from tierbox.network import Egress, NetworkPolicy, pin
 from tierbox.spec import (
     DEFAULT_READ_MAX_BYTES,
     ExecResult,
@@ -85,6 +86,10 @@ class Capabilities:
     #: host directories appear in the sandbox itself (bind mount, preopen);
     #: without it (VMs) the facade copies them in and, when writable, back
     shares_host_files: bool = True
+    #: the network policies the tier can give (tierbox.network)
+    networks: frozenset[NetworkPolicy] = frozenset({NetworkPolicy.NONE})
+    #: sandbox ports can be published on the host (``ports=``)
+    publish_ports: bool = False
 
 
 #: Reads a sandbox's usage now (its memory, CPU, pids).
@@ -424,18 +429,39 @@ class Tier(abc.ABC):
         """Can this tier run here? Cheap and cached where possible."""
 
     def check_spec(self, spec: SandboxSpec) -> None:
-        """What every tier refuses the same way, checked once: too little memory."""
+        """What every tier refuses the same way, checked once: too little
+        memory, a network policy or published ports the tier cannot give."""
         mem = spec.limits.memory_mib
         least = self.capabilities.min_memory_mib
         if mem is not None and mem < least:
             raise SpecError(
                 f"memory_mib={mem} is too small for the {self.name} tier: give at least {least} MiB"
             )
+        mode = spec.network_mode
+        if mode not in self.capabilities.networks:
+            can = _tiers_where(lambda c: mode in c.networks, but=self.name)
+            raise NotSupportedError(
+                f"the {self.name} tier cannot give network={mode.value}: "
+                f"use network=none here, or a tier that can ({', '.join(can) or 'none'})"
+            )
+        if spec.ports and not self.capabilities.publish_ports:
+            can = _tiers_where(lambda c: c.publish_ports, but=self.name)
+            raise NotSupportedError(
+                f"the {self.name} tier cannot publish ports: drop ports=, "
+                f"or use a tier that can ({', '.join(can) or 'none'})"
+            )
+
+    def prepare(self, spec: SandboxSpec) -> SandboxSpec:
+        """``spec`` checked, with the allow-list's names resolved and pinned
+        (once: a pinned spec comes back as it is)."""
+        self.check_spec(spec)
+        if isinstance(spec.network, Egress) and not spec.network.pinned:
+            spec = dataclasses.replace(spec, network=pin(spec.network))
+        return spec
 
     def create(self, spec: SandboxSpec) -> Instance:
         """Start a long-lived sandbox."""
-        self.check_spec(spec)
-        return self._create(spec)
+        return self._create(self.prepare(spec))
 
     @abc.abstractmethod
     def _create(self, spec: SandboxSpec) -> Instance:
@@ -453,7 +479,7 @@ class Tier(abc.ABC):
         """One-shot: a fresh sandbox runs ``argv`` (empty: the image's own
         command) once and is gone; output streams to the callbacks as it
         comes. Arguments checked here for every tier."""
-        self.check_spec(spec)
+        spec = self.prepare(spec)
         args, data = check_run_args(argv, stdin, None, None, allow_empty=True)
         return self._run(spec, args, stdin=data, on_stdout=on_stdout, on_stderr=on_stderr)
 

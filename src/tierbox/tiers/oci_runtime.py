@@ -35,6 +35,7 @@ from tierbox.host.pinned import PinnedProcess, start_time
 from tierbox.host.procs import kill_tree, process_info
 from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import exit_error, run, spawn
+from tierbox.network import NetworkPolicy
 from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
     DEFAULT_PATH,
@@ -79,7 +80,7 @@ def runtime_version(binary: str) -> str:
 
 
 #: commands can run on a pty the runtime makes (``exec --console-socket``)
-CAPABILITIES = Capabilities(tty=True)
+CAPABILITIES = Capabilities(tty=True, networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.HOST}))
 
 
 class OciInstance(Instance):

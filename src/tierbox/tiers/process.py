@@ -35,6 +35,7 @@ from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.privtmp import PrivateTmp
 from tierbox.host.procs import process_info
 from tierbox.host.rootfs import RootDir
+from tierbox.network import NetworkPolicy
 from tierbox.spec import (
     DEFAULT_PATH,
     ExecResult,
@@ -56,7 +57,7 @@ ZOMBIE_WAIT_S = 5.0
 NOFILE_LIMIT = 4096  # hard limit; root here cannot raise it past 20000 anyway
 TMP = "/tmp"
 #: commands can run on a pty (host/pty.py)
-CAPABILITIES = Capabilities(tty=True)
+CAPABILITIES = Capabilities(tty=True, networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.HOST}))
 
 
 class ProcessInstance(DirectoryFiles, Instance):

@@ -64,7 +64,6 @@ from tierbox.host.rootfs import RootDir
 from tierbox.spec import (
     MIB,
     ExecResult,
-    NetworkPolicy,
     ProcessInfo,
     SandboxSpec,
     Stats,
@@ -113,11 +112,6 @@ def _preopens(spec: SandboxSpec) -> list[tuple[str, str, bool]]:
 
 
 def _check_spec(spec: SandboxSpec) -> None:
-    if spec.network is not NetworkPolicy.NONE:
-        raise NotSupportedError(
-            f"the wasm tier has no network (asked for network={spec.network.value}): "
-            "WASI preview 1 guests get no sockets; use network=none or another tier"
-        )
     for m in spec.mounts:
         if not os.path.isdir(m.host):
             raise NotSupportedError(

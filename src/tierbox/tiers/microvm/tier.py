@@ -24,12 +24,11 @@ from tierbox.errors import (
     AgentGoneError,
     AgentTimeoutError,
     HostError,
-    NotSupportedError,
     SandboxError,
     TierUnavailableError,
 )
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
-from tierbox.spec import Limits, NetworkPolicy, SandboxSpec, Termination, TerminationKind
+from tierbox.spec import Limits, SandboxSpec, Termination, TerminationKind
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Tier
 from tierbox.tiers.microvm.instance import CAPABILITIES, MicroVMInstance, vm_state_file
@@ -162,11 +161,6 @@ class MicroVMTier(RestoreOps, Tier):
     def _create(self, spec: SandboxSpec) -> MicroVMInstance:
         if qemu.qemu_path() is None:
             raise TierUnavailableError(self.available().reason)
-        if spec.network is not NetworkPolicy.NONE:
-            raise NotSupportedError(
-                f"the microvm tier gives guests no NIC: network={spec.network.value} "
-                "is not supported (use network=none)"
-            )
         disk = artifacts.root_disk(spec.image) if spec.image else None
         machine = self._machine_for(spec, disk)
         guest = self._guest_for(spec, disk)

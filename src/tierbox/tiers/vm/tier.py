@@ -35,7 +35,7 @@ from tierbox.errors import (
 )
 from tierbox.host.runner import which
 from tierbox.paths import MARKER
-from tierbox.spec import NetworkPolicy, SandboxSpec
+from tierbox.spec import SandboxSpec
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
 from tierbox.tiers.vm.instance import VMInstance
@@ -144,11 +144,6 @@ class VMTier(TemplateOps, RecordOps, Tier):
     def shape(self, spec: SandboxSpec) -> Shape:
         """Validate ``spec`` and gather what the VM is made of (builds the
         guest initramfs and the image's base disk when missing)."""
-        if spec.network is not NetworkPolicy.NONE:
-            raise SpecError(
-                f"network={spec.network.value}: the vm tier has no network interface yet; "
-                "use network=none"
-            )
         self.check_spec(spec)
         mem = spec.limits.memory_mib or DEFAULT_MEMORY_MIB
         vcpus = max(1, math.ceil(spec.limits.cpus)) if spec.limits.cpus else 1
