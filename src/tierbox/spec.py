@@ -236,6 +236,10 @@ class Stats:
     engine_memory_bytes: int | None = None
     #: time the CPU quota held the sandbox back (cgroup cpu.stat), where there is one
     cpu_throttled_s: float | None = None
+    #: bytes the sandbox sent and received over its network (egress policy
+    #: only: loopback traffic is not counted)
+    net_tx_bytes: int | None = None
+    net_rx_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +251,8 @@ class Stats:
             "memory_limit_bytes": self.memory_limit_bytes,
             "engine_memory_bytes": self.engine_memory_bytes,
             "cpu_throttled_s": self.cpu_throttled_s,
+            "net_tx_bytes": self.net_tx_bytes,
+            "net_rx_bytes": self.net_rx_bytes,
         }
 
 
