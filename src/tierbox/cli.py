@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -48,6 +49,7 @@ from tierbox.cli_serve import register as register_serve_commands
 from tierbox.cli_term import attach
 from tierbox.cli_vm import vm_app
 from tierbox.errors import NotSupportedError, SandboxNotFoundError, TierboxError, UsageError
+from tierbox.network import Egress, PortMap, check_network
 from tierbox.sandbox import DEFAULT_TIER, Sandbox, SandboxRecord
 from tierbox.sandbox import run as run_once
 from tierbox.spec import ExecResult, parse_duration_s, parse_memory_mib
@@ -137,7 +139,35 @@ TimeoutOpt = Annotated[
     typer.Option("--timeout", metavar="DURATION", help="Wall-clock limit, e.g. 10s, 500ms, 2m."),
 ]
 NetOpt = Annotated[
-    str, typer.Option("--network", metavar="MODE", help="none (loopback only) or host.")
+    str,
+    typer.Option(
+        "--network",
+        metavar="MODE",
+        help="none (loopback only), egress (only to --allow) or host (process, container).",
+    ),
+]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow",
+        metavar="HOST:PORT",
+        help="With --network egress: a destination it may reach (HOST:PORT, CIDR:PORT-RANGE, "
+        "name.example:443; names are resolved once, now); repeatable.",
+    ),
+]
+DnsOpt = Annotated[
+    bool,
+    typer.Option("--dns", help="With --network egress: let it ask the host's DNS resolvers too."),
+]
+PublishOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--publish",
+        "-p",
+        metavar="[IP:]HOSTPORT:PORT",
+        help="Publish a sandbox port on the host's loopback (IP 0.0.0.0 for every interface); "
+        "repeatable.",
+    ),
 ]
 InteractiveOpt = Annotated[
     bool, typer.Option("--interactive", "-i", help="Pass this terminal's input to the workload.")
@@ -183,20 +213,26 @@ def _spec_options(
     timeout: str,
     env: list[str] | None,
     env_files: list[Path] | None,
-    network: str,
+    network: tuple[str, list[str] | None, bool, list[str] | None],
     volumes: list[str] | None = None,
     user: str | None = None,
 ) -> dict[str, Any]:
-    """make_spec's options from the command line's."""
-    if network not in ("none", "host"):
-        raise UsageError(f"bad --network {network!r}: use none or host")
+    """make_spec's options from the command line's; ``network`` is
+    (--network, --allow, --dns, --publish)."""
+    mode, allow, dns, publish = network
+    policy = check_network(mode, allow or ())
+    if dns:
+        if not isinstance(policy, Egress):
+            raise UsageError("--dns goes with --network egress")
+        policy = Egress(policy.allow, dns=True)
     opts: dict[str, Any] = {
         "memory_mib": parse_memory_mib(memory),
         "cpus": cpus,
         "pids": pids,
         "timeout_s": parse_duration_s(timeout),
         "env": parse_env(env, env_files),
-        "network": network,
+        "network": policy,
+        "ports": [PortMap.parse(p) for p in publish or ()],
         "user": user,
     }
     if volumes:
@@ -284,6 +320,9 @@ def run(
     user: UserOpt = None,
     name: NameOpt = None,
     network: NetOpt = "none",
+    allow: AllowOpt = None,
+    dns: DnsOpt = False,
+    publish: PublishOpt = None,
     interactive: InteractiveOpt = False,
     tty: TtyOpt = False,
     remove: Annotated[
@@ -296,7 +335,9 @@ def run(
     Output streams as it comes; the sandbox is gone afterwards."""
     try:
         tier = resolve_tier(tier)
-        opts = _spec_options(memory, cpus, pids, timeout, env, env_file, network, volume, user)
+        opts = _spec_options(
+            memory, cpus, pids, timeout, env, env_file, (network, allow, dns, publish), volume, user
+        )
         argv = workload_argv(command)
         live_stdin = interactive and _stdin_is_terminal() and not as_json
         if tty or name or workdir or live_stdin:
@@ -378,6 +419,9 @@ def sandbox_create(
     user: UserOpt = None,
     name: NameOpt = None,
     network: NetOpt = "none",
+    allow: AllowOpt = None,
+    dns: DnsOpt = False,
+    publish: PublishOpt = None,
     ttl: Annotated[
         str | None,
         typer.Option(
@@ -391,7 +435,9 @@ def sandbox_create(
     """Start a sandbox that lives until `tierbox sandbox rm` (or its --ttl); prints its id."""
     try:
         tier = resolve_tier(tier)
-        opts = _spec_options(memory, cpus, pids, timeout, env, env_file, network, volume, user)
+        opts = _spec_options(
+            memory, cpus, pids, timeout, env, env_file, (network, allow, dns, publish), volume, user
+        )
         if workdir is not None:
             opts["workdir"] = workdir
         ttl_s = parse_duration_s(ttl) if ttl else None
@@ -600,6 +646,23 @@ def _inspect(sb: Sandbox, state: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _print_network(line: Callable[[str, object], None], spec: dict[str, Any]) -> None:
+    """The policy, each allow-list entry with the addresses pinned at create,
+    and the published ports."""
+    net = spec.get("network", "none")
+    if not isinstance(net, dict):
+        line("network", net)
+    else:
+        egress = net["egress"]
+        line("network", "egress" + (" (dns allowed)" if egress.get("dns") else ""))
+        for rule in egress.get("rules", []):
+            lo, hi = rule["ports"]
+            ports = str(lo) if lo == hi else f"{lo}-{hi}"
+            line("  allow", f"{rule['allow']} -> {', '.join(rule['addresses'])} port {ports}")
+    for p in spec.get("ports") or []:
+        line("publish", f"{p['host_ip']}:{p['host_port'] or '(any)'} -> {p['port']}")
+
+
 def _print_inspect(info: dict[str, Any]) -> None:
     def line(key: str, value: object) -> None:
         out.print(f"{key:16} {value}", highlight=False, markup=False)
@@ -618,7 +681,7 @@ def _print_inspect(info: dict[str, Any]) -> None:
     line("timeout", f"{limits['timeout_s']} s" if limits.get("timeout_s") is not None else "-")
     line("disk", fmt_mib(limits.get("disk_mib")))
     spec = info["spec"]
-    line("network", spec.get("network", "-"))
+    _print_network(line, spec)
     line("user", spec.get("user") or "(the tier's default)")
     line("workdir", spec.get("workdir", "/"))
     for key in sorted(spec.get("env") or {}):
