@@ -31,6 +31,7 @@ from tests.tiers.test_contract import TOOLBOX_IMAGE, _toolbox_image
 from tierbox import (
     AuthenticationError,
     Client,
+    Egress,
     ExecNotFoundError,
     InvalidRequestError,
     NotSupportedError,
@@ -404,6 +405,25 @@ def test_errors_are_json_with_codes_that_name_the_class(
     with pytest.raises(ServerUnreachableError):
         Client(str(d.dir / "no.sock")).sandboxes.list()
     assert UnknownTierError  # re-exported for callers that check it
+
+
+def test_network_requests_are_checked_and_ports_are_the_operators(
+    daemon: tuple[Daemon, dict[str, str]],
+) -> None:
+    d, keys = daemon
+    with d.http(keys["acme"]) as h:
+        bad = {"allow": ["10.0.0.1/24:80"], "dns": False}
+        r = h.post("/v1/sandboxes", json={"image": "busybox", "network": bad})
+        assert r.status_code == 422, r.text
+        assert "host bits set" in r.json()["message"]
+        r = h.post("/v1/sandboxes", json={"image": "busybox", "network": {"allow": [], "x": 1}})
+        assert r.status_code == 422 and r.json()["field"].startswith("network")
+        r = h.post("/v1/sandboxes", json={"image": "busybox", "ports": [{"port": 80}]})
+        assert r.status_code == 403 and r.json()["code"] == "permission_denied", r.text
+        r = h.post("/v1/sandboxes", json={"image": WASM_IMAGE, "tier": "wasm", "network": "host"})
+        assert r.status_code in (403, 501), r.text  # the operator's, and not wasm's
+    with d.client(keys["acme"]) as client, pytest.raises(NotSupportedError, match="wasm tier"):
+        client.sandboxes.create(WASM_IMAGE, tier="wasm", network=Egress(["192.0.2.7:80"]))
 
 
 # ---- tenants ----------------------------------------------------------------------------------

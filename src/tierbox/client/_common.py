@@ -21,6 +21,7 @@ from tierbox.errors import (
     ServerUnreachableError,
     UsageError,
 )
+from tierbox.network import Egress, PortMap
 from tierbox.server import codes
 from tierbox.spec import (
     ExecResult,
@@ -52,6 +53,7 @@ OPTIONS = (
     "user",
     "workdir",
     "mounts",
+    "ports",
 )
 
 
@@ -133,21 +135,31 @@ def create_body(
         d = spec.to_dict()
         body["image"] = d["image"]
         body.update(d["limits"])
-        for k in ("network", "env", "workdir", "user", "mounts"):
+        for k in ("env", "workdir", "user", "mounts", "ports"):
             body[k] = d[k]
+        body["network"] = _network_body(spec.network)
     else:
         body["image"] = image
         for k, v in options.items():
             if k == "mounts":
                 v = [m.to_dict() if isinstance(m, Mount) else m for m in v]
             elif k == "network":
-                v = getattr(v, "value", v)
+                v = _network_body(v)
+            elif k == "ports":
+                v = [p.to_dict() if isinstance(p, PortMap) else p for p in v]
             body[k] = v
     if name is not None:
         body["name"] = name
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
     return {k: v for k, v in body.items() if not (k == "image" and v is None)}
+
+
+def _network_body(network: object) -> object:
+    """``network=`` as the API spells it: "none", "host" or {"allow", "dns"}."""
+    if isinstance(network, Egress):
+        return {"allow": list(network.allow), "dns": network.dns}
+    return getattr(network, "value", network)
 
 
 def exec_body(

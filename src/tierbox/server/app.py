@@ -97,6 +97,28 @@ class MountBody(BaseModel):
     read_only: bool = True
 
 
+class EgressBody(BaseModel):
+    """A private network whose only ways out are ``allow``; names in it are
+    resolved once, at create, and pinned."""
+
+    model_config = ConfigDict(extra="forbid")
+    allow: list[Annotated[Text, Field(min_length=1, max_length=300)]] = Field(
+        default_factory=list,
+        max_length=256,
+        description="HOST:PORT, CIDR:PORT-RANGE or name.example:443",
+    )
+    dns: bool = Field(False, description="may also ask the host's DNS resolvers")
+
+
+class PortBody(BaseModel):
+    """A sandbox port published on the daemon host (loopback unless host_ip)."""
+
+    model_config = ConfigDict(extra="forbid")
+    port: Annotated[int, Field(ge=1, le=65535)]
+    host_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    host_ip: Annotated[str, Field(min_length=2, max_length=64)] = "127.0.0.1"
+
+
 class SandboxBody(BaseModel):
     """A sandbox's full spec; limits carry their unit in their name."""
 
@@ -114,7 +136,12 @@ class SandboxBody(BaseModel):
     timeout_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = 60.0
     disk_mib: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
     output_bytes: Annotated[int, Field(ge=1, le=64 << 20)] = 1 << 20
-    network: Literal["none", "host"] = "none"
+    network: Literal["none", "host"] | EgressBody = Field(
+        "none", description="none (loopback only), host, or an egress allow-list"
+    )
+    ports: list[PortBody] = Field(
+        default_factory=list, max_length=64, description="ports published on the daemon host"
+    )
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=1024)
     user: Annotated[str, Field(pattern=USER_PATTERN)] | None = None
     workdir: Annotated[Text, Field(min_length=1, max_length=4096)] = "/"

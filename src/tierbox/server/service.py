@@ -45,6 +45,7 @@ from tierbox.errors import (
     TierboxError,
     UsageError,
 )
+from tierbox.network import Egress, PortMap
 from tierbox.sandbox import Sandbox, make_spec
 from tierbox.server import codes
 from tierbox.server.db import (
@@ -579,6 +580,14 @@ class Service:
             raise PermissionDeniedError(
                 "network=host is for the host operator (the unix socket without a key)"
             )
+        if opts.get("ports") and not caller.operator:
+            raise PermissionDeniedError(
+                "published ports bind on the daemon's host: they are for the host operator "
+                "(the unix socket without a key)"
+            )
+        if isinstance(opts.get("network"), dict):
+            opts["network"] = Egress(**opts["network"])
+        opts["ports"] = [PortMap(**p) for p in opts.get("ports") or ()]
         opts["mounts"] = [Mount(**m) for m in mounts]
         if req.ttl_s is not None and req.ttl_s <= 0:
             raise InvalidRequestError("ttl_s must be positive", field="ttl_s")
