@@ -26,14 +26,19 @@ from tierbox.cli_bench import bench
 from tierbox.cli_build import register as register_build_commands
 from tierbox.cli_common import (
     PASSTHROUGH,
+    AllowOpt,
+    DnsOpt,
     EnvFileOpt,
     EnvOpt,
     JsonOpt,
+    NetOpt,
+    PublishOpt,
     emit_result,
     err,
     fail,
     fmt_bytes,
     fmt_mib,
+    network_options,
     out,
     parse_env,
     parse_volume,
@@ -49,7 +54,6 @@ from tierbox.cli_serve import register as register_serve_commands
 from tierbox.cli_term import attach
 from tierbox.cli_vm import vm_app
 from tierbox.errors import NotSupportedError, SandboxNotFoundError, TierboxError, UsageError
-from tierbox.network import Egress, PortMap, check_network
 from tierbox.sandbox import DEFAULT_TIER, Sandbox, SandboxRecord
 from tierbox.sandbox import run as run_once
 from tierbox.spec import ExecResult, parse_duration_s, parse_memory_mib
@@ -138,37 +142,6 @@ TimeoutOpt = Annotated[
     str,
     typer.Option("--timeout", metavar="DURATION", help="Wall-clock limit, e.g. 10s, 500ms, 2m."),
 ]
-NetOpt = Annotated[
-    str,
-    typer.Option(
-        "--network",
-        metavar="MODE",
-        help="none (loopback only), egress (only to --allow) or host (process, container).",
-    ),
-]
-AllowOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--allow",
-        metavar="HOST:PORT",
-        help="With --network egress: a destination it may reach (HOST:PORT, CIDR:PORT-RANGE, "
-        "name.example:443; names are resolved once, now); repeatable.",
-    ),
-]
-DnsOpt = Annotated[
-    bool,
-    typer.Option("--dns", help="With --network egress: let it ask the host's DNS resolvers too."),
-]
-PublishOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--publish",
-        "-p",
-        metavar="[IP:]HOSTPORT:PORT",
-        help="Publish a sandbox port on the host's loopback (IP 0.0.0.0 for every interface); "
-        "repeatable.",
-    ),
-]
 InteractiveOpt = Annotated[
     bool, typer.Option("--interactive", "-i", help="Pass this terminal's input to the workload.")
 ]
@@ -219,20 +192,13 @@ def _spec_options(
 ) -> dict[str, Any]:
     """make_spec's options from the command line's; ``network`` is
     (--network, --allow, --dns, --publish)."""
-    mode, allow, dns, publish = network
-    policy = check_network(mode, allow or ())
-    if dns:
-        if not isinstance(policy, Egress):
-            raise UsageError("--dns goes with --network egress")
-        policy = Egress(policy.allow, dns=True)
     opts: dict[str, Any] = {
         "memory_mib": parse_memory_mib(memory),
         "cpus": cpus,
         "pids": pids,
         "timeout_s": parse_duration_s(timeout),
         "env": parse_env(env, env_files),
-        "network": policy,
-        "ports": [PortMap.parse(p) for p in publish or ()],
+        **network_options(*network),
         "user": user,
     }
     if volumes:

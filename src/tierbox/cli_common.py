@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from tierbox.errors import UnknownTierError, UsageError
+from tierbox.network import Egress, PortMap, check_network
 from tierbox.spec import ExecResult, Mount, TerminationKind
 
 out = Console()
@@ -258,3 +259,49 @@ def quiet_help() -> None:
 
 
 quiet_help()
+
+
+NetOpt = Annotated[
+    str,
+    typer.Option(
+        "--network",
+        metavar="MODE",
+        help="none (loopback only), egress (only to --allow) or host (process, container).",
+    ),
+]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow",
+        metavar="HOST:PORT",
+        help="With --network egress: a destination it may reach (HOST:PORT, CIDR:PORT-RANGE, "
+        "name.example:443; names are resolved once, now); repeatable.",
+    ),
+]
+DnsOpt = Annotated[
+    bool,
+    typer.Option("--dns", help="With --network egress: let it ask the host's DNS resolvers too."),
+]
+PublishOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--publish",
+        "-p",
+        metavar="[IP:]HOSTPORT:PORT",
+        help="Publish a sandbox port on the host's loopback (IP 0.0.0.0 for every interface); "
+        "repeatable.",
+    ),
+]
+
+
+def network_options(
+    network: str, allow: list[str] | None, dns: bool, publish: list[str] | None
+) -> dict[str, Any]:
+    """make_spec's ``network`` and ``ports`` from --network, --allow, --dns
+    and --publish."""
+    policy = check_network(network, allow or ())
+    if dns:
+        if not isinstance(policy, Egress):
+            raise UsageError("--dns goes with --network egress")
+        policy = Egress(policy.allow, dns=True)
+    return {"network": policy, "ports": [PortMap.parse(p) for p in publish or ()]}

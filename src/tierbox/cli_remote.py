@@ -21,10 +21,15 @@ from rich.table import Table
 
 from tierbox.cli_common import (
     PASSTHROUGH,
+    AllowOpt,
+    DnsOpt,
     EnvOpt,
     JsonOpt,
+    NetOpt,
+    PublishOpt,
     emit_result,
     fail,
+    network_options,
     out,
     parse_env,
     workload_argv,
@@ -56,7 +61,6 @@ MemoryOpt = Annotated[str, typer.Option("--memory", "-m", help="Memory limit, e.
 CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU limit in cores, e.g. 0.5.")]
 PidsOpt = Annotated[int, typer.Option("--pids", help="Maximum number of processes.")]
 TimeoutOpt = Annotated[str, typer.Option("--timeout", help="Wall-clock limit, e.g. 10s.")]
-NetOpt = Annotated[str, typer.Option("--network", help="none (loopback only) or host.")]
 InteractiveOpt = Annotated[
     bool, typer.Option("--interactive", "-i", help="Pass this process's stdin to the workload.")
 ]
@@ -104,17 +108,20 @@ def _client() -> Any:
 
 
 def _options(
-    memory: str, cpus: float | None, pids: int, timeout: str, env: list[str] | None, network: str
+    memory: str,
+    cpus: float | None,
+    pids: int,
+    timeout: str,
+    env: list[str] | None,
+    network: tuple[str, list[str] | None, bool, list[str] | None],
 ) -> dict[str, Any]:
-    if network not in ("none", "host"):
-        raise UsageError(f"bad --network {network!r}: use none or host")
     return {
         "memory_mib": parse_memory_mib(memory),
         "cpus": cpus,
         "pids": pids,
         "timeout_s": parse_duration_s(timeout),
         "env": parse_env(env),
-        "network": network,
+        **network_options(*network),
     }
 
 
@@ -129,12 +136,15 @@ def run(
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
     network: NetOpt = "none",
+    allow: AllowOpt = None,
+    dns: DnsOpt = False,
+    publish: PublishOpt = None,
     interactive: InteractiveOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run COMMAND once in a fresh sandbox on the daemon; the exit status mirrors the workload's."""
     try:
-        opts = _options(memory, cpus, pids, timeout, env, network)
+        opts = _options(memory, cpus, pids, timeout, env, (network, allow, dns, publish))
         stdin = sys.stdin.buffer.read() if interactive else None
         with _client() as client:
             r = client.run(
@@ -183,13 +193,16 @@ def sandbox_create(
     timeout: TimeoutOpt = "60s",
     env: EnvOpt = None,
     network: NetOpt = "none",
+    allow: AllowOpt = None,
+    dns: DnsOpt = False,
+    publish: PublishOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="A name for it.")] = None,
     ttl: Annotated[str | None, typer.Option("--ttl", help="Remove it after this long.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a sandbox on the daemon that lives until `sandbox rm` (or its --ttl); prints its id."""
     try:
-        opts = _options(memory, cpus, pids, timeout, env, network)
+        opts = _options(memory, cpus, pids, timeout, env, (network, allow, dns, publish))
         with _client() as client:
             sb = client.sandboxes.create(
                 image,
