@@ -1,0 +1,543 @@
+"""A per-sandbox network gateway with an egress allow-list, made of
+maintained parts: iproute2 (namespaces, veth, tap), nftables (the filter)
+and pasta from Debian's ``passt`` (the uplink).
+
+::
+
+    sandbox netns tbs-<id>        router netns tbr-<id>              host
+    eth0 10.200.0.2/30  --veth--  tb0 10.200.0.1/30
+                                  nft table inet tierbox:            pasta: host
+                                    forward: allow-list, else drop   sockets, as
+                                    masquerade out of the uplink  -- any program
+                                  eth0 (pasta's tap, host address)
+
+For a VM (``kind="tap"``) there is no sandbox netns: a tap device ``tb0`` in
+the router netns carries the gateway address and the VMM gets it as an fd.
+
+Why this shape: the filter lives in a namespace the workload cannot reach
+(gVisor sends through AF_PACKET, which bypasses any OUTPUT hook inside the
+sandbox's own netns), and pasta turns the router's traffic into ordinary
+host sockets, so no host sysctl, host route or host nftables table is ever
+touched; ``ip_forward`` is set only inside the router netns.
+
+Both namespaces are named from the sandbox id with a tierbox prefix, and a
+record (``<run_dir>/netgw/<id>.json``, written before anything is made)
+names what was made and the pasta process with its start time, so ``reap``
+removes only what tierbox made, for sandboxes that are no longer live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from tierbox.errors import HostError, SpecError
+from tierbox.host.pinned import start_time
+from tierbox.host.runner import require, run
+from tierbox.network import Egress
+from tierbox.paths import run_dir
+
+SANDBOX_PREFIX = "tbs-"
+ROUTER_PREFIX = "tbr-"
+NETNS_DIR = Path("/run/netns")
+#: the sandbox's side of the link and its gateway (the same in every sandbox:
+#: each has its own router, so nothing is shared)
+GUEST_ADDRESS = "10.200.0.2/30"
+GATEWAY_ADDRESS = "10.200.0.1"
+_GATEWAY_CIDR = "10.200.0.1/30"
+#: where the sandbox asks DNS when ``dns=True``: outside the link, so it is
+#: routed to pasta, which hands it to the host's first resolver
+#: (``--dns-forward``); the host's resolv.conf may name a loopback resolver
+#: the sandbox could never reach itself
+DNS_ADDRESS = "10.200.1.53"
+#: interface names inside the namespaces (private to each, so fixed)
+ROUTER_IF = "tb0"
+SANDBOX_IF = "eth0"
+UPLINK_IF = "up0"
+NFT_TABLE = "tierbox"
+_ID = re.compile(r"[0-9a-z]{1,32}")
+
+Kind = Literal["veth", "tap"]
+_T = TypeVar("_T")
+
+
+def records_dir() -> Path:
+    return run_dir() / "netgw"
+
+
+def _check_id(sandbox_id: str) -> None:
+    if not _ID.fullmatch(sandbox_id):
+        raise SpecError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
+
+
+def _ip() -> str:
+    return require("ip", "iproute2")
+
+
+def _nft() -> str:
+    return require("nft", "nftables")
+
+
+def _pasta() -> str:
+    return require("pasta", "passt")
+
+
+# ---- namespaces entered by one thread ---------------------------------------
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(path: Path, fn: Callable[[], _T]) -> _T:
+    """``fn()`` run by a fresh thread that has entered the network namespace
+    at ``path`` (setns is per thread; the thread ends with the call, so no
+    other work ever runs in that namespace by accident)."""
+    out: list[_T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"setns {path}: {os.strerror(e)}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            err.append(exc)
+
+    t = threading.Thread(target=body, name=f"netns {path.name}")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+
+
+def _open_tap(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        fcntl.ioctl(fd, _TUNSETIFF, ifr)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---- rules -------------------------------------------------------------------
+def _v4_networks(policy: Egress) -> list[tuple[ipaddress.IPv4Network, int, int]]:
+    """(network, first port, last port) per pinned IPv4 address of the
+    allow-list. The sandbox's link is IPv4 only: a rule with no IPv4
+    address at all is refused (a name with both families keeps its IPv4)."""
+    out = []
+    for rule in policy.rules:
+        if not rule.addresses:
+            raise SpecError(f"allow-list entry {rule.text!r} is not pinned to an address yet")
+        nets = [n for n in rule.networks() if isinstance(n, ipaddress.IPv4Network)]
+        if not nets:
+            raise SpecError(
+                f"allow-list entry {rule.text!r} has only IPv6 addresses; sandbox networks "
+                "are IPv4: allow an IPv4 address or a name with one"
+            )
+        out += [(n, rule.port_min, rule.port_max) for n in nets]
+    return out
+
+
+def ruleset(policy: Egress, *, inner_if: str = ROUTER_IF, uplink_if: str = UPLINK_IF) -> str:
+    """The router's nftables table: from the sandbox, only the allow-list
+    (and DNS to pasta's forwarder when asked) goes out, masqueraded; what
+    else it sends is refused (TCP reset, ICMP for the rest) so a denied
+    connection fails at once instead of hanging; nothing reaches the
+    router itself."""
+    allow = []
+    for net, lo, hi in _v4_networks(policy):
+        ports = str(lo) if lo == hi else f"{lo}-{hi}"
+        allow.append(
+            f'iifname "{inner_if}" ip daddr {net} meta l4proto {{ tcp, udp }} '
+            f"th dport {ports} accept"
+        )
+    if policy.dns:
+        allow.append(
+            f'iifname "{inner_if}" ip daddr {DNS_ADDRESS} meta l4proto {{ tcp, udp }} '
+            "th dport 53 accept"
+        )
+    rules = "\n    ".join(allow)
+    return f"""table inet {NFT_TABLE} {{
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    ct state invalid drop
+    {rules}
+    iifname "{inner_if}" meta l4proto tcp reject with tcp reset
+    iifname "{inner_if}" reject with icmpx type admin-prohibited
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{inner_if}" ct state established,related accept
+    iifname "{inner_if}" meta l4proto tcp reject with tcp reset
+    iifname "{inner_if}" drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    oifname "{uplink_if}" masquerade
+  }}
+}}
+"""
+
+
+# ---- records -----------------------------------------------------------------
+def _record_path(sandbox_id: str) -> Path:
+    return records_dir() / f"{sandbox_id}.json"
+
+
+def _write_record(sandbox_id: str, record: dict[str, Any]) -> None:
+    d = records_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{sandbox_id}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _record_path(sandbox_id))
+
+
+def _read_record(sandbox_id: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_record_path(sandbox_id).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stop_pasta(pid: int | None, start: str | None) -> bool:
+    """SIGKILL pasta only if ``pid`` still names the process we started
+    (same start time); True if it was ours and is gone now."""
+    if not pid or not start or start_time(pid) != start:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if start_time(pid) != start:  # the PID moved on before we pinned it
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _del_netns(name: str) -> bool:
+    """``ip netns del``; True if it existed and is gone."""
+    if not (NETNS_DIR / name).exists():
+        return False
+    run([_ip(), "netns", "del", name], check=False, timeout_s=10)
+    return not (NETNS_DIR / name).exists()
+
+
+class Gateway:
+    """One sandbox's way out: its namespaces, link, filter and uplink.
+
+    ``create`` makes it; ``close`` removes all of it (idempotent); a
+    gateway made by another process is taken back with ``attach``.
+    """
+
+    def __init__(self, sandbox_id: str, policy: Egress, kind: Kind, record: dict[str, Any]) -> None:
+        self.sandbox_id = sandbox_id
+        self.policy = policy
+        self.kind: Kind = kind
+        self.router_netns = ROUTER_PREFIX + sandbox_id
+        self.sandbox_netns: str | None = SANDBOX_PREFIX + sandbox_id if kind == "veth" else None
+        self.guest_address = GUEST_ADDRESS
+        self.gateway_address = GATEWAY_ADDRESS
+        self.dns_address: str | None = DNS_ADDRESS if policy.dns else None
+        self._record = record
+        self._closed = False
+
+    @property
+    def netns_path(self) -> str:
+        """The sandbox's network namespace (veth): what the OCI config joins."""
+        if self.sandbox_netns is None:
+            raise HostError(f"gateway {self.sandbox_id} is a tap: it has no sandbox namespace")
+        return str(NETNS_DIR / self.sandbox_netns)
+
+    @property
+    def router_path(self) -> Path:
+        return NETNS_DIR / self.router_netns
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "policy": self.policy.to_dict()}
+
+    @classmethod
+    def attach(cls, sandbox_id: str, state: dict[str, Any]) -> Gateway:
+        record = _read_record(sandbox_id) or {}
+        return cls(sandbox_id, Egress.from_dict(state["policy"]), state["kind"], record)
+
+    @classmethod
+    def create(
+        cls,
+        sandbox_id: str,
+        policy: Egress,
+        *,
+        kind: Kind = "veth",
+        tap_uid: int | None = None,
+        tap_gid: int | None = None,
+    ) -> Gateway:
+        """Make the gateway for ``sandbox_id`` whose ways out are ``policy``'s
+        pinned allow-list. Everything made is undone if any step fails."""
+        _check_id(sandbox_id)
+        if kind not in ("veth", "tap"):
+            raise SpecError(f"gateway kind {kind!r}: use veth or tap")
+        rules = ruleset(policy)  # a bad policy fails before anything is made
+        ip, nft, pasta = _ip(), _nft(), _pasta()
+        pid = os.getpid()
+        record: dict[str, Any] = {
+            "kind": kind,
+            "creator": [pid, start_time(pid)],
+            "netns": [ROUTER_PREFIX + sandbox_id]
+            + ([SANDBOX_PREFIX + sandbox_id] if kind == "veth" else []),
+        }
+        _write_record(sandbox_id, record)  # before anything exists: gc can find it all
+        gw = cls(sandbox_id, policy, kind, record)
+        try:
+            gw._make(ip, nft, pasta, rules, tap_uid, tap_gid)
+        except BaseException:
+            gw.close()
+            raise
+        return gw
+
+    def _make(
+        self,
+        ip: str,
+        nft: str,
+        pasta: str,
+        rules: str,
+        tap_uid: int | None,
+        tap_gid: int | None,
+    ) -> None:
+        r, s = self.router_netns, self.sandbox_netns
+        what = f"network gateway of sandbox {self.sandbox_id}"
+        for ns in (r, s):
+            if ns is not None:
+                run([ip, "netns", "add", ns], timeout_s=10, message=f"cannot make {what}")
+        router: list[str] = []
+        if s is not None:
+            router.append(f"link add {ROUTER_IF} type veth peer name {SANDBOX_IF} netns {s}")
+        else:
+            owner = []
+            if tap_uid is not None:
+                owner += ["user", str(tap_uid)]
+            if tap_gid is not None:
+                owner += ["group", str(tap_gid)]
+            router.append(" ".join(["tuntap add dev", ROUTER_IF, "mode tap vnet_hdr", *owner]))
+        router += [
+            f"addr add {_GATEWAY_CIDR} dev {ROUTER_IF}",
+            f"link set {ROUTER_IF} up",
+            "link set lo up",
+        ]
+        run(
+            [ip, "-n", r, "-batch", "-"],
+            input="\n".join(router).encode(),
+            timeout_s=10,
+            message=f"cannot make {what}",
+        )
+        if s is not None:
+            sandbox = [
+                f"addr add {GUEST_ADDRESS} dev {SANDBOX_IF}",
+                f"link set {SANDBOX_IF} up",
+                "link set lo up",
+                f"route add default via {GATEWAY_ADDRESS}",
+            ]
+            run(
+                [ip, "-n", s, "-batch", "-"],
+                input="\n".join(sandbox).encode(),
+                timeout_s=10,
+                message=f"cannot make {what}",
+            )
+
+        def router_side() -> None:
+            # ip_forward of the router netns only (per-namespace sysctl,
+            # written by a thread inside it); then the filter, in that netns
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+                f.write("1")
+
+        in_netns(self.router_path, router_side)
+        run(
+            [ip, "netns", "exec", r, nft, "-f", "-"],
+            input=rules.encode(),
+            timeout_s=10,
+            message=f"cannot load the nftables rules of {what}",
+        )
+        self._start_pasta(pasta, what)
+
+    def _start_pasta(self, pasta: str, what: str) -> None:
+        """pasta on the router netns: it copies the host's address and
+        default route onto its tap there and turns what leaves through it
+        into host sockets. ``--runas 0``: as root with no other user given
+        pasta switches to nobody and then cannot enter a namespace owned by
+        the host's user namespace; it still drops every capability once set
+        up. ``--no-map-gw``: the gateway address is not the host's loopback.
+        No port is forwarded in either direction."""
+        pid_file = records_dir() / f".{self.sandbox_id}.pasta.pid"
+        pid_file.unlink(missing_ok=True)
+        argv = [
+            pasta,
+            "--quiet",
+            "--netns",
+            str(self.router_path),
+            "--runas",
+            "0",
+            "--config-net",
+            "--ns-ifname",
+            UPLINK_IF,
+            "--no-map-gw",
+            "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+            "--pid",
+            str(pid_file),
+        ]  # fmt: skip
+        if self.dns_address is not None:
+            argv += ["--dns-forward", self.dns_address]
+        try:
+            run(argv, timeout_s=10, message=f"cannot start pasta for {what}")
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise HostError(f"pasta for {what} wrote no pid: {exc}") from exc
+        finally:
+            pid_file.unlink(missing_ok=True)
+        self._record["pasta"] = [pid, start_time(pid)]
+        _write_record(self.sandbox_id, self._record)
+
+    def open_tap(self) -> int:
+        """A new fd on the tap device (kind="tap") for the VMM to inherit
+        (``-netdev tap,fd=N,vhost=off``); it is O_CLOEXEC: the caller clears
+        that on the copy it passes. Opened from inside the router netns,
+        where the device lives."""
+        if self.kind != "tap":
+            raise HostError(f"gateway {self.sandbox_id} is a veth: it has no tap to open")
+        try:
+            return in_netns(self.router_path, lambda: _open_tap(ROUTER_IF))
+        except OSError as exc:
+            raise HostError(f"cannot open the tap of sandbox {self.sandbox_id}: {exc}") from exc
+
+    def counters(self) -> tuple[int, int]:
+        """(tx, rx) bytes as the sandbox sees them: what the router side of
+        its link received and sent. (0, 0) once the gateway is gone."""
+        proc = run(
+            [_ip(), "-n", self.router_netns, "-j", "-s", "link", "show", ROUTER_IF],
+            check=False,
+            timeout_s=10,
+        )
+        if proc.returncode != 0:
+            return 0, 0
+        try:
+            stats = json.loads(proc.stdout)[0]["stats64"]
+            return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
+        except (ValueError, LookupError, TypeError):
+            return 0, 0
+
+    def close(self) -> None:
+        """Stop pasta, delete both namespaces (the link and the rules go with
+        them), forget the record. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        remove(self.sandbox_id, self._record or _read_record(self.sandbox_id) or {})
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def remove(sandbox_id: str, record: dict[str, Any]) -> list[str]:
+    """Undo what ``record`` says was made for ``sandbox_id``; a line per thing removed."""
+    removed = []
+    pasta = record.get("pasta") or [None, None]
+    if _stop_pasta(pasta[0], pasta[1]):
+        removed.append(f"pasta process {pasta[0]} of sandbox {sandbox_id}")
+    names = record.get("netns") or []
+    for name in names:
+        if name in (ROUTER_PREFIX + sandbox_id, SANDBOX_PREFIX + sandbox_id) and _del_netns(name):
+            removed.append(f"network namespace {name}")
+    left = [n for n in names if (NETNS_DIR / n).exists()]
+    if not left:
+        _record_path(sandbox_id).unlink(missing_ok=True)
+    return removed
+
+
+def recorded() -> list[str]:
+    """Sandbox ids with a gateway record."""
+    d = records_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json") if _ID.fullmatch(p.stem))
+
+
+def namespaces() -> list[str]:
+    """Network namespaces with a tierbox gateway prefix (made by any tierbox)."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith((SANDBOX_PREFIX, ROUTER_PREFIX)))
+
+
+def reap(live: Iterable[str]) -> list[str]:
+    """Remove gateways of sandboxes that are not live: only what a record
+    of ours names (a namespace with our prefix and no record was not made
+    by this tierbox, and stays), and pasta only while its recorded start
+    time still matches. A record younger than CREATE_GRACE_S whose creator
+    still runs is being made right now, and is left alone."""
+    removed: list[str] = []
+    alive = live if isinstance(live, set) else set(live)
+    for sandbox_id in recorded():
+        if sandbox_id in alive:
+            continue
+        record = _read_record(sandbox_id)
+        if record is None or _creating(sandbox_id, record.get("creator")):
+            continue
+        removed += remove(sandbox_id, record)
+    return removed
+
+
+#: how long a creator that still runs may take to make its sandbox
+CREATE_GRACE_S = 60.0
+
+
+def _creating(sandbox_id: str, creator: object) -> bool:
+    try:
+        pid, start = int(creator[0]), str(creator[1])  # type: ignore[index]
+        age_s = time.time() - _record_path(sandbox_id).stat().st_mtime
+    except (ValueError, IndexError, TypeError, KeyError, OSError):
+        return False
+    return bool(start) and start_time(pid) == start and age_s < CREATE_GRACE_S
+
+
+def check_tools() -> str | None:
+    """Why gateways cannot be made here, or None."""
+    try:
+        _ip(), _nft(), _pasta()
+    except HostError as exc:
+        return str(exc)
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing: pasta needs it (modprobe tun)"
+    return None
