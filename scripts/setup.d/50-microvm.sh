@@ -5,7 +5,8 @@
 #     unpacked with `dpkg-deb -x` (never installed on the host); its bzImage
 #     payload decompressed with lz4 into the vmlinux QEMU boots via PVH, plus
 #     the modules the guest needs (virtio_mmio, virtio_console, virtio_blk,
-#     virtio_rng, overlay and their dependencies);
+#     virtio_rng, overlay, virtio_net and their dependencies; a kernel built
+#     before virtio_net was wanted is fetched again);
 #   - the initramfs: /init, busybox-static, those modules and the guest agent
 #     (src/tierbox/guest/agent.c, compiled with gcc -static), packed by cpio;
 #   - the accelerator verdict: KVM only if a test boot works (cached).

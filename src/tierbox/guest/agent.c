@@ -41,6 +41,11 @@
  * anything but a regular file on a data file system (FIFOs, devices, sockets,
  * directories, /proc and /sys files) and never sends more than the host's
  * cap. A KILL with a stream's id ends it (ERR ECANCELED).
+ *
+ * NET gives the guest's one NIC (virtio-net, present only when the sandbox
+ * has an egress network) its IPv4 address and default route; the host sends
+ * it after boot and again after a restore (a clone gets its own gateway).
+ * The NIC is behind the host's filter: nothing here is a security boundary.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -52,6 +57,8 @@
 #include <linux/random.h>
 #include <linux/sched.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <poll.h>
 #include <signal.h>
@@ -125,6 +132,7 @@ enum {
     T_RESIZE = 12,
     T_PROCS = 13,
     T_SESSION = 14,
+    T_NET = 15,
     T_OK = 101,
     T_ERR = 102,
     T_STDOUT = 103,
@@ -477,6 +485,113 @@ static void do_sync(const struct frame *f) {
         }
     }
     send_frame(T_OK, f->id, NULL, 0);
+}
+
+/* ---- NET: the guest's NIC --------------------------------------------------- */
+
+/* The first interface that is not loopback (the virtio-net NIC), waiting up
+ * to 2 s for its driver to register it. */
+static int find_nic(char *name, size_t cap) {
+    for (int tries = 0; tries < 200; tries++) {
+        DIR *d = opendir("/sys/class/net");
+        struct dirent *e;
+        int found = 0;
+        while (d && (e = readdir(d))) {
+            if (e->d_name[0] == '.' || !strcmp(e->d_name, "lo")) continue;
+            if (strlen(e->d_name) >= cap) continue;
+            strcpy(name, e->d_name);
+            found = 1;
+            break;
+        }
+        if (d) closedir(d);
+        if (found) return 0;
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return -1;
+}
+
+static void set_in(struct sockaddr *sa, uint32_t addr_be) {
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = addr_be;
+    memcpy(sa, &sin, sizeof sin);
+}
+
+static void do_net(const struct frame *f) {
+    /* payload: u32 address, u32 prefix length, u32 gateway; addresses in
+     * network byte order. Replaces any earlier address and default route. */
+    if (f->len < 12) {
+        send_err(f->id, EINVAL, "net: short payload");
+        return;
+    }
+    uint32_t addr, gw, prefix = get32(f->data + 4);
+    memcpy(&addr, f->data, 4);
+    memcpy(&gw, f->data + 8, 4);
+    if (prefix > 32) {
+        send_err(f->id, EINVAL, "net: prefix length %u", prefix);
+        return;
+    }
+    char name[IFNAMSIZ];
+    if (find_nic(name, sizeof name) < 0) {
+        send_err(f->id, ENODEV, "net: the guest has no network interface");
+        return;
+    }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        send_err(f->id, errno, "net: socket: %s", strerror(errno));
+        return;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, name);
+    const char *what = "SIOCGIFFLAGS";
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) goto fail;
+    if (ifr.ifr_flags & IFF_UP) {
+        /* down first: that forgets the neighbour entries and routes of the
+         * gateway a restored clone's snapshot was taken behind */
+        ifr.ifr_flags &= ~IFF_UP;
+        what = "SIOCSIFFLAGS down";
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) goto fail;
+    }
+    what = "SIOCSIFADDR";
+    set_in(&ifr.ifr_addr, addr);
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) goto fail;
+    what = "SIOCSIFNETMASK";
+    set_in(&ifr.ifr_netmask, prefix ? htonl(0xffffffffu << (32 - prefix)) : 0);
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) goto fail;
+    what = "SIOCSIFFLAGS";
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) goto fail;
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) goto fail;
+    struct rtentry rt;
+    for (int i = 0; i < 8; i++) { /* drop old default routes (a restored clone's) */
+        memset(&rt, 0, sizeof rt);
+        set_in(&rt.rt_dst, 0);
+        set_in(&rt.rt_genmask, 0);
+        rt.rt_flags = RTF_UP;
+        if (ioctl(s, SIOCDELRT, &rt) < 0) break;
+    }
+    if (gw) {
+        memset(&rt, 0, sizeof rt);
+        set_in(&rt.rt_dst, 0);
+        set_in(&rt.rt_genmask, 0);
+        set_in(&rt.rt_gateway, gw);
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = name;
+        what = "SIOCADDRT";
+        if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) goto fail;
+    }
+    close(s);
+    char reply[64];
+    int n = snprintf(reply, sizeof reply, "ifname=%s\n", name);
+    send_frame(T_OK, f->id, reply, (size_t)n);
+    return;
+fail:;
+    int saved = errno;
+    close(s);
+    send_err(f->id, saved, "net: %s on %s: %s", what, name, strerror(saved));
 }
 
 static char *cstr(const struct frame *f, size_t off) {
@@ -1582,11 +1697,12 @@ static void do_procs(const struct frame *f) {
  * guest up, with plain syscalls (a shell would fork ~20 busybox processes,
  * ~0.15 s under TCG):
  *   - load the modules listed in /etc/tierbox-modules, in order (virtio-mmio,
- *     virtio-console, virtio-rng, overlay; virtio-blk when a disk is attached);
+ *     virtio-console, virtio-rng, overlay; virtio-blk when a disk is attached,
+ *     virtio-net when the machine has a NIC);
  *   - mount the root disk /dev/vda (ext4, read-only) or use /rootfs (busybox)
  *     as the lower layer, a tmpfs as the upper, overlayfs at /newroot;
  *   - give /newroot proc, sysfs, devtmpfs, devpts, /dev/shm; loopback up.
- * Kernel command line knobs: tierbox.disk=0|1, tierbox.rw_mib=N (size cap of
+ * Kernel command line knobs: tierbox.disk=0|1, tierbox.net=0|1, tierbox.rw_mib=N (size cap of
  * the writable layer), tierbox.agent=0 (set up, then never answer: tests),
  * tierbox.debug=1 (time each step on the console).
  */
@@ -1619,7 +1735,7 @@ static long cmdline_knob(const char *cmdline, const char *key, long dflt) {
     return dflt;
 }
 
-static void load_modules(int disk) {
+static void load_modules(int disk, int net) {
     static char list[8192];
     if (read_file("/etc/tierbox-modules", list, sizeof list) < 0) {
         warn("read /etc/tierbox-modules");
@@ -1630,6 +1746,7 @@ static void load_modules(int disk) {
         if (flag) {
             *flag++ = 0;
             if (!strcmp(flag, "disk") && !disk) continue;
+            if (!strcmp(flag, "net") && !net) continue;
         }
         int fd = open(line, O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
@@ -1651,9 +1768,10 @@ static void guest_init(void) {
     long disk = cmdline_knob(cmdline, "tierbox.disk", 0);
     long rw_mib = cmdline_knob(cmdline, "tierbox.rw_mib", 0);
     long agent = cmdline_knob(cmdline, "tierbox.agent", 1);
+    long net = cmdline_knob(cmdline, "tierbox.net", 0);
     init_debug = (int)cmdline_knob(cmdline, "tierbox.debug", 0);
     step("init");
-    load_modules((int)disk);
+    load_modules((int)disk, (int)net);
     step("modules loaded");
     mkdir("/run/lower", 0755);
     mkdir("/run/rw", 0755);
@@ -1793,6 +1911,7 @@ static void dispatch(const struct frame *f) {
     case T_PROCS: do_procs(f); break;
     case T_POWEROFF: do_poweroff(f); break;
     case T_SESSION: new_session(); break;
+    case T_NET: do_net(f); break;
     default: send_err(f->id, ENOSYS, "unknown request type %u", f->type);
     }
 }

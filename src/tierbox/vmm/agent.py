@@ -38,6 +38,8 @@ PROCS   13    u32 max_bytes                                       OK: u32 count,
                                                                   u8 state, u32 len, cmdline)
 SESSION 14    - (the first frame on every connection)             - (commands of earlier
                                                                   connections lose their pipes)
+NET     15    u32 address, u32 prefix length, u32 gateway         OK ``ifname=NAME`` (ERR
+              (IPv4, network byte order) for the guest's NIC      ENODEV: no NIC)
 ============  ==================================================  =========================
 
 ERR payloads are ``u32 code`` + a message; the code is an errno value, or
@@ -70,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import ipaddress
 import itertools
 import os
 import secrets
@@ -103,7 +106,7 @@ from tierbox.vmm.line import BACKLOG_HIGH, MAX_FRAME, AgentLine, frame
 CHUNK = 256 * 1024
 
 T_HELLO, T_EXEC, T_STDIN, T_PUT, T_GET, T_STATS, T_SYNC, T_LIST, T_POWEROFF, T_KILL = range(1, 11)
-T_DATA_IN, T_RESIZE, T_PROCS, T_SESSION = 11, 12, 13, 14
+T_DATA_IN, T_RESIZE, T_PROCS, T_SESSION, T_NET = 11, 12, 13, 14, 15
 T_OK, T_ERR, T_STDOUT, T_STDERR, T_EXIT, T_DATA, T_ACK, T_STARTED = range(101, 109)
 F_STDIN, F_TTY = 1, 2
 #: KILL flag: the host gave up waiting for the command (it ends reason=killed)
@@ -320,6 +323,17 @@ class AgentClient:
 
     def stats(self, *, deadline: float) -> dict[str, str]:
         return parse_kv(self._request(T_STATS, b"", deadline))
+
+    def net(self, address: str, gateway: str, *, deadline: float) -> dict[str, str]:
+        """Give the guest's NIC ``address`` (``10.0.0.2/30``) and a default
+        route through ``gateway``, replacing what it had (a restored clone)."""
+        iface = ipaddress.IPv4Interface(address)
+        payload = (
+            iface.ip.packed
+            + struct.pack("<I", iface.network.prefixlen)
+            + ipaddress.IPv4Address(gateway).packed
+        )
+        return parse_kv(self._request(T_NET, payload, deadline))
 
     def poweroff(self, *, deadline: float) -> None:
         self._request(T_POWEROFF, b"", deadline)

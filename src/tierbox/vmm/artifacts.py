@@ -51,9 +51,20 @@ from tierbox.spec import MIB
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: Modules the guest loads from the initramfs (the rest it needs is built in:
 #: ext4, tmpfs, devtmpfs, cgroup2, the 8250 serial console, the RTC).
-WANTED_MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "overlay")
+WANTED_MODULES = (
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_rng",
+    "overlay",
+    "virtio_net",
+)
+#: Modules loaded only when the machine has that device (``tierbox.disk=1``,
+#: ``tierbox.net=1`` on the kernel command line): a guest without a NIC never
+#: loads the network driver.
+FLAGGED_MODULES = {"virtio_blk": "disk", "virtio_net": "net"}
 #: Bump when the initramfs layout changes, so old builds are redone.
-INITRAMFS_FORMAT = 2
+INITRAMFS_FORMAT = 3
 
 
 def microvm_home() -> Path:
@@ -136,6 +147,9 @@ def load_kernel() -> Kernel | None:
         )
     except (OSError, ValueError, KeyError):
         return None
+    have = {m.split(".ko")[0].replace("-", "_") for m in k.modules_loaded} | set(k.modules_builtin)
+    if not set(WANTED_MODULES) <= have:
+        return None  # built before a module was wanted (virtio_net): set-up fetches it again
     return k if k.vmlinux.is_file() else None
 
 
@@ -328,6 +342,19 @@ def load_initramfs(kernel: Kernel) -> Initramfs | None:
     return Initramfs(initramfs_path(), d["sha256"], d["inputs"])
 
 
+def _module_flag(release_dir: Path, module: str) -> str:
+    """`` disk`` or `` net`` for a module only that device needs (itself or
+    its dependencies no other wanted module shares), else nothing."""
+    dep = release_dir / "modules.dep"
+    for name, flag in FLAGGED_MODULES.items():
+        rest = tuple(w for w in WANTED_MODULES if w not in FLAGGED_MODULES)
+        base, _ = _module_closure(dep, rest)
+        own, _ = _module_closure(dep, (name,))
+        if module in own and module not in base:
+            return f" {flag}"
+    return ""
+
+
 def build_agent(out: Path) -> None:
     """Compile the guest agent statically with the host's gcc."""
     gcc = require("gcc", "gcc libc6-dev")
@@ -377,7 +404,7 @@ def build_initramfs(kernel: Kernel, *, force: bool = False) -> Initramfs:
             order, _ = _module_closure(st / mods.relative_to("/") / "modules.dep", WANTED_MODULES)
             (st / "etc").mkdir()
             (st / "etc" / "tierbox-modules").write_text(
-                "".join(f"{mods / m}{' disk' if 'virtio_blk' in m else ''}\n" for m in order)
+                "".join(f"{mods / m}{_module_flag(st / mods.relative_to('/'), m)}\n" for m in order)
             )
             build_agent(st / "init")
             names = sorted(
@@ -415,7 +442,7 @@ def ensure_guest(*, build: bool = True) -> GuestArtifacts:
     kernel = load_kernel()
     if kernel is None:
         raise TierUnavailableError(
-            "the microVM guest kernel is not built: run `make setup` "
+            "the microVM guest kernel is not built, or lacks a module now wanted: run `make setup` "
             "(scripts/setup.d/50-microvm.sh fetches Debian's linux-image-cloud-amd64)"
         )
     initramfs = load_initramfs(kernel)

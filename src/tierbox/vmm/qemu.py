@@ -2,9 +2,11 @@
 
 One QEMU process per guest, in its own process group and session, named
 ``tierbox-<id>`` (``-name``) so leftovers can be found after a crash. The
-machine has no NIC, no PCI, no firmware option ROMs; its devices are
-virtio-mmio: the root disk (read-only), a virtio-serial port for the agent
-(a unix socket on the host: this host has no vhost-vsock), and virtio-rng.
+machine has no PCI, no firmware option ROMs; its devices are virtio-mmio: the
+root disk (read-only), a virtio-serial port for the agent (a unix socket on
+the host: this host has no vhost-vsock), virtio-rng, and a virtio-net NIC only
+for a sandbox with an egress network (a tap device in the sandbox's router
+namespace, handed to QEMU as an open fd: QEMU never opens or configures it).
 The serial console goes to ``console.log``; QMP listens on ``qmp.sock``.
 
 Guest RAM is a memory-backend-file: ``share=on`` on a tmpfs file for a booted
@@ -91,6 +93,8 @@ class Machine:
     disk: str | None  # read-only root disk image
     rw_mib: int  # cap of the writable tmpfs layer (0: tmpfs default, half the RAM)
     agent: bool = True
+    #: a virtio-net NIC (egress network): its restores need a tap too
+    net: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +104,7 @@ class Machine:
             "disk": self.disk,
             "rw_mib": self.rw_mib,
             "agent": self.agent,
+            "net": self.net,
         }
 
     @classmethod
@@ -111,6 +116,7 @@ class Machine:
             disk=d.get("disk"),
             rw_mib=int(d.get("rw_mib", 0)),
             agent=bool(d.get("agent", True)),
+            net=bool(d.get("net", False)),
         )
 
 
@@ -151,8 +157,18 @@ def process_name(sandbox_id: str) -> str:
     return f"{MARKER}-{sandbox_id}"
 
 
-def device_args(m: Machine, files: Files, *, ram_path: Path, ram_share: bool) -> list[str]:
-    """Everything but the boot source: identical for boot, snapshot and restore."""
+#: The NIC's MAC address: fixed, so a restored guest's NIC is the one it
+#: had; every sandbox's tap is alone in its own router namespace.
+GUEST_MAC = "02:00:c6:12:00:02"
+
+
+def device_args(
+    m: Machine, files: Files, *, ram_path: Path, ram_share: bool, tap_fd: int | None = None
+) -> list[str]:
+    """Everything but the boot source: identical for boot, snapshot and
+    restore (``tap_fd``, the open tap behind the NIC, is a backend and may
+    differ; without one the NIC is wired to an empty hub, for the paused
+    helper that converts a snapshot and never runs the guest)."""
     args = [
         "-M", MACHINE,
         "-object",
@@ -180,6 +196,12 @@ def device_args(m: Machine, files: Files, *, ram_path: Path, ram_share: bool) ->
             "-drive", f"id=root,file={m.disk},format=raw,if=none,readonly=on,cache=unsafe",
             "-device", "virtio-blk-device,drive=root",
         ]  # fmt: skip
+    if m.net:
+        backend = f"tap,id=net0,fd={tap_fd}" if tap_fd is not None else "hubport,id=net0,hubid=0"
+        args += [
+            "-netdev", backend,
+            "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+        ]  # fmt: skip
     return args
 
 
@@ -195,6 +217,7 @@ def kernel_cmdline(m: Machine, hz: int) -> str:
         "apparmor=0",  # the guest has no profiles to enforce; saves boot time
         "audit=0",
         f"tierbox.disk={1 if m.disk else 0}",
+        f"tierbox.net={1 if m.net else 0}",
         f"tierbox.rw_mib={m.rw_mib}",
         f"tierbox.agent={1 if m.agent else 0}",
     ]
@@ -222,12 +245,13 @@ def boot_argv(
     initramfs: Path,
     hz: int,
     ram_path: Path,
+    tap_fd: int | None = None,
 ) -> list[str]:
     exe = qemu_path() or QEMU_BINARY
     return [
         exe,
         "-name", f"{process_name(sandbox_id)},debug-threads=on",
-        *device_args(m, files, ram_path=ram_path, ram_share=True),
+        *device_args(m, files, ram_path=ram_path, ram_share=True, tap_fd=tap_fd),
         "-kernel", str(vmlinux),
         "-initrd", str(initramfs),
         "-append", kernel_cmdline(m, hz),
@@ -244,6 +268,7 @@ def restore_argv(
     ram_path: Path,
     ram_share: bool,
     paused: bool = False,
+    tap_fd: int | None = None,
 ) -> list[str]:
     """Start a machine that waits for its state (``-incoming defer``).
 
@@ -257,7 +282,7 @@ def restore_argv(
     argv = [
         exe,
         "-name", f"{process_name(sandbox_id)},debug-threads=on",
-        *device_args(m, files, ram_path=ram_path, ram_share=ram_share),
+        *device_args(m, files, ram_path=ram_path, ram_share=ram_share, tap_fd=tap_fd),
         "-incoming", "defer",
         "-pidfile", str(files.pidfile),
         "-sandbox", SANDBOX,
