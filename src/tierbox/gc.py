@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tierbox.errors import TierboxError
-from tierbox.host import cgroups, mntns
+from tierbox.host import cgroups, mntns, netgw
 from tierbox.host.runner import run
 from tierbox.paths import sandboxes_dir
 from tierbox.pools.reap import reap as reap_pools
@@ -51,6 +51,7 @@ def collect(everything: bool = False) -> list[str]:
             removed += tier.reap(live)
         except TierboxError as exc:
             removed.append(f"{name}: reap failed: {exc}")
+    removed += netgw.reap(live)  # network gateways of any tier
     for cg in cgroups.leftover_cgroups():
         if cg.relpath.rsplit("/", 1)[-1] not in live:
             cg.destroy()

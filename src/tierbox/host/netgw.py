@@ -96,7 +96,15 @@ def _pasta() -> str:
 
 # ---- namespaces entered by one thread ---------------------------------------
 _CLONE_NEWNET = 0x40000000
+_MS_BIND = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 
 
 def in_netns(path: Path, fn: Callable[[], _T]) -> _T:
@@ -278,6 +286,19 @@ class Gateway:
         if self.sandbox_netns is None:
             raise HostError(f"gateway {self.sandbox_id} is a tap: it has no sandbox namespace")
         return str(NETNS_DIR / self.sandbox_netns)
+
+    def bind_netns(self, target: Path) -> str:
+        """Bind the sandbox's network namespace onto ``target`` too, and
+        return that path. The runtime may run in a mount namespace of its
+        own (crun on hybrid-cgroup hosts) where /run/netns is not shared but
+        the sandboxes directory is: a bind there is seen by the runtime, and
+        goes when the sandbox's mounts are unmounted."""
+        target.touch(0o600)
+        src = self.netns_path.encode()
+        if _libc.mount(src, str(target).encode(), None, _MS_BIND, None) != 0:
+            e = ctypes.get_errno()
+            raise HostError(f"cannot bind {self.netns_path} to {target}: {os.strerror(e)}")
+        return str(target)
 
     @property
     def router_path(self) -> Path:

@@ -182,18 +182,20 @@ class GVisorInstance(OciInstance):
         split = memory_split(self.cg)
         mem = self.spec.limits.memory_mib
         if split is None:
-            return host
+            return self.with_network(host)
         peak = None
         if split.host_peak_bytes is not None:
             peak = max(split.host_peak_bytes - split.engine_bytes, split.workload_bytes)
-        return Stats(
-            memory_bytes=split.workload_bytes,
-            memory_peak_bytes=peak,
-            cpu_s=host.cpu_s,
-            pids=self.tier.workload_pids(self.id, self.managed),
-            oom_kills=host.oom_kills,
-            memory_limit_bytes=mem * MIB if mem is not None else None,
-            engine_memory_bytes=split.engine_bytes,
+        return self.with_network(
+            Stats(
+                memory_bytes=split.workload_bytes,
+                memory_peak_bytes=peak,
+                cpu_s=host.cpu_s,
+                pids=self.tier.workload_pids(self.id, self.managed),
+                oom_kills=host.oom_kills,
+                memory_limit_bytes=mem * MIB if mem is not None else None,
+                engine_memory_bytes=split.engine_bytes,
+            )
         )
 
     def sample(self) -> Stats:
@@ -720,7 +722,21 @@ class GVisorTier(OciTier):
         return {BUSYBOX: BUSYBOX_HOST}
 
     def global_args(self, spec: SandboxSpec) -> list[str]:
-        return ["--network=none" if spec.network is NetworkPolicy.NONE else "--network=host"]
+        """``none``: loopback only (runsc's netstack, no interface).
+
+        Egress: the sandbox process joins the gateway's sandbox namespace
+        (the OCI config's network path) and the Sentry uses the host
+        kernel's sockets there (``--network=host``, hostinet); the filter is
+        in the gateway's router namespace, out of the workload's reach.
+        ``--network=sandbox`` (runsc's own netstack on that namespace's veth)
+        would be the narrower choice, but Debian's runsc 20221219 refuses it
+        on kernels from 6.x: it takes a namespace that has
+        /proc/sys/net/core/rmem_default for the root one, and these kernels
+        have that file in every namespace ("cannot run with network enabled
+        in root network namespace")."""
+        if spec.network is NetworkPolicy.NONE:
+            return ["--network=none"]
+        return ["--network=host"]
 
     def exec_pid_args(self, pid_file: Path) -> list[str]:
         return ["--internal-pid-file", str(pid_file)]

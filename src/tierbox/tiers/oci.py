@@ -341,8 +341,10 @@ def bundle_config(
     binds: Mapping[str, str] | None = None,
     seccomp: bool = True,
     annotations: Mapping[str, str] | None = None,
+    netns_path: str | None = None,
 ) -> dict[str, Any]:
-    """The whole config.json. ``binds``: sandbox path -> host file
+    """The whole config.json. ``netns_path``: the network namespace to join
+    (an egress sandbox's, made by its gateway). ``binds``: sandbox path -> host file
     bind-mounted read-only (the long-lived sandbox's init at INIT_PATH). ``cgroups_path`` None: the
     runtime manages no cgroup; the container stays in the one it was started in."""
     tmp_mib = spec.limits.disk_mib or 64
@@ -409,7 +411,9 @@ def bundle_config(
             }
         )
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
-    if spec.network is NetworkPolicy.NONE:
+    if netns_path is not None:
+        namespaces.append({"type": "network", "path": netns_path})
+    elif spec.network is not NetworkPolicy.HOST:  # only "host" shares the host's
         namespaces.append({"type": "network"})
     linux: dict[str, Any] = {
         "namespaces": namespaces,

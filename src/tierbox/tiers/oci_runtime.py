@@ -12,6 +12,7 @@ Each tier subclasses :class:`OciTier` with its runtime's specifics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -31,11 +32,12 @@ from tierbox.errors import (
 )
 from tierbox.host import capture, mntns, pty
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.host.netgw import Gateway
 from tierbox.host.pinned import PinnedProcess, start_time
 from tierbox.host.procs import kill_tree, process_info
 from tierbox.host.rootfs import RootDir
 from tierbox.host.runner import exit_error, run, spawn
-from tierbox.network import NetworkPolicy
+from tierbox.network import Egress, NetworkPolicy
 from tierbox.paths import MARKER, run_dir
 from tierbox.spec import (
     DEFAULT_PATH,
@@ -79,8 +81,9 @@ def runtime_version(binary: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
-#: commands can run on a pty the runtime makes (``exec --console-socket``)
-CAPABILITIES = Capabilities(tty=True, networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.HOST}))
+#: commands can run on a pty the runtime makes (``exec --console-socket``);
+#: egress through a per-sandbox gateway (host/netgw.py)
+CAPABILITIES = Capabilities(tty=True, networks=frozenset(NetworkPolicy))
 
 
 class OciInstance(Instance):
@@ -107,9 +110,13 @@ class OciInstance(Instance):
         # Pinned now: the recorded start time proves the PID is still our init.
         self.init = PinnedProcess(self.init_pid, state.get("init_start"), label=sandbox_id)
         self._root: RootDir | None = None
+        self.gateway: Gateway | None = None
+        if state.get("gateway"):
+            self.gateway = Gateway.attach(sandbox_id, state["gateway"])
 
     def state(self) -> dict[str, Any]:
         return {
+            "gateway": self.gateway.state() if self.gateway is not None else None,
             "cgroup": self.cg.relpath,
             "dir": str(self.dir),
             "init_pid": self.init_pid,
@@ -277,7 +284,18 @@ class OciInstance(Instance):
         return self._files_root().entries(path)
 
     def stats(self) -> Stats:
-        return self.cg.stats()
+        return self.with_network(self.cg.stats())
+
+    def with_network(self, stats: Stats) -> Stats:
+        """``stats`` with the bytes the sandbox sent and received: its
+        gateway's counters; 0 with network=none (loopback only); unknown
+        with the host's network."""
+        if self.gateway is not None:
+            tx, rx = self.gateway.counters()
+            return dataclasses.replace(stats, net_tx_bytes=tx, net_rx_bytes=rx)
+        if self.spec.network is NetworkPolicy.NONE:
+            return dataclasses.replace(stats, net_tx_bytes=0, net_rx_bytes=0)
+        return stats
 
     def host_pids(self) -> list[int]:
         return self.cg.pids()
@@ -300,8 +318,29 @@ class OciInstance(Instance):
             self._root.close()
         self.init.close()
         self.tier.delete_container(self.id, managed=self.managed)
+        if self.gateway is not None:
+            self.gateway.close()
         self.tier.teardown(self.cg, self.dir)
         return None
+
+
+def network_files(d: Path, network: object, gateway: Gateway) -> dict[str, str]:
+    """/etc/hosts (and /etc/resolv.conf with DNS) for an egress sandbox,
+    written to its directory and bind-mounted read-only: the image's own
+    would name resolvers the sandbox cannot reach. Sandbox path -> host file."""
+    hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if isinstance(network, Egress):
+        for name, addresses in sorted(network.hosts().items()):
+            hosts += [f"{a}\t{name}" for a in addresses]
+    files = {"/etc/hosts": "\n".join(hosts) + "\n"}
+    if gateway.dns_address is not None:
+        files["/etc/resolv.conf"] = f"nameserver {gateway.dns_address}\noptions timeout:2\n"
+    binds = {}
+    for inside, text in files.items():
+        host = d / f"net-{inside.rsplit('/', 1)[-1]}"
+        host.write_text(text)
+        binds[inside] = str(host)
+    return binds
 
 
 class _Image(NamedTuple):
@@ -524,9 +563,13 @@ class OciTier(Tier):
         cgroups_path: str | None,
         *,
         init: bool = False,
+        gateway: Gateway | None = None,
     ) -> None:
         """config.json for ``argv`` as PID 1; ``init``: the long-lived
-        sandbox's catatonit, bind-mounted from the host, working in /."""
+        sandbox's catatonit, bind-mounted from the host, working in /;
+        ``gateway``: the egress sandbox joins its network namespace and
+        gets an /etc/hosts with the pinned names (and an /etc/resolv.conf
+        naming the gateway's DNS forwarder when the policy allows DNS)."""
         process = oci.process_json(
             argv,
             spec,
@@ -540,9 +583,13 @@ class OciTier(Tier):
             spec=spec,
             cgroups_path=cgroups_path,
             hostname=MARKER,
-            binds={INIT_PATH: INIT_BINARY, **self.helper_binds()} if init else None,
+            binds={
+                **({INIT_PATH: INIT_BINARY, **self.helper_binds()} if init else {}),
+                **(network_files(d, spec.network, gateway) if gateway is not None else {}),
+            },
             seccomp=self.seccomp,
             annotations=self.annotations(),
+            netns_path=gateway.bind_netns(d / "netns") if gateway is not None else None,
         )
         oci.write_json(d / "config.json", config)
 
@@ -569,7 +616,12 @@ class OciTier(Tier):
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        """One-shot: the workload is PID 1 of a fresh container."""
+        """One-shot: the workload is PID 1 of a fresh container (egress:
+        create, exec, close, since its gateway is made per sandbox)."""
+        if isinstance(spec.network, Egress):
+            return Tier._run(
+                self, spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            )
         self.prime(spec)
         slot, image = self._prepare(spec, pooled=True)
         sandbox_id, d, cg = slot.id, slot.dir, slot.cg
@@ -623,8 +675,13 @@ class OciTier(Tier):
         sandbox_id, d, cg = slot.id, slot.dir, slot.cg
         cid = container_id(sandbox_id)
         cgroups_path = self.cgroups_path(cg, one_shot=False)
+        gateway = None
         try:
-            self._write_bundle(d, spec, image, [INIT_PATH, "-P"], cgroups_path, init=True)
+            if isinstance(spec.network, Egress):  # the sandbox's directory is ours by now
+                gateway = Gateway.create(sandbox_id, spec.network)
+            self._write_bundle(
+                d, spec, image, [INIT_PATH, "-P"], cgroups_path, init=True, gateway=gateway
+            )
             pid_file = d / "init.pid"
             self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
             self.after_start(cid)
@@ -637,9 +694,12 @@ class OciTier(Tier):
                 "image_env": image.env,
                 "cwd": image.cwd,
                 "managed": cgroups_path is not None,
+                "gateway": gateway.state() if gateway is not None else None,
             }
         except BaseException:
             self.delete_container(sandbox_id, managed=cgroups_path is not None)
+            if gateway is not None:
+                gateway.close()
             self.release(slot, pooled=False)
             raise
         return self.instance_cls(self, sandbox_id, spec, state)
