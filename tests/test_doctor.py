@@ -40,7 +40,8 @@ SCENARIOS: dict[str, tuple[list[str], dict[str, Any], Cause]] = {
 #: the VM tiers' limit is the guest's RAM (at least 96 MiB, ~49 of it the kernel's):
 #: 128 MiB leaves the workload ~40-50 MiB, so the one-shot sizes shrink to fit
 VM_ARGS = {
-    "spike": ["spike", "1500", "80"],
+    "leak": ["leak", "2", "100"],  # slower: QEMU's host memory needs more samples to show the line
+    "spike": ["spike", "1500", "60"],  # TCG touches memory slowly: less of it stays a spike
     "child_oom": ["childoom", "80"],
     "working_set": ["workingset", "240", "8", "40"],
 }

@@ -178,7 +178,7 @@ def test_network_other_than_none_is_refused(tier: MicroVMTier) -> None:
     from tierbox.errors import NotSupportedError
     from tierbox.spec import NetworkPolicy
 
-    with pytest.raises(NotSupportedError, match="no NIC"):
+    with pytest.raises(NotSupportedError, match="microvm tier cannot give network=host"):
         tier.create(SandboxSpec(network=NetworkPolicy.HOST))
 
 

@@ -26,6 +26,7 @@ from tests.conftest import require_image, require_tier
 from tierbox import Sandbox, TerminationKind, make_spec
 from tierbox.errors import (
     LibvirtUnreachableError,
+    NotSupportedError,
     SandboxError,
     SnapshotExistsError,
     SnapshotHasChildrenError,
@@ -243,7 +244,7 @@ def test_python_api_sandbox_snapshot_and_revert(tier: VMTier) -> None:
 def test_create_rejects_bad_specs(tier: VMTier, vm: VMInstance) -> None:
     with pytest.raises(SpecError, match="too small"):
         tier.create_vm(make_spec(IMAGE, memory_mib=16))
-    with pytest.raises(SpecError, match="network"):
+    with pytest.raises(NotSupportedError, match="vm tier cannot give network=host"):
         tier.create_vm(make_spec(IMAGE, network="host"))
     with pytest.raises(SpecError, match="bad VM name"):
         tier.create_vm(make_spec(IMAGE), name="../etc")

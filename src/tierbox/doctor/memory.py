@@ -106,7 +106,10 @@ def shape(points: list[tuple[float, float]], limit_mib: float | None) -> Shape:
         return Shape("unknown", "fewer than two memory samples")
     t = [p[0] for p in pts]
     m = [p[1] for p in pts]
-    base = min(m[: min(3, len(m))])
+    # the base is the lowest of the first samples; growth is looked for only
+    # after it (a VM's first sample can still carry its boot's memory)
+    b = min(range(min(3, len(m))), key=m.__getitem__)
+    base = m[b]
     peak = max(m)
     rise = peak - base
     least = max(2.0, 0.05 * limit_mib) if limit_mib else 2.0
@@ -118,16 +121,20 @@ def shape(points: list[tuple[float, float]], limit_mib: float | None) -> Shape:
             peak_mib=peak,
         )
     lo, hi = base + 0.1 * rise, base + 0.9 * rise
-    g = next(i for i, v in enumerate(m) if v > lo)
-    e = next(i for i, v in enumerate(m) if v >= hi)
+    g = next(i for i in range(b, len(m)) if m[i] > lo)
+    e = next(i for i in range(g, len(m)) if m[i] >= hi)
     first = max(g - 1, 0)
     start_t = t[first]
     growth_s = t[e] - start_t
     steady_s = start_t - t[0]
     window_t, window_m = t[first : e + 1], m[first : e + 1]
-    steps = [b - a for a, b in itertools.pairwise(window_m)] or [rise]
-    step = max(steps)
     fit = fit_line(window_t, window_m)
+    # a step is what a sample rose beyond the line over its own time gap: a
+    # sampler that fell behind on a loaded host makes one long step, not a spike
+    slope = max(fit.slope_mib_s, 0.0) if fit is not None else 0.0
+    pairs = itertools.pairwise(zip(window_t, window_m, strict=True))
+    steps = [(m1 - m0) - slope * (t1 - t0) for (t0, m0), (t1, m1) in pairs] or [rise]
+    step = max(steps)
     common = {
         "base_mib": base,
         "peak_mib": peak,

@@ -284,15 +284,25 @@ class PoolClient:
             yield from _lines(f)
 
     def call(self, op: str, progress: Callable[[str], None] | None = None, **args: Any) -> Any:
-        for msg in self.stream(op, **args):
-            if "progress" in msg:
-                if progress is not None:
-                    progress(str(msg["progress"]))
-                continue
-            if msg.get("ok"):
-                return msg.get("result")
-            _raise(msg.get("error") or {})
-        raise PoolManagerError("the pool host closed the connection without an answer")
+        # A host that is exiting (it held nothing more) still accepts
+        # connections until its socket closes, and drops them unanswered: a
+        # request that got no line at all was never handled, so it is sent
+        # again, to the next host, for a while.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            answered = False
+            for msg in self.stream(op, **args):
+                answered = True
+                if "progress" in msg:
+                    if progress is not None:
+                        progress(str(msg["progress"]))
+                    continue
+                if msg.get("ok"):
+                    return msg.get("result")
+                _raise(msg.get("error") or {})
+            if answered or time.monotonic() > deadline:
+                raise PoolManagerError("the pool host closed the connection without an answer")
+            time.sleep(0.1)
 
     # convenience ---------------------------------------------------------------
     def create(self, spec: PoolSpec) -> dict[str, Any]:

@@ -455,21 +455,23 @@ class VMInstance(SnapshotOps, Instance):
             self._release_agent()
 
     @translated("stopping a VM")
-    def power_off(self, *, timeout_s: float = 10.0) -> None:
+    def power_off(self, *, timeout_s: float = 30.0) -> None:
         """Power the VM off (its disk and snapshots stay): the agent syncs the
         guest's file systems and powers off; after ``timeout_s`` libvirt pulls
-        the plug."""
+        the plug. The agent gets the whole budget: a guest under TCG on a
+        loaded host can take seconds to answer, and pulling the plug early
+        loses what it had not written."""
         with self._lock:
             dom = self.domain()
             if not dom.isActive():
                 return
+            deadline = time.monotonic() + timeout_s
             # a guest that cannot be asked to power off is destroyed below
             with contextlib.suppress(AgentError, AgentGoneError, AgentTimeoutError):
                 self.agent.close("the VM was powered off")
-                self.agent.connect(deadline=time.monotonic() + 2.0, alive=self._alive)
-                self.agent.poweroff(deadline=time.monotonic() + 5.0)
+                self.agent.connect(deadline=deadline, alive=self._alive)
+                self.agent.poweroff(deadline=deadline)
             self.agent.close()
-            deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and dom.isActive():
                 time.sleep(0.05)
             if dom.isActive():
