@@ -197,7 +197,11 @@ def device_args(
             "-device", "virtio-blk-device,drive=root",
         ]  # fmt: skip
     if m.net:
-        backend = f"tap,id=net0,fd={tap_fd}" if tap_fd is not None else "hubport,id=net0,hubid=0"
+        backend = (
+            f"tap,id=net0,fd={tap_fd},vhost=off"
+            if tap_fd is not None
+            else "hubport,id=net0,hubid=0"
+        )
         args += [
             "-netdev", backend,
             "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",

@@ -10,6 +10,7 @@ with the evidence of how it ended. Snapshots are in :mod:`tierbox.tiers.microvm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from tierbox.errors import (
     UsageError,
 )
 from tierbox.host.cgroups import SandboxCgroup
+from tierbox.network import Egress, NetworkPolicy
 from tierbox.spec import (
     MIB,
     ExecResult,
@@ -44,6 +46,7 @@ from tierbox.tiers import _state
 from tierbox.tiers.base import Capabilities, Instance, SnapshotKind
 from tierbox.tiers.commands import Command, ExecRequest, Finished
 from tierbox.tiers.guest_command import GuestCommand
+from tierbox.tiers.microvm import network as guest_net
 from tierbox.tiers.microvm.snapshots import SnapshotOps
 from tierbox.tiers.outcome import classify_agent, signame
 from tierbox.vmm import qemu
@@ -59,6 +62,7 @@ from tierbox.vmm.guest import guest_stats
 from tierbox.vmm.qmp import QMPClient
 
 if TYPE_CHECKING:
+    from tierbox.host.netgw import Gateway
     from tierbox.tiers.microvm.tier import MicroVMTier
 
 T = TypeVar("T")
@@ -72,6 +76,7 @@ CAPABILITIES = Capabilities(
     min_memory_mib=qemu.MIN_MEMORY_MIB,
     shares_host_files=False,
     tty=True,
+    networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.EGRESS}),
 )
 
 
@@ -98,6 +103,8 @@ class MicroVMInstance(SnapshotOps, Instance):
         cgroup: SandboxCgroup | None,
         ram_path: Path | None,
         disk_info: dict[str, Any] | None,
+        *,
+        gateway: Gateway | None = None,
     ) -> None:
         self.tier = tier
         self.id = sandbox_id
@@ -111,6 +118,8 @@ class MicroVMInstance(SnapshotOps, Instance):
         #: (whose RAM is a private mapping of its snapshot's file)
         self.ram_path = ram_path
         self.disk_info = disk_info
+        #: the egress network's router (None: no NIC)
+        self.gateway = gateway
         self.agent = AgentClient(self.files.agent)
         self.agent_info: dict[str, str] = {}
         self._qmp: QMPClient | None = None
@@ -130,6 +139,15 @@ class MicroVMInstance(SnapshotOps, Instance):
             "cgroup": self.cgroup.relpath if self.cgroup is not None else None,
             "ram_path": str(self.ram_path) if self.ram_path is not None else None,
             "disk": self.disk_info,
+            "net": (
+                {
+                    **self.gateway.state(),
+                    "guest_address": self.gateway.guest_address,
+                    "gateway_address": self.gateway.gateway_address,
+                }
+                if self.gateway is not None
+                else None
+            ),
         }
 
     def _save_state(self) -> None:
@@ -228,6 +246,17 @@ class MicroVMInstance(SnapshotOps, Instance):
             what = f"the microVM died while starting: {term.describe()}"
         lines = "\n  ".join(console.splitlines()[-12:]) if console else "(empty)"
         return SandboxError(f"microVM {self.id} did not start: {what}\n  console:\n  {lines}")
+
+    def _configure_network(self, *, deadline: float) -> None:
+        """Give the guest's NIC its address and route (a boot, a restore)."""
+        if self.gateway is None or not isinstance(self.spec.network, Egress):
+            return
+        try:
+            guest_net.configure_guest(
+                self.agent, self.gateway, self.spec.network, deadline=deadline
+            )
+        except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
+            raise self._boot_failure(exc, deadline) from exc
 
     def _qmp_client(self) -> QMPClient:
         if self._qmp is None:
@@ -423,7 +452,11 @@ class MicroVMInstance(SnapshotOps, Instance):
         guest = self._agent_call(
             "stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0)
         )
-        return guest_stats(self.proc.pid, guest)
+        st = guest_stats(self.proc.pid, guest)
+        if self.gateway is not None:
+            tx, rx = self.gateway.counters()
+            st = dataclasses.replace(st, net_tx_bytes=tx, net_rx_bytes=rx)
+        return st
 
     def sample(self) -> Stats:
         """What the VM costs the host now, from QEMU's cgroup (memory the guest
@@ -478,7 +511,7 @@ class MicroVMInstance(SnapshotOps, Instance):
             self.agent.close()
             if self._qmp is not None:
                 self._qmp.close()
-            self.tier.release(self.id, self.files.dir, self.cgroup, self.ram_path)
+            self.tier.release(self.id, self.files.dir, self.cgroup, self.ram_path, self.gateway)
         return term
 
 

@@ -1,6 +1,7 @@
 """Leftovers of microVMs whose owner crashed: QEMUs named ``tierbox-<id>``,
-RAM files in /dev/shm, sandbox directories with their cgroups, half-made
-snapshots and conversion helpers (``tierbox gc``; ``Tier.reap``).
+RAM files in /dev/shm, sandbox directories with their cgroups, network
+gateways (router namespace, tap, pasta), half-made snapshots and conversion
+helpers (``tierbox gc``; ``Tier.reap``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+from tierbox.host import netgw
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.paths import MARKER, sandboxes_dir
 from tierbox.tiers import _state
@@ -28,8 +30,10 @@ def reap_leftovers(live: set[str], snapshots_root: Path) -> list[str]:
     whose id is not in ``live`` (crashed owners, or QEMU already dead), and
     stale half-made snapshots under ``snapshots_root``; a line per thing removed."""
     removed: list[str] = []
+    ours: set[str] = set()  # microVM sandboxes found here, live or not
     running = qemu.find_marked_qemus(sandboxes_dir())
     for sid, pid in sorted(running.items()):
+        ours.add(sid)
         d = _state.sandbox_dir(sid)
         if sid in live and d.is_dir():
             continue
@@ -56,7 +60,10 @@ def reap_leftovers(live: set[str], snapshots_root: Path) -> list[str]:
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(f"directory {d}")
                 continue
-            if not vm_state_file(d).exists() or d.name in live:
+            if not vm_state_file(d).exists():
+                continue
+            ours.add(d.name)
+            if d.name in live:
                 continue
             # an unreadable record only leaves its cgroup, which gc's cgroup walk removes
             with contextlib.suppress(OSError, ValueError):
@@ -65,6 +72,7 @@ def reap_leftovers(live: set[str], snapshots_root: Path) -> list[str]:
                     SandboxCgroup(relpath=vm["cgroup"], version=cgroup_version()).destroy()
             shutil.rmtree(d, ignore_errors=True)
             removed.append(f"microVM directory {d}")
+    removed += _reap_gateways(live, ours)
     snaps = snapshots_root
     if snaps.is_dir():
         for tmp in snaps.glob(".tmp-*"):
@@ -72,6 +80,25 @@ def reap_leftovers(live: set[str], snapshots_root: Path) -> list[str]:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(f"unfinished snapshot {tmp}")
     return removed
+
+
+def _reap_gateways(live: set[str], ours: set[str]) -> list[str]:
+    """Gateways of microVMs that are not live: those of sandboxes found
+    above, and tap gateways whose sandbox left nothing else (killed between
+    making its gateway and writing vm.json). Another tier's gateways stay."""
+    keep = set(live)
+    for sid in netgw.recorded():
+        if sid not in ours and _gateway_kind(sid) != "tap":
+            keep.add(sid)
+    return netgw.reap(keep)
+
+
+def _gateway_kind(sandbox_id: str) -> str | None:
+    try:
+        record = json.loads((netgw.records_dir() / f"{sandbox_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("kind") if isinstance(record, dict) else None
 
 
 def _mtime(p: Path) -> float:

@@ -36,6 +36,7 @@ from tierbox.paths import sandboxes_dir
 from tierbox.spec import SandboxSpec
 from tierbox.tiers import _state
 from tierbox.tiers.base import SnapshotRef
+from tierbox.tiers.microvm import network as guest_net
 from tierbox.vmm import artifacts, qemu
 from tierbox.vmm import qmp as qmp_mod
 from tierbox.vmm import snapshot as snapfmt
@@ -43,6 +44,7 @@ from tierbox.vmm.agent import AgentClient, GuestConfig
 from tierbox.vmm.qmp import QMPClient
 
 if TYPE_CHECKING:
+    from tierbox.host.netgw import Gateway
     from tierbox.tiers.microvm.instance import MicroVMInstance
     from tierbox.tiers.microvm.tier import MicroVMTier
 
@@ -163,7 +165,12 @@ class RestoreOps:
             self, spec: SandboxSpec
         ) -> tuple[str, qemu.Files, SandboxCgroup | None]: ...
         def release(
-            self, sandbox_id: str, d: Path, cg: SandboxCgroup | None, ram: Path | None
+            self,
+            sandbox_id: str,
+            d: Path,
+            cg: SandboxCgroup | None,
+            ram: Path | None,
+            gateway: Gateway | None = None,
         ) -> None: ...
 
     def _microvm_tier(self) -> MicroVMTier:
@@ -244,17 +251,27 @@ class RestoreOps:
         disk_info: dict[str, Any] | None,
     ) -> MicroVMInstance:
         sid, files, cg = self._new_sandbox(spec)
+        gw = None
+        tap: int | None = None
         try:
-            argv = qemu.restore_argv(sid, machine, files, ram_path=snap.ram_path, ram_share=False)
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=(snap.ram_fd,))
+            # a clone gets its own gateway (and tap) when the machine has a NIC
+            gw = guest_net.open_gateway(sid, spec) if machine.net else None
+            tap = guest_net.tap_fd(gw)
+            argv = qemu.restore_argv(
+                sid, machine, files, ram_path=snap.ram_path, ram_share=False, tap_fd=tap
+            )
+            fds = (snap.ram_fd,) if tap is None else (snap.ram_fd, tap)
+            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=fds)
         except BaseException:
-            self.release(sid, files.dir, cg, None)
+            self.release(sid, files.dir, cg, None, gw)
             raise
+        finally:
+            guest_net.close_fd(tap)
         # imported here: the instance module imports this one for SnapshotOps
         from tierbox.tiers.microvm.instance import MicroVMInstance
 
         inst = MicroVMInstance(
-            self._microvm_tier(), sid, spec, machine, guest, proc, cg, None, disk_info
+            self._microvm_tier(), sid, spec, machine, guest, proc, cg, None, disk_info, gateway=gw
         )
         inst._save_state()
         return inst
@@ -273,6 +290,7 @@ class RestoreOps:
                 + (f": {detail}" if detail else "")
             ) from exc
         inst._connect(deadline=deadline, hello=True)
+        inst._configure_network(deadline=deadline)
 
     def split_full_stream(self, machine: qemu.Machine, full: Path, snap_dir: Path) -> None:
         """Turn a migration stream with RAM (from a restored guest) into the

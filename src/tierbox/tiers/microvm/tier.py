@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tierbox.errors import (
     AgentError,
@@ -28,9 +28,11 @@ from tierbox.errors import (
     TierUnavailableError,
 )
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.network import Egress
 from tierbox.spec import Limits, SandboxSpec, Termination, TerminationKind
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Tier
+from tierbox.tiers.microvm import network as guest_net
 from tierbox.tiers.microvm.instance import CAPABILITIES, MicroVMInstance, vm_state_file
 from tierbox.tiers.microvm.reap import reap_leftovers
 from tierbox.tiers.microvm.snapshots import RestoreOps
@@ -38,6 +40,9 @@ from tierbox.vmm import artifacts, qemu
 from tierbox.vmm.accel import Accelerator
 from tierbox.vmm.agent import GuestConfig
 from tierbox.vmm.guest import guest_config
+
+if TYPE_CHECKING:
+    from tierbox.host.netgw import Gateway
 
 #: How long a cold boot may take to reach the agent, per accelerator.
 BOOT_TIMEOUT_S = {"kvm": 20.0, "tcg": 60.0}
@@ -52,7 +57,8 @@ class MicroVMTier(RestoreOps, Tier):
     name = "microvm"
     capabilities = CAPABILITIES
     isolation = (
-        "own guest kernel in a QEMU microvm (virtio-mmio only, no NIC, no PCI); "
+        "own guest kernel in a QEMU microvm (virtio-mmio only, no PCI; a NIC only with "
+        "egress, behind a per-sandbox router that passes only the allow-list); "
         "read-only root disk with a tmpfs overlay; QEMU seccomp-sandboxed in its own cgroup"
     )
 
@@ -146,6 +152,7 @@ class MicroVMTier(RestoreOps, Tier):
             disk=str(disk.path) if disk is not None else None,
             rw_mib=lim.disk_mib or 0,
             agent=self.start_agent,
+            net=isinstance(spec.network, Egress),
         )
 
     def _guest_for(self, spec: SandboxSpec, disk: artifacts.RootDisk | None) -> GuestConfig:
@@ -196,7 +203,11 @@ class MicroVMTier(RestoreOps, Tier):
         sid, files, cg = self._new_sandbox(spec)
         ram = qemu.ram_file(sid)
         inst: MicroVMInstance | None = None
+        gw = None
+        tap: int | None = None
         try:
+            gw = guest_net.open_gateway(sid, spec)
+            tap = guest_net.tap_fd(gw)
             argv = qemu.boot_argv(
                 sid,
                 machine,
@@ -205,18 +216,26 @@ class MicroVMTier(RestoreOps, Tier):
                 initramfs=g.initramfs.path,
                 hz=g.kernel.hz,
                 ram_path=ram,
+                tap_fd=tap,
             )
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg)
-            inst = MicroVMInstance(self, sid, spec, machine, guest, proc, cg, ram, disk_info)
+            fds = (tap,) if tap is not None else ()
+            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=fds)
+            guest_net.close_fd(tap)
+            tap = None
+            inst = MicroVMInstance(
+                self, sid, spec, machine, guest, proc, cg, ram, disk_info, gateway=gw
+            )
             inst._save_state()
             inst._connect(deadline=started + timeout_s, hello=True)
+            inst._configure_network(deadline=started + timeout_s)
         except BaseException:
+            guest_net.close_fd(tap)
             if inst is not None:
                 inst.proc.kill()
                 tail = inst.proc.log_tail(600).strip()
                 if failure_log is not None and tail:
                     failure_log.append(tail.splitlines()[-1])
-            self.release(sid, files.dir, cg, ram)
+            self.release(sid, files.dir, cg, ram, gw)
             raise
         return inst
 
@@ -244,6 +263,7 @@ class MicroVMTier(RestoreOps, Tier):
             cg,
             Path(vm["ram_path"]) if vm.get("ram_path") else None,
             vm.get("disk"),
+            gateway=guest_net.attach_gateway(sandbox_id, vm.get("net")),
         )
         if not proc.alive():
             # a dead VM still attaches: every call says it is dead, close() removes it
@@ -264,8 +284,16 @@ class MicroVMTier(RestoreOps, Tier):
             ) from exc
         return inst
 
-    def release(self, sandbox_id: str, d: Path, cg: SandboxCgroup | None, ram: Path | None) -> None:
+    def release(
+        self,
+        sandbox_id: str,
+        d: Path,
+        cg: SandboxCgroup | None,
+        ram: Path | None,
+        gateway: Gateway | None = None,
+    ) -> None:
         """Remove everything a sandbox held on the host. Idempotent."""
+        guest_net.close_gateway(gateway)
         if ram is not None:
             ram.unlink(missing_ok=True)
         if cg is not None:

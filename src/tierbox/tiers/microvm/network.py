@@ -1,0 +1,92 @@
+"""A microVM's egress network: the host side is a per-sandbox
+:class:`~tierbox.host.netgw.Gateway` (a router namespace whose nftables
+filter passes only the pinned allow-list) with a tap device; QEMU gets the
+tap as an open fd behind a virtio-net NIC, and the guest agent gives the NIC
+its address and default route (``NET``) once the guest answers, after a
+boot and after every restore (each clone has its own gateway).
+
+A sandbox with ``network="none"`` has no NIC at all: its kernel never loads
+virtio_net (``tierbox.net=0``), so loopback is all there is.
+
+The guest's /etc/hosts maps the allow-list's pinned names; with ``dns=True``
+its /etc/resolv.conf names the gateway's DNS forwarder (pasta hands queries
+to the host's resolver), the only resolver the filter lets it reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Any
+
+from tierbox.network import Egress
+from tierbox.spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from tierbox.host.netgw import Gateway
+    from tierbox.vmm.agent import AgentClient
+
+
+def vmm_credentials() -> tuple[int, int]:
+    """The uid and gid QEMU runs as, who must be able to use the tap: this
+    process's own, as QEMU is started without dropping privileges."""
+    return os.getuid(), os.getgid()
+
+
+def open_gateway(sandbox_id: str, spec: SandboxSpec) -> Gateway | None:
+    """The sandbox's gateway with a tap for QEMU, or None without egress."""
+    if not isinstance(spec.network, Egress):
+        return None
+    from tierbox.host.netgw import Gateway
+
+    uid, gid = vmm_credentials()
+    return Gateway.create(sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid)
+
+
+def attach_gateway(sandbox_id: str, state: dict[str, Any] | None) -> Gateway | None:
+    """The gateway of a microVM another process started (its ``vm.json``)."""
+    if not state:
+        return None
+    from tierbox.host.netgw import Gateway
+
+    return Gateway.attach(sandbox_id, state)
+
+
+def close_gateway(gw: Gateway | None) -> None:
+    if gw is not None:
+        gw.close()
+
+
+def tap_fd(gw: Gateway | None) -> int | None:
+    """An fd of the gateway's tap for QEMU (the caller closes its copy once
+    QEMU has started)."""
+    return gw.open_tap() if gw is not None else None
+
+
+def close_fd(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def hosts_file(egress: Egress) -> bytes:
+    """/etc/hosts for the guest: loopback plus the allow-list's pinned names
+    (the guest resolves them without DNS, to the addresses the filter passes)."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    for name, addrs in sorted(egress.hosts().items()):
+        lines += [f"{a}\t{name}" for a in addrs]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def configure_guest(
+    agent: AgentClient, gw: Gateway, egress: Egress, *, deadline: float
+) -> dict[str, str]:
+    """Give the guest's NIC its address and default route through the
+    gateway, and map the allow-list's names in its /etc/hosts."""
+    info = agent.net(gw.guest_address, gw.gateway_address, deadline=deadline)
+    if egress.hosts():
+        agent.put("/etc/hosts", hosts_file(egress), mode=0o644, uid=0, gid=0, deadline=deadline)
+    if egress.dns and gw.dns_address:
+        conf = f"nameserver {gw.dns_address}\n".encode()
+        agent.put("/etc/resolv.conf", conf, mode=0o644, uid=0, gid=0, deadline=deadline)
+    return info
