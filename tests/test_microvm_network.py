@@ -19,7 +19,7 @@ import pytest
 from tests import test_network
 from tests.test_network import Lab, _gateway_leftovers
 from tierbox.host import netgw
-from tierbox.network import Egress, NetworkPolicy
+from tierbox.network import AllowRule, Egress, NetworkPolicy, parse_allow
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import _state, get_tier
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.timeout(300)
 #: the container tests' servers, in a namespace of their own (one scheme for all tiers)
 testnet = test_network.testnet
 
+#: an allow-list name the guest resolves from its /etc/hosts alone
+NAME = "web.tierbox.test"
 #: a refused or dropped connection must end within this (issue 16)
 DENIED_WITHIN_S = 2.0
 
@@ -76,11 +78,17 @@ def _get(vm: MicroVMInstance, addr: str, port: int) -> tuple[bool, bytes, float]
 
 def test_egress_reaches_the_allow_list_and_nothing_else(tier: MicroVMTier, testnet: Lab) -> None:
     allow = f"{testnet.allowed_ip}:{testnet.port}"
-    vm = _create(tier, Egress(allow=(allow,)))
+    # a name, pinned here to the allowed server (nothing resolves it on this host)
+    by_name = AllowRule(
+        f"{NAME}:{testnet.port}", NAME, testnet.port, testnet.port, (f"{testnet.allowed_ip}/32",)
+    )
+    vm = _create(tier, Egress(allow=(allow, by_name.text), rules=(parse_allow(allow), by_name)))
     try:
         r = vm.exec(["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
         assert r.ok and b"10.200.0.2/30" in r.stdout, r.stdout + r.stderr
         ok, out, _ = _get(vm, testnet.allowed_ip, testnet.port)
+        assert ok, out
+        ok, out, _ = _get(vm, NAME, testnet.port)  # through the guest's /etc/hosts
         assert ok, out
         for addr, port in (
             (testnet.allowed_ip, testnet.other_port),  # the allowed server, another port
@@ -115,7 +123,10 @@ def test_network_none_is_loopback_only_and_loads_no_driver(tier: MicroVMTier) ->
 
 @pytest.mark.slow
 def test_clones_get_their_own_gateway(tier: MicroVMTier, testnet: Lab) -> None:
-    vm = _create(tier, Egress(allow=(f"{testnet.allowed_ip}:{testnet.port}",)))
+    vm = _create(tier, Egress(allow=(f"{testnet.allowed_ip}:{testnet.port}",), dns=True))
+    # dns=True: the guest asks the gateway's forwarder, the one resolver it can reach
+    conf = vm.exec(["cat", "/etc/resolv.conf"]).stdout
+    assert conf == f"nameserver {netgw.DNS_ADDRESS}\n".encode(), conf
     snap = vm.snapshot()
     clones: list[MicroVMInstance] = []
     try:
