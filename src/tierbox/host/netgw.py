@@ -279,6 +279,8 @@ class Gateway:
         self.dns_address: str | None = DNS_ADDRESS if policy.dns else None
         self._record = record
         self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
 
     @property
     def netns_path(self) -> str:
@@ -323,7 +325,31 @@ class Gateway:
         tap_gid: int | None = None,
     ) -> Gateway:
         """Make the gateway for ``sandbox_id`` whose ways out are ``policy``'s
-        pinned allow-list. Everything made is undone if any step fails."""
+        pinned allow-list, ready to carry traffic. Everything made is undone
+        if any step fails."""
+        gw = cls.start(sandbox_id, policy, kind=kind, tap_uid=tap_uid, tap_gid=tap_gid)
+        try:
+            gw.ready()
+        except BaseException:
+            gw.close()
+            raise
+        return gw
+
+    @classmethod
+    def start(
+        cls,
+        sandbox_id: str,
+        policy: Egress,
+        *,
+        kind: Kind = "veth",
+        tap_uid: int | None = None,
+        tap_gid: int | None = None,
+    ) -> Gateway:
+        """``create`` in two halves, so a runtime can start meanwhile: on
+        return the namespaces exist (what a runtime joining the sandbox's
+        needs); the link, the filter, forwarding and pasta are being made by
+        two threads, and ``ready`` waits for them. Until then nothing is forwarded:
+        ``ip_forward`` is set only once the filter is loaded."""
         _check_id(sandbox_id)
         if kind not in ("veth", "tap"):
             raise SpecError(f"gateway kind {kind!r}: use veth or tap")
@@ -339,77 +365,99 @@ class Gateway:
         _write_record(sandbox_id, record)  # before anything exists: gc can find it all
         gw = cls(sandbox_id, policy, kind, record)
         try:
-            gw._make(ip, nft, pasta, rules, tap_uid, tap_gid)
+            gw._link(ip, tap_uid, tap_gid)
+            gw._spawn(gw._router_side, ip, nft, rules)
+            gw._spawn(gw._start_pasta, pasta)
         except BaseException:
             gw.close()
             raise
         return gw
 
-    def _make(
-        self,
-        ip: str,
-        nft: str,
-        pasta: str,
-        rules: str,
-        tap_uid: int | None,
-        tap_gid: int | None,
-    ) -> None:
+    def _spawn(self, fn: Callable[..., None], *args: Any) -> None:
+        def body() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # raised again by ready()
+                self._errors.append(exc)
+
+        t = threading.Thread(target=body, name=f"gateway {self.sandbox_id}")
+        t.start()
+        self._threads.append(t)
+
+    def ready(self) -> None:
+        """Wait until the gateway carries traffic; raise what went wrong."""
+        while self._threads:
+            self._threads.pop().join()
+        if self._errors:
+            raise self._errors[0]
+
+    @property
+    def _what(self) -> str:
+        return f"network gateway of sandbox {self.sandbox_id}"
+
+    def _link(self, ip: str, tap_uid: int | None, tap_gid: int | None) -> None:
+        """The namespaces (one ``ip`` for both); for a tap, the tap too."""
         r, s = self.router_netns, self.sandbox_netns
-        what = f"network gateway of sandbox {self.sandbox_id}"
-        for ns in (r, s):
-            if ns is not None:
-                run([ip, "netns", "add", ns], timeout_s=10, message=f"cannot make {what}")
-        router: list[str] = []
-        if s is not None:
-            router.append(f"link add {ROUTER_IF} type veth peer name {SANDBOX_IF} netns {s}")
-        else:
+        names = [r] if s is None else [r, s]
+        self._batch(ip, None, [f"netns add {n}" for n in names])
+        if s is None:
             owner = []
             if tap_uid is not None:
                 owner += ["user", str(tap_uid)]
             if tap_gid is not None:
                 owner += ["group", str(tap_gid)]
-            router.append(" ".join(["tuntap add dev", ROUTER_IF, "mode tap vnet_hdr", *owner]))
-        router += [
-            f"addr add {_GATEWAY_CIDR} dev {ROUTER_IF}",
-            f"link set {ROUTER_IF} up",
-            "link set lo up",
-        ]
+            tap = " ".join(["tuntap add dev", ROUTER_IF, "mode tap vnet_hdr", *owner])
+            self._batch(ip, r, [tap])
+
+    def _batch(self, ip: str, netns: str | None, lines: list[str]) -> None:
+        argv = [ip, *(["-n", netns] if netns else []), "-batch", "-"]
         run(
-            [ip, "-n", r, "-batch", "-"],
-            input="\n".join(router).encode(),
-            timeout_s=10,
-            message=f"cannot make {what}",
+            argv, input="\n".join(lines).encode(), timeout_s=10, message=f"cannot make {self._what}"
         )
-        if s is not None:
-            sandbox = [
-                f"addr add {GUEST_ADDRESS} dev {SANDBOX_IF}",
-                f"link set {SANDBOX_IF} up",
-                "link set lo up",
-                f"route add default via {GATEWAY_ADDRESS}",
-            ]
-            run(
-                [ip, "-n", s, "-batch", "-"],
-                input="\n".join(sandbox).encode(),
-                timeout_s=10,
-                message=f"cannot make {what}",
+
+    def _router_side(self, ip: str, nft: str, rules: str) -> None:
+        """The veth; then from a thread inside the router namespace (so
+        ``ip``, ``nft`` and the sysctl all act there): the gateway address,
+        the filter, and only then forwarding (that namespace's own
+        ``ip_forward``)."""
+
+        s = self.sandbox_netns
+        if s is not None:  # the veth, its sandbox end configured there
+            self._batch(
+                ip,
+                s,
+                [
+                    f"link add {SANDBOX_IF} type veth peer name {ROUTER_IF} "
+                    f"netns {self.router_netns}",
+                    f"addr add {GUEST_ADDRESS} dev {SANDBOX_IF}",
+                    f"link set {SANDBOX_IF} up",
+                    "link set lo up",
+                    f"route add default via {GATEWAY_ADDRESS} dev {SANDBOX_IF} onlink",
+                ],
             )
 
-        def router_side() -> None:
-            # ip_forward of the router netns only (per-namespace sysctl,
-            # written by a thread inside it); then the filter, in that netns
+        def inside() -> None:
+            self._batch(
+                ip,
+                None,
+                [
+                    f"addr add {_GATEWAY_CIDR} dev {ROUTER_IF}",
+                    f"link set {ROUTER_IF} up",
+                    "link set lo up",
+                ],
+            )
+            run(
+                [nft, "-f", "-"],
+                input=rules.encode(),
+                timeout_s=10,
+                message=f"cannot load the nftables rules of {self._what}",
+            )
             with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
                 f.write("1")
 
-        in_netns(self.router_path, router_side)
-        run(
-            [ip, "netns", "exec", r, nft, "-f", "-"],
-            input=rules.encode(),
-            timeout_s=10,
-            message=f"cannot load the nftables rules of {what}",
-        )
-        self._start_pasta(pasta, what)
+        in_netns(self.router_path, inside)
 
-    def _start_pasta(self, pasta: str, what: str) -> None:
+    def _start_pasta(self, pasta: str) -> None:
         """pasta on the router netns: it copies the host's address and
         default route onto its tap there and turns what leaves through it
         into host sockets. ``--runas 0``: as root with no other user given
@@ -437,10 +485,10 @@ class Gateway:
         if self.dns_address is not None:
             argv += ["--dns-forward", self.dns_address]
         try:
-            run(argv, timeout_s=10, message=f"cannot start pasta for {what}")
+            run(argv, timeout_s=10, message=f"cannot start pasta for {self._what}")
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError) as exc:
-            raise HostError(f"pasta for {what} wrote no pid: {exc}") from exc
+            raise HostError(f"pasta for {self._what} wrote no pid: {exc}") from exc
         finally:
             pid_file.unlink(missing_ok=True)
         self._record["pasta"] = [pid, start_time(pid)]
@@ -480,6 +528,8 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
+        with contextlib.suppress(Exception):
+            self.ready()  # what is being made is made before it is removed
         remove(self.sandbox_id, self._record or _read_record(self.sandbox_id) or {})
 
     def __enter__(self) -> Gateway:

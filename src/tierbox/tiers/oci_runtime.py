@@ -678,12 +678,14 @@ class OciTier(Tier):
         gateway = None
         try:
             if isinstance(spec.network, Egress):  # the sandbox's directory is ours by now
-                gateway = Gateway.create(sandbox_id, spec.network)
+                gateway = Gateway.start(sandbox_id, spec.network)  # ready() below
             self._write_bundle(
                 d, spec, image, [INIT_PATH, "-P"], cgroups_path, init=True, gateway=gateway
             )
             pid_file = d / "init.pid"
             self._start_detached(spec, cg, cgroups_path, d, cid, pid_file)
+            if gateway is not None:  # its router side was made while the runtime started
+                gateway.ready()
             self.after_start(cid)
             init_pid = int(pid_file.read_text().strip())
             state = {
