@@ -34,13 +34,16 @@ def vmm_credentials() -> tuple[int, int]:
 
 
 def open_gateway(sandbox_id: str, spec: SandboxSpec) -> Gateway | None:
-    """The sandbox's gateway with a tap for QEMU, or None without egress."""
+    """The sandbox's gateway with a tap for QEMU, or None without egress.
+    Only its first half is made here (namespace and tap); its filter and
+    uplink are made while QEMU starts, and :func:`configure_guest` waits
+    for them."""
     if not isinstance(spec.network, Egress):
         return None
     from tierbox.host.netgw import Gateway
 
     uid, gid = vmm_credentials()
-    return Gateway.create(sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid)
+    return Gateway.start(sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid)
 
 
 def attach_gateway(sandbox_id: str, state: dict[str, Any] | None) -> Gateway | None:
@@ -82,7 +85,9 @@ def configure_guest(
     agent: AgentClient, gw: Gateway, egress: Egress, *, deadline: float
 ) -> dict[str, str]:
     """Give the guest's NIC its address and default route through the
-    gateway, and map the allow-list's names in its /etc/hosts."""
+    gateway (once the gateway carries traffic), and map the allow-list's
+    names in its /etc/hosts."""
+    gw.ready()
     info = agent.net(gw.guest_address, gw.gateway_address, deadline=deadline)
     if egress.hosts():
         agent.put("/etc/hosts", hosts_file(egress), mode=0o644, uid=0, gid=0, deadline=deadline)
