@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +264,36 @@ def test_gc_leaves_namespaces_it_did_not_make() -> None:
         assert name in netgw.namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_published_port_answers_on_host_loopback(tier: str) -> None:
+    require_tier(tier)
+    require_image("busybox")
+    with Sandbox.create("busybox", tier=tier, network=Egress(), ports=["8000"]) as sb:
+        (published,) = sb.spec.ports
+        assert published.host_ip == "127.0.0.1" and published.host_port > 0
+        sb.put_file("/tmp/www/index.html", f"hello from {tier}\n")
+        server = sb.run(["httpd", "-f", "-p", "8000", "-h", "/tmp/www"], background=True)
+        try:
+            url = f"http://127.0.0.1:{published.host_port}/"
+            got: list[bytes] = []
+
+            def answered() -> bool:
+                try:
+                    got.append(urllib.request.urlopen(url, timeout=2).read())
+                except OSError:
+                    return False
+                return True
+
+            wait_until(answered, timeout_s=10, what=f"{url} to answer")
+            assert got[-1] == f"hello from {tier}\n".encode()
+        finally:
+            server.kill()
+
+
+@pytest.mark.parametrize("network", ["none", "host"])
+def test_published_ports_need_egress(network: str) -> None:
+    require_tier("container")
+    with pytest.raises(SpecError, match="needs network=egress"):
+        Sandbox.create("busybox", tier="container", network=network, ports=["8000"])

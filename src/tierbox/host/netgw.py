@@ -30,23 +30,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from tierbox.errors import HostError, SpecError
 from tierbox.host.pinned import start_time
 from tierbox.host.runner import require, run
-from tierbox.network import Egress
+from tierbox.network import Egress, PortMap
 from tierbox.paths import run_dir
 
 SANDBOX_PREFIX = "tbs-"
@@ -171,7 +173,28 @@ def _v4_networks(policy: Egress) -> list[tuple[ipaddress.IPv4Network, int, int]]
     return out
 
 
-def ruleset(policy: Egress, *, inner_if: str = ROUTER_IF, uplink_if: str = UPLINK_IF) -> str:
+def free_port(host_ip: str) -> int:
+    """A TCP port free on ``host_ip`` now, for a published port written as 0."""
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host_ip, 0))
+        return int(sock.getsockname()[1])
+
+
+def pick_host_ports(ports: Sequence[PortMap]) -> tuple[PortMap, ...]:
+    """``ports`` with a host port picked for each written as 0."""
+    return tuple(
+        p if p.host_port else dataclasses.replace(p, host_port=free_port(p.host_ip)) for p in ports
+    )
+
+
+def ruleset(
+    policy: Egress,
+    ports: Sequence[PortMap] = (),
+    *,
+    inner_if: str = ROUTER_IF,
+    uplink_if: str = UPLINK_IF,
+) -> str:
     """The router's nftables table: from the sandbox, only the allow-list
     (and DNS to pasta's forwarder when asked) goes out, masqueraded; what
     else it sends is refused (TCP reset, ICMP for the rest) so a denied
@@ -179,10 +202,10 @@ def ruleset(policy: Egress, *, inner_if: str = ROUTER_IF, uplink_if: str = UPLIN
     router itself."""
     allow = []
     for net, lo, hi in _v4_networks(policy):
-        ports = str(lo) if lo == hi else f"{lo}-{hi}"
+        span = str(lo) if lo == hi else f"{lo}-{hi}"
         allow.append(
             f'iifname "{inner_if}" ip daddr {net} meta l4proto {{ tcp, udp }} '
-            f"th dport {ports} accept"
+            f"th dport {span} accept"
         )
     if policy.dns:
         allow.append(
@@ -190,7 +213,28 @@ def ruleset(policy: Egress, *, inner_if: str = ROUTER_IF, uplink_if: str = UPLIN
             "th dport 53 accept"
         )
     rules = "\n    ".join(allow)
-    return f"""table inet {NFT_TABLE} {{
+    # Published ports: pasta (-t) brings a host connection into the router
+    # namespace, spliced to its loopback when the client is local, or over
+    # its tap otherwise; both are sent on to the sandbox's address, from
+    # the gateway's (so the sandbox answers through the router).
+    guest = GUEST_ADDRESS.split("/")[0]
+    dnat_out, dnat_in = [], []
+    for p in ports:
+        dnat_out.append(f"ip daddr 127.0.0.1 tcp dport {p.port} dnat ip to {guest}:{p.port}")
+        dnat_in.append(f'iifname "{uplink_if}" tcp dport {p.port} dnat ip to {guest}:{p.port}')
+    nat = ""
+    if ports:
+        nat = f"""
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    {chr(10).join("    " + r for r in dnat_out).strip()}
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    {chr(10).join("    " + r for r in dnat_in).strip()}
+  }}"""
+        rules += f'\n    oifname "{inner_if}" ct status dnat accept'
+    return f"""table inet {NFT_TABLE} {{{nat}
   chain forward {{
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
@@ -208,6 +252,7 @@ def ruleset(policy: Egress, *, inner_if: str = ROUTER_IF, uplink_if: str = UPLIN
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
     oifname "{uplink_if}" masquerade
+    oifname "{inner_if}" ct status dnat snat ip to {GATEWAY_ADDRESS}
   }}
 }}
 """
@@ -279,6 +324,8 @@ class Gateway:
         self.dns_address: str | None = DNS_ADDRESS if policy.dns else None
         self._record = record
         self._closed = False
+        #: published ports, each with its host port (picked when it was 0)
+        self.published: tuple[PortMap, ...] = ()
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
 
@@ -323,11 +370,12 @@ class Gateway:
         kind: Kind = "veth",
         tap_uid: int | None = None,
         tap_gid: int | None = None,
+        ports: Sequence[PortMap] = (),
     ) -> Gateway:
         """Make the gateway for ``sandbox_id`` whose ways out are ``policy``'s
         pinned allow-list, ready to carry traffic. Everything made is undone
         if any step fails."""
-        gw = cls.start(sandbox_id, policy, kind=kind, tap_uid=tap_uid, tap_gid=tap_gid)
+        gw = cls.start(sandbox_id, policy, kind=kind, tap_uid=tap_uid, tap_gid=tap_gid, ports=ports)
         try:
             gw.ready()
         except BaseException:
@@ -344,6 +392,7 @@ class Gateway:
         kind: Kind = "veth",
         tap_uid: int | None = None,
         tap_gid: int | None = None,
+        ports: Sequence[PortMap] = (),
     ) -> Gateway:
         """``create`` in two halves, so a runtime can start meanwhile: on
         return the namespaces exist (what a runtime joining the sandbox's
@@ -353,7 +402,8 @@ class Gateway:
         _check_id(sandbox_id)
         if kind not in ("veth", "tap"):
             raise SpecError(f"gateway kind {kind!r}: use veth or tap")
-        rules = ruleset(policy)  # a bad policy fails before anything is made
+        published = pick_host_ports(ports)
+        rules = ruleset(policy, published)  # a bad policy fails before anything is made
         ip, nft, pasta = _ip(), _nft(), _pasta()
         pid = os.getpid()
         record: dict[str, Any] = {
@@ -364,6 +414,7 @@ class Gateway:
         }
         _write_record(sandbox_id, record)  # before anything exists: gc can find it all
         gw = cls(sandbox_id, policy, kind, record)
+        gw.published = published
         try:
             gw._link(ip, tap_uid, tap_gid)
             gw._spawn(gw._router_side, ip, nft, rules)
@@ -452,6 +503,9 @@ class Gateway:
                 timeout_s=10,
                 message=f"cannot load the nftables rules of {self._what}",
             )
+            if self.published:  # pasta's spliced connections come from 127.0.0.1
+                with open("/proc/sys/net/ipv4/conf/all/route_localnet", "w") as f:
+                    f.write("1")
             with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
                 f.write("1")
 
@@ -484,6 +538,10 @@ class Gateway:
         ]  # fmt: skip
         if self.dns_address is not None:
             argv += ["--dns-forward", self.dns_address]
+        for p in self.published:
+            host_ip = f"[{p.host_ip}]" if ":" in p.host_ip else p.host_ip
+            argv[argv.index("-t") : argv.index("-t") + 2] = []  # "-t none" goes
+            argv += ["-t", f"{host_ip}/{p.host_port}:{p.port}"]
         try:
             run(argv, timeout_s=10, message=f"cannot start pasta for {self._what}")
             pid = int(pid_file.read_text().strip())

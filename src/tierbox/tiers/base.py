@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from tierbox.errors import NotSupportedError, SandboxFileError, SpecError, UsageError
+from tierbox.host import netgw
 from tierbox.host.rootfs import RootDir
 from tierbox.network import Egress, NetworkPolicy, pin
 from tierbox.spec import (
@@ -453,10 +454,13 @@ class Tier(abc.ABC):
 
     def prepare(self, spec: SandboxSpec) -> SandboxSpec:
         """``spec`` checked, with the allow-list's names resolved and pinned
-        (once: a pinned spec comes back as it is)."""
+        and a host port picked for each published port written as 0 (once:
+        a pinned spec comes back as it is)."""
         self.check_spec(spec)
         if isinstance(spec.network, Egress) and not spec.network.pinned:
             spec = dataclasses.replace(spec, network=pin(spec.network))
+        if any(p.host_port == 0 for p in spec.ports):  # picked once, shown by inspect
+            spec = dataclasses.replace(spec, ports=netgw.pick_host_ports(spec.ports))
         return spec
 
     def create(self, spec: SandboxSpec) -> Instance:

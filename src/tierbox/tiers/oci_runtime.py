@@ -82,8 +82,9 @@ def runtime_version(binary: str) -> str:
 
 
 #: commands can run on a pty the runtime makes (``exec --console-socket``);
-#: egress through a per-sandbox gateway (host/netgw.py)
-CAPABILITIES = Capabilities(tty=True, networks=frozenset(NetworkPolicy))
+#: egress through a per-sandbox gateway (host/netgw.py), which also
+#: publishes ports
+CAPABILITIES = Capabilities(tty=True, networks=frozenset(NetworkPolicy), publish_ports=True)
 
 
 class OciInstance(Instance):
@@ -367,6 +368,17 @@ class OciTier(Tier):
     #: works only with --detach)
     tty_console_socket = True
     seccomp = True
+
+    def check_spec(self, spec: SandboxSpec) -> None:
+        """As every tier, and: published ports need an egress sandbox (it
+        has the interface and gateway they arrive through)."""
+        super().check_spec(spec)
+        if spec.ports and not isinstance(spec.network, Egress):
+            raise SpecError(
+                f"publishing ports on the {self.name} tier needs network=egress "
+                "(an empty allow-list lets nothing out): "
+                f"network={spec.network_mode.value} has no interface to publish on"
+            )
 
     # ---- runtime specifics (overridden by gvisor) --------------------------
     def runtime_argv(self, managed: bool = True) -> list[str]:
@@ -678,7 +690,8 @@ class OciTier(Tier):
         gateway = None
         try:
             if isinstance(spec.network, Egress):  # the sandbox's directory is ours by now
-                gateway = Gateway.start(sandbox_id, spec.network)  # ready() below
+                # ready() below, once the runtime has started
+                gateway = Gateway.start(sandbox_id, spec.network, ports=spec.ports)
             self._write_bundle(
                 d, spec, image, [INIT_PATH, "-P"], cgroups_path, init=True, gateway=gateway
             )
