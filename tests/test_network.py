@@ -267,29 +267,33 @@ def test_gc_leaves_namespaces_it_did_not_make() -> None:
 
 
 @pytest.mark.parametrize("tier", TIERS)
-def test_published_port_answers_on_host_loopback(tier: str) -> None:
+def test_published_ports_answer_on_host_loopback(tier: str) -> None:
     require_tier(tier)
     require_image("busybox")
-    with Sandbox.create("busybox", tier=tier, network=Egress(), ports=["8000"]) as sb:
-        (published,) = sb.spec.ports
-        assert published.host_ip == "127.0.0.1" and published.host_port > 0
+    with Sandbox.create("busybox", tier=tier, network=Egress(), ports=["8000", "8001"]) as sb:
+        assert all(p.host_ip == "127.0.0.1" and p.host_port > 0 for p in sb.spec.ports)
         sb.put_file("/tmp/www/index.html", f"hello from {tier}\n")
-        server = sb.run(["httpd", "-f", "-p", "8000", "-h", "/tmp/www"], background=True)
+        servers = [
+            sb.run(["httpd", "-f", "-p", str(p.port), "-h", "/tmp/www"], background=True)
+            for p in sb.spec.ports
+        ]
         try:
-            url = f"http://127.0.0.1:{published.host_port}/"
-            got: list[bytes] = []
+            for p in sb.spec.ports:
+                url = f"http://127.0.0.1:{p.host_port}/"
+                got: list[bytes] = []
 
-            def answered() -> bool:
-                try:
-                    got.append(urllib.request.urlopen(url, timeout=2).read())
-                except OSError:
-                    return False
-                return True
+                def answered(url: str = url, got: list[bytes] = got) -> bool:
+                    try:
+                        got.append(urllib.request.urlopen(url, timeout=2).read())
+                    except OSError:
+                        return False
+                    return True
 
-            wait_until(answered, timeout_s=10, what=f"{url} to answer")
-            assert got[-1] == f"hello from {tier}\n".encode()
+                wait_until(answered, timeout_s=10, what=f"{url} to answer")
+                assert got[-1] == f"hello from {tier}\n".encode()
         finally:
-            server.kill()
+            for server in servers:
+                server.kill()
 
 
 @pytest.mark.parametrize("network", ["none", "host"])

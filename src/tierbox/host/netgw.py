@@ -532,16 +532,17 @@ class Gateway:
             "--ns-ifname",
             UPLINK_IF,
             "--no-map-gw",
-            "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+            "-u", "none", "-T", "none", "-U", "none",
             "--pid",
             str(pid_file),
         ]  # fmt: skip
+        # inward TCP: only the published ports, each on its host address
+        for p in self.published:
+            argv += ["-t", f"{p.host_ip}/{p.host_port}:{p.port}"]
+        if not self.published:
+            argv += ["-t", "none"]
         if self.dns_address is not None:
             argv += ["--dns-forward", self.dns_address]
-        for p in self.published:
-            host_ip = f"[{p.host_ip}]" if ":" in p.host_ip else p.host_ip
-            argv[argv.index("-t") : argv.index("-t") + 2] = []  # "-t none" goes
-            argv += ["-t", f"{host_ip}/{p.host_port}:{p.port}"]
         try:
             run(argv, timeout_s=10, message=f"cannot start pasta for {self._what}")
             pid = int(pid_file.read_text().strip())
