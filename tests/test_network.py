@@ -198,7 +198,15 @@ def test_two_sandboxes_cannot_reach_each_other(tier: str, testnet: Lab) -> None:
 def test_bad_allow_entries_fail_before_anything_starts() -> None:
     require_tier("container")
     before = (netgw.namespaces(), netgw.recorded())
-    for bad in (["nope"], ["198.18.0.1:70000"], ["198.18.0.1:0"], ["198.18.0.1/33:80"]):
+    bad_entries = (
+        ["nope"],
+        ["198.18.0.1:70000"],
+        ["198.18.0.1:0"],
+        ["198.18.0.1/33:80"],
+        ["198.18.0.1:90-80"],
+        ["[2001:db8::1]:443"],  # the sandbox link is IPv4 only
+    )
+    for bad in bad_entries:
         with pytest.raises(SpecError):
             Sandbox.create("busybox", tier="container", network=Egress(allow=tuple(bad)))
     assert (netgw.namespaces(), netgw.recorded()) == before

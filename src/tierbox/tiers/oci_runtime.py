@@ -30,7 +30,7 @@ from tierbox.errors import (
     SandboxClosedError,
     SpecError,
 )
-from tierbox.host import capture, mntns, pty
+from tierbox.host import capture, mntns, netgw, pty
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.host.netgw import Gateway
 from tierbox.host.pinned import PinnedProcess, start_time
@@ -379,6 +379,15 @@ class OciTier(Tier):
                 "(an empty allow-list lets nothing out): "
                 f"network={spec.network_mode.value} has no interface to publish on"
             )
+
+    def prepare(self, spec: SandboxSpec) -> SandboxSpec:
+        """As every tier, and the gateway's rules built once from the pinned
+        allow-list, so an entry the gateway cannot carry (IPv6 only) is
+        refused before anything is made."""
+        spec = super().prepare(spec)
+        if isinstance(spec.network, Egress):
+            netgw.ruleset(spec.network, spec.ports)
+        return spec
 
     # ---- runtime specifics (overridden by gvisor) --------------------------
     def runtime_argv(self, managed: bool = True) -> list[str]:
