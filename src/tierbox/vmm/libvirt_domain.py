@@ -5,9 +5,17 @@ initramfs (firmware: QEMU's qboot, which is faster than SeaBIOS under TCG)
 with three virtio devices placed straight on the PCIe root bus: the disk (a
 qcow2 overlay), a virtio-serial port for the agent (a unix socket on the
 host) and an RNG. The first serial port is logged to a file. There is no
-network interface, no USB, no balloon, no graphics. QEMU runs as root with
-no relabelling (``<seclabel model='dac' relabel='no'>``), so libvirt never
-chowns tierbox's files.
+network interface, no USB, no balloon, no graphics.
+
+QEMU runs as libvirt's unprivileged user (a static DAC label, ``+uid:+gid``
+of ``libvirt-qemu``: no capabilities, no access to root's files) with
+``relabel='no'``: libvirt chowns nothing. tierbox hands QEMU exactly the
+files it writes (the overlay, 0600, owned by that user); the kernel,
+initramfs and base disk stay root's, mode 0444, which QEMU can read and
+cannot change, so one QEMU cannot alter what other VMs boot. libvirt itself
+opens save images and creates the agent socket as root and passes QEMU the
+descriptors. Dynamic ownership would instead chown the shared kernel and
+base disk to QEMU's user while any VM runs.
 
 Its ``<metadata>`` carries one element in the namespace :data:`NS`, whose
 text is JSON (:class:`VMMeta`): the marker ``Tier.reap`` looks for, and
@@ -23,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from tierbox.errors import SandboxError
+from tierbox.vmm import libvirt_guest as guestmod
 
 NS = "https://tierbox.dev/xmlns/vm/1"
 #: Bump when the generated XML changes (templates saved with the old one are rebuilt).
-DOMAIN_FORMAT = 2
+DOMAIN_FORMAT = 3
 NS_PREFIX = "tierbox"
 #: QEMU's minimal firmware: boots a -kernel straight, ~0.15 s sooner than SeaBIOS under TCG.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -101,6 +110,8 @@ class DomainConfig:
     cmdline: str
     cpu_quota: float | None = None  # total CPU limit in cores; None: none
     transient_probe: bool = False  # a KVM test boot: no disk, no agent channel
+    #: the DAC label QEMU runs with (``+uid:+gid``, never root)
+    qemu_label: str = field(default_factory=guestmod.seclabel)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -167,18 +178,27 @@ def domain_xml(cfg: DomainConfig) -> str:
     _pci(rng, SLOTS["rng"])
     _sub(dev, "controller", type="usb", model="none")
     _sub(dev, "memballoon", model="none")
-    sec = _sub(dom, "seclabel", type="static", model="dac", relabel="no")
-    _sub(sec, "label", "+0:+0")
+    _seclabel(dom, cfg.qemu_label)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
+
+
+def _seclabel(dom: ET.Element, label: str) -> None:
+    """QEMU as ``label`` (``+uid:+gid``), and libvirt relabels no file."""
+    if label.startswith(("+0:", "0:", "root:")) or label.endswith((":+0", ":0", ":root")):
+        raise SandboxError(f"refusing to run QEMU as root (DAC label {label})")
+    for old in dom.findall("seclabel"):
+        dom.remove(old)
+    sec = _sub(dom, "seclabel", type="static", model="dac", relabel="no")
+    _sub(sec, "label", label)
 
 
 def retarget_xml(xml: str, cfg: DomainConfig) -> str:
     """A template domain's XML (as libvirt wrote it into its save image) made
     into the XML of ``cfg``'s domain: its name, no UUID (libvirt makes a new
-    one), its metadata, disk, console log, agent socket, command line and CPU
-    quota. Every device and address stays as libvirt laid it out, so the saved
-    QEMU state loads into it."""
+    one), its metadata, disk, console log, agent socket, command line, CPU
+    quota and QEMU's user. Every device and address stays as libvirt laid it
+    out, so the saved QEMU state loads into it."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -209,6 +229,7 @@ def retarget_xml(xml: str, cfg: DomainConfig) -> str:
         for src in root.findall(f"devices/{tag}/source"):
             src.set("path", cfg.meta.console)
     need("devices/channel/source").set("path", cfg.meta.socket)
+    _seclabel(root, cfg.qemu_label)
     for tune in root.findall("cputune"):
         root.remove(tune)
     if cfg.cpu_quota is not None:

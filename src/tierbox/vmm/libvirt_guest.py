@@ -19,8 +19,20 @@ On top of those, set-up adds (under ``$TIERBOX_HOME/vm``, see :func:`vm_home`)::
                                appended (the kernel unpacks both, in order):
                                /vminit and the modules above
     guest/initramfs.json       digests of its inputs (rebuilt when they change)
-    base/<digest>.qcow2        one read-only base disk per image: the image's
-                               ext4 grown to :data:`BASE_DISK_MIB` and converted
+
+QEMU runs as libvirt's unprivileged user (``libvirt-qemu``, see
+:func:`qemu_ids`), which cannot enter ``$TIERBOX_HOME`` (under ``/root``,
+mode 0700). Everything a domain opens therefore lives under
+:func:`state_dir` (``/var/lib/tierbox/vm``; directories mode 0710, group
+the QEMU user's, so only root and QEMU can enter them)::
+
+    boot/<sha>.vmlinux         copies of the kernel and initramfs, root 0444
+    boot/<sha>.initramfs       (QEMU reads them, cannot change them)
+    base/<digest>-<mib>.qcow2  one read-only base disk per image and disk size:
+                               the image's ext4 resized to ``disk_mib``, root 0444
+    domains/<id>/              a VM's overlay (QEMU's, 0600) and console log
+                               (virtlogd's, root 0600)
+    templates/<key>/           saved templates (root 0600 files)
 
 The kernel runs ``/vminit`` (``rdinit=``): it loads the PCI virtio drivers,
 mounts ``/dev/vda`` read-write as the root, and execs the agent (the
@@ -30,9 +42,12 @@ microVM's ``/init``) with that root as its argument.
 from __future__ import annotations
 
 import contextlib
+import functools
+import grp
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from tierbox import paths
-from tierbox.errors import CommandError, HostError, ImageError, TierUnavailableError
+from tierbox.errors import (
+    CommandError,
+    HostError,
+    ImageError,
+    SpecError,
+    TierUnavailableError,
+)
 from tierbox.host.locks import file_lock
 from tierbox.host.runner import require, run
 from tierbox.spec import MIB
@@ -48,8 +69,17 @@ from tierbox.vmm import artifacts, qemu
 
 #: Modules /vminit loads, in this order (their dependencies come first).
 VM_MODULES = ("virtio_pci", "virtio_console", "virtio_rng", "virtio_blk")
-#: Virtual size of every base disk's file system; the qcow2 files stay sparse.
+#: Size of a VM's disk (and of its file system) when the spec sets no ``disk_mib``;
+#: the qcow2 files stay sparse.
 BASE_DISK_MIB = 2048
+#: Where QEMU-facing files live (a path QEMU's unprivileged user can traverse).
+STATE_ENV = "TIERBOX_VM_STATE"
+DEFAULT_STATE_DIR = Path("/var/lib/tierbox/vm")
+#: The host user QEMU runs as (libvirt's default on Debian).
+QEMU_USER_ENV = "TIERBOX_VM_QEMU_USER"
+DEFAULT_QEMU_USER = "libvirt-qemu"
+#: Mode of every directory under :func:`state_dir`: root and QEMU's group enter.
+JAIL_DIR_MODE = 0o710
 #: Bump when the appended archive's layout changes.
 VM_INITRAMFS_FORMAT = 1
 #: What the guest prints on its console when ``tierbox.vm.probe=1`` (KVM test boots).
@@ -115,8 +145,117 @@ def guest_dir() -> Path:
     return vm_home() / "guest"
 
 
+def state_dir() -> Path:
+    """Root of the files QEMU opens (``$TIERBOX_VM_STATE`` or /var/lib/tierbox/vm)."""
+    given = os.environ.get(STATE_ENV)
+    return Path(given) if given else DEFAULT_STATE_DIR
+
+
 def base_dir() -> Path:
-    return vm_home() / "base"
+    return state_dir() / "base"
+
+
+def boot_dir() -> Path:
+    return state_dir() / "boot"
+
+
+def legacy_dirs() -> list[Path]:
+    """Where older tierbox versions kept VM files (under $TIERBOX_HOME): gc reaps them."""
+    return [vm_home() / name for name in ("base", "domains", "templates")]
+
+
+@functools.cache
+def qemu_ids() -> tuple[int, int]:
+    """(uid, gid) QEMU runs as: ``$TIERBOX_VM_QEMU_USER`` (default libvirt-qemu)
+    and the group of the same name (else the user's primary group). Never root."""
+    name = os.environ.get(QEMU_USER_ENV, DEFAULT_QEMU_USER)
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise TierUnavailableError(
+            f"vm tier: there is no host user {name!r} for QEMU to run as "
+            f"(install libvirt-daemon-system, or set {QEMU_USER_ENV})"
+        ) from None
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        gid = pw.pw_gid
+    if pw.pw_uid == 0 or gid == 0:
+        raise TierUnavailableError(
+            f"vm tier: QEMU's user {name!r} is root ({pw.pw_uid}:{gid}): "
+            f"set {QEMU_USER_ENV} to an unprivileged user"
+        )
+    return pw.pw_uid, gid
+
+
+def seclabel() -> str:
+    """The static DAC label of every tierbox domain (``+uid:+gid``)."""
+    uid, gid = qemu_ids()
+    return f"+{uid}:+{gid}"
+
+
+def jail_dir(path: Path) -> Path:
+    """Make ``path`` (under :func:`state_dir`) and its parents up to there:
+    root-owned, mode 0710, group QEMU's. The state dir's parent is made 0711."""
+    root = state_dir()
+    _, gid = qemu_ids()
+    if not root.parent.is_dir():
+        root.parent.mkdir(parents=True, mode=0o711, exist_ok=True)
+        os.chmod(root.parent, 0o711)
+    chain = [path, *path.parents]
+    todo = [p for p in chain[: chain.index(root) + 1]] if root in chain else [path]
+    for p in reversed(todo):
+        p.mkdir(mode=JAIL_DIR_MODE, exist_ok=True)
+        st = p.stat()
+        if (st.st_mode & 0o7777) != JAIL_DIR_MODE or st.st_uid != 0 or st.st_gid != gid:
+            os.chown(p, 0, gid)
+            os.chmod(p, JAIL_DIR_MODE)
+    return path
+
+
+def give_to_qemu(path: Path) -> None:
+    """A file QEMU writes (a disk overlay): owned by QEMU's user, mode 0600."""
+    uid, gid = qemu_ids()
+    os.chown(path, uid, gid)
+    os.chmod(path, 0o600)
+
+
+def take_from_qemu(path: Path) -> None:
+    """A file QEMU no longer uses (a template's disk): root's, mode 0600."""
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o600)
+
+
+def private_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new ``dst`` that is 0600 from its first byte."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with open(src, "rb") as fin:
+            size = os.fstat(fin.fileno()).st_size
+            done = 0
+            while done < size:
+                n = os.copy_file_range(fin.fileno(), fd, size - done)
+                if n <= 0:
+                    raise OSError(f"short copy of {src} into {dst}")
+                done += n
+    finally:
+        os.close(fd)
+
+
+def _publish(src: Path, name: str) -> Path:
+    """A root-owned 0444 copy of ``src`` under boot/ (made once per ``name``)."""
+    out = jail_dir(boot_dir()) / name
+    if out.is_file():
+        return out
+    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
+    try:
+        private_copy(src, tmp)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def locked(name: str) -> contextlib.AbstractContextManager[None]:
@@ -316,13 +455,32 @@ def ensure_guest() -> VMGuest:
         meta = _read_json(meta_path)
         digest = _inputs_digest(g.initramfs, modules_dir(kernel))
         if meta is not None and meta.get("inputs") == digest and out.is_file():
-            return VMGuest(
-                kernel.vmlinux, out, kernel.release, kernel.hz, str(meta["sha256"]), kernel.sha256
+            return _published(
+                VMGuest(
+                    kernel.vmlinux,
+                    out,
+                    kernel.release,
+                    kernel.hz,
+                    str(meta["sha256"]),
+                    kernel.sha256,
+                )
             )
     try:
-        return build_initramfs(g)
+        return _published(build_initramfs(g))
     except (CommandError, HostError, ImageError) as exc:
         raise TierUnavailableError(f"cannot build the vm guest initramfs: {exc}") from exc
+
+
+def _published(g: VMGuest) -> VMGuest:
+    """``g`` with its kernel and initramfs copied where QEMU's user can read them."""
+    try:
+        kernel = _publish(g.kernel, f"{g.kernel_sha256[:32]}.vmlinux")
+        initramfs = _publish(g.initramfs, f"{g.sha256[:32]}.initramfs")
+    except OSError as exc:
+        raise TierUnavailableError(
+            f"vm tier: cannot copy the guest kernel and initramfs to {boot_dir()}: {exc}"
+        ) from exc
+    return VMGuest(kernel, initramfs, g.release, g.hz, g.sha256, g.kernel_sha256)
 
 
 def build_initramfs(g: artifacts.GuestArtifacts) -> VMGuest:
@@ -366,7 +524,7 @@ def build_initramfs(g: artifacts.GuestArtifacts) -> VMGuest:
 
 @dataclass(frozen=True)
 class BaseDisk:
-    """The read-only qcow2 base of one image, and that image's config."""
+    """The read-only qcow2 base of one image at one disk size, and that image's config."""
 
     path: Path
     image: str
@@ -374,34 +532,54 @@ class BaseDisk:
     env: dict[str, str]
     workdir: str
     user: str
+    disk_mib: int
 
 
-def base_disk(ref: str) -> BaseDisk:
-    """The base disk of image ``ref``: its ext4 root disk grown and made qcow2.
+def base_disk(ref: str, disk_mib: int | None = None) -> BaseDisk:
+    """The base disk of image ``ref``: its ext4 root disk resized to
+    ``disk_mib`` (default :data:`BASE_DISK_MIB`) and made qcow2.
 
-    Built once per image manifest digest; every VM of that image gets a
-    qcow2 overlay backed by it.
+    The file system fills the whole disk, so a guest that writes past
+    ``disk_mib`` gets ENOSPC from its own ext4; every overlay backed by it has
+    the same virtual size. Built once per image manifest digest and size.
     """
+    mib = disk_mib or BASE_DISK_MIB
     root = artifacts.root_disk(ref)
-    out = base_dir() / f"{root.digest.removeprefix('sha256:')}.qcow2"
+    used = root.path.stat().st_blocks * 512
+    out = base_dir() / f"{root.digest.removeprefix('sha256:')}-{mib}.qcow2"
 
     def disk() -> BaseDisk:
-        return BaseDisk(out, root.image, root.digest, root.env, root.workdir, root.user)
+        return BaseDisk(out, root.image, root.digest, root.env, root.workdir, root.user, mib)
 
     if out.is_file():
         return disk()
     with locked("base"):
         if out.is_file():
             return disk()
-        base_dir().mkdir(parents=True, exist_ok=True)
+        jail_dir(base_dir())
         qemu_img = require("qemu-img", "qemu-utils")
         resize2fs = require("resize2fs", "e2fsprogs")
         with tempfile.TemporaryDirectory(prefix=".base-", dir=base_dir()) as tmp_s:
             raw = Path(tmp_s) / "root.ext4"
             run(["cp", "--sparse=always", str(root.path), str(raw)], timeout_s=300)
-            size = max(BASE_DISK_MIB * MIB, raw.stat().st_size * 2)
-            os.truncate(raw, size)
-            run([resize2fs, "-f", str(raw)], timeout_s=300, message=f"cannot grow {raw}")
+            size = mib * MIB
+            if size < raw.stat().st_size:
+                # shrinking: the image's data must fit with room to spare
+                try:
+                    run(
+                        [resize2fs, "-f", str(raw), f"{mib}M"],
+                        timeout_s=300,
+                        message=f"cannot shrink {raw}",
+                    )
+                except CommandError as exc:
+                    raise SpecError(
+                        f"disk_mib={mib} is too small for image {ref} "
+                        f"(its file system holds ~{used // MIB + 1} MiB): {exc}"
+                    ) from exc
+                os.truncate(raw, size)
+            else:
+                os.truncate(raw, size)
+                run([resize2fs, "-f", str(raw)], timeout_s=300, message=f"cannot grow {raw}")
             tmp = out.with_suffix(".tmp")
             run(
                 [qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)],
@@ -414,7 +592,8 @@ def base_disk(ref: str) -> BaseDisk:
 
 
 def create_overlay(base: Path, overlay: Path) -> None:
-    """A new qcow2 overlay whose reads fall through to ``base``."""
+    """A new qcow2 overlay whose reads fall through to ``base`` (same virtual
+    size), owned by QEMU's user, mode 0600."""
     run(
         [
             require("qemu-img", "qemu-utils"),
@@ -423,3 +602,4 @@ def create_overlay(base: Path, overlay: Path) -> None:
         timeout_s=60,
         message=f"cannot create the disk {overlay}",
     )  # fmt: skip
+    give_to_qemu(overlay)

@@ -5,9 +5,11 @@ For each VM *shape* (image, memory, vCPUs, accelerator, guest kernel and
 initramfs, QEMU and libvirt versions: :func:`template_key`) tierbox boots one
 template domain once, waits for its agent, and saves it with libvirt's own
 ``virDomainSave``. That leaves two files under
-``$TIERBOX_HOME/vm/templates/<key>/``: ``state.save`` (libvirt's save image:
-a header, the domain XML, and QEMU's migration stream) and ``disk.qcow2``
-(the template's overlay, consistent with the saved memory).
+``/var/lib/tierbox/vm/templates/<key>/``: ``state.save`` (libvirt's save
+image: a header, the domain XML, and QEMU's migration stream) and
+``disk.qcow2`` (the template's overlay, consistent with the saved memory).
+Both are root's, mode 0600: libvirt opens the save image as root and hands
+QEMU the descriptor, and each clone gets its own copy of the disk.
 
 A new VM of that shape is then a *restore*: its overlay is a copy of the
 template's (a few hundred KiB over the shared base), and libvirt restores a
@@ -46,7 +48,7 @@ SAVE_MAGIC = b"LibvirtQemudSave"
 HEADER = struct.Struct("<16s5I56x")
 SUPPORTED_VERSIONS = (2,)
 #: Bump when what a template holds changes (the XML generator, the boot).
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 ENABLE_ENV = "TIERBOX_VM_TEMPLATES"
 
 
@@ -55,7 +57,7 @@ def enabled() -> bool:
 
 
 def templates_dir() -> Path:
-    return guestmod.vm_home() / "templates"
+    return guestmod.state_dir() / "templates"
 
 
 def template_key(parts: dict[str, Any]) -> str:
@@ -108,11 +110,13 @@ def read_save_image(path: Path) -> SaveImage:
 def write_clone_image(src: SaveImage, xml: str, out: Path) -> None:
     """A save image with ``xml`` in place of the template's and the same stream."""
     xml_b = xml.encode() + b"\0"
+    # 0600 from the first byte: it holds the guest's memory
     data = xml_b + (src.cookie + b"\0" if src.cookie else b"")
     cookie_off = len(xml_b) if src.cookie else 0
     head = HEADER.pack(SAVE_MAGIC, src.version, len(data), 1, 0, cookie_off)
     tmp = out.with_suffix(".tmp")
-    with open(src.path, "rb") as fin, open(tmp, "wb") as fout:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(src.path, "rb") as fin, open(fd, "wb") as fout:
         fout.write(head + data)
         fout.flush()
         size = os.fstat(fin.fileno()).st_size
@@ -194,7 +198,7 @@ def discard(key: str) -> None:
 @contextlib.contextmanager
 def build_lock(key: str) -> Iterator[bool]:
     """Hold the build lock of ``key``; yields False when another process builds it."""
-    templates_dir().mkdir(parents=True, exist_ok=True)
+    guestmod.jail_dir(templates_dir())
     with open(templates_dir() / f".{key}.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,7 +226,10 @@ def is_locked(key: str) -> bool:
 
 
 def finish(key: str, work: Path, info: dict[str, Any]) -> Template:
-    """Move a built template (``work`` holds state.save and disk.qcow2) into place."""
+    """Move a built template (``work`` holds state.save and disk.qcow2) into
+    place; its disk becomes root's (no QEMU writes it any more)."""
+    guestmod.take_from_qemu(work / "disk.qcow2")
+    os.chmod(work / "state.save", 0o600)
     (work / "template.json").write_text(
         json.dumps({**info, "key": key, "built": time.time()}, indent=1, sort_keys=True)
     )

@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--image", default=DEFAULT_IMAGE)
     t.add_argument("--memory-mib", type=int, default=DEFAULT_MEMORY_MIB)
     t.add_argument("--vcpus", type=int, default=1)
+    t.add_argument("--disk-mib", type=int, default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "setup":
@@ -68,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "template":
             spec = SandboxSpec(
                 image=args.image,
-                limits=Limits(memory_mib=args.memory_mib, cpus=float(args.vcpus)),
+                limits=Limits(
+                    memory_mib=args.memory_mib, cpus=float(args.vcpus), disk_mib=args.disk_mib
+                ),
             )
             started = time.monotonic()
             tpl = VMTier().build_template(spec)

@@ -275,12 +275,25 @@ class RecordOps:
             removed += [
                 f"vm {meta.id}: {line}" for line in self.remove_domain(str(dom.name()), meta)
             ]
-        base = domains_dir()
-        if base.is_dir():
-            for d in sorted(base.iterdir()):
-                if d.is_dir() and d.name not in known and d.name not in live:
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(f"vm disk directory {d} (no domain)")
+        legacy_base, legacy_domains, legacy_templates = guestmod.legacy_dirs()
+        for base in (domains_dir(), legacy_domains):
+            if base.is_dir():
+                for d in sorted(base.iterdir()):
+                    if d.is_dir() and d.name not in known and d.name not in live:
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed.append(f"vm disk directory {d} (no domain)")
+        # VM files of older versions (under $TIERBOX_HOME, which QEMU's user
+        # cannot enter): templates are caches; base disks go with the last
+        # domain whose overlay they back
+        if legacy_templates.is_dir():
+            shutil.rmtree(legacy_templates, ignore_errors=True)
+            removed.append(f"vm templates of an older tierbox {legacy_templates}")
+        if legacy_domains.is_dir() and not any(legacy_domains.iterdir()):
+            with contextlib.suppress(OSError):  # a VM made meanwhile keeps it
+                legacy_domains.rmdir()
+        if legacy_base.is_dir() and not legacy_domains.exists():
+            shutil.rmtree(legacy_base, ignore_errors=True)
+            removed.append(f"vm base disks of an older tierbox {legacy_base}")
         socks = sockets_dir()
         if socks.is_dir():
             for s in sorted(socks.glob("*.sock")):

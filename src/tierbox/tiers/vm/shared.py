@@ -64,9 +64,9 @@ STATE_NAMES = {
 
 def domains_dir() -> Path:
     """Where each VM's disk and console log live (``$TIERBOX_VM_DOMAINS`` or
-    ``$TIERBOX_HOME/vm/domains``)."""
+    ``/var/lib/tierbox/vm/domains``: QEMU's unprivileged user must reach them)."""
     given = os.environ.get(DOMAINS_ENV)
-    return Path(given) if given else guestmod.vm_home() / "domains"
+    return Path(given) if given else guestmod.state_dir() / "domains"
 
 
 def sockets_dir() -> Path:

@@ -63,7 +63,8 @@ class TemplateOps:
         """Restore a copy of the shape's saved template as this VM."""
         lv = lvh.binding()
         templates.touch(tpl)
-        shutil.copyfile(tpl.disk, cfg.meta.disk)
+        guestmod.private_copy(tpl.disk, Path(cfg.meta.disk))
+        guestmod.give_to_qemu(Path(cfg.meta.disk))
         img = templates.templates_dir() / f".clone-{cfg.meta.id}-{os.getpid()}.save"
         try:
             templates.write_clone_image(tpl.save, lvd.retarget_xml(tpl.save.xml, cfg), img)
@@ -112,9 +113,10 @@ class TemplateOps:
             "--image", shape.image,
             "--memory-mib", str(shape.memory_mib),
             "--vcpus", str(shape.vcpus),
+            "--disk-mib", str(shape.disk_mib),
         ]  # fmt: skip
         try:
-            templates.templates_dir().mkdir(parents=True, exist_ok=True)
+            guestmod.jail_dir(templates.templates_dir())
             with open(templates.templates_dir() / "build.log", "ab") as f:
                 spawn(
                     argv,
@@ -152,7 +154,7 @@ class TemplateOps:
         sid = f"tpl-{short}"
         work = templates.templates_dir() / f".work-{shape.key}"
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        guestmod.jail_dir(work)
         sockets_dir().mkdir(parents=True, exist_ok=True)
         meta = lvd.VMMeta(
             id=sid,
@@ -198,6 +200,7 @@ class TemplateOps:
                 {
                     "image": shape.image,
                     "image_digest": shape.base.digest,
+                    "disk_mib": shape.disk_mib,
                     "memory_mib": shape.memory_mib,
                     "vcpus": shape.vcpus,
                     "accel": shape.accel,

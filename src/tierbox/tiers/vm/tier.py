@@ -74,6 +74,7 @@ class Shape:
     accel: str
     memory_mib: int
     vcpus: int
+    disk_mib: int
     key: str
 
 
@@ -154,7 +155,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
             )
         image = spec.image or DEFAULT_IMAGE
         try:
-            base = guestmod.base_disk(image)
+            base = guestmod.base_disk(image, spec.limits.disk_mib)
         except (CommandError, HostError) as exc:
             raise SandboxError(f"cannot build the base disk of {image}: {exc}") from exc
         except ImageError as exc:
@@ -164,6 +165,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
         key = templates.template_key(
             {
                 "image_digest": base.digest,
+                "disk_mib": base.disk_mib,
                 "memory_mib": mem,
                 "vcpus": vcpus,
                 "accel": accel,
@@ -174,7 +176,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
                 "domain_format": lvd.DOMAIN_FORMAT,
             }
         )
-        return Shape(image, base, g, accel, mem, vcpus, key)
+        return Shape(image, base, g, accel, mem, vcpus, base.disk_mib, key)
 
     @translated("creating a VM")
     def create_vm(
@@ -218,7 +220,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
         _state.make_dir(sid)
         if d.exists():
             shutil.rmtree(d)  # a leftover with no domain (checked above)
-        d.mkdir(parents=True)
+        guestmod.jail_dir(d)
         sockets_dir().mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
         guest = _guest_config(spec, shape.base)
