@@ -39,6 +39,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,7 +48,7 @@ from typing import Any, Literal, TypeVar
 
 from tierbox.errors import HostError, SpecError
 from tierbox.host.pinned import start_time
-from tierbox.host.runner import require, run
+from tierbox.host.runner import exit_error, require, run, spawn
 from tierbox.network import Egress, PortMap
 from tierbox.paths import run_dir
 
@@ -417,8 +418,7 @@ class Gateway:
         gw.published = published
         try:
             gw._link(ip, tap_uid, tap_gid)
-            gw._spawn(gw._router_side, ip, nft, rules)
-            gw._spawn(gw._start_pasta, pasta)
+            gw._spawn(gw._background, ip, nft, rules, pasta)
         except BaseException:
             gw.close()
             raise
@@ -511,7 +511,18 @@ class Gateway:
 
         in_netns(self.router_path, inside)
 
-    def _start_pasta(self, pasta: str) -> None:
+    def _background(self, ip: str, nft: str, rules: str, pasta: str) -> None:
+        """pasta starting (its own process) while the link and filter are
+        made; then wait for pasta, whatever happened, so its pid is recorded
+        before anyone removes the gateway. One thread: each one more costs
+        its start on the create path."""
+        proc, pid_file = self._start_pasta(pasta)
+        try:
+            self._router_side(ip, nft, rules)
+        finally:
+            self._wait_pasta(proc, pid_file)
+
+    def _start_pasta(self, pasta: str) -> tuple[subprocess.Popen[bytes], Path]:
         """pasta on the router netns: it copies the host's address and
         default route onto its tap there and turns what leaves through it
         into host sockets. ``--runas 0``: as root with no other user given
@@ -543,11 +554,33 @@ class Gateway:
             argv += ["-t", "none"]
         if self.dns_address is not None:
             argv += ["--dns-forward", self.dns_address]
+        proc = spawn(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            message=f"cannot start pasta for {self._what}",
+        )
+        return proc, pid_file
+
+    def _wait_pasta(self, proc: subprocess.Popen[bytes], pid_file: Path) -> None:
+        """pasta forks to the background once set up: its first process
+        exits then, having written the daemon's pid."""
         try:
-            run(argv, timeout_s=10, message=f"cannot start pasta for {self._what}")
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise HostError(f"pasta for {self._what} wrote no pid: {exc}") from exc
+            try:
+                _out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _out, err = proc.communicate()
+                raise exit_error(
+                    proc, message=f"pasta for {self._what} was not up in 10 s", log=err
+                ) from None
+            if proc.returncode != 0:
+                raise exit_error(proc, message=f"cannot start pasta for {self._what}", log=err)
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError) as exc:
+                raise HostError(f"pasta for {self._what} wrote no pid: {exc}") from exc
         finally:
             pid_file.unlink(missing_ok=True)
         self._record["pasta"] = [pid, start_time(pid)]
