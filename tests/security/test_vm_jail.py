@@ -74,6 +74,8 @@ def _assert_unprivileged(inst: VMInstance) -> None:
     assert uid != 0 and gid != 0
     for cap in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
         assert int(st[cap], 16) == 0, f"QEMU holds capabilities: {cap} {st[cap]}"
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
 
 def _qmp(inst: VMInstance, command: dict[str, Any]) -> str:
