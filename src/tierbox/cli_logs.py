@@ -6,7 +6,7 @@ Two sources, both files on the host, so another process can follow them:
   into the sandbox's ``logs/`` directory (``PID-N.cmd``, ``.out``, ``.err``;
   see :mod:`tierbox.handles`);
 - a microVM's or VM's serial console, the log file its tier already writes
-  (named in the sandbox's state record: ``<dir>/console.log`` for a microVM,
+  (named in the sandbox's state record: ``<dir>/vmm/console.log`` for a microVM,
   ``meta.console`` for a VM).
 
 Commands' stdout goes to stdout and their stderr to stderr, in the order the
@@ -122,6 +122,9 @@ def console_log(state: dict[str, Any]) -> Path | None:
     if isinstance(meta, dict) and isinstance(meta.get("console"), str):
         return Path(meta["console"])
     d = tier_state.get("dir")
-    if isinstance(d, str) and (Path(d) / "console.log").is_file():
-        return Path(d) / "console.log"
+    if isinstance(d, str):
+        # a microVM's QEMU writes it in its own vmm/ directory
+        for log in (Path(d) / "vmm" / "console.log", Path(d) / "console.log"):
+            if log.is_file():
+                return log
     return None

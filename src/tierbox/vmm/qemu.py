@@ -38,6 +38,7 @@ from tierbox.host.cgroups import SandboxCgroup
 from tierbox.host.runner import exit_error, run, spawn, which
 from tierbox.paths import MARKER
 from tierbox.vmm.guest import file_tail
+from tierbox.vmm.jail import VmmUser, make_vmm_dir
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: The smallest guest RAM allowed. Debian's cloud kernel reserves ~49 MiB at
@@ -127,16 +128,23 @@ class Files:
     dir: Path
 
     @property
+    def vmm_dir(self) -> Path:
+        """What QEMU itself writes (sockets, console, pid file): the VMM
+        user's, 0700; tierbox's records stay in :attr:`dir` (see
+        :mod:`tierbox.vmm.jail`)."""
+        return self.dir / "vmm"
+
+    @property
     def qmp(self) -> Path:
-        return self.dir / "qmp.sock"
+        return self.vmm_dir / "qmp.sock"
 
     @property
     def agent(self) -> Path:
-        return self.dir / "agent.sock"
+        return self.vmm_dir / "agent.sock"
 
     @property
     def console(self) -> Path:
-        return self.dir / "console.log"
+        return self.vmm_dir / "console.log"
 
     @property
     def log(self) -> Path:
@@ -144,7 +152,7 @@ class Files:
 
     @property
     def pidfile(self) -> Path:
-        return self.dir / "qemu.pid"
+        return self.vmm_dir / "qemu.pid"
 
 
 def ram_file(sandbox_id: str) -> Path:
@@ -163,12 +171,20 @@ GUEST_MAC = "02:00:c6:12:00:02"
 
 
 def device_args(
-    m: Machine, files: Files, *, ram_path: Path, ram_share: bool, tap_fd: int | None = None
+    m: Machine,
+    files: Files,
+    *,
+    ram_path: Path | str,
+    ram_share: bool,
+    tap_fd: int | None = None,
+    disk_path: str | None = None,
 ) -> list[str]:
     """Everything but the boot source: identical for boot, snapshot and
     restore (``tap_fd``, the open tap behind the NIC, is a backend and may
     differ; without one the NIC is wired to an empty hub, for the paused
-    helper that converts a snapshot and never runs the guest)."""
+    helper that converts a snapshot and never runs the guest).
+    ``disk_path`` names the root disk as QEMU opens it (an inherited fd's
+    ``/proc/self/fd/N``), default ``m.disk``."""
     args = [
         "-M", MACHINE,
         "-object",
@@ -192,8 +208,9 @@ def device_args(
     else:
         args += ["-accel", "tcg", "-cpu", TCG_CPU]
     if m.disk:
+        disk = disk_path or m.disk
         args += [
-            "-drive", f"id=root,file={m.disk},format=raw,if=none,readonly=on,cache=unsafe",
+            "-drive", f"id=root,file={disk},format=raw,if=none,readonly=on,cache=unsafe",
             "-device", "virtio-blk-device,drive=root",
         ]  # fmt: skip
     if m.net:
@@ -245,17 +262,22 @@ def boot_argv(
     m: Machine,
     files: Files,
     *,
-    vmlinux: Path,
-    initramfs: Path,
+    vmlinux: Path | str,
+    initramfs: Path | str,
     hz: int,
     ram_path: Path,
     tap_fd: int | None = None,
+    disk_path: str | None = None,
 ) -> list[str]:
+    """A cold boot; ``vmlinux``, ``initramfs`` and ``disk_path`` are what
+    QEMU opens (inherited fds' ``/proc/self/fd/N`` for a jailed QEMU)."""
     exe = qemu_path() or QEMU_BINARY
     return [
         exe,
         "-name", f"{process_name(sandbox_id)},debug-threads=on",
-        *device_args(m, files, ram_path=ram_path, ram_share=True, tap_fd=tap_fd),
+        *device_args(
+            m, files, ram_path=ram_path, ram_share=True, tap_fd=tap_fd, disk_path=disk_path
+        ),
         "-kernel", str(vmlinux),
         "-initrd", str(initramfs),
         "-append", kernel_cmdline(m, hz),
@@ -269,10 +291,11 @@ def restore_argv(
     m: Machine,
     files: Files,
     *,
-    ram_path: Path,
+    ram_path: Path | str,
     ram_share: bool,
     paused: bool = False,
     tap_fd: int | None = None,
+    disk_path: str | None = None,
 ) -> list[str]:
     """Start a machine that waits for its state (``-incoming defer``).
 
@@ -286,7 +309,9 @@ def restore_argv(
     argv = [
         exe,
         "-name", f"{process_name(sandbox_id)},debug-threads=on",
-        *device_args(m, files, ram_path=ram_path, ram_share=ram_share, tap_fd=tap_fd),
+        *device_args(
+            m, files, ram_path=ram_path, ram_share=ram_share, tap_fd=tap_fd, disk_path=disk_path
+        ),
         "-incoming", "defer",
         "-pidfile", str(files.pidfile),
         "-sandbox", SANDBOX,
@@ -323,7 +348,11 @@ class QemuProcess:
         *,
         cgroup: SandboxCgroup | None = None,
         pass_fds: tuple[int, ...] = (),
+        user: VmmUser | None = None,
     ) -> QemuProcess:
+        """Start QEMU as ``user`` (None: as tierbox itself) with only
+        ``pass_fds`` inherited; its ``vmm/`` directory is made first."""
+        make_vmm_dir(files.vmm_dir, user)
         log = open(files.log, "ab")  # noqa: SIM115 - handed to the child
         try:
             popen = spawn(
@@ -336,6 +365,7 @@ class QemuProcess:
                 start_new_session=True,
                 pass_fds=pass_fds,
                 close_fds=True,
+                **(user.popen_kwargs() if user is not None else {}),
             )
         finally:
             log.close()

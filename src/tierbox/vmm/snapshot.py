@@ -25,9 +25,11 @@ times slower. So a digest is remembered, but only for a RAM file tierbox
 sealed itself, under a key no writer can fake:
 
 - sealed: a regular file with one link, owned by tierbox's effective uid,
-  writable by nobody else (``write_manifest`` makes it 0444 when tierbox runs
-  as root; 0644 otherwise, because QEMU 7.2 opens a private RAM file
-  read-write and would fail on 0444);
+  writable by nobody else but the restored QEMUs' group
+  (:data:`~tierbox.vmm.jail.SNAPSHOT_GID`: ``write_manifest`` makes the RAM
+  file 0660 root:that group when tierbox runs as root, because QEMU 7.2
+  opens a private RAM file read-write and a jailed QEMU is not root; 0644
+  otherwise). Any write through that group still moves the ctime below;
 - the key is the inode (``st_dev``, ``st_ino``) and the value its size,
   mtime, ctime and digest. Any write, truncate, chmod or ``utime`` - also an
   edit that sets the mtime back - moves the ctime, which no unprivileged
@@ -63,6 +65,7 @@ from typing import Any
 
 from tierbox import paths
 from tierbox.errors import SnapshotError
+from tierbox.vmm.jail import SNAPSHOT_GID
 
 FORMAT = "tierbox-microvm-snapshot/1"
 STATE = "state.bin"
@@ -160,14 +163,17 @@ class OpenSnapshot:
 
 
 def _ram_mode() -> int:
-    # QEMU 7.2 opens a share=off RAM file O_RDWR: only root gets past 0444
-    return 0o444 if os.geteuid() == 0 else 0o644
+    # QEMU 7.2 opens a share=off RAM file O_RDWR: a jailed restored QEMU gets
+    # in through the group only (see tierbox.vmm.jail); nobody else reads it
+    return 0o660 if os.geteuid() == 0 else 0o644
 
 
 def write_manifest(snap_dir: Path, data: dict[str, Any]) -> Manifest:
     """Seal the snapshot's files, record their sizes and digests, write the
     manifest, and remember the RAM digest (see the module docstring)."""
     os.chmod(snap_dir / STATE, 0o444)
+    if os.geteuid() == 0:
+        os.chown(snap_dir / RAM, 0, SNAPSHOT_GID)
     os.chmod(snap_dir / RAM, _ram_mode())
     sealed_ns = time.time_ns()
     files: dict[str, Any] = {}
@@ -270,11 +276,13 @@ def records_dir() -> Path:
 
 def _sealed(st: os.stat_result) -> bool:
     """Only tierbox's own single-link file that nobody else can write."""
+    group_ok = st.st_gid == SNAPSHOT_GID or not st.st_mode & stat.S_IWGRP
     return (
         stat.S_ISREG(st.st_mode)
         and st.st_nlink == 1
         and st.st_uid == os.geteuid()
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and group_ok
+        and not st.st_mode & stat.S_IWOTH
     )
 
 

@@ -59,6 +59,7 @@ from tierbox.vmm.agent import (
     start_in_guest,
 )
 from tierbox.vmm.guest import guest_stats
+from tierbox.vmm.jail import VmmUser
 from tierbox.vmm.qmp import QMPClient
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class MicroVMInstance(SnapshotOps, Instance):
         disk_info: dict[str, Any] | None,
         *,
         gateway: Gateway | None = None,
+        vmm_user: VmmUser | None = None,
     ) -> None:
         self.tier = tier
         self.id = sandbox_id
@@ -120,6 +122,9 @@ class MicroVMInstance(SnapshotOps, Instance):
         self.disk_info = disk_info
         #: the egress network's router (None: no NIC)
         self.gateway = gateway
+        #: who QEMU runs as (None: unjailed, a benchmark knob); its uid is
+        #: freed on close
+        self.vmm_user = vmm_user
         self.agent = AgentClient(self.files.agent)
         self.agent_info: dict[str, str] = {}
         self._qmp: QMPClient | None = None
@@ -138,6 +143,7 @@ class MicroVMInstance(SnapshotOps, Instance):
             "guest": self.guest.to_dict(),
             "cgroup": self.cgroup.relpath if self.cgroup is not None else None,
             "ram_path": str(self.ram_path) if self.ram_path is not None else None,
+            "vmm_uid": self.vmm_user.uid if self.vmm_user is not None else None,
             "disk": self.disk_info,
             "net": (
                 {
@@ -511,7 +517,9 @@ class MicroVMInstance(SnapshotOps, Instance):
             self.agent.close()
             if self._qmp is not None:
                 self._qmp.close()
-            self.tier.release(self.id, self.files.dir, self.cgroup, self.ram_path, self.gateway)
+            self.tier.release(
+                self.id, self.files.dir, self.cgroup, self.ram_path, self.gateway, self.vmm_user
+            )
         return term
 
 

@@ -25,15 +25,18 @@ from tierbox.spec import SandboxSpec
 if TYPE_CHECKING:
     from tierbox.host.netgw import Gateway
     from tierbox.vmm.agent import AgentClient
+    from tierbox.vmm.jail import VmmUser
 
 
-def vmm_credentials() -> tuple[int, int]:
-    """The uid and gid QEMU runs as, who must be able to use the tap: this
-    process's own, as QEMU is started without dropping privileges."""
+def vmm_credentials(user: VmmUser | None) -> tuple[int, int]:
+    """The uid and gid QEMU runs as, who owns the tap: the sandbox's VMM
+    user, or this process's own when QEMU runs unjailed (a benchmark knob)."""
+    if user is not None:
+        return user.uid, user.gid
     return os.getuid(), os.getgid()
 
 
-def open_gateway(sandbox_id: str, spec: SandboxSpec) -> Gateway | None:
+def open_gateway(sandbox_id: str, spec: SandboxSpec, user: VmmUser | None = None) -> Gateway | None:
     """The sandbox's gateway with a tap for QEMU, or None without egress.
     Only its first half is made here (namespace and tap); its filter and
     uplink are made while QEMU starts, and :func:`configure_guest` waits
@@ -42,7 +45,7 @@ def open_gateway(sandbox_id: str, spec: SandboxSpec) -> Gateway | None:
         return None
     from tierbox.host.netgw import Gateway
 
-    uid, gid = vmm_credentials()
+    uid, gid = vmm_credentials(user)
     return Gateway.start(sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid)
 
 

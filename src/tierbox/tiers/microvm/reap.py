@@ -1,7 +1,8 @@
 """Leftovers of microVMs whose owner crashed: QEMUs named ``tierbox-<id>``,
 RAM files in /dev/shm, sandbox directories with their cgroups, network
-gateways (router namespace, tap, pasta), half-made snapshots and conversion
-helpers (``tierbox gc``; ``Tier.reap``).
+gateways (router namespace, tap, pasta), the per-sandbox uids their QEMUs
+ran as, half-made snapshots and conversion helpers (``tierbox gc``;
+``Tier.reap``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from tierbox.host import netgw
+from tierbox.host import netgw, uids
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
 from tierbox.paths import MARKER, sandboxes_dir
 from tierbox.tiers import _state
@@ -73,6 +74,7 @@ def reap_leftovers(live: set[str], snapshots_root: Path) -> list[str]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(f"microVM directory {d}")
     removed += _reap_gateways(live, ours)
+    removed += uids.reap(live)  # the VMM users of microVMs that are gone
     snaps = snapshots_root
     if snaps.is_dir():
         for tmp in snaps.glob(".tmp-*"):

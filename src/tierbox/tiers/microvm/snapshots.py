@@ -37,7 +37,7 @@ from tierbox.spec import SandboxSpec
 from tierbox.tiers import _state
 from tierbox.tiers.base import SnapshotRef
 from tierbox.tiers.microvm import network as guest_net
-from tierbox.vmm import artifacts, qemu
+from tierbox.vmm import artifacts, jail, qemu
 from tierbox.vmm import qmp as qmp_mod
 from tierbox.vmm import snapshot as snapfmt
 from tierbox.vmm.agent import AgentClient, GuestConfig
@@ -162,7 +162,7 @@ class RestoreOps:
 
         def accelerator(self) -> tuple[str, str]: ...
         def _new_sandbox(
-            self, spec: SandboxSpec
+            self, spec: SandboxSpec, machine: qemu.Machine
         ) -> tuple[str, qemu.Files, SandboxCgroup | None]: ...
         def release(
             self,
@@ -171,6 +171,7 @@ class RestoreOps:
             cg: SandboxCgroup | None,
             ram: Path | None,
             gateway: Gateway | None = None,
+            vmm_user: jail.VmmUser | None = None,
         ) -> None: ...
 
     def _microvm_tier(self) -> MicroVMTier:
@@ -250,29 +251,42 @@ class RestoreOps:
         guest: GuestConfig,
         disk_info: dict[str, Any] | None,
     ) -> MicroVMInstance:
-        sid, files, cg = self._new_sandbox(spec)
+        sid, files, cg = self._new_sandbox(spec, machine)
         gw = None
         tap: int | None = None
+        user: jail.VmmUser | None = None
+        disk: list[int] = []
         try:
+            user = jail.claim(sid, restored=True)
             # a clone gets its own gateway (and tap) when the machine has a NIC
-            gw = guest_net.open_gateway(sid, spec) if machine.net else None
+            gw = guest_net.open_gateway(sid, spec, user) if machine.net else None
             tap = guest_net.tap_fd(gw)
+            if machine.disk:
+                disk.append(jail.open_readonly(machine.disk))
             argv = qemu.restore_argv(
-                sid, machine, files, ram_path=snap.ram_path, ram_share=False, tap_fd=tap
+                sid,
+                machine,
+                files,
+                ram_path=snap.ram_path,
+                ram_share=False,
+                tap_fd=tap,
+                disk_path=jail.fd_path(disk[0]) if disk else None,
             )
-            fds = (snap.ram_fd,) if tap is None else (snap.ram_fd, tap)
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=fds)
+            fds = (snap.ram_fd, *disk) if tap is None else (snap.ram_fd, *disk, tap)
+            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=fds, user=user)
         except BaseException:
-            self.release(sid, files.dir, cg, None, gw)
+            self.release(sid, files.dir, cg, None, gw, user)
             raise
         finally:
             guest_net.close_fd(tap)
+            jail.close_fds(disk)
         # imported here: the instance module imports this one for SnapshotOps
         from tierbox.tiers.microvm.instance import MicroVMInstance
 
         inst = MicroVMInstance(
-            self._microvm_tier(), sid, spec, machine, guest, proc, cg, None, disk_info, gateway=gw
-        )
+            self._microvm_tier(), sid, spec, machine, guest, proc, cg, None, disk_info,
+            gateway=gw, vmm_user=user,
+        )  # fmt: skip
         inst._save_state()
         return inst
 

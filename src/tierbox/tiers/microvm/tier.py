@@ -36,7 +36,7 @@ from tierbox.tiers.microvm import network as guest_net
 from tierbox.tiers.microvm.instance import CAPABILITIES, MicroVMInstance, vm_state_file
 from tierbox.tiers.microvm.reap import reap_leftovers
 from tierbox.tiers.microvm.snapshots import RestoreOps
-from tierbox.vmm import artifacts, qemu
+from tierbox.vmm import artifacts, jail, qemu
 from tierbox.vmm.accel import Accelerator
 from tierbox.vmm.agent import GuestConfig
 from tierbox.vmm.guest import guest_config
@@ -175,14 +175,16 @@ class MicroVMTier(RestoreOps, Tier):
         timeout = self.boot_timeout_s or BOOT_TIMEOUT_S.get(machine.accel, 60.0)
         return self._boot(spec, machine, guest, disk_info, timeout)
 
-    def _new_sandbox(self, spec: SandboxSpec) -> tuple[str, qemu.Files, SandboxCgroup | None]:
+    def _new_sandbox(
+        self, spec: SandboxSpec, machine: qemu.Machine
+    ) -> tuple[str, qemu.Files, SandboxCgroup | None]:
         sid = _state.new_id()
         d = _state.sandbox_dir(sid)
-        d.mkdir(parents=True)
+        d.mkdir(mode=0o700, parents=True)
         _state.claim(sid)
         cg: SandboxCgroup | None = None
         try:
-            cg = SandboxCgroup.create(sid, _qemu_limits(spec))
+            cg = SandboxCgroup.create(sid, _qemu_limits(spec, machine))
         except HostError:
             if spec.limits.cpus is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -200,42 +202,55 @@ class MicroVMTier(RestoreOps, Tier):
     ) -> MicroVMInstance:
         g = artifacts.ensure_guest()
         started = time.monotonic()
-        sid, files, cg = self._new_sandbox(spec)
+        sid, files, cg = self._new_sandbox(spec, machine)
         ram = qemu.ram_file(sid)
         inst: MicroVMInstance | None = None
         gw = None
         tap: int | None = None
+        user: jail.VmmUser | None = None
+        fds: list[int] = []
         try:
-            gw = guest_net.open_gateway(sid, spec)
+            user = jail.claim(sid)
+            jail.private_file(ram, user)
+            gw = guest_net.open_gateway(sid, spec, user)
             tap = guest_net.tap_fd(gw)
+            # QEMU cannot reach root's home: it gets the files as open fds
+            fds = [jail.open_readonly(g.kernel.vmlinux), jail.open_readonly(g.initramfs.path)]
+            if machine.disk:
+                fds.append(jail.open_readonly(machine.disk))
             argv = qemu.boot_argv(
                 sid,
                 machine,
                 files,
-                vmlinux=g.kernel.vmlinux,
-                initramfs=g.initramfs.path,
+                vmlinux=jail.fd_path(fds[0]),
+                initramfs=jail.fd_path(fds[1]),
                 hz=g.kernel.hz,
                 ram_path=ram,
                 tap_fd=tap,
+                disk_path=jail.fd_path(fds[2]) if machine.disk else None,
             )
-            fds = (tap,) if tap is not None else ()
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=fds)
+            passed = (*fds, tap) if tap is not None else tuple(fds)
+            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=passed, user=user)
+            jail.close_fds(fds)
+            fds = []
             guest_net.close_fd(tap)
             tap = None
             inst = MicroVMInstance(
-                self, sid, spec, machine, guest, proc, cg, ram, disk_info, gateway=gw
-            )
+                self, sid, spec, machine, guest, proc, cg, ram, disk_info, gateway=gw,
+                vmm_user=user,
+            )  # fmt: skip
             inst._save_state()
             inst._connect(deadline=started + timeout_s, hello=True)
             inst._configure_network(deadline=started + timeout_s)
         except BaseException:
             guest_net.close_fd(tap)
+            jail.close_fds(fds)
             if inst is not None:
                 inst.proc.kill()
                 tail = inst.proc.log_tail(600).strip()
                 if failure_log is not None and tail:
                     failure_log.append(tail.splitlines()[-1])
-            self.release(sid, files.dir, cg, ram, gw)
+            self.release(sid, files.dir, cg, ram, gw, user)
             raise
         return inst
 
@@ -264,6 +279,9 @@ class MicroVMTier(RestoreOps, Tier):
             Path(vm["ram_path"]) if vm.get("ram_path") else None,
             vm.get("disk"),
             gateway=guest_net.attach_gateway(sandbox_id, vm.get("net")),
+            vmm_user=jail.VmmUser(int(vm["vmm_uid"]), int(vm["vmm_uid"]))
+            if vm.get("vmm_uid") is not None
+            else None,
         )
         if not proc.alive():
             # a dead VM still attaches: every call says it is dead, close() removes it
@@ -291,9 +309,11 @@ class MicroVMTier(RestoreOps, Tier):
         cg: SandboxCgroup | None,
         ram: Path | None,
         gateway: Gateway | None = None,
+        vmm_user: jail.VmmUser | None = None,
     ) -> None:
         """Remove everything a sandbox held on the host. Idempotent."""
         guest_net.close_gateway(gateway)
+        jail.release(vmm_user)
         if ram is not None:
             ram.unlink(missing_ok=True)
         if cg is not None:
@@ -315,10 +335,17 @@ def _accel_key(g: artifacts.GuestArtifacts) -> str:
 # ---- helpers -----------------------------------------------------------------------------
 
 
-def _qemu_limits(spec: SandboxSpec) -> Limits:
-    """Limits for the QEMU process's cgroup: the CPU quota; memory and pids are
-    accounted, not limited (guest RAM is the memory limit, QEMU has threads)."""
-    return Limits(memory_mib=None, cpus=spec.limits.cpus, pids=None, timeout_s=None)
+def _qemu_limits(spec: SandboxSpec, machine: qemu.Machine) -> Limits:
+    """Limits for the QEMU process's cgroup: the CPU quota, and memory for
+    guest RAM plus QEMU's own measured overhead (a QEMU a guest has taken
+    over cannot take the host's memory); pids are accounted, not limited
+    (QEMU has threads)."""
+    return Limits(
+        memory_mib=machine.memory_mib + jail.OVERHEAD_MIB,
+        cpus=spec.limits.cpus,
+        pids=None,
+        timeout_s=None,
+    )
 
 
 def _disk_info(disk: artifacts.RootDisk | None) -> dict[str, Any] | None:

@@ -1,0 +1,127 @@
+"""Who a microVM's QEMU runs as, and the files it is given.
+
+A QEMU bug under a hostile guest gives the guest that process's powers, so
+each QEMU runs as a host user of its own (uid = gid, claimed per sandbox
+from :mod:`tierbox.host.uids`' private range), holding no capability and no
+supplementary group but :data:`SNAPSHOT_GID` for a restored guest. It is
+started directly as that user (``Popen(user=, group=, extra_groups=)``):
+QEMU's ``-runas`` drops privileges after QEMU's own seccomp filter is in
+place, and ``-sandbox ...,elevateprivileges=deny`` then kills it (SIGSYS).
+
+QEMU opens nothing of tierbox's by its host path: the kernel, initramfs and
+root disk (under root's 0700 home) are inherited read-only descriptors named
+``/proc/self/fd/N`` (the kernel reopens the very inode, checking only the
+file's own mode), the egress tap is an open fd, the guest's RAM file in
+/dev/shm is made 0600 and owned by the VMM's uid before QEMU starts, and its
+sockets, console log and pid file live in the sandbox's ``vmm/`` directory,
+0700 and the VMM's (tierbox's own records stay in the root-owned parent,
+out of QEMU's reach).
+
+A snapshot's ``ram.bin`` is owned by root, mode 0660, group
+:data:`SNAPSHOT_GID`: QEMU 7.2 opens a ``share=off`` RAM file read-write
+(``readonly=on`` maps it as ROM; the read-only-file-private-mapping pair,
+``rom=off``, came in QEMU 8.2), so a restored guest's QEMU needs write
+permission although it maps the file private copy-on-write. Only restored
+QEMUs hold that group, and they reach no snapshot but the one they are
+handed as an fd (the snapshots live under root's 0700 home).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierbox.host import uids
+
+#: The group of snapshot RAM files: only restored QEMUs hold it. Just below
+#: the per-sandbox range, so no sandbox uid/gid can be it.
+SNAPSHOT_GID = uids.UID_BASE - 1
+#: Benchmark knob, read only here: ``1`` runs QEMU as tierbox's own user
+#: (root), to measure what the jail costs. Never set it anywhere else.
+NO_JAIL_ENV = "TIERBOX_BENCH_NO_VMM_JAIL"
+#: Memory QEMU itself needs beyond guest RAM, for its cgroup's limit.
+#: Measured under TCG (QEMU 7.2, 256 MiB guest, boot + exec): QEMU's
+#: anonymous memory (heap, TCG's translation cache) was 64 MiB for a
+#: busybox shell loop on 1 vCPU and 104 MiB for Python 3.11 importing a dozen
+#: modules on 2 vCPUs; cgroup peak minus touched guest RAM was 66 and 113 MiB
+#: (libraries and disk page cache included, reclaimable). 192 MiB leaves a
+#: margin: TCG's translation cache may grow to 1 GiB for a guest running a
+#: great deal of distinct code, and such a QEMU is OOM-killed in its cgroup.
+OVERHEAD_MIB = 192
+
+
+@dataclass(frozen=True)
+class VmmUser:
+    """The credentials one QEMU runs with."""
+
+    uid: int
+    gid: int
+    extra_groups: tuple[int, ...] = field(default=())
+
+    def popen_kwargs(self) -> dict[str, object]:
+        return {
+            "user": self.uid,
+            "group": self.gid,
+            "extra_groups": list(self.extra_groups),
+            "umask": 0o077,
+        }
+
+
+def enabled() -> bool:
+    return os.environ.get(NO_JAIL_ENV, "") != "1"
+
+
+def claim(sandbox_id: str, *, restored: bool = False) -> VmmUser | None:
+    """A fresh uid for ``sandbox_id``'s QEMU (None with the benchmark knob
+    set); a restored guest's also holds :data:`SNAPSHOT_GID`."""
+    if not enabled():
+        return None
+    uid = uids.claim(sandbox_id)
+    return VmmUser(uid, uid, (SNAPSHOT_GID,) if restored else ())
+
+
+def release(user: VmmUser | int | None) -> None:
+    if user is not None:
+        uids.release(user.uid if isinstance(user, VmmUser) else user)
+
+
+def make_vmm_dir(d: Path, user: VmmUser | None) -> None:
+    """The directory QEMU writes to: 0700, the VMM's. Its parent (tierbox's
+    sandbox directory) becomes 0710 root:<VMM gid>, so this QEMU alone may
+    pass through it, and list or read nothing there."""
+    d.mkdir(mode=0o700, exist_ok=True)
+    if user is not None:
+        os.chown(d, user.uid, user.gid)
+        os.chown(d.parent, -1, user.gid)
+        os.chmod(d.parent, 0o710)
+    os.chmod(d, 0o700)
+
+
+def private_file(path: Path, user: VmmUser | None) -> None:
+    """Create ``path`` empty, 0600, owned by the VMM (a guest RAM file QEMU
+    then opens and sizes): never world-readable, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if user is not None:
+            os.fchown(fd, user.uid, user.gid)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def open_readonly(path: Path | str) -> int:
+    """A read-only fd of ``path`` for QEMU (inheritable only through pass_fds)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def fd_path(fd: int) -> str:
+    """How QEMU names an inherited fd: it reopens the same inode."""
+    return f"/proc/self/fd/{fd}"
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
