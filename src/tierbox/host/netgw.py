@@ -20,6 +20,13 @@ sandbox's own netns), and pasta turns the router's traffic into ordinary
 host sockets, so no host sysctl, host route or host nftables table is ever
 touched; ``ip_forward`` is set only inside the router netns.
 
+Published ports are pasta listeners on the host (``-t``) whose connections
+the router's nftables table sends on to the sandbox (DNAT).
+
+``create`` = ``start`` + ``ready``: ``start`` makes only the namespaces, so a
+runtime can join the sandbox's while the link, the filter and pasta are made
+in the background; ``ready`` waits for them.
+
 Both namespaces are named from the sandbox id with a tierbox prefix, and a
 record (``<run_dir>/netgw/<id>.json``, written before anything is made)
 names what was made and the pasta process with its start time, so ``reap``
