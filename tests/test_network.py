@@ -26,7 +26,7 @@ from tests.conftest import TIERBOX, require_image, require_tier, wait_until
 from tierbox import Sandbox
 from tierbox.errors import SpecError
 from tierbox.host import netgw
-from tierbox.network import Egress
+from tierbox.network import AllowRule, Egress
 
 TIERS = ["container", "gvisor"]
 
@@ -114,6 +114,11 @@ def _host_tables() -> str:
     return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
 
 
+def _host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip() for line in out.splitlines()}
+
+
 def _get(sb: Sandbox, ip: str, port: int) -> tuple[bool, float]:
     """(answered 200, seconds taken) for an HTTP request from inside. nc, not
     wget: busybox's wget fails on gVisor's host sockets (EAGAIN on read);
@@ -157,9 +162,23 @@ def test_denied_destinations_fail_fast(egress_sb: Sandbox, testnet: Lab, where: 
     assert took_s < 2.5, f"{where}: {took_s:.2f} s"
 
 
-def test_names_and_dns_files(egress_sb: Sandbox) -> None:
-    hosts = egress_sb.run(["cat", "/etc/hosts"]).stdout
-    assert b"localhost" in hosts
+@pytest.mark.parametrize("tier", TIERS)
+def test_pinned_name_is_reached_through_hosts_file(tier: str, testnet: Lab) -> None:
+    """A name pinned at create (here pinned already, so no resolver is
+    asked) answers by name inside; with dns=True resolv.conf names the
+    gateway's forwarder."""
+    require_tier(tier)
+    require_image("busybox")
+    rule = AllowRule(
+        "svc.test:8080", "svc.test", testnet.port, testnet.port, (f"{testnet.allowed_ip}/32",)
+    )
+    egress = Egress(allow=("svc.test:8080",), dns=True, rules=(rule,))
+    with Sandbox.create("busybox", tier=tier, network=egress) as sb:
+        assert f"{testnet.allowed_ip}\tsvc.test".encode() in sb.run(["cat", "/etc/hosts"]).stdout
+        resolv = sb.run(["cat", "/etc/resolv.conf"]).stdout
+        assert f"nameserver {netgw.DNS_ADDRESS}".encode() in resolv
+        ok, _ = _get(sb, "svc.test", testnet.port)
+        assert ok
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -217,6 +236,7 @@ def test_fifty_cycles_leave_nothing(testnet: Lab) -> None:
     require_tier("container")
     require_image("busybox")
     tables = _host_tables()
+    links = _host_links()
     ids = set()
     allow = [f"{testnet.allowed_ip}:{testnet.port}"]
     for _ in range(50):
@@ -224,12 +244,13 @@ def test_fifty_cycles_leave_nothing(testnet: Lab) -> None:
             ids.add(sb.id)
     wait_until(lambda: not _gateway_leftovers(ids), timeout_s=5, what="gateways to go")
     assert _host_tables() == tables
+    assert _host_links() - links == set()
 
 
 _MID_CREATE = """
 import os, sys, time
 from tierbox import Sandbox
-from tierbox.network import Egress
+from tierbox.network import AllowRule, Egress
 from tierbox.tiers import oci_runtime
 
 def stop(self, spec, cg, cgroups_path, d, cid, pid_file):
