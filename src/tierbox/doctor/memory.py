@@ -9,7 +9,8 @@ The series is split where the growth that ended at the peak began:
   slope is an ordinary least-squares fit (numpy) with its standard error.
 - **spike**: memory was steady for at least :data:`STEADY_MIN_S`, then rose
   to the peak in less time than it had been steady and in under
-  :data:`LEAK_MIN_S`: one large allocation after normal running.
+  :data:`LEAK_MIN_S` or over fewer than :data:`LEAK_MIN_POINTS` samples: one
+  large allocation after normal running.
 - **working set too large**: memory climbed to the limit quickly from the
   start (loading what it works on), or ran for :data:`PLATEAU_MIN_S` within
   :data:`PLATEAU_FRACTION` of the limit before a small rise pushed it over.
@@ -166,7 +167,10 @@ def shape(points: list[tuple[float, float]], limit_mib: float | None) -> Shape:
                 f"{near[-1] - near[0]:.1f} s before a small rise pushed it over",
                 **common,  # type: ignore[arg-type]
             )
-    if steady_s >= STEADY_MIN_S and growth_s < LEAK_MIN_S and growth_s <= steady_s:
+    # fewer samples than a line needs is one allocation too, however long a
+    # loaded host (or a TCG guest touching its pages) took to show it
+    sudden = growth_s < LEAK_MIN_S or e - first < LEAK_MIN_POINTS
+    if steady_s >= STEADY_MIN_S and sudden and growth_s <= steady_s:
         return Shape(
             "spike",
             f"memory was steady at ~{base:.0f} MiB for {steady_s:.1f} s, then jumped by "
