@@ -516,7 +516,10 @@ class Gateway:
             with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
                 f.write("1")
 
-        in_netns(self.router_path, inside)
+        try:
+            in_netns(self.router_path, inside)
+        except OSError as exc:
+            raise HostError(f"cannot set up the router of {self._what}: {exc}") from exc
 
     def _background(self, ip: str, nft: str, rules: str, pasta: str) -> None:
         """pasta starting (its own process) while the link and filter are
