@@ -200,6 +200,9 @@ def test_a_command_on_a_terminal(box: Instance) -> None:
     sh.resize(30, 100)
     sh.send_stdin(b"stty size; echo err >&2\n")
     wait_until(lambda: b"30 100" in b"".join(out), timeout_s=PROMPT_S, what="stty size")
+    # the next line is typed only once this one's output is in: the terminal
+    # echoes type-ahead at once, between the shell's writes
+    wait_until(lambda: b"err\r\n" in b"".join(out), timeout_s=PROMPT_S, what="echo err")
     sh.send_stdin(b"sleep 50\n")
     wait_until(lambda: b"sleep 50" in b"".join(out), timeout_s=PROMPT_S, what="the echo")
     time.sleep(0.2)
