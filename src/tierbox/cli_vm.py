@@ -100,6 +100,12 @@ def vm_create(
     cpus: Annotated[
         float | None, typer.Option("--cpus", help="vCPUs (rounded up) and a CPU quota.")
     ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(
+            "--disk", help="Root disk and file system size, e.g. 512m (default 2g); ENOSPC past it."
+        ),
+    ] = None,
     pids: Annotated[int, typer.Option("--pids", help="Process limit per exec.")] = 128,
     timeout: Annotated[
         str, typer.Option("--timeout", help="Default wall-clock limit of each exec.")
@@ -118,6 +124,7 @@ def vm_create(
             cpus=cpus,
             pids=pids,
             timeout_s=parse_duration_s(timeout),
+            disk_mib=parse_memory_mib(disk) if disk else None,
             env=parse_env(env),
         )
         tier = _tier()

@@ -203,7 +203,11 @@ def jail_dir(path: Path) -> Path:
         root.parent.mkdir(parents=True, mode=0o711, exist_ok=True)
         os.chmod(root.parent, 0o711)
     chain = [path, *path.parents]
-    todo = [p for p in chain[: chain.index(root) + 1]] if root in chain else [path]
+    if root in chain:
+        todo = chain[: chain.index(root) + 1]
+    else:  # elsewhere ($TIERBOX_VM_DOMAINS): its parents must let QEMU through
+        path.parent.mkdir(parents=True, exist_ok=True)
+        todo = [path]
     for p in reversed(todo):
         p.mkdir(mode=JAIL_DIR_MODE, exist_ok=True)
         st = p.stat()
