@@ -112,6 +112,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
         try:
             from tierbox.vmm import artifacts
 
+            guestmod.qemu_ids()  # an unprivileged user for QEMU, or the reason there is none
             if artifacts.load_kernel() is None:
                 return Availability(
                     False,
