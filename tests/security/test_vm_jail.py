@@ -217,3 +217,25 @@ def test_disk_mib_is_enforced_in_the_guest_and_on_the_host(vm: VMInstance) -> No
     assert info["return"][0]["inserted"]["image"]["virtual-size"] == DISK_MIB * MIB
     vm.exec(["rm", "-f", "/fill"])
     os.sync()
+
+
+#: virtlogd's defaults (virtlogd.conf max_size, max_backups): the console log
+#: rotates at 2 MiB and keeps 3 older files.
+CONSOLE_FILE_MIB = 2
+CONSOLE_BACKUPS = 3
+
+
+def test_console_flood_is_capped_and_rotated(vm: VMInstance) -> None:
+    """A guest root writing to its serial console fills at most
+    (1 + backups) x 2 MiB on the host, every file root's and 0600. The
+    serial port under TCG moves ~0.1 MB/s, so the flood is just past one
+    rotation."""
+    r = vm.exec(["sh", "-c", "head -c 2200000 /dev/zero | tr '\\0' x > /dev/ttyS0"], timeout_s=120)
+    assert r.exit_code == 0, r.stderr
+    console = Path(vm.meta.console)
+    logs = sorted(console.parent.glob(console.name + "*"))
+    assert console.with_name(console.name + ".0") in logs, logs
+    assert len(logs) <= 1 + CONSOLE_BACKUPS, logs
+    for p in logs:
+        assert p.stat().st_size <= CONSOLE_FILE_MIB * MIB, (p, p.stat().st_size)
+        _private(p, owner=0)
