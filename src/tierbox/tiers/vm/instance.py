@@ -28,6 +28,7 @@ from tierbox.errors import (
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    TierboxError,
     UsageError,
 )
 from tierbox.spec import (
@@ -101,6 +102,7 @@ class VMInstance(SnapshotOps, Instance):
         self._connect_lock = threading.Lock()
         self._closed = False
         self._generation = -1
+        self._hung: str | None = None  # why the VM was stopped as untrustworthy
 
     @property
     def name(self) -> str:
@@ -183,6 +185,26 @@ class VMInstance(SnapshotOps, Instance):
     def _check_usable(self) -> None:
         if self._closed:
             raise SandboxClosedError(f"VM {self.name} is closed")
+        if self._hung is not None:
+            raise self._hung_error()
+
+    def _hung_error(self) -> SandboxDeadError:
+        return SandboxDeadError(
+            f"VM {self.name} is dead ({self._hung}; it was stopped): close it and create a "
+            f"new one (`tierbox vm start {self.name}` boots this one again from its disk)"
+        )
+
+    def _stop_hung(self, exc: Exception, what: str) -> SandboxDeadError:
+        """An agent that stopped answering or broke the protocol is not asked
+        again (a guest root may be answering in its place): the VM is
+        destroyed (its disk stays) and every later call raises SandboxDeadError."""
+        self.agent.close(f"the VM stopped answering ({what})")
+        self._hung = f"its agent failed {what}: {exc}"
+        with contextlib.suppress(TierboxError):
+            dom = self.domain()
+            if dom.isActive():
+                lvh.call(f"stopping VM {self.name}", dom.destroy)
+        return self._hung_error()
 
     @translated("connecting to a VM's agent")
     def connect_agent(self, *, deadline: float, sync: bool = True) -> None:
@@ -265,8 +287,7 @@ class VMInstance(SnapshotOps, Instance):
                 if attempt or not retry or not self._alive():
                     raise self._gone_or_hung(exc, what) from exc
             except AgentTimeoutError as exc:
-                self.agent.close(f"the VM stopped answering ({what})")
-                raise self._gone_or_hung(exc, what) from exc
+                raise self._stop_hung(exc, what) from exc
             except AgentError as exc:
                 if refused is not None:
                     raise refused(exc) from exc
@@ -311,8 +332,7 @@ class VMInstance(SnapshotOps, Instance):
                 raise self._gone_or_hung(exc, f"running {req.argv[0]!r}") from exc
             except AgentTimeoutError as exc:
                 self._line_done()
-                self.agent.close(f"the VM stopped answering (running {req.argv[0]!r})")
-                raise self._gone_or_hung(exc, f"running {req.argv[0]!r}") from exc
+                raise self._stop_hung(exc, f"running {req.argv[0]!r}") from exc
             except AgentError as exc:
                 self._line_done()
                 raise SandboxError(f"VM {self.name} cannot run commands: {exc}") from exc
@@ -329,11 +349,11 @@ class VMInstance(SnapshotOps, Instance):
             try:
                 out = outcome()
             except AgentTimeoutError as exc:
-                self.agent.close(f"the VM stopped answering (running {program!r})")
+                self._stop_hung(exc, f"running {program!r}")
                 term = Termination(
                     TerminationKind.TIMED_OUT,
                     signal=int(signal.SIGKILL),
-                    evidence={"timeout_s": timeout, "guest": f"{exc}"},
+                    evidence={"timeout_s": timeout, "guest": f"{exc}; the VM was stopped"},
                 )
                 return ExecResult(b"", b"", term, time.monotonic() - started)
             except AgentGoneError as exc:
@@ -443,6 +463,12 @@ class VMInstance(SnapshotOps, Instance):
             dom = self.domain()
             if dom.isActive():
                 return
+            if "<label>+0:+0</label>" in str(dom.XMLDesc(0)):
+                log.warning(
+                    "tierbox: VM %s was made by an older tierbox: its QEMU runs as root with "
+                    "its files under $TIERBOX_HOME; recreate it to run QEMU unprivileged",
+                    self.name,
+                )
             sockets_dir().mkdir(parents=True, exist_ok=True)
             Path(self.meta.socket).unlink(missing_ok=True)
             lvh.call(f"starting VM {self.name}", dom.create)
