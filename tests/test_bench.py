@@ -4,19 +4,31 @@ a failing tier reported while the bench goes on, and Ctrl-C leaving nothing."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import leftovers, require_tier
+from tests.conftest import ROOT, leftovers, require_tier
 from tierbox.bench.probes import PROBES
+from tierbox.bench.report import (
+    TERMINAL_COLUMNS,
+    claim_rows,
+    engine_label,
+    render_saved,
+    rich_report,
+    terminal_rows,
+)
 from tierbox.bench.stats import percentile, summarize_ms
 from tierbox.paths import MARKER, sandboxes_dir
 
@@ -260,22 +272,41 @@ def test_reports_and_charts_written(tiny: dict[str, Any]) -> None:
     assert "## Claimed vs measured here" in md and "## Machine" in md
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "</html>" in html
-    for png in ("start_latency.png", "memory.png", "density.png"):
+    for png in ("start_latency.png", "memory.png", "memory_scaling.png", "density.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
         assert png in md and png in html
 
 
-def test_table_is_printed() -> None:
-    tiers = available(["process"])
-    if not tiers:
-        pytest.skip("process tier unavailable")
-    r = bench("--tiers", "process", "--workload", "hello", "--no-probes", *TINY)
+def test_table_is_printed(tmp_path: Path) -> None:
+    """On a pipe: the 100-column layout, a progress line per step, and the
+    report written to the default place, whose path and file:// link are
+    printed; ``bench open`` finds it there."""
+    available(["process"])
+    env = {**os.environ, "TIERBOX_BENCH_DIR": str(tmp_path), "BROWSER": "true"}
+    r = subprocess.run(
+        [*BENCH, "--tiers", "process", "--workload", "hello", "--no-probes", *TINY],
+        capture_output=True,
+        timeout=280,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     text = r.stdout.decode()
-    for header in ("cold start p50", "idle memory", "density", "claimed vs measured here"):
+    for header in ("cold start", "other start", "mem/inst", "density", "claimed vs measured"):
         assert header in text, text
     assert "machine:" in text and "cores" in text
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    err = r.stderr.decode()
+    assert "process    cold start (hello) (2 runs) ..." in err, err
+    latest = tmp_path / "latest" / "report.html"
+    assert f"report: {latest}" in err and latest.as_uri() in err, err
+    assert latest.is_file() and (tmp_path / "latest").resolve().name.startswith("run-")
+    for name in ("report.md", "results.json", "start_latency.png", "density.png"):
+        assert (tmp_path / "latest" / name).is_file(), name
+    opened = subprocess.run([*BENCH, "open"], capture_output=True, timeout=60, env=env)
+    assert opened.returncode == 0 and latest.as_uri() in opened.stderr.decode()
+    helped = subprocess.run([*BENCH, "--help"], capture_output=True, timeout=60, env=env)
+    assert "$TIERBOX_HOME/bench/run-" in " ".join(helped.stdout.decode().split())
 
 
 def test_unknown_tier_is_a_usage_error() -> None:
@@ -376,3 +407,153 @@ def test_percentiles_and_spread() -> None:
     assert s["outliers"] == 1  # 100 ms is far beyond Q3 + 1.5 IQR
     assert s["p95_ms"] > s["p50_ms"]
     assert summarize_ms([])["n"] == 0
+
+
+# ---------------------------------------------------------------- the report a person reads
+
+#: results.json of a real ``make run`` on the reference machine (2 cores,
+#: Debian 12, microVM and VM under TCG); the README's table and chart come from it.
+SAVED = ROOT / "docs" / "bench" / "results.json"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHART_FILES = ("start_latency.png", "memory.png", "memory_scaling.png", "density.png")
+
+
+def _driver() -> Any:
+    """Debian's chromium, headless, through Debian's chromium-driver (as the
+    dashboard tests drive it: no browser download)."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("chromium and chromium-driver are not installed (make setup installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="tierbox-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,2400",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    driver.tierbox_profile = profile
+    return driver
+
+
+def check_report_in_browser(report_dir: Path, tiers: list[str]) -> None:
+    """The page a person opens: the summary table with a row per tier, four
+    charts that loaded with their titles and axis labels, no "~0" anywhere."""
+    from selenium.webdriver.common.by import By
+
+    driver = _driver()
+    try:
+        driver.get((report_dir / "report.html").as_uri())
+        rows = driver.find_elements(By.CSS_SELECTOR, "table#summary tr")
+        assert len(rows) == len(tiers) + 1, [r.text for r in rows]
+        shown = [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[1:]]
+        assert [s.split()[0] for s in shown] == tiers, shown
+        assert driver.find_elements(By.CSS_SELECTOR, "table#claims tr")
+        figures = driver.find_elements(By.CSS_SELECTOR, "figure.chart")
+        files = [f.find_element(By.TAG_NAME, "img").get_attribute("src") for f in figures]
+        assert [Path(str(f)).name for f in files] == list(CHART_FILES), files
+        for f in figures:
+            img = f.find_element(By.TAG_NAME, "img")
+            assert driver.execute_script("return arguments[0].naturalWidth", img) > 100, files
+            title = f.find_element(By.CSS_SELECTOR, "figcaption .title").text
+            x = f.find_element(By.CSS_SELECTOR, "figcaption .axis.x").text
+            y = f.find_element(By.CSS_SELECTOR, "figcaption .axis.y").text
+            assert title and len(x) > len("x: ") and len(y) > len("y: "), (title, x, y)
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "~0" not in body
+        shot = report_dir / "report-screenshot.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        driver.quit()
+        shutil.rmtree(driver.tierbox_profile, ignore_errors=True)
+
+
+def test_report_in_a_browser(tiny: dict[str, Any]) -> None:
+    """The report the tiny bench wrote, as a person sees it."""
+    check_report_in_browser(tiny["out"], list(tiny["results"]["tiers"]))
+
+
+def test_saved_real_run_renders_in_a_browser(tmp_path: Path) -> None:
+    """The whole ladder (VMs included) from the saved real run, rendered again."""
+    render_saved(SAVED, tmp_path)
+    results = json.loads(SAVED.read_text())
+    check_report_in_browser(tmp_path, list(results["tiers"]))
+
+
+def test_saved_run_names_each_start_and_marks_kvm_claims() -> None:
+    """A VM's template restore and a microVM's clone are named apart from the
+    cold boot, and claims that hold only on KVM say so, once, in a footnote."""
+    results = json.loads(SAVED.read_text())
+    vm = results["tiers"]["vm"]
+    assert vm["cold_start"]["hello"]["kind"] == "cold boot"
+    assert vm["template_restore"]["hello"]["kind"] == "template restore"
+    assert vm["cold_start"]["hello"]["p50_ms"] > vm["template_restore"]["hello"]["p50_ms"]
+    assert results["tiers"]["microvm"]["warm_start"]["label"] == "clone from a booted snapshot"
+    rows, notes = claim_rows(results)
+    kvm = [r for r in rows if "(KVM claim)" in r[1]]
+    assert {r[0] for r in kvm} == {"Full VM start", "MicroVM start"}
+    assert len(notes) == 1 and all(r[1].endswith("[1]") for r in kvm)
+    vm_claim = next(r for r in rows if r[0] == "Full VM start")
+    assert "cold boot" in vm_claim[2] and "template restore" in vm_claim[2]
+    micro = next(r for r in rows if r[0] == "MicroVM start")
+    assert "clone from a booted snapshot" in micro[2]
+    term, _notes = terminal_rows(results)
+    by_tier = {r[0].rstrip("*"): r for r in term}
+    assert by_tier["vm"][2].startswith("template ") and by_tier["microvm"][2].startswith("clone ")
+
+
+def test_labels_say_each_thing_once() -> None:
+    results = json.loads(SAVED.read_text())
+    engines = results["machine"]["engines"]
+    assert engine_label(engines["container"]) == engines["container"]["version"]
+    assert "crun crun" not in engine_label(engines["container"])
+    assert re.fullmatch(r"libvirt \S+ \+ QEMU \d+\.\d+\.\d+", engine_label(engines["vm"]))
+    bomb = results["tiers"]["gvisor"]["isolation"]["probes"]["memory_limit"]
+    ev = bomb["run"]["evidence"] if bomb.get("run") else {}
+    if "engine_overhead_mib" in ev and "cgroup_limit_mib" in ev:
+        really = ev["cgroup_limit_mib"] - ev["engine_overhead_mib"]
+        assert f"at ~{really:.0f} MiB" in bomb["value"], bomb
+
+
+def test_terminal_fits_100_columns_without_breaking_words() -> None:
+    """The terminal view of the whole ladder: no line over 100 columns, and
+    every word on screen is a whole word of some cell (none cut in two)."""
+    from rich.console import Console
+
+    results = json.loads(SAVED.read_text())
+    console = Console(width=TERMINAL_COLUMNS, record=True, file=io.StringIO())
+    console.print(rich_report(results))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= TERMINAL_COLUMNS
+    rows, notes = terminal_rows(results)
+    crows, cnotes = claim_rows(results)
+    cells = [c for r in rows + crows for c in r] + notes + cnotes
+    words = {w for c in cells for w in c.split()}
+    table = text[text.index(" tier ") : text.index("cold start = ")]
+    for token in table.split():
+        if set(token) <= set("─━┃│┏┓┗┛┡┩╇╈┳┻━"):
+            continue
+        assert token in words or token in (
+            "tier",
+            "cold",
+            "start",
+            "other",
+            "exec",
+            "mem/inst",
+            "density",
+            "isolation",
+        ), token
+    assert text.count("KVM claim: the claimed figure holds only on KVM") == 1

@@ -5,11 +5,16 @@ Also runnable alone: ``python -m tierbox.cli_bench --quick``.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import time
+import webbrowser
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -23,8 +28,122 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from tierbox import paths
 from tierbox.errors import TierboxError, UsageError
 from tierbox.spec import parse_memory_mib
+
+#: Width of the tables when stdout is not a terminal: the same layout as a
+#: 100-column terminal, so a log or a pipe reads like the screen.
+PIPE_COLUMNS = 100
+
+
+#: Overrides where runs go (tests, or a shared results directory).
+BENCH_DIR_ENV = "TIERBOX_BENCH_DIR"
+
+
+def bench_home() -> Path:
+    """``$TIERBOX_HOME/bench``: each run in ``run-<UTC time>/``, ``latest`` the newest."""
+    override = os.environ.get(BENCH_DIR_ENV)
+    return Path(override) if override else paths.home() / "bench"
+
+
+def latest_dir() -> Path:
+    return bench_home() / "latest"
+
+
+def new_run_dir() -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    d = bench_home() / f"run-{stamp}"
+    n = 1
+    while d.exists():  # two runs in one second: keep both
+        n += 1
+        d = bench_home() / f"run-{stamp}-{n}"
+    d.mkdir(parents=True)
+    return d
+
+
+#: Runs kept under $TIERBOX_HOME/bench; older ones are removed after a run.
+KEEP_RUNS = 20
+
+
+def prune_runs(keep: int) -> None:
+    """Remove all but the newest ``keep`` run directories (never ``latest``'s)."""
+    runs = sorted(p for p in bench_home().glob("run-*") if p.is_dir() and not p.is_symlink())
+    current = latest_dir().resolve() if latest_dir().is_symlink() else None
+    for old in runs[:-keep] if keep > 0 else runs:
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def point_latest(run: Path) -> Path:
+    """Swap ``latest`` to ``run`` in one rename, so a reader never sees it missing."""
+    link = latest_dir()
+    tmp = link.with_name(f".latest-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    if link.exists() and not link.is_symlink():  # not ours to replace
+        tmp.unlink()
+        return run
+    tmp.replace(link)
+    return link
+
+
+def open_report(report: Path, err: Console) -> None:
+    """Open the report in a browser where one exists; say where it is either way."""
+    err.print(
+        f"report: {report}\n        {report.absolute().as_uri()}",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
+    try:
+        opened = webbrowser.open(report.absolute().as_uri())
+    except webbrowser.Error:
+        opened = False
+    if not opened:
+        err.print("no browser found here: open the file:// link above", highlight=False)
+
+
+class LineReporter:
+    """Progress for a pipe or a log: one line per step as it starts, and how
+    long it took when the next one starts (no bars, no control codes)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.current: tuple[str, str, float] | None = None
+
+    def __enter__(self) -> LineReporter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.done()
+
+    def start(self, tier: str, what: str, total: int | None) -> None:
+        self.done()
+        self.current = (tier, what, time.monotonic())
+        runs = f" ({total} runs)" if total else ""
+        self.note(f"{tier:<10} {what}{runs} ...")
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def done(self) -> None:
+        if self.current is not None:
+            tier, what, t0 = self.current
+            self.current = None
+            took_s = time.monotonic() - t0
+            if took_s >= 1.0:
+                self.note(f"{tier:<10} {what}: done in {took_s:.1f} s")
+
+    def note(self, text: str) -> None:
+        # a plain write: a Ctrl-C landing inside it cannot leave a console half-buffered
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
 
 class RichReporter:
@@ -147,6 +266,13 @@ def _config(
 
 
 def bench(
+    action: Annotated[
+        str | None,
+        typer.Argument(
+            help="'open': open $TIERBOX_HOME/bench/latest/report.html (nothing is measured).",
+            show_default=False,
+        ),
+    ] = None,
     quick: Annotated[
         bool,
         typer.Option("--quick", help="Fewer runs and capped density: under 3 minutes here."),
@@ -162,9 +288,19 @@ def bench(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Write results.json, report.md, report.html and PNG charts here."
+            "--out",
+            "-o",
+            help=(
+                "Where report.html, report.md, results.json and the PNG charts go. "
+                "Default: $TIERBOX_HOME/bench/run-<UTC time>/ (TIERBOX_HOME defaults to "
+                "~/.local/share/tierbox), with $TIERBOX_HOME/bench/latest pointing at the "
+                "newest run; earlier runs stay beside it."
+            ),
         ),
     ] = None,
+    open_after: Annotated[
+        bool, typer.Option("--open", help="Open report.html in a browser when done.")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results.json to stdout instead of the table.")
     ] = False,
@@ -197,11 +333,28 @@ def bench(
         bool, typer.Option("--no-probes", help="Skip the isolation probes.")
     ] = False,
 ) -> None:
-    """Measure start time, memory, density and isolation of every tier, next to common claims."""
+    """Measure start time, memory, density and isolation of every tier, next to common claims.
+
+    Results go to $TIERBOX_HOME/bench/run-<UTC time>/ (default TIERBOX_HOME:
+    ~/.local/share/tierbox): report.html, report.md, results.json and PNG
+    charts; $TIERBOX_HOME/bench/latest points at the newest run, and earlier
+    runs stay beside it. The path and a file:// link are printed at the end.
+    `tierbox bench open` opens the latest report.
+    """
     from tierbox.bench.report import rich_report, to_json, write_reports
     from tierbox.bench.runner import run_bench
 
-    err = Console(stderr=True)
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=PIPE_COLUMNS)
+    if action is not None:
+        if action != "open":
+            err.print(f"[bold red]tierbox:[/] unknown action {action!r}: use 'open'")
+            raise typer.Exit(2)
+        report = latest_dir() / "report.html"
+        if not report.is_file():
+            err.print(f"no report yet at {report}: run `tierbox bench` first", highlight=False)
+            raise typer.Exit(1)
+        open_report(report, err)
+        return
     try:
         cfg = _config(
             quick=quick,
@@ -220,23 +373,36 @@ def bench(
         err.print(f"[bold red]tierbox:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     try:
-        with RichReporter(err) as rep:
+        reporter = RichReporter(err) if err.is_terminal else LineReporter(sys.stderr)
+        with reporter as rep:
             results = run_bench(cfg, rep)
     except KeyboardInterrupt:
         # run_bench closed every sandbox on its way out; say so, then let it propagate
-        err.print("tierbox bench: interrupted; every sandbox closed", highlight=False)
+        sys.stderr.write("tierbox bench: interrupted; every sandbox closed\n")
+        sys.stderr.flush()
         raise
-    if out is not None:
-        written = write_reports(results, out)
-        err.print(f"wrote {', '.join(p.name for p in written.values())} to {out}", highlight=False)
-        if results.get("charts_error"):
-            err.print(f"charts skipped: {results['charts_error']}", highlight=False)
+    target = out if out is not None else new_run_dir()
+    written = write_reports(results, target)
+    shown = point_latest(target) if out is None else target
+    if out is None:
+        prune_runs(keep=KEEP_RUNS)
     if as_json:
         sys.stdout.write(to_json(results) + "\n")
         sys.stdout.flush()
     else:
-        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console = Console() if sys.stdout.isatty() else Console(width=PIPE_COLUMNS)
         console.print(rich_report(results))
+    if results.get("charts_error"):
+        err.print(f"charts skipped: {results['charts_error']}", highlight=False)
+    report = shown / "report.html"
+    err.print(
+        f"wrote {', '.join(p.name for p in written.values())} to {target}\n"
+        f"report: {report}\n        {report.absolute().as_uri()}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if open_after:
+        open_report(report, err)
     ran = [t for t in results["tiers"].values() if t["status"] != "unavailable"]
     if ran and all(t["status"] == "failed" for t in ran):
         raise typer.Exit(1)

@@ -458,6 +458,18 @@ def judge_shell(
     return out
 
 
+def _bomb_limit(ev: dict[str, Any], limit: Any) -> str:
+    """The limit the workload really had: where an engine shares the cgroup
+    (gVisor), the cgroup's limit less the engine's share, not the spec's."""
+    cg = ev.get("cgroup_limit_mib")
+    engine = ev.get("engine_overhead_mib")
+    if cg is not None and engine is not None:
+        return f" at ~{float(cg) - float(engine):.0f} MiB ({cg} MiB cgroup - {engine} MiB engine)"
+    if cg is not None:
+        return f" at {cg} MiB (cgroup, engine included; {limit} MiB asked)"
+    return f" at {limit} MiB" if limit is not None else ""
+
+
 def judge_bomb(
     r: ExecResult | None, error: str | None, survived: bool | None, label: str
 ) -> dict[str, Any]:
@@ -474,8 +486,12 @@ def judge_bomb(
     detail = "; ".join(bits)
     run = run_record(r, label)
     if t.kind is TerminationKind.OOM_KILLED:
-        at = f" at {limit} MiB" if limit is not None else ""
-        return _probe(f"oom_killed{at}", True, detail + (f"; peak {peak} MiB" if peak else ""), run)
+        return _probe(
+            f"oom_killed{_bomb_limit(ev, limit)}",
+            True,
+            detail + (f"; peak {peak} MiB" if peak else ""),
+            run,
+        )
     if t.kind is TerminationKind.SIGNALED and t.signal == signal.SIGKILL:
         return _probe("killed (SIGKILL)", True, detail, run)
     if t.kind is TerminationKind.TIMED_OUT:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import html
 import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -17,7 +20,7 @@ from tierbox.bench.stats import fmt_bytes, fmt_ms
 COLUMNS = (
     "tier",
     "cold start p50 (p95, n)",
-    "warm start",
+    "template restore / snapshot start",
     "exec p50",
     "idle memory",
     "avg per instance",
@@ -53,14 +56,38 @@ def cold_cell(t: dict[str, Any], w: str, n: int = 60) -> str:
         f"{fmt_ms(cs['p50_ms'])} (p95 {fmt_ms(cs['p95_ms'])}, n={cs['n']}"
         + (f" +{cs['warmup']} warm-up" if cs.get("warmup") else "")
         + ")"
+        + (f" {cs['kind']}" if cs.get("kind") else "")
     )
 
 
-def warm_cell(t: dict[str, Any], n: int = 60) -> str:
+def warm_label(ws: dict[str, Any]) -> str:
+    """What the warm start really was, named (older results carry no label)."""
+    if ws.get("label"):
+        return str(ws["label"])
+    return "revert in place" if str(ws.get("method", "")).startswith("revert") else "restore"
+
+
+def other_starts(t: dict[str, Any], w: str) -> list[tuple[str, dict[str, Any]]]:
+    """Starts that are not cold boots, each with its name: a saved template
+    restored, a clone of a booted snapshot, a revert in place."""
+    out = []
+    tr = (t.get("template_restore") or {}).get(w) or {}
+    if tr.get("status") == "ok" and tr.get("p50_ms") is not None:
+        out.append(("template restore", tr))
     ws = t.get("warm_start", {})
     if ws.get("status") == "ok" and ws.get("p50_ms") is not None:
-        how = "revert in place" if str(ws.get("method", "")).startswith("revert") else "restore"
-        return f"{fmt_ms(ws['p50_ms'])} (p95 {fmt_ms(ws['p95_ms'])}, n={ws['n']}, {how})"
+        out.append((warm_label(ws), ws))
+    return out
+
+
+def warm_cell(t: dict[str, Any], n: int = 60, w: str = "hello") -> str:
+    starts = other_starts(t, w)
+    if starts:
+        return "; ".join(
+            f"{label} {fmt_ms(s['p50_ms'])} (p95 {fmt_ms(s['p95_ms'])}, n={s['n']})"
+            for label, s in starts
+        )
+    ws = t.get("warm_start", {})
     return _na(ws, n) if ws else "-"
 
 
@@ -151,7 +178,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             [
                 tier_cell(name, t),
                 cold_cell(t, w) if t["status"] != "failed" else status_cell(t),
-                warm_cell(t),
+                warm_cell(t, w=w),
                 exec_cell(t, w),
                 idle,
                 pts,
@@ -175,42 +202,155 @@ def machine_line(results: dict[str, Any]) -> str:
     )
 
 
+def engine_label(e: dict[str, Any]) -> str:
+    """Engine and version once ("crun version 1.8.1", not "crun crun version
+    1.8.1"); libvirt with the QEMU version its availability text names."""
+    engine = str(e.get("engine") or "").strip()
+    version = str(e.get("version") or "").strip()
+    first = engine.split()[0] if engine else ""
+    if version and first and version.lower().startswith(first.lower()):
+        label = version
+        rest = engine[len(first) :].strip()
+        parts = rest.split()
+        # keep what the engine adds beyond its own name and version ("+ qemu-system-x86_64")
+        if parts and parts[0] in version.split():
+            parts = parts[1:]
+        if parts:
+            label = f"{version} {' '.join(parts)}"
+    else:
+        label = f"{engine} {version}".strip() or "?"
+    qemu = re.search(r"QEMU (\d+\.\d+(?:\.\d+)?)", str(e.get("reason") or ""))
+    if qemu and "qemu" in label.lower() and qemu.group(1) not in label:
+        label = re.sub(r"qemu-system-\S+", f"QEMU {qemu.group(1)}", label, count=1)
+        label = label.removesuffix(f" {qemu.group(1)}") if label.count(qemu.group(1)) > 1 else label
+        if qemu.group(1) not in label:
+            label += f" + QEMU {qemu.group(1)}"
+    return label
+
+
 def engines_line(results: dict[str, Any]) -> str:
     parts = []
     for name, e in results["machine"].get("engines", {}).items():
         if e.get("available"):
-            parts.append(f"{name}: {e.get('version') or e.get('engine') or '?'}")
+            parts.append(f"{name}: {engine_label(e)}")
     return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- rich
 
 
+#: Width the terminal summary is laid out for; a pipe gets the same layout.
+TERMINAL_COLUMNS = 100
+TERMINAL_HEADER = (
+    "tier",
+    "cold start",
+    "other start",
+    "exec",
+    "mem/inst",
+    "density",
+    "contained",
+)
+#: Short names of the starts that are not boots, for the 100-column table.
+SHORT_START = {
+    "template restore": "template",
+    "clone from a booted snapshot": "clone",
+    "restore from snapshot": "restore",
+    "revert in place": "revert",
+    "restore": "restore",
+}
+
+
+def _p50(s: dict[str, Any]) -> str:
+    return fmt_ms(s["p50_ms"]) if s.get("status") == "ok" and s.get("p50_ms") is not None else "-"
+
+
+def terminal_rows(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The summary cut to what a 100-column terminal shows (p50s, one memory
+    figure, the probe count), and the notes that explain its marks."""
+    w = primary_workload(results)
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for name, t in results["tiers"].items():
+        status = t.get("status", "?")
+        if status in ("unavailable", "failed") and not t.get("cold_start"):
+            rows.append([name, status, *["-"] * (len(TERMINAL_HEADER) - 2)])
+            notes.append(f"{name} {status}: {_short(t.get('error') or '', 180)}")
+            continue
+        label = name
+        if status == "partial":
+            label += "*"
+            n = len([e for e in t.get("errors", []) if e["phase"] != "cleanup"])
+            notes.append(f"{name}*: {n} phase error{'s' if n != 1 else ''} (see the report)")
+        cs = t.get("cold_start", {}).get(w, {})
+        cold = _p50(cs) if status != "failed" else "failed"
+        others = "\n".join(
+            f"{SHORT_START.get(lab, lab)} {fmt_ms(st['p50_ms'])}" for lab, st in other_starts(t, w)
+        )
+        m = t.get("memory", {})
+        mem = "-"
+        recs = m.get("checkpoints") or []
+        if m.get("status") == "ok" and recs:
+            last = recs[-1]
+            kind = " in-proc" if t.get("in_process") else ""
+            mem = f"{fmt_bytes(last.get('avg_pss_bytes', last['avg_bytes']))}{kind}"
+        d = t.get("density", {})
+        den = "-"
+        if d.get("status") == "ok":
+            if d.get("bound") == "budget":
+                den = str(d["fit"])
+            elif d.get("projected_fit"):
+                den = f"~{d['projected_fit']} proj."
+            else:
+                den = f">={d['fit']} cap"
+        iso = (t.get("isolation", {}).get("summary") or {}).get("text", "-")
+        iso = str(iso).split(";")[0].removesuffix(" contained")
+        rows.append(
+            [label, cold, others or "-", _p50(t.get("exec_latency", {}).get(w, {})), mem, den, iso]
+        )
+    return rows, notes
+
+
 def rich_report(results: dict[str, Any]) -> Group:
+    """The terminal view: fits TERMINAL_COLUMNS; everything else is in the report."""
     w = primary_workload(results)
     title = (
         f"tierbox bench ({results['mode']}) — workload '{w}' — {results.get('duration_s', 0):.0f} s"
     )
-    table = Table(title=title, show_lines=True, title_justify="left")
-    for col in COLUMNS:
-        table.add_column(col, overflow="fold")
-    for row in summary_rows(results):
-        style = "red" if row[0].endswith(("(failed)", "(unavailable)")) else None
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in TERMINAL_HEADER:
+        table.add_column(col, no_wrap=True)
+    rows, notes = terminal_rows(results)
+    for row in rows:
+        style = "red" if row[1] in ("failed", "unavailable") else None
         table.add_row(*row, style=style)
-    claims = Table(title="claimed vs measured here", show_lines=True, title_justify="left")
-    for col in ("claim", "claimed", "measured here", "ratio"):
-        claims.add_column(col, overflow="fold")
-    for c in results.get("claims", []):
-        claims.add_row(c["claim"], c["claimed"], c["measured"], c["ratio"])
+    notes.insert(
+        0,
+        "cold start = create -> first result, booting where the tier boots; other start = "
+        "template restore, clone of a booted snapshot, restore or revert; all p50. "
+        "mem/inst: PSS per idle instance at the largest count measured (in-proc: growth of "
+        "the bench's own process, wasm). density: instances in the budget ('proj.' = budget / "
+        "measured average, the run stopped at its cap). contained: isolation probes "
+        "contained / run.",
+    )
+    claims = Table(
+        title="claimed vs measured here", title_justify="left", box=box.SIMPLE_HEAD, expand=True
+    )
+    for col, share in (("claim", 3), ("claimed", 3), ("measured here", 8), ("ratio", 4)):
+        claims.add_column(col, ratio=share)
+    crows, footnotes = claim_rows(results)
+    for row in crows:
+        claims.add_row(*row)
     parts: list[Any] = [
         Text("machine: " + machine_line(results)),
         Text("engines: " + engines_line(results)),
         table,
-        claims,
+        *[Text(n, style="dim") for n in notes],
     ]
     extra = _other_workloads(results)
     if extra is not None:
-        parts.insert(3, extra)
+        parts.append(extra)
+    parts.append(claims)
+    parts += [Text(f"[{i + 1}] {f}", style="dim") for i, f in enumerate(footnotes)]
     return Group(*parts)
 
 
@@ -218,14 +358,14 @@ def _other_workloads(results: dict[str, Any]) -> Table | None:
     wl = results.get("config", {}).get("workloads") or []
     if len(wl) < 2:
         return None
-    table = Table(title="cold start by workload (p50)", title_justify="left")
+    table = Table(title="cold start by workload (p50)", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("tier")
     for w in wl:
         table.add_column(w, overflow="fold")
     for name, t in results["tiers"].items():
         if t["status"] == "unavailable":
             continue
-        table.add_row(name, *[cold_cell(t, w, 70) for w in wl])
+        table.add_row(name, *[_p50(t.get("cold_start", {}).get(w, {})) for w in wl])
     return table
 
 
@@ -371,7 +511,7 @@ def machine_rows(results: dict[str, Any]) -> list[list[str]]:
         ],
     ]
     for name, e in m.get("engines", {}).items():
-        what = f"{e.get('engine')} {e.get('version')}".strip() or "-"
+        what = engine_label(e)
         rows.append(
             [f"engine: {name}", what if e.get("available") else f"unavailable: {e.get('reason')}"]
         )
@@ -408,7 +548,21 @@ def method_notes(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def markdown(results: dict[str, Any], charts: dict[str, str]) -> str:
+def claim_rows(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """Claims as table rows, each explanation once as a numbered footnote."""
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for c in results.get("claims", []):
+        mark = ""
+        if c.get("footnote"):
+            if c["footnote"] not in notes:
+                notes.append(c["footnote"])
+            mark = f" [{notes.index(c['footnote']) + 1}]"
+        rows.append([c["claim"], c["claimed"] + mark, c["measured"], c["ratio"]])
+    return rows, notes
+
+
+def markdown(results: dict[str, Any], charts: list[dict[str, str]]) -> str:
     w = primary_workload(results)
     lines = [
         "# tierbox bench",
@@ -426,16 +580,15 @@ def markdown(results: dict[str, Any], charts: dict[str, str]) -> str:
         "",
         "## Claimed vs measured here",
         "",
-        _md_table(
-            ["claim", "claimed", "measured here", "ratio"],
-            [[c["claim"], c["claimed"], c["measured"], c["ratio"]] for c in results["claims"]],
-        ),
+        _md_table(["claim", "claimed", "measured here", "ratio"], claim_rows(results)[0]),
+        "",
+        *[f"[{i + 1}] {f}" for i, f in enumerate(claim_rows(results)[1])],
         "",
     ]
     if charts:
         lines += ["## Charts", ""]
-        for title, file in charts.items():
-            lines += [f"![{title}]({file})", ""]
+        for c in charts:
+            lines += [f"![{c['title']}]({c['file']})", "", f"*{c['title']}*", ""]
     lines += ["## Tiers", ""]
     for name, t in results["tiers"].items():
         lines += [f"### {name}", ""]
@@ -460,25 +613,41 @@ tr.bad td{color:#a00}
 td.no{color:#a00;font-weight:bold}
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 code{background:#f4f4f4;padding:0 3px}
+td.kvm{background:repeating-linear-gradient(45deg,#fff,#fff 4px,#e4e4e4 4px,#e4e4e4 8px)}
+p.note{font-size:0.85em;color:#555}
+figure.chart{display:inline-block;vertical-align:top;margin:0 1em 1em 0}
 """
 
 
-def _html_table(header: list[str], rows: list[list[str]], bad_col: int | None = None) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+def _cell_class(c: str) -> str:
+    if c == "NO":
+        return " class=no"
+    if "(KVM claim)" in c:
+        return " class=kvm"
+    return ""
+
+
+def _html_table(
+    header: list[str],
+    rows: list[list[str]],
+    bad_col: int | None = None,
+    table_id: str | None = None,
+) -> str:
+    ident = f" id='{table_id}'" if table_id else ""
+    out = [f"<table{ident}><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for r in rows:
         cls = ""
         if bad_col is not None and str(r[bad_col]).endswith(("(failed)", "(unavailable)")):
             cls = ' class="bad"'
-        cells = "".join(
-            f"<td{' class=no' if c == 'NO' else ''}>{html.escape(str(c))}</td>" for c in r
-        )
+        cells = "".join(f"<td{_cell_class(str(c))}>{html.escape(str(c))}</td>" for c in r)
         out.append(f"<tr{cls}>{cells}</tr>")
     out.append("</table>")
     return "\n".join(out)
 
 
-def html_report(results: dict[str, Any], charts: dict[str, str]) -> str:
+def html_report(results: dict[str, Any], charts: list[dict[str, str]]) -> str:
     w = primary_workload(results)
+    notes = claim_rows(results)[1]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>tierbox bench</title>",
         f"<style>{CSS}</style></head><body>",
@@ -489,19 +658,25 @@ def html_report(results: dict[str, Any], charts: dict[str, str]) -> str:
         "<h2>Machine</h2>",
         _html_table(["fact", "value"], machine_rows(results)),
         "<h2>Summary</h2>",
-        _html_table(list(COLUMNS), summary_rows(results), bad_col=0),
+        _html_table(list(COLUMNS), summary_rows(results), bad_col=0, table_id="summary"),
         "<h2>Claimed vs measured here</h2>",
         _html_table(
             ["claim", "claimed", "measured here", "ratio"],
-            [[c["claim"], c["claimed"], c["measured"], c["ratio"]] for c in results["claims"]],
+            claim_rows(results)[0],
+            table_id="claims",
         ),
+        *[f"<p class='note'>[{i + 1}] {html.escape(f)}</p>" for i, f in enumerate(notes)],
     ]
     if charts:
         parts.append("<h2>Charts</h2>")
-        for title, file in charts.items():
+        for c in charts:
             parts.append(
-                f"<figure><img src='{html.escape(file)}' alt='{html.escape(title)}'>"
-                f"<figcaption>{html.escape(title)}</figcaption></figure>"
+                f"<figure class='chart' id='chart-{html.escape(Path(c['file']).stem)}'>"
+                f"<img src='{html.escape(c['file'])}' alt='{html.escape(c['title'])}'>"
+                f"<figcaption><b class='title'>{html.escape(c['title'])}</b><br>"
+                f"<span class='axis x'>x: {html.escape(c['x_label'])}</span>; "
+                f"<span class='axis y'>y: {html.escape(c['y_label'])}</span></figcaption>"
+                "</figure>"
             )
     parts.append("<h2>Tiers</h2>")
     for name, t in results["tiers"].items():
@@ -533,22 +708,29 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     try:
-        charts = write_charts(results, out_dir)
-        results["charts"] = {title: path.name for title, path in charts.items()}
+        charts = [asdict(c) for c in write_charts(results, out_dir)]
     except Exception as exc:  # e.g. matplotlib missing: the reports still get written
-        charts = {}
-        results["charts"] = {}
+        charts = []
         results["charts_error"] = f"{type(exc).__name__}: {exc}"
-    names = {title: path.name for title, path in charts.items()}
+    # title -> file is what the daemon's dashboard reads; the axes ride beside it
+    results["charts"] = {c["title"]: c["file"] for c in charts}
+    results["chart_axes"] = {c["file"]: [c["x_label"], c["y_label"]] for c in charts}
     (out_dir / "results.json").write_text(to_json(results) + "\n")
-    (out_dir / "report.md").write_text(markdown(results, names))
-    (out_dir / "report.html").write_text(html_report(results, names))
+    (out_dir / "report.md").write_text(markdown(results, charts))
+    (out_dir / "report.html").write_text(html_report(results, charts))
     written["results.json"] = out_dir / "results.json"
     written["report.md"] = out_dir / "report.md"
     written["report.html"] = out_dir / "report.html"
-    for title, path in charts.items():
-        written[title] = path
+    for c in charts:
+        written[c["title"]] = out_dir / c["file"]
     return written
+
+
+def render_saved(results_json: Path, out_dir: Path) -> dict[str, Path]:
+    """The report and charts again from a saved results.json (no measuring)."""
+    results = json.loads(results_json.read_text())
+    results.pop("charts_error", None)
+    return write_reports(results, out_dir)
 
 
 __all__ = [
