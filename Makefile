@@ -8,7 +8,8 @@ setup:
 	bash scripts/setup.sh
 
 # The main job on built-in defaults: the same workload on every available tier,
-# ending with a comparison table.
+# ending with a comparison table; the report (HTML, Markdown, JSON, charts) goes
+# to $TIERBOX_HOME/bench/latest/, whose path is printed at the end.
 run: setup
 	$(PY) -m tierbox.cli bench --quick
 	@$(PY) -m tierbox.cli gc > /dev/null  # leave no mount or cgroup behind
