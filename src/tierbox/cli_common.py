@@ -14,13 +14,44 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from tierbox.errors import UnknownTierError, UsageError
 from tierbox.network import Egress, PortMap, check_network
 from tierbox.spec import ExecResult, Mount, TerminationKind
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
+#: C0 controls but tab and newline, DEL and C1 controls, as visible escapes
+_CONTROLS = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)
+}
+
+
+def plain(text: object) -> str:
+    """Text that may come from a sandbox, safe for a terminal: escape
+    sequences, BEL, CR and the other control characters are shown as
+    ``\\xNN`` (so a guest cannot clear the screen, plant hyperlinks or
+    overwrite a line); newlines and tabs stay."""
+    return str(text).translate(_CONTROLS)
+
+
+class PlainConsole(Console):
+    """A rich console that prints every string literally: no markup, no
+    highlighting, control characters escaped (:func:`plain`). Errors,
+    names, listings and inspect fields can hold a sandbox's text, and
+    ``[/bold]`` in it must print as itself, not crash the CLI; tierbox's
+    own styling is given as :class:`rich.text.Text`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("highlight", False)
+        super().__init__(**kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(plain(text), **kwargs)
+
+
+out = PlainConsole()
+err = PlainConsole(stderr=True, soft_wrap=True)  # one error, one line, however long
 #: options after the image/name belong to the workload, not to tierbox
 PASSTHROUGH = {"allow_interspersed_args": False}
 
@@ -44,11 +75,17 @@ EnvFileOpt = Annotated[
 ]
 
 
+def error_text(exc: BaseException) -> Text:
+    """``tierbox: <error>`` with the prefix styled and the error's text
+    (which may quote a sandbox) plain."""
+    return Text.assemble(("tierbox:", "bold red"), " ", plain(exc))
+
+
 def fail(exc: BaseException) -> NoReturn:
     """Print a one-line error; exit 2 for usage errors, 125 for anything else
     (as docker run does). A command missing in the sandbox is not an error
     here: it is a result with status 127, mirrored like any other."""
-    err.print(f"[bold red]tierbox:[/] {exc}", highlight=False, markup=True)
+    err.print(error_text(exc))
     if isinstance(exc, UsageError):
         raise typer.Exit(2)
     raise typer.Exit(125)

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tierbox.cli_common import JsonOpt, emit_result, err, fail, out, workload_argv
+from tierbox.cli_common import JsonOpt, emit_result, err, fail, out, plain, workload_argv
 from tierbox.errors import HPASpecError, TierboxError, UsageError
 from tierbox.pools.manager import FunctionSpec
 from tierbox.pools.server import PoolClient
@@ -161,7 +161,7 @@ def pool_ls(as_json: JsonOpt = False) -> None:
     table = Table("name", "tier", "image", "ready", "claimed", "desired", "min/max", "reason")
     for r in rows:
         if "error" in r:
-            table.add_row(r["name"], "", "", "", "", "", "", f"[red]{r['error']}[/]")
+            table.add_row(r["name"], "", "", "", "", "", "", Text(plain(r["error"]), style="red"))
             continue
         d = r.get("decision") or {}
         state = "draining" if r["draining"] else "scaled to zero" if r["scaled_to_zero"] else ""

@@ -38,6 +38,7 @@ are translated at the boundary with ``raise ... from exc``::
     │   ├── AgentError             the guest agent refused a request (errno and message)
     │   ├── AgentGoneError         the guest agent's line closed: QEMU exited, the guest died
     │   ├── AgentTimeoutError      the guest agent did not answer in time
+    │   │   └── AgentProtocolError the guest broke the agent protocol (a dead agent)
     │   └── AgentTooOldError       the guest runs an agent older than the host's protocol
     ├── HostError                  the host lacks something (cgroups, mounts)
     ├── AutoscaleError             the autoscaler could not reach a decision
@@ -314,6 +315,12 @@ class AgentGoneError(SandboxError):
 
 class AgentTimeoutError(SandboxError):
     """The agent did not answer in time."""
+
+
+class AgentProtocolError(AgentTimeoutError):
+    """The guest broke the agent protocol (an impossible field, a frame its
+    request cannot have): the agent is treated as dead, like one that stopped
+    answering, since a guest root may be speaking in its place."""
 
 
 class AgentTooOldError(SandboxError):

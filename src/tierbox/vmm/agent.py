@@ -66,6 +66,20 @@ while read ends in EFBIG too); ``max_bytes`` 2**64-1 means no cap. LIST
 reports each entry's kind (lstat: a symlink is a symlink) and size. The
 host bounds what it keeps by the same cap, whatever the guest sends, and
 ends a stream it gives up on with KILL.
+
+The guest is hostile: a guest root can take the agent's port over and speak
+in its place. Every frame is checked against what its request can receive
+(a reply: OK or ERR; a stream: DATA, then OK or ERR; a command: STARTED
+once, output, ACKs for bytes in flight, then EXIT or ERR) and every field
+against its range (EXIT: ``exit_code`` 0-255, ``signal`` 1-64, a known
+``reason``, whole numbers; ERR: an errno or E_NOTREG; listings: known kinds
+and sizes below 2**63). A violation ends the line with
+:class:`~tierbox.errors.AgentProtocolError` for every request on it, and the
+tiers treat the agent as dead (the VM is stopped). Every wait has a
+deadline; a command with none is watched for liveness: after
+:data:`LIVENESS_S` of silence from the guest the host asks for STATS, and
+no frame within :data:`LIVENESS_ANSWER_S` ends the command with
+AgentTimeoutError.
 """
 
 from __future__ import annotations
@@ -90,6 +104,7 @@ from typing import Any
 from tierbox.errors import (
     AgentError,
     AgentGoneError,
+    AgentProtocolError,
     AgentTimeoutError,
     AgentTooOldError,
     FileTooLargeError,
@@ -127,6 +142,22 @@ STDIN_WINDOW = 1 << 20
 KILL_ANSWER_S = 2.0
 #: How long ``pid`` waits for a command to start.
 PID_WAIT_S = 10.0
+#: A command without a host deadline: silence from the guest this long and
+#: the host asks for STATS ...
+LIVENESS_S = 30.0
+#: ... and gives up on the agent when nothing comes within this long.
+LIVENESS_ANSWER_S = 30.0
+#: The highest pid a Linux guest can hand out (PID_MAX_LIMIT).
+PID_MAX = 1 << 22
+#: EXIT ``reason`` values the agent sends.
+EXIT_REASONS = frozenset({"exited", "timeout", "output_limit", "killed"})
+#: EXIT fields that are whole numbers (-1: the guest could not read it).
+_EXIT_NUMBERS = frozenset(
+    {
+        "duration_ms", "memory_peak_bytes", "cgroup_oom_kill", "pids_max_hit", "pids_max",
+        "oom_kill_before", "oom_kill_after", "mem_total_kib",
+    }
+)  # fmt: skip
 _KINDS = {1: FileKind.FILE, 2: FileKind.DIR, 3: FileKind.SYMLINK}
 _RECORD = struct.Struct("<BQ")
 _PROC = struct.Struct("<IIIBI")
@@ -146,8 +177,63 @@ def parse_kv(payload: bytes) -> dict[str, str]:
 
 
 def agent_error(payload: bytes) -> AgentError:
+    """An ERR payload as AgentError (its code checked by :func:`check_err`)."""
     err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
     return AgentError(err, payload[4:1028].decode(errors="replace"))
+
+
+def violation(what: str) -> AgentProtocolError:
+    """The error for a guest that broke the protocol (the agent counts as dead)."""
+    return AgentProtocolError(
+        f"the guest agent broke the protocol ({what}): it is treated as dead, since a "
+        "guest root may be answering in its place"
+    )
+
+
+def check_err(payload: bytes) -> None:
+    """An ERR carries a u32 errno value (below 4096) or E_NOTREG, then text."""
+    if len(payload) < 4:
+        raise violation(f"an ERR frame of {len(payload)} bytes")
+    code = struct.unpack_from("<I", payload)[0]
+    if not (code < 4096 or code == E_NOTREG):
+        raise violation(f"ERR code {code}")
+
+
+def _whole(text: str | None) -> int | None:
+    """A decimal whole number as the agent prints it, or None."""
+    if text is None:
+        return None
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        return None
+    return int(text)
+
+
+def _in(text: str | None, low: int, high: int) -> bool:
+    n = _whole(text)
+    return n is not None and low <= n <= high
+
+
+def check_exit(fields: Mapping[str, str]) -> None:
+    """EXIT fields within their ranges: ``exit_code`` 0-255, ``signal`` 1-64
+    (never both), a known ``reason``, whole numbers from -1 up."""
+    code = fields.get("exit_code")
+    sig = fields.get("signal")
+    if code is not None and sig is not None:
+        raise violation("EXIT with both exit_code and signal")
+    if code is not None and not _in(code, 0, 255):
+        raise violation(f"EXIT exit_code={code[:40]!r}")
+    if sig is not None and not _in(sig, 1, 64):
+        raise violation(f"EXIT signal={sig[:40]!r}")
+    reason = fields.get("reason", "exited")
+    if reason not in EXIT_REASONS:
+        raise violation(f"EXIT reason={reason[:40]!r}")
+    for key in sorted(_EXIT_NUMBERS & fields.keys()):
+        if not _in(fields[key], -1, (1 << 63) - 1):
+            raise violation(f"EXIT {key}={fields[key][:40]!r}")
+    for key in ("stdout_truncated", "stderr_truncated"):
+        if fields.get(key, "0") not in ("0", "1"):
+            raise violation(f"EXIT {key}={fields[key][:40]!r}")
 
 
 @dataclass
@@ -185,6 +271,10 @@ class _Answer:
 
     def frame(self, ftype: int, payload: bytes) -> bool:
         last = ftype in (T_OK, T_ERR)
+        if not last and not (self._stream and ftype == T_DATA):
+            raise violation(f"frame type {ftype} for a {'stream' if self._stream else 'request'}")
+        if ftype == T_ERR:
+            check_err(payload)
         if last or (self._stream and ftype == T_DATA):
             with self._cond:
                 self._items.append((ftype, payload))
@@ -273,6 +363,13 @@ class AgentClient:
             raise AgentGoneError("the agent connection is closed")
         return line
 
+    def _broken(self, exc: AgentProtocolError) -> AgentProtocolError:
+        """End the line with ``exc`` (found on the caller's side) and return it."""
+        with self._lock:
+            if self._line is not None:
+                self._line.fail(exc)
+        return exc
+
     def _next_id(self) -> int:
         return next(self._ids) & 0xFFFFFFFF
 
@@ -343,7 +440,10 @@ class AgentClient:
         read from its /proc; at most :data:`PROCS_MAX_BYTES` of records."""
         self._require(deadline)
         data = self._request(T_PROCS, struct.pack("<I", PROCS_MAX_BYTES), deadline)
-        return parse_processes(data)
+        try:
+            return parse_processes(data)
+        except AgentProtocolError as exc:
+            raise self._broken(exc) from None
 
     def entries(
         self,
@@ -359,11 +459,13 @@ class AgentClient:
         self._stream(T_LIST, path, uid, gid, max_bytes, records.extend, idle_timeout_s)
         out: list[FileEntry] = []
         off = 0
-        while off + _RECORD.size < len(records):
+        while off < len(records):
+            if off + _RECORD.size >= len(records):
+                raise self._broken(violation("a short LIST record"))
             kind, size = _RECORD.unpack_from(records, off)
             end = records.find(b"\0", off + _RECORD.size)
-            if end < 0:
-                break
+            if end < 0 or kind > 8 or size >= 1 << 63:
+                raise self._broken(violation(f"a LIST record of kind {kind}, size {size}"))
             name = bytes(records[off + _RECORD.size : end]).decode(errors="surrogateescape")
             out.append(FileEntry(name, _KINDS.get(kind, FileKind.OTHER), size))
             off = end + 1
@@ -545,17 +647,20 @@ class AgentClient:
 
 
 def parse_processes(data: bytes) -> list[ProcessInfo]:
-    """PROCS records, read within their bounds (a short record ends the list)."""
+    """PROCS records, read within their bounds (AgentProtocolError for a
+    record that overruns the frame or a pid no Linux hands out)."""
     out: list[ProcessInfo] = []
     if len(data) < 8:
-        return out
+        raise violation(f"a PROCS answer of {len(data)} bytes")
     count = struct.unpack_from("<I", data)[0]
     off = 8
-    while len(out) < count and off + _PROC.size <= len(data):
+    while len(out) < count:
+        if off + _PROC.size > len(data):
+            raise violation("a short PROCS record")
         pid, ppid, uid, state, n = _PROC.unpack_from(data, off)
         off += _PROC.size
-        if n > len(data) - off:
-            break
+        if n > len(data) - off or not 0 < pid <= PID_MAX or ppid > PID_MAX:
+            raise violation(f"a PROCS record of pid {pid}, ppid {ppid}, length {n}")
         raw = data[off : off + n]
         off += n
         argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
@@ -564,6 +669,20 @@ def parse_processes(data: bytes) -> list[ProcessInfo]:
 
 
 _GONE = -1  # an event: the line ended
+
+
+class _Probe:
+    """The answer to a liveness STATS: only its arrival counts (the line
+    notes it), so it is dropped."""
+
+    def frame(self, ftype: int, payload: bytes) -> bool:
+        return ftype in (T_OK, T_ERR)
+
+    def gone(self, exc: SandboxError) -> None:
+        pass
+
+    def backlog(self) -> int:
+        return 0
 
 
 class GuestExec(Pump):
@@ -620,10 +739,13 @@ class GuestExec(Pump):
         self._outcome: ExecOutcome | None = None
         self._error: BaseException | None = None
         self._kill_sent_at: float | None = None
+        self._probe_at: float | None = None  # liveness: when STATS was asked
         self._t0 = time.monotonic()
 
     # ---- the line's side (I/O thread): quick, never blocks ---------------------------
     def frame(self, ftype: int, payload: bytes) -> bool:
+        """Take one frame of this command; AgentProtocolError for a frame or
+        field a command cannot have (the line then ends for everyone)."""
         if ftype in (T_STDOUT, T_STDERR):
             k = 0 if ftype == T_STDOUT else 1
             with self._lock:
@@ -636,22 +758,32 @@ class GuestExec(Pump):
                     self._events.append((ftype, payload))
                     self._wake_locked()
             return False
-        if ftype == T_ACK and len(payload) >= 4:
+        if ftype == T_ACK:
+            taken = struct.unpack_from("<I", payload)[0] if len(payload) == 4 else -1
             with self._lock:
-                self._in_flight = max(0, self._in_flight - struct.unpack_from("<I", payload)[0])
+                if not 0 <= taken <= self._in_flight:
+                    raise violation(f"ACK of {taken} stdin bytes, {self._in_flight} in flight")
+                self._in_flight -= taken
             self.feed()
             return False
-        if ftype == T_STARTED and len(payload) >= 4:
-            self._pid = struct.unpack_from("<I", payload)[0]
+        if ftype == T_STARTED:
+            pid = struct.unpack_from("<I", payload)[0] if len(payload) == 4 else 0
+            if self._pid is not None or not 0 < pid <= PID_MAX:
+                raise violation(f"STARTED pid {pid} (known pid: {self._pid})")
+            self._pid = pid
             self._started.set()
             return False
         if ftype in (T_EXIT, T_ERR):
+            if ftype == T_EXIT:
+                check_exit(parse_kv(payload))
+            else:
+                check_err(payload)
             with self._lock:
                 self._events.append((ftype, payload))
                 self._wake_locked()
             self._end()
             return True
-        return False
+        raise violation(f"frame type {ftype} for a command")
 
     def gone(self, exc: SandboxError) -> None:
         with self._lock:
@@ -791,7 +923,43 @@ class GuestExec(Pump):
             return None
         if self._kill_sent_at is not None:
             return self._kill_sent_at + KILL_ANSWER_S
-        return self._host_deadline
+        if self._host_deadline is not None:
+            return self._host_deadline
+        return self._liveness_due()
+
+    def _liveness_due(self) -> float:
+        """With no host deadline: when to ask the guest for a sign of life,
+        or, having asked, when to give up on it."""
+        if self._probe_at is not None and self.line.last_rx_s > self._probe_at:
+            self._probe_at = None  # it spoke since
+        if self._probe_at is None:
+            return self.line.last_rx_s + LIVENESS_S
+        return self._probe_at + LIVENESS_ANSWER_S
+
+    def _check_liveness(self, now: float) -> None:
+        """A command with no deadline still ends when the agent goes silent:
+        STATS after :data:`LIVENESS_S` of silence, AgentTimeoutError when
+        not even that is answered."""
+        due = self._liveness_due()
+        if now < due:
+            return
+        if self._probe_at is None:
+            self._probe_at = now
+            probe = (self.fid ^ 0x80000000) or 1
+            with contextlib.suppress(AgentGoneError):
+                self.line.register(probe, _Probe())
+                self.line.send(frame(T_STATS, probe))
+            return
+        silent_s = now - self.line.last_rx_s
+        self._finish(
+            None,
+            AgentTimeoutError(
+                f"the guest agent stopped answering: nothing from it for {silent_s:.0f} s "
+                "while a command without a timeout ran, not even an answer to STATS"
+            ),
+        )
+        self.line.unregister(self.fid)
+        self._end()
 
     def tick(self) -> None:
         self._consume()
@@ -813,6 +981,8 @@ class GuestExec(Pump):
             self._kill_sent_at = now
             with contextlib.suppress(AgentGoneError):
                 self.line.send(frame(T_KILL, self.fid, struct.pack("<II", 9, KILL_DEADLINE)))
+        elif self._host_deadline is None:
+            self._check_liveness(now)
 
     def abort(self) -> None:
         """The caller was interrupted: kill the command, do not wait for it."""

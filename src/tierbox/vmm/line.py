@@ -9,7 +9,9 @@ side by side, and nobody holds it for the length of a command.
 The guest is hostile (SECURITY.md): nothing it sends can make the host grow
 or hang. A header whose length is over :data:`MAX_FRAME` is garbage and is
 skipped up to the next magic word, at most one partial frame is buffered,
-frames for ids nobody waits for are dropped, and receivers bound what they
+frames for ids nobody waits for are dropped, a frame a receiver finds
+impossible (:class:`~tierbox.errors.AgentProtocolError`) ends the line for
+everyone with that error, and receivers bound what they
 keep (a command's output by its cap; a stream by holding reads while its
 consumer is behind, :data:`BACKLOG_HIGH`). The thread never runs caller
 code: receivers queue and wake whoever waits. Waits have deadlines set by
@@ -29,7 +31,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from tierbox.errors import AgentGoneError, AgentTimeoutError, SandboxError
+from tierbox.errors import AgentGoneError, AgentProtocolError, AgentTimeoutError, SandboxError
 
 MAGIC = 0x31584254  # "TBX1"
 HEADER = struct.Struct("<IIII")
@@ -56,7 +58,8 @@ class Receiver(Protocol):
 
     def frame(self, ftype: int, payload: bytes) -> bool:
         """Take one frame (quickly, without blocking); True when it was the
-        last one for this id (the route is then removed)."""
+        last one for this id (the route is then removed). Raises
+        AgentProtocolError for a frame this request cannot have."""
 
     def gone(self, exc: SandboxError) -> None:
         """The line ended before the last frame."""
@@ -78,9 +81,12 @@ class AgentLine:
         self._queued = 0
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closing: str | None = None
+        self._failure: SandboxError | None = None
         self._ended: SandboxError | None = None
         #: bytes held for a partial frame at most (tests check the bound)
         self.buffered = 0
+        #: when the guest last sent anything (monotonic seconds): liveness
+        self.last_rx_s = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="tierbox-agent-line", daemon=True)
         self._thread.start()
 
@@ -100,7 +106,7 @@ class AgentLine:
             if self._ended is not None:
                 raise self._ended
             if self._closing is not None:
-                raise AgentGoneError(self._closing)
+                raise self._failure or AgentGoneError(self._closing)
             self._routes[fid] = receiver
 
     def unregister(self, fid: int) -> None:
@@ -134,6 +140,16 @@ class AgentLine:
                 self._wake_locked()
                 self._drained.notify_all()
 
+    def fail(self, exc: SandboxError) -> None:
+        """End the line with ``exc`` for every receiver (a guest that broke
+        the protocol, found on a caller's side). Never blocks."""
+        with self._lock:
+            if self._closing is None and self._ended is None:
+                self._failure = exc
+                self._closing = str(exc)
+                self._wake_locked()
+                self._drained.notify_all()
+
     def wake(self) -> None:
         """Look again at the receivers' backlog (a consumer caught up)."""
         with self._lock:
@@ -163,7 +179,7 @@ class AgentLine:
             while True:
                 with self._lock:
                     if self._closing is not None:
-                        err = AgentGoneError(self._closing)
+                        err = self._failure or AgentGoneError(self._closing)
                         break
                     if not pending and self._out:
                         pending = memoryview(self._out.popleft())
@@ -192,9 +208,12 @@ class AgentLine:
                         if not chunk:
                             err = AgentGoneError("the agent connection closed (QEMU exited)")
                             return
+                        self.last_rx_s = time.monotonic()
                         buf += chunk
                         self._dispatch(buf)
                         self.buffered = len(buf)
+        except AgentProtocolError as exc:
+            err = exc
         except OSError as exc:
             err = AgentGoneError(f"lost the agent connection: {exc}")
         finally:
