@@ -4,7 +4,8 @@ A tierbox domain is a q35 PC booted directly from the guest kernel and
 initramfs (firmware: QEMU's qboot, which is faster than SeaBIOS under TCG)
 with three virtio devices placed straight on the PCIe root bus: the disk (a
 qcow2 overlay), a virtio-serial port for the agent (a unix socket on the
-host) and an RNG. The first serial port is logged to a file. There is no
+host) and an RNG. The first serial port is logged by virtlogd (at most 8 MiB
+with its default rollover). There is no
 network interface, no USB, no balloon, no graphics.
 
 QEMU runs as libvirt's unprivileged user (a static DAC label, ``+uid:+gid``
@@ -164,8 +165,11 @@ def domain_xml(cfg: DomainConfig) -> str:
         _sub(disk, "source", file=cfg.meta.disk)
         _sub(disk, "target", dev="vda", bus="virtio")
         _pci(disk, SLOTS["disk"])
-    serial = _sub(dev, "serial", type="file")
-    _sub(serial, "source", path=cfg.meta.console, append="on")
+    # the console is logged by virtlogd, which rolls the file over at its
+    # max_size (2 MiB by default) and keeps max_backups (3) old ones: a guest
+    # flooding ttyS0 costs the host at most 8 MiB (SECURITY.md)
+    serial = _sub(dev, "serial", type="pty")
+    _sub(serial, "log", file=cfg.meta.console, append="on")
     _sub(serial, "target", port="0")
     if not cfg.transient_probe:
         ctl = _sub(dev, "controller", type="virtio-serial", index="0")
