@@ -251,6 +251,8 @@ def _publish(src: Path, name: str) -> Path:
     """A root-owned 0444 copy of ``src`` under boot/ (made once per ``name``)."""
     out = jail_dir(boot_dir()) / name
     if out.is_file():
+        with contextlib.suppress(OSError):  # in use: gc keeps it
+            os.utime(out)
         return out
     tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
     try:

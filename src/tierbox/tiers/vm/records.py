@@ -261,8 +261,11 @@ class RecordOps:
         """
         removed: list[str] = []
         known: set[str] = set()
+        booted: set[str] = set()  # kernels and initramfs files a domain names
         for dom, meta in self.domains():
             known.add(meta.id)
+            with contextlib.suppress(lvh.binding().libvirtError):  # gone meanwhile
+                booted.add(str(dom.XMLDesc(lvh.binding().VIR_DOMAIN_XML_INACTIVE)))
             if meta.id in live or self._busy_helper(meta):
                 continue
             has_state = (_state.sandbox_dir(meta.id) / "state.json").exists()
@@ -317,6 +320,15 @@ class RecordOps:
             for f in probe.glob("*.log"):
                 if _older_than(f, 3600):
                     f.unlink(missing_ok=True)
+        boot = guestmod.boot_dir()
+        if boot.is_dir():
+            # copies of kernels and initramfs files nothing used for a week
+            # (each create touches its own) and no domain names
+            xml = "\n".join(booted)
+            for f in sorted(boot.iterdir()):
+                if f.is_file() and str(f) not in xml and _older_than(f, templates.UNUSED_TTL_S):
+                    f.unlink(missing_ok=True)
+                    removed.append(f"vm guest file unused for a week {f}")
         return removed
 
 
