@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from tierbox import gc as gc_mod
 from tierbox import transfer
@@ -344,7 +345,7 @@ def tiers(as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(
             r["tier"],
-            "yes" if r["available"] else "[red]no[/]",
+            "yes" if r["available"] else Text("no", style="red"),
             r["version"] or r["engine"],
             r["reason"],
             r["isolation"],

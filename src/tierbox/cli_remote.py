@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from tierbox.cli_common import (
     PASSTHROUGH,
@@ -176,7 +177,7 @@ def tiers(as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(
             r["name"],
-            "yes" if r["available"] else "[red]no[/]",
+            "yes" if r["available"] else Text("no", style="red"),
             r["version"] or r["engine"],
             r["reason"],
         )
