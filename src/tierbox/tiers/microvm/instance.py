@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from tierbox.errors import (
     AgentError,
     AgentGoneError,
+    AgentProtocolError,
     AgentTimeoutError,
     HostError,
     SandboxClosedError,
@@ -358,6 +359,11 @@ class MicroVMInstance(SnapshotOps, Instance):
         return time.monotonic() + CALL_TIMEOUT_S
 
     def _agent_call_failed(self, exc: Exception, what: str) -> SandboxError:
+        if isinstance(exc, AgentProtocolError):  # a guest root may be speaking for it
+            self._stop_vm(
+                Termination(TerminationKind.SIGNALED, signal=int(signal.SIGKILL), evidence={})
+            )
+            return self._dead_error(f"{exc}, during {what}; it was stopped")
         if isinstance(exc, AgentTimeoutError):
             self._stop_vm(
                 Termination(
