@@ -1,20 +1,25 @@
 """The microVM's QEMU is jailed: tried as a guest that has taken over QEMU
 would, through QEMU's own monitor (QMP ``blockdev-add`` and ``object-add``
-open host paths with QEMU's credentials), on real guests.
+open host paths with QEMU's credentials, in QEMU's namespaces), on real
+guests.
 
-Each QEMU runs as a uid of its own with no capability; the monitor gets
-"Permission denied" for /etc/shadow, for a world-readable file under /root,
-for another sandbox's RAM file and console, and cannot create files in /etc
-or /root; a positive control (a world-readable file outside /root) shows
-the probe itself works. Guest RAM is 0600 and the VMM's; a snapshot's RAM
-is nobody else's to read; a clone's QEMU is as confined; uids are freed on
-close and by the reaper.
+Each QEMU runs as a uid of its own with no capability, in mount, PID, user
+and network namespaces of its own whose root holds /usr read-only, a
+minimal /dev, its /proc and its sandbox's files. The monitor cannot open
+/etc/shadow, a world-readable file under /root, another sandbox's RAM file
+or console, nor create files; a positive control (a file in /usr) shows the
+probe itself works. A probe with the same credentials but the host's mount
+namespace (``setpriv``) gets "Permission denied" for the same files: the
+uid alone keeps them out. Guest RAM is 0600 and the VMM's; a snapshot's
+RAM is nobody else's to read; a clone's QEMU is as confined; uids are freed
+on close and by the reaper.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +94,14 @@ def _qmp_error(inst: MicroVMInstance, command: str, args: dict[str, Any]) -> str
     raise AssertionError(f"QEMU's monitor did {command} {args}: the jail let it through")
 
 
+#: How a refused open reads: the path is not in QEMU's root, or the uid may not
+REFUSED = ("Permission denied", "No such file or directory", "Read-only file system")
+
+
+def _refused(err: str) -> bool:
+    return any(r in err for r in REFUSED)
+
+
 def _open_via_monitor(inst: MicroVMInstance, path: Path | str) -> str:
     return _qmp_error(
         inst,
@@ -156,22 +169,56 @@ def test_monitor_cannot_open_host_or_other_sandbox_files(
     for path in hostile:
         assert path.exists()
         err = _open_via_monitor(a, path)
-        assert "Permission denied" in err, f"{path}: {err}"
-    # the control: the same probe opens a world-readable file outside /root
+        assert _refused(err), f"{path}: {err}"
+    # the control: the same probe opens what the jail holds (QEMU's firmware)
     client = a._qmp_client()
     client.execute(
         "blockdev-add",
-        {"driver": "file", "filename": "/etc/hostname", "node-name": "ok", "read-only": True},
+        {"driver": "file", "filename": "/usr/bin/true", "node-name": "ok", "read-only": True},
     )
     client.execute("blockdev-del", {"node-name": "ok"})
+    # and the uid alone keeps the same files out, namespaces aside
+    assert a.vmm_user is not None
+    for path in hostile:
+        probe = subprocess.run(
+            ["setpriv", f"--reuid={a.vmm_user.uid}", f"--regid={a.vmm_user.gid}",
+             "--clear-groups", "--inh-caps=-all", "head", "-c1", str(path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr, (path, probe)
+
+
+def test_qemu_sees_only_its_own_root_pids_and_no_network(
+    pair: tuple[MicroVMInstance, MicroVMInstance],
+) -> None:
+    a, b = pair
+    pid = a.proc.pid
+    for ns in ("mnt", "pid", "net", "user", "ipc"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{b.proc.pid}/ns/mnt")
+    root = Path(f"/proc/{pid}/root")
+    assert {p.name for p in root.iterdir()} <= {"usr", "bin", "lib", "lib64", "dev", "proc", "run"}
+    assert not (root / "etc").exists() and not (root / "root").exists()
+    assert (root / str(a.files.vmm_dir).lstrip("/")).is_dir()
+    assert a.ram_path is not None and (root / str(a.ram_path).lstrip("/")).is_file()
+    assert b.ram_path is not None and not (root / str(b.ram_path).lstrip("/")).exists()
+    assert _status(pid)["NSpid"].split()[-1] == "1"  # QEMU is alone in its PID namespace
+    devs = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    assert [d.split(":")[0].strip() for d in devs] == ["lo"]
 
 
 def test_monitor_cannot_create_host_files(pair: tuple[MicroVMInstance, MicroVMInstance]) -> None:
     a = pair[0]
-    for path in (Path("/etc/tierbox-jail-probe"), Path("/root/tierbox-jail-probe")):
+    for path in (
+        Path("/etc/tierbox-jail-probe"),
+        Path("/root/tierbox-jail-probe"),
+        Path("/usr/tierbox-jail-probe"),
+        a.files.dir / "vm.json",  # tierbox's record beside QEMU's directory
+    ):
+        before = path.read_bytes() if path.exists() else None
         err = _create_via_monitor(a, path)
-        assert "Permission denied" in err, f"{path}: {err}"
-        assert not path.exists()
+        assert _refused(err), f"{path}: {err}"
+        assert (path.read_bytes() if path.exists() else None) == before
     assert a.exec(["true"]).ok  # the probes did not hurt the guest
 
 
@@ -187,7 +234,7 @@ def test_snapshot_ram_is_not_world_readable_and_clone_is_confined(
     assert a_ram is not None
     for path in (Path("/etc/shadow"), a_ram, snap_dir / "state.bin"):
         err = _open_via_monitor(c, path)
-        assert "Permission denied" in err, f"{path}: {err}"
+        assert _refused(err), f"{path}: {err}"
 
 
 def test_uids_are_freed_on_close_and_by_the_reaper(tier: MicroVMTier) -> None:

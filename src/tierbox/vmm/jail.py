@@ -8,6 +8,17 @@ started directly as that user (``Popen(user=, group=, extra_groups=)``):
 QEMU's ``-runas`` drops privileges after QEMU's own seccomp filter is in
 place, and ``-sandbox ...,elevateprivileges=deny`` then kills it (SIGSYS).
 
+It runs inside bubblewrap (Debian's ``bwrap``, started as that user, so
+unprivileged: a user namespace mapping only its own uid) in new user, mount,
+PID, network, IPC, UTS and cgroup namespaces, as PID 1 of its own, with no
+capability even there and no further user namespaces (``--disable-userns``).
+Its root is a fresh tmpfs holding ``/usr`` read-only (QEMU, its libraries
+and firmware), a minimal ``/dev`` (null, zero, random, urandom, tty; plus
+``/dev/kvm`` under KVM), its own ``/proc``, and read-write only its
+sandbox's ``vmm/`` directory and RAM file, bound at the same paths (the
+root itself is remounted read-only). The
+network namespace is empty: the guest's NIC is an already-open tap fd.
+
 QEMU opens nothing of tierbox's by its host path: the kernel, initramfs and
 root disk (under root's 0700 home) are inherited read-only descriptors named
 ``/proc/self/fd/N`` (the kernel reopens the very inode, checking only the
@@ -29,11 +40,16 @@ handed as an fd (the snapshots live under root's 0700 home).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tierbox.errors import HostError
 from tierbox.host import uids
+from tierbox.host.runner import which
 
 #: The group of snapshot RAM files: only restored QEMUs hold it. Just below
 #: the per-sandbox range, so no sandbox uid/gid can be it.
@@ -125,3 +141,67 @@ def close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+# ---- the namespaces ----------------------------------------------------------------
+
+BWRAP = "bwrap"
+#: How long bwrap may take to report QEMU's pid (it takes ~15 ms).
+INFO_TIMEOUT_S = 10.0
+
+
+def bwrap_path() -> str:
+    found = which(BWRAP)
+    if found is None:
+        raise HostError(
+            "bubblewrap is not installed (the microVM's QEMU runs inside it): "
+            "run `make setup` or `apt-get install bubblewrap`"
+        )
+    return found
+
+
+def namespaced_argv(argv: list[str], *, binds: list[Path], info_fd: int) -> list[str]:
+    """``argv`` inside bwrap: new namespaces, a root holding ``/usr``
+    read-only, a minimal /dev, its own /proc, and ``binds`` read-write at
+    their own paths. QEMU is PID 1 there; bwrap writes its host pid, as
+    JSON, to ``info_fd``."""
+    jail = [
+        bwrap_path(),
+        "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1",
+        "--info-fd", str(info_fd),
+        "--ro-bind", "/usr", "/usr",
+        "--symlink", "usr/lib", "/lib",
+        "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--chdir", "/",
+    ]  # fmt: skip
+    if "kvm" in argv and Path("/dev/kvm").exists():
+        jail += ["--dev-bind", "/dev/kvm", "/dev/kvm"]
+    for b in binds:
+        jail += ["--bind", str(b), str(b)]
+    # the tmpfs root itself read-only: QEMU writes only through the binds
+    return [*jail, "--remount-ro", "/", "--", *argv]
+
+
+def read_child_pid(fd: int, *, timeout_s: float = INFO_TIMEOUT_S) -> int | None:
+    """QEMU's host pid from bwrap's info fd (read to its end); None if bwrap
+    closed it without one (it failed) or took too long."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 65536:
+            return None
+    try:
+        pid = json.loads(data or b"{}").get("child-pid")
+    except ValueError:
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None

@@ -7,7 +7,8 @@ root disk (read-only), a virtio-serial port for the agent (a unix socket on
 the host: this host has no vhost-vsock), virtio-rng, and a virtio-net NIC only
 for a sandbox with an egress network (a tap device in the sandbox's router
 namespace, handed to QEMU as an open fd: QEMU never opens or configures it).
-The serial console goes to ``console.log``; QMP listens on ``qmp.sock``.
+The serial console goes through a FIFO to ``console.log``, of which the last
+4 MiB are kept (:mod:`tierbox.vmm.console_log`); QMP listens on ``qmp.sock``.
 
 Guest RAM is a memory-backend-file: ``share=on`` on a tmpfs file for a booted
 guest (so a snapshot can skip RAM in the migration stream, ``x-ignore-shared``,
@@ -37,6 +38,7 @@ from tierbox.errors import CommandError
 from tierbox.host.cgroups import SandboxCgroup
 from tierbox.host.runner import exit_error, run, spawn, which
 from tierbox.paths import MARKER
+from tierbox.vmm import console_log, jail
 from tierbox.vmm.guest import file_tail
 from tierbox.vmm.jail import VmmUser, make_vmm_dir
 
@@ -144,7 +146,14 @@ class Files:
 
     @property
     def console(self) -> Path:
-        return self.vmm_dir / "console.log"
+        """The guest's console, its last 4 MiB kept by :mod:`tierbox.vmm.console_log`
+        (tierbox's file: QEMU only writes the FIFO)."""
+        return self.dir / "console.log"
+
+    @property
+    def console_pipe(self) -> Path:
+        """The FIFO QEMU writes the console into."""
+        return self.vmm_dir / "console.pipe"
 
     @property
     def log(self) -> Path:
@@ -193,7 +202,7 @@ def device_args(
         "-m", f"{m.memory_mib}M",
         "-smp", str(m.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-chardev", f"file,id=con,path={files.console}",
+        "-chardev", f"file,id=con,path={files.console_pipe}",
         "-serial", "chardev:con",
         "-chardev", f"socket,id=qmp,path={files.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -349,10 +358,25 @@ class QemuProcess:
         cgroup: SandboxCgroup | None = None,
         pass_fds: tuple[int, ...] = (),
         user: VmmUser | None = None,
+        binds: tuple[Path, ...] = (),
     ) -> QemuProcess:
         """Start QEMU as ``user`` (None: as tierbox itself) with only
-        ``pass_fds`` inherited; its ``vmm/`` directory is made first."""
+        ``pass_fds`` inherited; its ``vmm/`` directory is made first. A
+        jailed QEMU runs in its own namespaces (:mod:`tierbox.vmm.jail`)
+        seeing only its ``vmm/`` directory and ``binds``; :attr:`pid` is
+        then QEMU's own, not its bwrap parent's."""
         make_vmm_dir(files.vmm_dir, user)
+        console_log.start(
+            files.console_pipe,
+            files.console,
+            uid=user.uid if user is not None else None,
+            gid=user.gid if user is not None else None,
+        )
+        info_r = info_w = -1
+        if user is not None:
+            info_r, info_w = os.pipe()
+            argv = jail.namespaced_argv(argv, binds=[files.vmm_dir, *binds], info_fd=info_w)
+            pass_fds = (*pass_fds, info_w)
         log = open(files.log, "ab")  # noqa: SIM115 - handed to the child
         try:
             popen = spawn(
@@ -369,7 +393,22 @@ class QemuProcess:
             )
         finally:
             log.close()
-        return cls(popen.pid, popen, files)
+            if info_w >= 0:
+                os.close(info_w)
+        if info_r < 0:
+            return cls(popen.pid, popen, files)
+        try:
+            pid = jail.read_child_pid(info_r)
+        finally:
+            os.close(info_r)
+        if pid is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=5)
+            message = f"cannot start {QEMU_BINARY} in its jail"
+            raise exit_error(popen, message=message, log=files.log)
+        return cls(pid, popen, files)
 
     @classmethod
     def adopt(cls, pid: int, files: Files) -> QemuProcess:
@@ -382,19 +421,38 @@ class QemuProcess:
         return _pid_is_qemu(self.pid, self.files)
 
     @property
+    def jailed(self) -> bool:
+        """Started inside bwrap: :attr:`popen` is bwrap, :attr:`pid` QEMU."""
+        return self.popen is not None and self.popen.pid != self.pid
+
+    def _status(self, rc: int | None) -> int | None:
+        """QEMU's exit status: bwrap reports a QEMU killed by signal N as 128+N."""
+        if rc is not None and self.jailed and rc > 128:
+            return -(rc - 128)
+        return rc
+
+    @property
     def returncode(self) -> int | None:
         if self.popen is not None:
-            return self.popen.poll()
+            return self._status(self.popen.poll())
         return self._returncode
 
     def kill(self, *, timeout_s: float = 5.0) -> int | None:
-        """SIGKILL the whole process group and reap it. Idempotent."""
+        """SIGKILL QEMU, then its process group (a jailed QEMU's is its bwrap
+        parent's, which reaps QEMU and exits), and reap it. Idempotent."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=timeout_s if self.jailed else 0.001)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(timeout=timeout_s)
+            return self.returncode
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=timeout_s)
-            return self.popen.returncode
         deadline = time.monotonic() + timeout_s
         while _pid_is_qemu(self.pid, self.files) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -408,7 +466,7 @@ class QemuProcess:
                 time.sleep(0.01)
             return None if self.alive() else self._returncode
         try:
-            return self.popen.wait(timeout=timeout_s)
+            return self._status(self.popen.wait(timeout=timeout_s))
         except subprocess.TimeoutExpired:
             return None
 
@@ -422,7 +480,9 @@ class QemuProcess:
         """The error for a QEMU that failed: its argv, exit code and log tail."""
         if self.popen is None:
             return CommandError([QEMU_BINARY], self.returncode, self.log_tail(), message=message)
-        return exit_error(self.popen, message=message, log=self.files.log)
+        return exit_error(
+            self.popen, message=message, log=self.files.log, returncode=self.returncode
+        )
 
 
 def _pid_is_qemu(pid: int, files: Files) -> bool:

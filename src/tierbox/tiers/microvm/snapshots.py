@@ -188,6 +188,7 @@ class RestoreOps:
         # verified once per call; QEMU gets the very files that were checked
         with snapfmt.open_snapshot(Path(snap.path)) as opened:
             manifest = opened.manifest
+            snapfmt.share_with_vmms(opened.ram_fd)
             machine = qemu.Machine.from_dict(manifest.machine)
             self._check_compatible(manifest, machine)
             spec = SandboxSpec.from_dict(manifest.guest["spec"])
@@ -312,14 +313,27 @@ class RestoreOps:
         file (``ram.bin``), then save device state with ``x-ignore-shared``."""
         helper = f"helper{_state.new_id()}"
         d = sandboxes_dir() / f".{helper}"
-        d.mkdir(parents=True)
+        d.mkdir(mode=0o700, parents=True)
         files = qemu.Files(d)
         proc: qemu.QemuProcess | None = None
+        # jailed like any QEMU: it parses a stream a guest's QEMU wrote
+        user = jail.claim(helper)
+        fds: list[int] = []
         try:
+            jail.private_file(snap_dir / snapfmt.RAM, user)
+            fds.append(os.open(snap_dir / snapfmt.RAM, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC))
+            if machine.disk:
+                fds.append(jail.open_readonly(machine.disk))
             argv = qemu.restore_argv(
-                helper, machine, files, ram_path=snap_dir / snapfmt.RAM, ram_share=True, paused=True
+                helper,
+                machine,
+                files,
+                ram_path=jail.fd_path(fds[0]),
+                ram_share=True,
+                paused=True,
+                disk_path=jail.fd_path(fds[1]) if machine.disk else None,
             )
-            proc = qemu.QemuProcess.start(argv, files)
+            proc = qemu.QemuProcess.start(argv, files, pass_fds=tuple(fds), user=user)
             client = QMPClient(files.qmp, timeout_s=60.0)
             client.connect(alive=proc.alive)
             try:
@@ -334,6 +348,8 @@ class RestoreOps:
         finally:
             if proc is not None:
                 proc.kill()
+            jail.close_fds(fds)
+            jail.release(user)
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -230,7 +230,9 @@ class MicroVMTier(RestoreOps, Tier):
                 disk_path=jail.fd_path(fds[2]) if machine.disk else None,
             )
             passed = (*fds, tap) if tap is not None else tuple(fds)
-            proc = qemu.QemuProcess.start(argv, files, cgroup=cg, pass_fds=passed, user=user)
+            proc = qemu.QemuProcess.start(
+                argv, files, cgroup=cg, pass_fds=passed, user=user, binds=(ram,)
+            )
             jail.close_fds(fds)
             fds = []
             guest_net.close_fd(tap)
