@@ -206,6 +206,15 @@ def write_err(chunk: bytes) -> None:
     _write_all(sys.stderr.fileno(), chunk)
 
 
+def write_console(chunk: bytes) -> None:
+    """A guest's serial console to our stdout. On a terminal its control
+    characters are shown escaped (:func:`plain`; a guest root writes what
+    it likes to its console), its CR LF line ends as LF; piped, it is raw."""
+    if os.isatty(sys.stdout.fileno()):
+        chunk = plain(chunk.decode(errors="replace").replace("\r\n", "\n")).encode()
+    write_out(chunk)
+
+
 def _write_all(fd: int, chunk: bytes) -> None:
     view = memoryview(chunk)
     while view:

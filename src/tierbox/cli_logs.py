@@ -6,8 +6,9 @@ Two sources, both files on the host, so another process can follow them:
   into the sandbox's ``logs/`` directory (``PID-N.cmd``, ``.out``, ``.err``;
   see :mod:`tierbox.handles`);
 - a microVM's or VM's serial console, the log file its tier already writes
-  (named in the sandbox's state record: ``<dir>/vmm/console.log`` for a microVM,
-  ``meta.console`` for a VM).
+  (named in the sandbox's state record: ``<dir>/console.log`` for a microVM,
+  ``meta.console`` for a VM), shown with its control characters escaped on
+  a terminal.
 
 Commands' stdout goes to stdout and their stderr to stderr, in the order the
 commands started; the console goes to stdout after them.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tierbox.cli_common import write_err, write_out
+from tierbox.cli_common import write_console, write_err, write_out
 
 #: How often ``-f`` looks for new output.
 FOLLOW_POLL_S = 0.2
@@ -100,7 +101,7 @@ class SandboxLogs:
                 tail = self.tails.setdefault(path, _Tail(path, sink))
                 shown += tail.pump()
         if self.console is not None:
-            tail = self.tails.setdefault(self.console, _Tail(self.console, write_out))
+            tail = self.tails.setdefault(self.console, _Tail(self.console, write_console))
             shown += tail.pump()
         return shown
 
@@ -123,8 +124,9 @@ def console_log(state: dict[str, Any]) -> Path | None:
         return Path(meta["console"])
     d = tier_state.get("dir")
     if isinstance(d, str):
-        # a microVM's QEMU writes it in its own vmm/ directory
-        for log in (Path(d) / "vmm" / "console.log", Path(d) / "console.log"):
+        # a microVM's console writer keeps it beside the state (older
+        # microVMs: QEMU wrote it in its own vmm/ directory)
+        for log in (Path(d) / "console.log", Path(d) / "vmm" / "console.log"):
             if log.is_file():
                 return log
     return None
