@@ -117,7 +117,10 @@ class TemplateOps:
         ]  # fmt: skip
         try:
             guestmod.jail_dir(templates.templates_dir())
-            with open(templates.templates_dir() / "build.log", "ab") as f:
+            log_path = templates.templates_dir() / "build.log"
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # it quotes guest consoles of failed builds
+            with open(fd, "ab") as f:
                 spawn(
                     argv,
                     message="cannot start the VM template build",
