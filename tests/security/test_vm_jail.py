@@ -196,6 +196,9 @@ def test_templates_are_private_and_restore_unprivileged(tier: VMTier, vm: VMInst
     try:
         assert clone.timings.get("from_template") == 1.0, clone.timings
         _assert_unprivileged(clone)
+        xml = clone.domain().XMLDesc(0)
+        assert str(tpl.dir) not in xml, "the clone writes into its template's directory"
+        assert f"file='{clone.meta.console}'" in xml
         _private(Path(clone.meta.disk), owner=guestmod.qemu_ids()[0])
     finally:
         clone.close()

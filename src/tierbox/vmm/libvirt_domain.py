@@ -36,7 +36,7 @@ from tierbox.vmm import libvirt_guest as guestmod
 
 NS = "https://tierbox.dev/xmlns/vm/1"
 #: Bump when the generated XML changes (templates saved with the old one are rebuilt).
-DOMAIN_FORMAT = 3
+DOMAIN_FORMAT = 4
 NS_PREFIX = "tierbox"
 #: QEMU's minimal firmware: boots a -kernel straight, ~0.15 s sooner than SeaBIOS under TCG.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -230,8 +230,15 @@ def retarget_xml(xml: str, cfg: DomainConfig) -> str:
     need("os/cmdline").text = cfg.cmdline
     need("devices/disk/source").set("file", cfg.meta.disk)
     for tag in ("serial", "console"):
-        for src in root.findall(f"devices/{tag}/source"):
-            src.set("path", cfg.meta.console)
+        for dev in root.findall(f"devices/{tag}"):
+            if dev.get("type") == "file":
+                for src in dev.findall("source"):
+                    src.set("path", cfg.meta.console)
+            elif dev.get("type") == "pty":
+                for src in dev.findall("source"):
+                    dev.remove(src)  # the template's pty; libvirt allocates a new one
+            for log in dev.findall("log"):
+                log.set("file", cfg.meta.console)
     need("devices/channel/source").set("path", cfg.meta.socket)
     _seclabel(root, cfg.qemu_label)
     for tune in root.findall("cputune"):
