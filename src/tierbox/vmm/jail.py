@@ -24,7 +24,7 @@ root disk (under root's 0700 home) are inherited read-only descriptors named
 ``/proc/self/fd/N`` (the kernel reopens the very inode, checking only the
 file's own mode), the egress tap is an open fd, the guest's RAM file in
 /dev/shm is made 0600 and owned by the VMM's uid before QEMU starts, and its
-sockets, console log and pid file live in the sandbox's ``vmm/`` directory,
+sockets, console FIFO and pid file live in the sandbox's ``vmm/`` directory,
 0700 and the VMM's (tierbox's own records stay in the root-owned parent,
 out of QEMU's reach).
 

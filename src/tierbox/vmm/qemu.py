@@ -9,6 +9,9 @@ for a sandbox with an egress network (a tap device in the sandbox's router
 namespace, handed to QEMU as an open fd: QEMU never opens or configures it).
 The serial console goes through a FIFO to ``console.log``, of which the last
 4 MiB are kept (:mod:`tierbox.vmm.console_log`); QMP listens on ``qmp.sock``.
+QEMU runs jailed (:mod:`tierbox.vmm.jail`): as a uid of its own, inside
+bubblewrap's namespaces, opening tierbox's files only as fds it inherits,
+writing only in the sandbox's ``vmm/`` directory and its RAM file.
 
 Guest RAM is a memory-backend-file: ``share=on`` on a tmpfs file for a booted
 guest (so a snapshot can skip RAM in the migration stream, ``x-ignore-shared``,

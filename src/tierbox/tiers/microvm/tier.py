@@ -3,7 +3,9 @@ which accelerator, booting a guest, attaching to one from another process).
 
 A guest boots from the shared kernel and initramfs
 (:mod:`tierbox.vmm.artifacts`) with the image's read-only root disk; its
-QEMU runs in the sandbox's cgroup (the CPU quota). Restores and clones are in
+QEMU runs jailed (:mod:`tierbox.vmm.jail`: its own uid, its own namespaces)
+in the sandbox's cgroup (the CPU quota; memory: guest RAM plus QEMU's
+overhead). Restores and clones are in
 :mod:`tierbox.tiers.microvm.snapshots`, leftovers of crashed runs in
 :mod:`tierbox.tiers.microvm.reap`.
 """
@@ -59,7 +61,8 @@ class MicroVMTier(RestoreOps, Tier):
     isolation = (
         "own guest kernel in a QEMU microvm (virtio-mmio only, no PCI; a NIC only with "
         "egress, behind a per-sandbox router that passes only the allow-list); "
-        "read-only root disk with a tmpfs overlay; QEMU seccomp-sandboxed in its own cgroup"
+        "read-only root disk with a tmpfs overlay; QEMU seccomp-sandboxed, as a uid of its "
+        "own in its own namespaces (bubblewrap), in a memory-limited cgroup"
     )
 
     def __init__(
