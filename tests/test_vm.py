@@ -129,8 +129,8 @@ def test_domain_is_a_libvirt_domain_with_the_marker(vm: VMInstance) -> None:
     if vm.meta.accel == "tcg":
         assert "<domain type='qemu'" in xml
     assert "<memory unit='KiB'>262144</memory>" in xml
-    # the serial console is logged to a file
-    assert f"<source path='{vm.meta.console}'" in xml
+    # the serial console is logged to a file (by virtlogd)
+    assert f"<log file='{vm.meta.console}'" in xml
     sh(vm, "echo tierbox-console-check > /dev/console")
     time.sleep(0.2)
     assert "tierbox-console-check" in vm.console_tail()
