@@ -220,3 +220,19 @@ def test_bundle_is_hardened() -> None:
         ]
         assert not allowed, (denied, allowed)
     assert "read" in names
+
+
+def test_pinned_kill_waits_for_the_exit_and_spares_a_dead_one() -> None:
+    """close() kills a container's init through its pidfd and waits: the call
+    returns once the process has exited, and is harmless when it already has."""
+    from tierbox.host.pinned import PinnedProcess, start_time
+
+    proc = subprocess.Popen(["sleep", "60"])
+    pinned = PinnedProcess(proc.pid, start_time(proc.pid), label="t")
+    assert pinned.alive()
+    assert pinned.kill(timeout_s=5.0)
+    assert not pinned.alive()
+    assert proc.wait(timeout=5) == -9
+    assert pinned.kill(timeout_s=0.1)  # exited (and reaped): nothing to signal
+    pinned.close()
+    assert pinned.kill(timeout_s=0.1)  # closed: nothing pinned

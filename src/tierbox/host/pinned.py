@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 
 from tierbox.errors import SandboxDeadError
 
@@ -82,6 +83,18 @@ class PinnedProcess:
             os.close(fd)
             raise self._dead()
         return fd
+
+    def kill(self, *, timeout_s: float) -> bool:
+        """SIGKILL the pinned process through its pidfd (never a process that
+        reused its PID) and wait up to ``timeout_s`` for it to exit. True once
+        it has exited (also when it already had)."""
+        if self.fd < 0:
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        return bool(p.poll(int(timeout_s * 1000)))
 
     def close(self) -> None:
         if self.fd >= 0:
