@@ -16,8 +16,8 @@ Its root is a fresh tmpfs holding ``/usr`` read-only (QEMU, its libraries
 and firmware), a minimal ``/dev`` (null, zero, random, urandom, tty; plus
 ``/dev/kvm`` under KVM), its own ``/proc``, and read-write only its
 sandbox's ``vmm/`` directory and RAM file, bound at the same paths (the
-root itself is remounted read-only). The
-network namespace is empty: the guest's NIC is an already-open tap fd.
+root itself is remounted read-only). The network namespace holds only
+loopback: the guest's NIC is an already-open tap fd.
 
 QEMU opens nothing of tierbox's by its host path: the kernel, initramfs and
 root disk (under root's 0700 home) are inherited read-only descriptors named
@@ -55,7 +55,8 @@ from tierbox.host.runner import which
 #: the per-sandbox range, so no sandbox uid/gid can be it.
 SNAPSHOT_GID = uids.UID_BASE - 1
 #: Benchmark knob, read only here: ``1`` runs QEMU as tierbox's own user
-#: (root), to measure what the jail costs. Never set it anywhere else.
+#: (root) in the host's namespaces, so benchmarks/bench_jail.py can measure
+#: what the jail costs. Nothing else sets it.
 NO_JAIL_ENV = "TIERBOX_BENCH_NO_VMM_JAIL"
 #: Memory QEMU itself needs beyond guest RAM, for its cgroup's limit.
 #: Measured under TCG (QEMU 7.2, 256 MiB guest, boot + exec): QEMU's
