@@ -88,6 +88,8 @@ def warm_cell(t: dict[str, Any], n: int = 60, w: str = "hello") -> str:
             for label, s in starts
         )
     ws = t.get("warm_start", {})
+    if ws.get("status") == "n/a" and ws.get("reason"):
+        return _short(str(ws["reason"]).split(";")[0], n)  # the why; the rest is in the report
     return _na(ws, n) if ws else "-"
 
 
