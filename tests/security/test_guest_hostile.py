@@ -43,7 +43,8 @@ from tierbox.vmm import console_log
 pytestmark = pytest.mark.timeout(600)
 
 HERE = Path(__file__).resolve().parent
-TIERS = ["microvm", "vm"]
+#: a VM boots in tens of seconds under TCG: its runs are the slow half
+TIER_PARAMS = ["microvm", pytest.param("vm", marks=pytest.mark.slow)]
 IMAGE = "busybox:latest"
 MIB = 1 << 20
 #: the host's RSS during every flood (it used to reach 3-5 GiB)
@@ -88,7 +89,7 @@ def make(tier: str, *, timeout_s: float | None = 60) -> Instance:
     return t.create_vm(make_spec(IMAGE, memory_mib=256, timeout_s=timeout_s))
 
 
-@pytest.fixture(params=TIERS)
+@pytest.fixture(params=TIER_PARAMS)
 def guest(request: pytest.FixtureRequest) -> Iterator[Instance]:
     inst = make(request.param)
     try:
@@ -191,7 +192,7 @@ def test_a_deaf_agent_fails_a_big_put_within_its_deadline(
     assert_dead_and_stopped(guest)
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", TIER_PARAMS)
 def test_exec_without_timeout_ends_when_the_agent_goes_silent(
     tier: str, hostile: bytes, short_waits: None
 ) -> None:
