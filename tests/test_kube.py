@@ -211,6 +211,19 @@ def test_runtime_class_overhead_from_bench_results(tmp_path: Path) -> None:
         ex.load_overheads(tmp_path / "bad.json")
 
 
+def test_the_newest_bench_run_is_found_without_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tierbox bench`` writes each run under ``latest/``: export finds it."""
+    monkeypatch.delenv("TIERBOX_BENCH_RESULTS", raising=False)
+    monkeypatch.setenv("TIERBOX_BENCH_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert ex.bench_results_path() is None
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "results.json").write_text("{}")
+    assert ex.bench_results_path() == tmp_path / "latest" / "results.json"
+
+
 def test_sizing_from_the_run_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests and limits follow the measured peak (+25 %) when runs of the
     image on the tier are in the history."""

@@ -161,12 +161,15 @@ class Document:
 def bench_results_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The bench results to read: ``explicit`` (a results.json or the
     directory ``tierbox bench --out`` wrote), else ``$TIERBOX_BENCH_RESULTS``,
-    else ``$TIERBOX_HOME/bench/results.json``, else ``./report/results.json``."""
+    else the newest run of ``tierbox bench`` (``latest/`` in
+    ``$TIERBOX_BENCH_DIR`` or ``$TIERBOX_HOME/bench``), else
+    ``./report/results.json``."""
     for cand in (explicit, os.environ.get(BENCH_ENV)):
         if cand:
             p = Path(cand)
             return p / "results.json" if p.is_dir() else p
-    for p in (paths.home() / "bench" / "results.json", Path("report") / "results.json"):
+    bench_home = Path(os.environ.get("TIERBOX_BENCH_DIR") or paths.home() / "bench")
+    for p in (bench_home / "latest" / "results.json", Path("report") / "results.json"):
         if p.is_file():
             return p
     return None
