@@ -133,7 +133,9 @@ def test_qemu_runs_as_its_own_uid_without_capabilities(
         ruid, euid, suid, fsuid = (int(x) for x in st["Uid"].split())
         assert ruid == euid == suid == fsuid != 0
         assert int(st["Gid"].split()[0]) != 0
-        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[cap], 16) == 0, (cap, st[cap])
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
         assert inst.vmm_user is not None and inst.vmm_user.uid == euid
         assert (uids.uids_dir() / str(euid)).read_text() == inst.id
         seen.add(euid)
