@@ -517,7 +517,7 @@ class OciTier(Tier):
                 start_new_session=True,
             )
             try:
-                rc = proc.wait(timeout=60)
+                rc = capture.wait_exit(proc, 60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
