@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -156,6 +157,12 @@ def oci_raw(tier_name: str, work: Path) -> Callable[[], Steps]:
         runsc = shutil.which("runsc") or "runsc"
         runtime = [runsc, f"--platform={_platform(runsc)}", "--network=none"]
         bundle = raw_bundle(["/bin/sleep", "3600"], seccomp=False)
+    # out of tierbox's own cgroup tree, where a concurrent `tierbox gc` would
+    # take the raw container for a leftover and kill it
+    bundle = Path(shutil.move(bundle, work / f"{tier_name}-bundle"))  # removed with work
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = f"tierbox-bench-raw/{tier_name}-{os.getpid()}"
+    oci.write_json(bundle / "config.json", cfg)
     proc_file = work / f"{tier_name}-exec.json"
     oci.write_json(
         proc_file, oci.process_json(["/bin/true"], SPEC, env={"PATH": DEFAULT_PATH}, cwd="/")
@@ -401,7 +408,7 @@ def main() -> int:
                 sides["raw libvirt"] = vm_raw(vm_spec)
             try:
                 t = measure(sides, runs, args.execs, warmup)
-            except TierboxError as exc:  # one tier failing (a host under load) spoils no other
+            except (TierboxError, subprocess.CalledProcessError) as exc:  # spoils no other tier
                 print(f"\nERROR {name}: {exc}")
                 failed.append(name)
                 continue
