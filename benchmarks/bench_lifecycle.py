@@ -21,6 +21,7 @@ Usage: python benchmarks/bench_lifecycle.py [--runs N] [--tiers a,b] [--quick]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -55,6 +56,8 @@ RUNS = {
     "vm": (3, 2),
 }
 _ids = itertools.count()
+#: where raw containers' cgroups go: outside tierbox/, which `tierbox gc` reaps
+RAW_CGROUP = "tierbox-bench-raw"
 
 
 @dataclass
@@ -88,13 +91,18 @@ def timed(steps: Steps, execs: int) -> Cycle:
     create, run, close = steps
     t0 = time.perf_counter()
     create()
-    run()
-    t1 = time.perf_counter()
-    per: list[float] = []
-    for _ in range(execs):
-        s = time.perf_counter()
+    try:
         run()
-        per.append(time.perf_counter() - s)
+        t1 = time.perf_counter()
+        per: list[float] = []
+        for _ in range(execs):
+            s = time.perf_counter()
+            run()
+            per.append(time.perf_counter() - s)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the cycle is the one to see
+            close()
+        raise
     s = time.perf_counter()
     close()
     t2 = time.perf_counter()
@@ -161,7 +169,7 @@ def oci_raw(tier_name: str, work: Path) -> Callable[[], Steps]:
     # take the raw container for a leftover and kill it
     bundle = Path(shutil.move(bundle, work / f"{tier_name}-bundle"))  # removed with work
     cfg = json.loads((bundle / "config.json").read_text())
-    cfg["linux"]["cgroupsPath"] = f"tierbox-bench-raw/{tier_name}-{os.getpid()}"
+    cfg["linux"]["cgroupsPath"] = f"{RAW_CGROUP}/{tier_name}-{os.getpid()}"
     oci.write_json(bundle / "config.json", cfg)
     proc_file = work / f"{tier_name}-exec.json"
     oci.write_json(
@@ -425,6 +433,9 @@ def main() -> int:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for d in Path("/sys/fs/cgroup").glob(f"*/{RAW_CGROUP}"):  # the parent crun made
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return report(promises) or int(bool(failed))
 
 
