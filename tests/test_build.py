@@ -373,6 +373,8 @@ def test_context_symlinks_are_never_followed_out(tmp_path: Path, built: list[str
 
 def test_ctrl_c_leaves_no_half_image_and_no_container(tmp_path: Path, store: ImageStore) -> None:
     ctx = make_context(tmp_path / "ctx", "FROM busybox\nRUN echo started && sleep 60\n")
+    with contextlib.suppress(ImageNotFoundError):  # an earlier run that was not interrupted
+        store.remove("tbtest-interrupted:1")
     proc = subprocess.Popen(
         [*TIERBOX, "image", "build", "-t", "tbtest-interrupted:1", str(ctx)],
         stdout=subprocess.PIPE,

@@ -3,8 +3,8 @@
 A guest root can copy the agent's port out of PID 1 (pidfd_getfd), stop the
 agent (ptrace) and speak the protocol in its place: ``hostile_agent.c``,
 built here with gcc -static, does that. The host must stay bounded and
-responsive whatever it says: reads end at their cap with host RSS under
-200 MiB, every wait ends at its deadline and leaves the sandbox dead and
+responsive whatever it says: reads end at their cap with tierbox's RSS
+grown by at most the cap plus slack, every wait ends at its deadline and leaves the sandbox dead and
 stopped, impossible fields are a dead agent, and text from the guest
 reaches the terminal literally. A guest flooding its serial console leaves
 a log under its cap.
@@ -47,8 +47,11 @@ HERE = Path(__file__).resolve().parent
 TIER_PARAMS = ["microvm", pytest.param("vm", marks=pytest.mark.slow)]
 IMAGE = "busybox:latest"
 MIB = 1 << 20
-#: the host's RSS during every flood (it used to reach 3-5 GiB)
-RSS_LIMIT_MIB = 200
+#: how far tierbox's RSS may grow during a flood (it used to reach 3-5 GiB): the
+#: 64 MiB read cap plus slack. Growth, not the absolute figure: this test
+#: process carries the whole suite's memory (~190 MiB late in a full run),
+#: while a fresh tierbox process stays well under 200 MiB.
+RSS_GROWTH_LIMIT_MIB = 96
 #: call timeout for these tests (the tiers' default is 30 s)
 CALL_S = 6.0
 #: what the markup guest says (see hostile_agent.c)
@@ -155,15 +158,15 @@ def assert_dead_and_stopped(inst: Instance) -> None:
 
 def test_reads_from_a_hostile_guest_stay_bounded(guest: Instance, hostile: bytes) -> None:
     """The default workload's traps are refused before anything is sent; a
-    forged endless DATA stream ends at the 64 MiB cap; RSS < 200 MiB."""
+    forged endless DATA stream ends at the 64 MiB cap; RSS grows by at
+    most the cap plus slack."""
     r = guest.exec(["sh", "-c", "ln -s /dev/zero /tmp/zero && truncate -s 50G /tmp/sparse50g"])
     assert r.ok, (r.termination, r.stderr)
     for path, error in (("/tmp/zero", NotRegularFileError), ("/tmp/sparse50g", FileTooLargeError)):
         out, took, grew, peak = measured(lambda p=path: guest.get_file(p))  # type: ignore[misc]
         print(f"{guest.tier_name} read {path}: {out!r:.120} in {took:.2f} s, +{grew:.0f} MiB")
         assert isinstance(out, error), out
-        assert took < 5 and grew < 24
-        assert peak < RSS_LIMIT_MIB, f"host RSS {peak:.0f} MiB"
+        assert took < 5 and grew < 24, f"host RSS +{grew:.0f} MiB, peak {peak:.0f} MiB"
 
     take_over(guest, hostile, "flood")
     out, took, grew, peak = measured(lambda: guest.get_file("/etc/hostname"))
@@ -171,7 +174,7 @@ def test_reads_from_a_hostile_guest_stay_bounded(guest: Instance, hostile: bytes
           f"peak {peak:.0f} MiB")  # fmt: skip
     assert isinstance(out, FileTooLargeError), out
     assert "more than the max_bytes cap" in str(out)
-    assert peak < RSS_LIMIT_MIB, f"host RSS {peak:.0f} MiB"
+    assert grew < RSS_GROWTH_LIMIT_MIB, f"host RSS +{grew:.0f} MiB, peak {peak:.0f} MiB"
     assert took < 60
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -66,6 +67,17 @@ class _Handler(socketserver.StreamRequestHandler):
             )
         except BrokenPipeError:
             return
+        except Exception as exc:  # a bug of the host's: answered, and its traceback logged
+            traceback.print_exc()
+            self._send(
+                {
+                    "ok": False,
+                    "error": {
+                        "type": "PoolManagerError",
+                        "message": f"the pool host failed: {exc!r} (see {store.log_file()})",
+                    },
+                }
+            )
         finally:
             self.server.after_request()
 

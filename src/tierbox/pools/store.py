@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ def function_file(name: str) -> Path:
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a crash leaves the old record or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Atomically: a crash leaves the old record or the new one. The
+    temporary name is the writer's own (threads of the host save one pool's
+    record at the same time: a shared name let one rename the other's away)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
