@@ -54,7 +54,13 @@ def classify(
     elif status_from_runtime and 128 < rc < 128 + signal.NSIG:
         sig = rc - 128
     term: Termination
-    if cap.stop is StopReason.TIMEOUT:
+    if cap.stop is StopReason.TIMEOUT and oom_delta > 0:
+        # memory ran out first; what hung afterwards (a gVisor Sentry whose
+        # helper the host's OOM killer took) waited for the timeout's kill
+        ev = cgroup_evidence(cg, limits)
+        ev.update(oom_kill=oom_delta, then_timed_out_s=timeout_s)
+        term = Termination(TerminationKind.OOM_KILLED, signal=int(signal.SIGKILL), evidence=ev)
+    elif cap.stop is StopReason.TIMEOUT:
         term = Termination(
             TerminationKind.TIMED_OUT, signal=int(signal.SIGKILL), evidence={"timeout_s": timeout_s}
         )
