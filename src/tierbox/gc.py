@@ -60,12 +60,12 @@ def collect(everything: bool = False) -> list[str]:
     removed += reap_pools(live)  # pool members are sandboxes: live while their host runs
     base = sandboxes_dir()
     for point in mntns.mounts_under(base):
-        if point != base and _owner(point, base) not in live:
+        if _leftover_mount(point, base, live):
             mntns.umount(point)
             if point not in mntns.mounts_under(point):
                 removed.append(f"mount {point}")
     for point in _runtime_ns_mounts(base):
-        if point != base and _owner(point, base) not in live:
+        if _leftover_mount(point, base, live):
             run([*mntns.runtime_prefix(), "umount", "-l", str(point)], check=False)
             if point not in _runtime_ns_mounts(point):
                 removed.append(f"mount {point} (runtime namespace)")
@@ -102,5 +102,11 @@ def _is_leftover_dir(d: Path, live: set[str]) -> bool:
     return not d.name.startswith(".") and d.name not in live
 
 
-def _owner(point: Path, base: Path) -> str:
-    return point.relative_to(base).parts[0]
+def _leftover_mount(point: Path, base: Path, live: set[str]) -> bool:
+    """A mount of a sandbox that is gone, or one under ``.trash``: a
+    directory discarded with a mount still in it has no owner left, and the
+    thread deleting it cannot remove a mount point."""
+    if point == base:
+        return False
+    top = point.relative_to(base).parts[0]
+    return top == ".trash" or top not in live
