@@ -29,8 +29,9 @@ in the background; ``ready`` waits for them.
 
 Both namespaces are named from the sandbox id with a tierbox prefix, and a
 record (``<run_dir>/netgw/<id>.json``, written before anything is made)
-names what was made and the pasta process with its start time, so ``reap``
-removes only what tierbox made, for sandboxes that are no longer live.
+names what was made and the pasta process with its start time (and a VM's
+passt, see tiers/vm/network.py), so ``reap`` removes only what tierbox
+made, for sandboxes that are no longer live.
 """
 
 from __future__ import annotations
@@ -596,6 +597,15 @@ class Gateway:
         self._record["pasta"] = [pid, start_time(pid)]
         _write_record(self.sandbox_id, self._record)
 
+    def record_helper(self, name: str, pid: int) -> None:
+        """Name one more process of this gateway in its record (``name`` in
+        :data:`HELPERS`), pinned by its start time, so ``close`` and ``reap``
+        stop it with the rest."""
+        if name not in HELPERS:
+            raise HostError(f"unknown gateway helper {name!r}")
+        self._record[name] = [pid, start_time(pid)]
+        _write_record(self.sandbox_id, self._record)
+
     def open_tap(self) -> int:
         """A new fd on the tap device (kind="tap") for the VMM to inherit
         (``-netdev tap,fd=N,vhost=off``); it is O_CLOEXEC: the caller clears
@@ -641,12 +651,18 @@ class Gateway:
         self.close()
 
 
+#: helper processes a record may name (``[pid, start time]``): pasta, the
+#: uplink; passt, a VM's NIC inside the sandbox netns (tiers/vm/network.py)
+HELPERS = ("pasta", "passt")
+
+
 def remove(sandbox_id: str, record: dict[str, Any]) -> list[str]:
     """Undo what ``record`` says was made for ``sandbox_id``; a line per thing removed."""
     removed = []
-    pasta = record.get("pasta") or [None, None]
-    if _stop_pasta(pasta[0], pasta[1]):
-        removed.append(f"pasta process {pasta[0]} of sandbox {sandbox_id}")
+    for helper in HELPERS:
+        proc = record.get(helper) or [None, None]
+        if _stop_pasta(proc[0], proc[1]):
+            removed.append(f"{helper} process {proc[0]} of sandbox {sandbox_id}")
     names = record.get("netns") or []
     for name in names:
         if name in (ROUTER_PREFIX + sandbox_id, SANDBOX_PREFIX + sandbox_id) and _del_netns(name):
@@ -655,6 +671,12 @@ def remove(sandbox_id: str, record: dict[str, Any]) -> list[str]:
     if not left:
         _record_path(sandbox_id).unlink(missing_ok=True)
     return removed
+
+
+def remove_recorded(sandbox_id: str) -> list[str]:
+    """Remove the gateway a record names for ``sandbox_id`` (none: nothing)."""
+    record = _read_record(sandbox_id)
+    return remove(sandbox_id, record) if record is not None else []
 
 
 def recorded() -> list[str]:

@@ -5,8 +5,10 @@ initramfs (firmware: QEMU's qboot, which is faster than SeaBIOS under TCG)
 with three virtio devices placed straight on the PCIe root bus: the disk (a
 qcow2 overlay), a virtio-serial port for the agent (a unix socket on the
 host) and an RNG. The first serial port is logged by virtlogd (at most 8 MiB
-with its default rollover). There is no
-network interface, no USB, no balloon, no graphics.
+with its default rollover). There is no USB, no balloon, no graphics,
+and no network interface unless the VM has egress: then a virtio-net NIC
+whose backend is a passt socket, given as extra QEMU arguments
+(``<qemu:commandline>``, see :mod:`tierbox.tiers.vm.network`).
 
 QEMU runs as libvirt's unprivileged user (a static DAC label, ``+uid:+gid``
 of ``libvirt-qemu``: no capabilities, no access to root's files) with
@@ -38,6 +40,8 @@ NS = "https://tierbox.dev/xmlns/vm/1"
 #: Bump when the generated XML changes (templates saved with the old one are rebuilt).
 DOMAIN_FORMAT = 4
 NS_PREFIX = "tierbox"
+#: libvirt's namespace for extra QEMU arguments (the NIC of a VM with egress)
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 #: QEMU's minimal firmware: boots a -kernel straight, ~0.15 s sooner than SeaBIOS under TCG.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 #: PCI slots on the root bus (pcie.0) for the three devices: no root ports to
@@ -45,6 +49,7 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")
 SLOTS = {"disk": 0x02, "serial": 0x03, "rng": 0x04}
 
 ET.register_namespace(NS_PREFIX, NS)
+ET.register_namespace("qemu", QEMU_NS)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ class DomainConfig:
     transient_probe: bool = False  # a KVM test boot: no disk, no agent channel
     #: the DAC label QEMU runs with (``+uid:+gid``, never root)
     qemu_label: str = field(default_factory=guestmod.seclabel)
+    #: extra QEMU arguments (``<qemu:commandline>``): the NIC of a VM with egress
+    qemu_args: tuple[str, ...] = ()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -183,6 +190,10 @@ def domain_xml(cfg: DomainConfig) -> str:
     _sub(dev, "controller", type="usb", model="none")
     _sub(dev, "memballoon", model="none")
     _seclabel(dom, cfg.qemu_label)
+    if cfg.qemu_args:
+        extra = _sub(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in cfg.qemu_args:
+            _sub(extra, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
 

@@ -69,6 +69,8 @@ from tierbox.vmm import artifacts, qemu
 
 #: Modules /vminit loads, in this order (their dependencies come first).
 VM_MODULES = ("virtio_pci", "virtio_console", "virtio_rng", "virtio_blk")
+#: Loaded only when the VM has a NIC (``tierbox.net=1``): egress networking.
+NET_MODULES = ("virtio_net",)
 #: Size of a VM's disk (and of its file system) when the spec sets no ``disk_mib``;
 #: the qcow2 files stay sparse.
 BASE_DISK_MIB = 2048
@@ -80,8 +82,8 @@ QEMU_USER_ENV = "TIERBOX_VM_QEMU_USER"
 DEFAULT_QEMU_USER = "libvirt-qemu"
 #: Mode of every directory under :func:`state_dir`: root and QEMU's group enter.
 JAIL_DIR_MODE = 0o710
-#: Bump when the appended archive's layout changes.
-VM_INITRAMFS_FORMAT = 1
+#: Bump when the appended archive's layout or its module set changes.
+VM_INITRAMFS_FORMAT = 2
 #: What the guest prints on its console when ``tierbox.vm.probe=1`` (KVM test boots).
 PROBE_MARK = "tierbox-vm-probe: ok"
 
@@ -90,16 +92,19 @@ VMINIT = """#!/bin/busybox sh
 # Knobs on the kernel command line:
 #   tierbox.hostname=NAME   the guest's host name
 #   tierbox.vm.probe=1      print the probe mark and power off (KVM test boots)
+#   tierbox.net=1           the VM has a NIC: load virtio_net
 export PATH=/bin
 busybox mount -t proc proc /proc
 busybox mount -t sysfs sysfs /sys
 busybox mount -t devtmpfs devtmpfs /dev
 name=tierbox
 probe=0
+net=0
 for arg in $(busybox cat /proc/cmdline); do
 \tcase "$arg" in
 \ttierbox.hostname=*) name="${arg#*=}" ;;
 \ttierbox.vm.probe=*) probe="${arg#*=}" ;;
+\ttierbox.net=*) net="${arg#*=}" ;;
 \tesac
 done
 if [ "$probe" = 1 ]; then
@@ -107,6 +112,9 @@ if [ "$probe" = 1 ]; then
 \tbusybox poweroff -f
 fi
 busybox modprobe -a @MODULES@
+if [ "$net" = 1 ]; then
+\tbusybox modprobe -a @NET_MODULES@
+fi
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 1000 ]; do
 \tbusybox usleep 10000
@@ -134,7 +142,11 @@ exec /init /newroot
 
 
 def vminit_script() -> str:
-    return VMINIT.replace("@PROBE_MARK@", PROBE_MARK).replace("@MODULES@", " ".join(VM_MODULES))
+    return (
+        VMINIT.replace("@PROBE_MARK@", PROBE_MARK)
+        .replace("@MODULES@", " ".join(VM_MODULES))
+        .replace("@NET_MODULES@", " ".join(NET_MODULES))
+    )
 
 
 def vm_home() -> Path:
@@ -316,8 +328,17 @@ def modules_dir(kernel: artifacts.Kernel) -> Path:
 
 
 def _modules_ready(kernel: artifacts.Kernel) -> bool:
+    """Built for this kernel, with every module /vminit may load (a tree
+    built before virtio_net was wanted is built again)."""
     meta = _read_json(modules_dir(kernel) / "modules.json")
-    return meta is not None and meta.get("kernel_sha256") == kernel.sha256
+    if meta is None or meta.get("kernel_sha256") != kernel.sha256:
+        return False
+    rel = modules_dir(kernel) / "lib" / "modules" / kernel.release
+    try:
+        _closure(rel / "modules.dep", VM_MODULES + NET_MODULES)
+    except (ImageError, OSError):
+        return False
+    return True
 
 
 def _fetch_kernel_tree(kernel: artifacts.Kernel, tmp: Path) -> Path:
@@ -365,18 +386,18 @@ def ensure_modules(kernel: artifacts.Kernel) -> Path:
             new = tmp / "tree"
             shutil.copytree(ours, new / rel, symlinks=True)
             try:
-                order = _closure(new / rel / "modules.dep", VM_MODULES)
+                order = _closure(new / rel / "modules.dep", VM_MODULES + NET_MODULES)
                 missing = [m for m in order if not (new / rel / m).is_file()]
             except ImageError:
                 missing = ["(virtio_pci)"]
             if missing:
                 src = _fetch_kernel_tree(kernel, tmp)
                 run([busybox, "depmod", "-b", str(src), kernel.release], timeout_s=300)
-                for m in _closure(src / rel / "modules.dep", VM_MODULES):
+                for m in _closure(src / rel / "modules.dep", VM_MODULES + NET_MODULES):
                     (new / rel / m).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src / rel / m, new / rel / m)
             run([busybox, "depmod", "-b", str(new), kernel.release], timeout_s=120)
-            _closure(new / rel / "modules.dep", VM_MODULES)  # all there now
+            _closure(new / rel / "modules.dep", VM_MODULES + NET_MODULES)  # all there now
             _write_json(
                 new / "modules.json",
                 {"kernel_sha256": kernel.sha256, "release": kernel.release, "fetched": missing},
@@ -401,7 +422,7 @@ class VMGuest:
     sha256: str  # of the initramfs
     kernel_sha256: str
 
-    def cmdline(self, *, accel: str, hostname: str, probe: bool = False) -> str:
+    def cmdline(self, *, accel: str, hostname: str, probe: bool = False, net: bool = False) -> str:
         parts = [
             "console=ttyS0",
             "quiet",
@@ -414,6 +435,8 @@ class VMGuest:
         ]
         if probe:
             parts.append("tierbox.vm.probe=1")
+        if net:
+            parts.append("tierbox.net=1")
         if accel != "kvm":
             # without these the kernel hangs calibrating its clocks under TCG
             khz = qemu.host_tsc_khz()

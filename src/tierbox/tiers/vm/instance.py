@@ -12,6 +12,7 @@ once. Snapshots and revert are in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -45,6 +46,7 @@ from tierbox.tiers.base import Instance
 from tierbox.tiers.commands import Command, ExecRequest
 from tierbox.tiers.guest_command import GuestCommand
 from tierbox.tiers.outcome import classify_agent
+from tierbox.tiers.vm import network as vm_net
 from tierbox.tiers.vm.shared import (
     BOOT_TIMEOUT_S,
     CALL_TIMEOUT_S,
@@ -439,7 +441,11 @@ class VMInstance(SnapshotOps, Instance):
         """Host cost of the VM (its QEMU's PSS, peak RSS, CPU time) and the
         guest's view (processes, guest OOM kills)."""
         guest = self._call("stats", lambda: self.agent.stats(deadline=time.monotonic() + 10.0))
-        return guest_stats(self.qemu_pid(), guest)
+        st = guest_stats(self.qemu_pid(), guest)
+        net = vm_net.counters(self.id, self.spec)
+        if net is not None:
+            st = dataclasses.replace(st, net_tx_bytes=net[0], net_rx_bytes=net[1])
+        return st
 
     def processes(self) -> list[ProcessInfo]:
         """What runs in the guest (pids as the guest numbers them; the agent,
@@ -475,6 +481,7 @@ class VMInstance(SnapshotOps, Instance):
             deadline = time.monotonic() + BOOT_TIMEOUT_S.get(self.meta.accel, 90.0)
             try:
                 self.connect_agent(deadline=deadline)
+                vm_net.configure_guest(self.agent, self.spec, deadline=deadline)
             except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
                 self.agent.close()
                 raise self._boot_failure(exc) from exc

@@ -25,6 +25,7 @@ from tierbox.errors import (
 )
 from tierbox.paths import MARKER
 from tierbox.tiers import _state
+from tierbox.tiers.vm import network as vm_net
 from tierbox.tiers.vm.instance import VMInstance
 from tierbox.tiers.vm.shared import (
     KVM_PROBE_TIMEOUT_S,
@@ -239,6 +240,9 @@ class RecordOps:
                 removed.append(f"disk directory {p}")
         for s in socks:
             s.unlink(missing_ok=True)
+        if meta is not None and not meta.id.startswith("probe-"):
+            # the NIC's passt, gateway and socket (nothing for a VM without one)
+            removed += vm_net.remove(meta.id)
         if meta is not None:
             _state.remove_dir(meta.id)
         return removed
@@ -302,6 +306,11 @@ class RecordOps:
             for s in sorted(socks.glob("*.sock")):
                 if s.stem not in known:
                     s.unlink(missing_ok=True)
+            for n in sorted(socks.glob("*.net")):
+                # passt's socket directory of a VM with neither a domain nor
+                # a live sandbox (killed while it was created)
+                if n.is_dir() and n.stem not in known and n.stem not in live:
+                    removed += vm_net.remove(n.stem)
         tdir = templates.templates_dir()
         if tdir.is_dir():
             for w in sorted(tdir.glob(".work-*")):

@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from tierbox import libvirt_host as lvh
 from tierbox.errors import LibvirtError, SandboxError, TierboxError
+from tierbox.network import NetworkPolicy
 from tierbox.paths import run_dir
 from tierbox.tiers.base import Capabilities, SnapshotKind
 from tierbox.vmm import libvirt_domain as lvd
@@ -45,8 +46,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,62}$")
 UNIX_PATH_MAX = 107
 
+#: egress through a per-sandbox gateway with passt as the NIC's backend
+#: (tiers/vm/network.py), which also publishes ports
 CAPABILITIES = Capabilities(
-    snapshot=SnapshotKind.REVERT, min_memory_mib=MIN_MEMORY_MIB, shares_host_files=False, tty=True
+    snapshot=SnapshotKind.REVERT,
+    min_memory_mib=MIN_MEMORY_MIB,
+    shares_host_files=False,
+    tty=True,
+    networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.EGRESS}),
+    publish_ports=True,
 )
 
 #: libvirt's ``virDomainState`` numbers, as ``virsh domstate`` names them.

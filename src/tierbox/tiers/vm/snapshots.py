@@ -39,6 +39,7 @@ from tierbox.errors import (
 )
 from tierbox.spec import MIB, SandboxSpec
 from tierbox.tiers.base import SnapshotRef
+from tierbox.tiers.vm import network as vm_net
 from tierbox.tiers.vm.shared import (
     DEFAULT_MEMORY_MIB,
     REVERT_TIMEOUT_S,
@@ -270,7 +271,11 @@ class SnapshotOps:
                     self.timings = {k: v for k, v in timings.items() if isinstance(v, float)}
                     return timings
                 try:
-                    self.connect_agent(deadline=time.monotonic() + REVERT_TIMEOUT_S)
+                    deadline = time.monotonic() + REVERT_TIMEOUT_S
+                    self.connect_agent(deadline=deadline)
+                    # the NIC again (a fresh QEMU reconnected to passt; the
+                    # guest forgets the neighbours it knew before)
+                    vm_net.configure_guest(self.agent, self.spec, deadline=deadline)
                 except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
                     self.agent.close()
                     raise self._gone_or_hung(exc, "reconnecting after the revert") from exc

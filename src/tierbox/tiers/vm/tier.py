@@ -34,10 +34,12 @@ from tierbox.errors import (
     TierboxError,
 )
 from tierbox.host.runner import which
+from tierbox.network import Egress
 from tierbox.paths import MARKER
 from tierbox.spec import SandboxSpec
 from tierbox.tiers import _state
 from tierbox.tiers.base import Availability, Instance, SnapshotRef, Tier
+from tierbox.tiers.vm import network as vm_net
 from tierbox.tiers.vm.instance import VMInstance
 from tierbox.tiers.vm.records import RecordOps
 from tierbox.tiers.vm.shared import (
@@ -140,6 +142,17 @@ class VMTier(TemplateOps, RecordOps, Tier):
         return self._accel.choice()
 
     # ---- create ---------------------------------------------------------------------------
+    def check_spec(self, spec: SandboxSpec) -> None:
+        """As every tier, and: published ports need egress (the NIC and
+        gateway they arrive through)."""
+        super().check_spec(spec)
+        if spec.ports and not isinstance(spec.network, Egress):
+            raise SpecError(
+                "publishing ports on the vm tier needs network=egress "
+                "(an empty allow-list lets nothing out): "
+                f"network={spec.network_mode.value} has no interface to publish on"
+            )
+
     def _create(self, spec: SandboxSpec) -> VMInstance:
         return self.create_vm(spec)
 
@@ -202,6 +215,10 @@ class VMTier(TemplateOps, RecordOps, Tier):
                 f"bad VM name {name!r}: use letters, digits and . _ - "
                 "(at most 63, starting with a letter or digit)"
             )
+        if name is not None:
+            vm_net.check_name(name, spec)
+        spec = self.prepare(spec)  # names of the allow-list pinned, host ports picked
+        nic = vm_net.has_nic(spec)
         shape = self.shape(spec)
         timings: dict[str, float] = {"prepare_s": time.monotonic() - t0}
         conn = lvh.connect()
@@ -246,12 +263,17 @@ class VMTier(TemplateOps, RecordOps, Tier):
             vcpus=shape.vcpus,
             kernel=shape.guest.kernel,
             initramfs=shape.guest.initramfs,
-            cmdline=shape.guest.cmdline(accel=shape.accel, hostname=sid),
+            cmdline=shape.guest.cmdline(accel=shape.accel, hostname=sid, net=nic),
             cpu_quota=spec.limits.cpus,
+            qemu_args=tuple(vm_net.qemu_args(sid)) if nic else (),
         )
-        use_templates = templates.enabled() if template is None else template
+        # a template's saved machine has no NIC: a VM with one cold-boots
+        use_templates = (templates.enabled() if template is None else template) and not nic
         inst: VMInstance | None = None
         try:
+            if nic:
+                vm_net.start(sid, spec)  # passt listens before QEMU connects
+                timings["network_s"] = time.monotonic() - t0
             tpl = templates.load(shape.key) if use_templates else None
             if tpl is not None:
                 try:
@@ -272,6 +294,7 @@ class VMTier(TemplateOps, RecordOps, Tier):
             # undo what was made; the original error is the one worth reporting
             with contextlib.suppress(TierboxError):
                 self.remove_domain(domain, None)
+            vm_net.remove(sid)
             shutil.rmtree(d, ignore_errors=True)
             sock.unlink(missing_ok=True)
             _state.remove_dir(sid)
@@ -293,13 +316,15 @@ class VMTier(TemplateOps, RecordOps, Tier):
         inst = VMInstance(self, cfg.name, cfg.meta)
         lvh.call(f"starting domain {cfg.name}", dom.create)
         timings["domain_start_s"] = time.monotonic() - t0
+        deadline = t0 + BOOT_TIMEOUT_S.get(shape.accel, 90.0)
         try:
-            inst.connect_agent(deadline=t0 + BOOT_TIMEOUT_S.get(shape.accel, 90.0))
+            inst.connect_agent(deadline=deadline)
+            timings["agent_s"] = time.monotonic() - t0
+            vm_net.configure_guest(inst.agent, inst.spec, deadline=deadline)
         except (AgentGoneError, AgentTimeoutError, AgentError) as exc:
             inst.agent.close()
             raise inst._boot_failure(exc) from exc
         inst._release_agent()
-        timings["agent_s"] = time.monotonic() - t0
         timings["cold_boot"] = 1.0
         return inst
 
