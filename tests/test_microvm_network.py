@@ -13,13 +13,17 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
+from functools import partial
 
 import pytest
 
 from tests import test_network
+from tests.conftest import wait_until
 from tests.test_network import Lab, _gateway_leftovers
+from tierbox.errors import NotSupportedError, SpecError
 from tierbox.host import netgw
-from tierbox.network import AllowRule, Egress, NetworkPolicy, parse_allow
+from tierbox.network import AllowRule, Egress, NetworkPolicy, PortMap, parse_allow
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import _state, get_tier
@@ -173,3 +177,77 @@ def test_reap_removes_the_gateway_of_a_crashed_owner(tier: MicroVMTier) -> None:
     assert any(f"{netgw.ROUTER_PREFIX}{sandbox_id}" in line for line in removed), removed
     assert _gateway_leftovers({sandbox_id}) == []
     assert sandbox_id not in qemu.find_marked_qemus(sandboxes_dir())
+
+
+def _answers(url: str, got: list[bytes]) -> bool:
+    try:
+        got.append(urllib.request.urlopen(url, timeout=5).read())
+    except OSError:
+        return False
+    return True
+
+
+def test_published_ports_answer_on_host_loopback(tier: MicroVMTier) -> None:
+    """pasta listens on the host's loopback, the router sends the connection
+    on over the tap to the guest's server."""
+    ports = (PortMap(8000), PortMap(8001))
+    vm = tier.create(
+        SandboxSpec(limits=Limits(memory_mib=128, pids=64), network=Egress(), ports=ports)
+    )
+    assert isinstance(vm, MicroVMInstance)
+    try:
+        assert all(p.host_ip == "127.0.0.1" and p.host_port > 0 for p in vm.spec.ports)
+        assert vm.gateway is not None and vm.gateway.published == vm.spec.ports
+        vm.put_file("/tmp/www/index.html", b"hello from microvm\n")
+        servers = [
+            vm.start(["httpd", "-f", "-p", str(p.port), "-h", "/tmp/www"], timeout_s=120)
+            for p in vm.spec.ports
+        ]
+        try:
+            for p in vm.spec.ports:
+                url = f"http://127.0.0.1:{p.host_port}/"
+                got: list[bytes] = []
+                wait_until(partial(_answers, url, got), timeout_s=20, what=f"{url} to answer")
+                assert got[-1] == b"hello from microvm\n"
+        finally:
+            for server in servers:
+                server.kill()
+    finally:
+        vm.close()
+    assert _gateway_leftovers({vm.id}) == []
+
+
+@pytest.mark.slow
+def test_clones_publish_on_host_ports_of_their_own(tier: MicroVMTier) -> None:
+    spec = SandboxSpec(
+        limits=Limits(memory_mib=128, pids=64), network=Egress(), ports=(PortMap(8000),)
+    )
+    vm = tier.create(spec)
+    assert isinstance(vm, MicroVMInstance)
+    snap = vm.snapshot()
+    clones: list[MicroVMInstance] = []
+    try:
+        clones = tier.clone(snap, count=2)
+        used = {vm.spec.ports[0].host_port, *(c.spec.ports[0].host_port for c in clones)}
+        assert len(used) == 3, used
+        for i, c in enumerate(clones):
+            c.put_file("/tmp/www/index.html", f"clone {i}\n".encode())
+            c.start(["httpd", "-f", "-p", "8000", "-h", "/tmp/www"], timeout_s=120)
+        for i, c in enumerate(clones):
+            url = f"http://127.0.0.1:{c.spec.ports[0].host_port}/"
+            got: list[bytes] = []
+            wait_until(partial(_answers, url, got), timeout_s=20, what=f"{url} to answer")
+            assert got[-1] == f"clone {i}\n".encode()
+    finally:
+        for c in [vm, *clones]:
+            c.close()
+        shutil.rmtree(snap.path, ignore_errors=True)
+    for c in [vm, *clones]:
+        assert _gateway_leftovers({c.id}) == []
+
+
+@pytest.mark.parametrize("network", ["none", "host"])
+def test_published_ports_need_egress(tier: MicroVMTier, network: str) -> None:
+    spec = SandboxSpec(network=NetworkPolicy(network), ports=(PortMap(8000),))
+    with pytest.raises((SpecError, NotSupportedError)):
+        tier.create(spec)

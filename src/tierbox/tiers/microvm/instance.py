@@ -79,6 +79,7 @@ CAPABILITIES = Capabilities(
     shares_host_files=False,
     tty=True,
     networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.EGRESS}),
+    publish_ports=True,
 )
 
 

@@ -5,6 +5,11 @@ tap as an open fd behind a virtio-net NIC, and the guest agent gives the NIC
 its address and default route (``NET``) once the guest answers, after a
 boot and after every restore (each clone has its own gateway).
 
+Published ports (``ports=``) are the gateway's (pasta listens on the host,
+the router's nftables table sends them on to 10.200.0.2 over the tap); a
+restored or cloned microVM publishes the same sandbox ports on host ports
+picked anew.
+
 A sandbox with ``network="none"`` has no NIC at all: its kernel never loads
 virtio_net (``tierbox.net=0``), so loopback is all there is.
 
@@ -16,6 +21,7 @@ to the host's resolver), the only resolver the filter lets it reach.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +52,21 @@ def open_gateway(sandbox_id: str, spec: SandboxSpec, user: VmmUser | None = None
     from tierbox.host.netgw import Gateway
 
     uid, gid = vmm_credentials(user)
-    return Gateway.start(sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid)
+    return Gateway.start(
+        sandbox_id, spec.network, kind="tap", tap_uid=uid, tap_gid=gid, ports=spec.ports
+    )
+
+
+def repick_ports(spec: SandboxSpec) -> SandboxSpec:
+    """``spec`` of a restored or cloned microVM: its sandbox ports published
+    on host ports picked anew (the source, or another clone, may still hold
+    the ones in the snapshot)."""
+    if not spec.ports:
+        return spec
+    from tierbox.host.netgw import pick_host_ports
+
+    fresh = tuple(dataclasses.replace(p, host_port=0) for p in spec.ports)
+    return dataclasses.replace(spec, ports=pick_host_ports(fresh))
 
 
 def attach_gateway(sandbox_id: str, state: dict[str, Any] | None) -> Gateway | None:

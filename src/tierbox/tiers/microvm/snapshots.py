@@ -252,6 +252,7 @@ class RestoreOps:
         guest: GuestConfig,
         disk_info: dict[str, Any] | None,
     ) -> MicroVMInstance:
+        spec = guest_net.repick_ports(spec)
         sid, files, cg = self._new_sandbox(spec, machine)
         gw = None
         tap: int | None = None
