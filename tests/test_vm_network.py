@@ -243,6 +243,23 @@ def test_revert_keeps_the_nic(tier: VMTier, testnet: Lab, method: str) -> None:
 
 
 @pytest.mark.slow
+def test_power_cycle_keeps_the_nic(tier: VMTier, testnet: Lab) -> None:
+    """A VM powered off and on again cold-boots: the new QEMU connects to
+    the same passt and the agent gives the NIC its address again."""
+    vm = _create(tier, Egress(allow=(f"{testnet.allowed_ip}:{testnet.port}",)))
+    try:
+        vm.power_off(timeout_s=30)
+        vm.power_on()
+        r = vm.exec(["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
+        assert r.ok and b"10.200.0.2/30" in r.stdout, r.stdout + r.stderr
+        ok, out, _ = _get(vm, testnet.allowed_ip, testnet.port)
+        assert ok, out
+    finally:
+        vm.close()
+    assert _gateway_leftovers({vm.id}) == [] and _passt_leftovers({vm.id}) == []
+
+
+@pytest.mark.slow
 def test_create_close_cycles_leave_nothing(tier: VMTier, testnet: Lab) -> None:
     tables = _host_tables()
     links = _host_links()
