@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tierbox import wait_closed
 from tierbox.host import mntns
 from tierbox.paths import MARKER, sandboxes_dir
 from tierbox.tiers import get_tier
@@ -64,7 +65,9 @@ def require_image(ref: str) -> None:
 
 
 def leftovers() -> dict[str, list[str]]:
-    """Everything tierbox-named on the host: must be empty between tests."""
+    """Everything tierbox-named on the host: must be empty between tests
+    (once this process's background teardowns are done)."""
+    assert wait_closed(timeout_s=60), "background teardowns still running after 60 s"
     cg = []
     for ctrl in ("memory", "pids", "cpu", "freezer"):
         d = Path("/sys/fs/cgroup") / ctrl / MARKER
@@ -110,6 +113,7 @@ def _leave_no_mounts() -> object:
     from tierbox.tiers import _pool
 
     _pool.close_all_pools()
+    wait_closed(timeout_s=120)
     # what tests that crash a tierbox process on purpose left behind; printed
     # so that a real leak shows in the log
     for line in gc.collect():  # also drops the runtime namespace when nothing is live

@@ -126,3 +126,44 @@ def _passes(check: Callable[..., None], *args: object) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def test_kill_9_in_the_middle_of_background_teardown_then_gc() -> None:
+    """close() leaves the runtime's delete, unmounts, cgroups and directories
+    to a background thread; a tierbox killed while that thread works leaves
+    what `tierbox gc` then removes, and nothing else."""
+    require_tier("container")
+    require_tier("gvisor")
+    require_image("busybox")
+    code = (
+        "import sys, time\n"
+        "from tierbox import Sandbox\n"
+        "from tierbox.tiers import teardown\n"
+        "tiers = ('gvisor', 'container', 'container')\n"
+        "boxes = [Sandbox.create('busybox', tier=t) for t in tiers]\n"
+        "for sb in boxes:\n"
+        "    assert sb.run(['true']).ok\n"
+        "for sb in boxes:\n"
+        "    sb.close()\n"
+        "print(' '.join(sb.id for sb in boxes), teardown.pending(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ids, pending = set(line[:-1]), int(line[-1])
+        # runsc's delete alone takes over a second: the kill lands mid-teardown
+        assert pending >= 2, f"teardown already over ({pending} left): nothing to interrupt"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = cli("gc")
+    assert left.returncode == 0, left.stderr
+    wait_until(lambda: _passes(assert_gone, ids), timeout_s=30, what="gc to reap the teardown")

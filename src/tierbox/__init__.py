@@ -76,7 +76,7 @@ from tierbox.errors import (
 )
 from tierbox.handles import CommandHandle
 from tierbox.network import Egress, PortMap
-from tierbox.sandbox import Sandbox, SandboxRecord, make_spec, run
+from tierbox.sandbox import Sandbox, SandboxRecord, make_spec, run, wait_closed
 from tierbox.spec import (
     ExecResult,
     Limits,
@@ -179,6 +179,7 @@ __all__ = [
     "WaitTimeoutError",
     "make_spec",
     "run",
+    "wait_closed",
 ]
 
 

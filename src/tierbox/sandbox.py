@@ -45,7 +45,7 @@ from tierbox.spec import (
     parse_user,
     sandbox_path,
 )
-from tierbox.tiers import Instance, SnapshotRef, _state, get_tier
+from tierbox.tiers import Instance, SnapshotRef, _state, get_tier, teardown
 from tierbox.tiers.base import metered
 
 DEFAULT_TIER = "container"
@@ -215,6 +215,14 @@ def _close_owned() -> None:
         # whatever a failed close leaves, so one failure must not stop the rest
         with contextlib.suppress(Exception):
             sb.close()
+
+
+def wait_closed(timeout_s: float | None = None) -> bool:
+    """Until what the sandboxes this process closed left to the background
+    (runtime delete, unmounts, cgroups, directories) is done; False if
+    ``timeout_s`` passed first. A program need not call it: it is waited for
+    before the program exits."""
+    return teardown.wait(timeout_s)
 
 
 @dataclass(frozen=True)
@@ -547,7 +555,12 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the sandbox and free everything. Idempotent. Writable mounts
-        of a tier without a shared filesystem are copied back first."""
+        of a tier without a shared filesystem are copied back first.
+
+        Returns once the workload is stopped and the sandbox is no longer
+        listed; the runtime's delete, unmounts, cgroup and directory finish
+        on a background thread that the program waits for before it exits
+        (``tierbox.wait_closed()`` waits for it now)."""
         failed: TierboxError | None = None
         if not self._closed_here and self.spec.mounts:
             try:
@@ -559,11 +572,17 @@ class Sandbox:
         self._closed_here = True
         with _owned_lock:
             _owned.discard(self)
+        background = self._inst.tears_down_in_background
+        if background:
+            # unlisted and taken over by this process before the tier queues
+            # its teardown, which ends by removing the directory itself
+            _state.retire(self.id)
         with contextlib.suppress(SandboxClosedError):
             self._inst.close()
+        if not background:
+            _state.remove_dir(self.id)
         if self.name is not None:
             _state.release_name(self.name, self.id)
-        _state.remove_dir(self.id)
         if failed is not None:
             raise failed
 

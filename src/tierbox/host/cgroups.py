@@ -305,6 +305,30 @@ class SandboxCgroup:
         )
 
     # ---- teardown ----------------------------------------------------------
+    def freeze(self, frozen: bool = True) -> bool:
+        """Freeze (or thaw) every process in the cgroup: a frozen process
+        runs nothing until thawed. False where this host has no freezer."""
+        if self.version == 2:
+            path, value = CGROUP_ROOT / self.relpath / "cgroup.freeze", "1" if frozen else "0"
+        else:
+            path = self._dir("freezer") / "freezer.state"
+            value = "FROZEN" if frozen else "THAWED"
+        try:
+            _write(path, value)
+        except OSError:
+            return False
+        return True
+
+    def signal_all(self, sig: int = signal.SIGKILL) -> int:
+        """One pass of ``sig`` to every process in the cgroup, not waiting for
+        them to exit (a SIGKILLed process runs no more of its own code);
+        :meth:`kill_all` is the thorough kill. Returns the processes signalled."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return len(pids)
+
     def kill_all(self, timeout_s: float = 5.0) -> None:
         """SIGKILL every process, freezing first so a fork bomb cannot outrun us."""
         if self.version == 2:

@@ -27,7 +27,7 @@ from typing import Any
 from tierbox.host.cgroups import SandboxCgroup
 from tierbox.paths import sandboxes_dir
 from tierbox.spec import Limits
-from tierbox.tiers import _state
+from tierbox.tiers import _state, teardown
 from tierbox.tiers.base import meter
 
 
@@ -126,7 +126,7 @@ def close_all_pools() -> None:
 
 def discard_dir(d: Path, *, wait: bool = False) -> None:
     """Remove a directory off the hot path: rename into the sandboxes dir's
-    trash (instant), delete in a background thread (``wait``: at once).
+    trash (instant), delete on the teardown thread (``wait``: at once).
     ``tierbox gc`` empties trash a crash left. Deleting an overlay upper dir
     takes ~20 ms. Python joins background threads before it runs atexit
     handlers, so removals made at exit must wait."""
@@ -143,6 +143,4 @@ def discard_dir(d: Path, *, wait: bool = False) -> None:
     if wait:
         shutil.rmtree(target, ignore_errors=True)
         return
-    threading.Thread(
-        target=shutil.rmtree, args=(target,), kwargs={"ignore_errors": True}, daemon=False
-    ).start()
+    teardown.later(f"directory {d}", lambda: shutil.rmtree(target, ignore_errors=True))

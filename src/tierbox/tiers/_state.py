@@ -51,6 +51,24 @@ def claim(sandbox_id: str) -> None:
     (sandbox_dir(sandbox_id) / "owner").write_text(f"{pid} {start_time(pid)}")
 
 
+def retire(sandbox_id: str) -> None:
+    """A closed sandbox is no longer listed or attachable (its state record
+    goes) while its teardown may still run in the background; this process
+    takes it over first, so ``tierbox gc`` leaves that teardown alone while
+    the process lives and reaps what is left if it dies."""
+    d = sandbox_dir(sandbox_id)
+    pid = os.getpid()
+    mine = f"{pid} {start_time(pid)}"
+    try:
+        if (d / "owner").read_text() != mine:
+            tmp = d / f"owner.{pid}"
+            tmp.write_text(mine)
+            os.replace(tmp, d / "owner")
+        (d / "state.json").unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass  # no directory (a sandbox the tier already removed)
+
+
 def is_live(sandbox_id: str) -> bool:
     """Kept (``tierbox sandbox create``, ``keep=True``) and not past its time
     to live, or its owner process still runs."""

@@ -141,6 +141,9 @@ class Instance(abc.ABC):
     tier_name: str
     spec: SandboxSpec
     capabilities: Capabilities = Capabilities()
+    #: ``close`` stops the workload and queues the rest, its directory's
+    #: removal included, on the teardown thread (tiers/teardown.py)
+    tears_down_in_background: bool = False
 
     def exec(
         self,

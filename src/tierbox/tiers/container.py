@@ -43,8 +43,6 @@ class ContainerTier(OciTier):
         "non-root, read-only root; shares the host kernel"
     )
 
-    kill_init_on_close = True
-
     @cache  # noqa: B019 - one tier object per process
     def _engine(self) -> tuple[str, str]:
         """(runtime name, path): crun, else runc."""

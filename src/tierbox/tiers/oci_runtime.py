@@ -50,7 +50,7 @@ from tierbox.spec import (
     Termination,
     TerminationKind,
 )
-from tierbox.tiers import _pool, oci
+from tierbox.tiers import _pool, oci, teardown
 from tierbox.tiers.base import Capabilities, Instance, Tier
 from tierbox.tiers.commands import Command, ExecRequest, OutputCallback, PumpCommand
 from tierbox.tiers.oci import INIT_PATH
@@ -58,7 +58,9 @@ from tierbox.tiers.outcome import classify, not_runnable
 from tierbox.tiers.tty import PtyCommand
 
 INIT_BINARY = "/usr/bin/catatonit"
-#: how long close() waits for a SIGKILLed init to exit before ``delete --force``
+#: how long close() waits for a SIGKILLed init to exit (crun's delete of a
+#: running container polls for the init it killed and takes ~6 ms longer;
+#: measured in benchmarks/bench_lifecycle.py)
 INIT_KILL_WAIT_S = 2.0
 _NOT_FOUND = re.compile(
     r"executable file .* not found|error finding executable|exec(ve)? .*: No such file"
@@ -93,6 +95,7 @@ class OciInstance(Instance):
     """A long-lived OCI container: PID 1 is an init, work arrives by ``exec``."""
 
     capabilities = CAPABILITIES
+    tears_down_in_background = True
 
     def __init__(
         self, tier: OciTier, sandbox_id: str, spec: SandboxSpec, state: dict[str, Any]
@@ -319,14 +322,20 @@ class OciInstance(Instance):
         self._closed = True
         if self._root is not None:
             self._root.close()
-        if self.tier.kill_init_on_close:
-            self.init.kill(timeout_s=INIT_KILL_WAIT_S)
+        # The workload stops here; the runtime's own delete, the gateway, the
+        # overlay and the cgroup go off the caller's path (tiers/teardown.py).
+        self.tier.stop(self)
         self.init.close()
+        teardown.later(f"sandbox {self.id}", self._release)
+        return None
+
+    def _release(self) -> None:
+        """What close() leaves to the teardown thread, in order."""
+        self.tier.released(self)
         self.tier.delete_container(self.id, managed=self.managed)
         if self.gateway is not None:
             self.gateway.close()
         self.tier.teardown(self.cg, self.dir)
-        return None
 
 
 def network_files(d: Path, network: object, gateway: Gateway) -> dict[str, str]:
@@ -371,11 +380,6 @@ class OciTier(Tier):
     #: tierbox makes and hands its terminal on (runsc, whose console socket
     #: works only with --detach)
     tty_console_socket = True
-    #: close() SIGKILLs the init through its pidfd and waits for it to exit
-    #: before ``delete --force``: crun's delete of a running container polls
-    #: for the init it killed and takes ~6 ms longer (measured in
-    #: benchmarks/bench_lifecycle.py); runsc's init is its sandbox, left to runsc
-    kill_init_on_close = False
     seccomp = True
 
     def check_spec(self, spec: SandboxSpec) -> None:
@@ -422,6 +426,16 @@ class OciTier(Tier):
         except (OSError, ValueError):
             return None
         return None
+
+    def stop(self, inst: OciInstance) -> None:
+        """Stop a sandbox's workload for good, as close() begins: its init
+        (crun: the container's PID 1, whose exit kills the rest of its PID
+        namespace before the exit is seen) SIGKILLed through its pidfd and
+        waited for."""
+        inst.init.kill(timeout_s=INIT_KILL_WAIT_S)
+
+    def released(self, inst: OciInstance) -> None:
+        """First step of the background teardown, before the runtime's delete."""
 
     def runtime_failure(self, cap: capture.Captured, argv: Sequence[str]) -> ExecResult | None:
         """The runtime's own "no such executable" or "not executable" (not the

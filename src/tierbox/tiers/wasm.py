@@ -71,7 +71,7 @@ from tierbox.spec import (
     TerminationKind,
     sandbox_path,
 )
-from tierbox.tiers import _state
+from tierbox.tiers import _state, teardown
 from tierbox.tiers.base import (
     Availability,
     Capabilities,
@@ -128,6 +128,7 @@ class WasmInstance(DirectoryFiles, Instance):
 
     tier_name = "wasm"
     capabilities = CAPABILITIES
+    tears_down_in_background = True
 
     def __init__(
         self,
@@ -415,7 +416,13 @@ class WasmInstance(DirectoryFiles, Instance):
             self._closed = True
             if self._root_dir is not None:
                 self._root_dir.close()
-        shutil.rmtree(self.root.parent, ignore_errors=True)
+            # commands still running (background ones, other threads) stop
+            # at their next epoch tick, as a SIGKILL would stop them
+            for run in self._live.values():
+                run.cancel()
+        # the directory goes off the caller's path (tiers/teardown.py)
+        directory = self.root.parent
+        teardown.later(f"sandbox {self.id}", lambda: shutil.rmtree(directory, ignore_errors=True))
         return None
 
 
