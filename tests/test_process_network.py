@@ -1,5 +1,6 @@
 """The process tier's network: ``none`` is a namespace holding only ``lo``,
-``host`` is the host's, with real processes and real namespaces.
+``host`` is the host's, an ``Egress`` policy the namespace of a per-sandbox
+gateway, with real processes and real namespaces.
 
 The only server reached from outside a sandbox lives in the network
 namespace ``testnet`` (tests/test_network.py) makes for this run; a sandbox
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TIERBOX, assert_gone, cli, require_tier, wait_until
-from tests.test_network import Lab, testnet  # noqa: F401 (the fixture)
+from tests.test_network import Lab, _gateway_leftovers, testnet  # noqa: F401 (the fixture)
 from tierbox import Sandbox, run
+from tierbox.host import netgw
+from tierbox.network import AllowRule, Egress
 from tierbox.tiers import process
 
 CONNECT = """
@@ -161,11 +164,13 @@ def test_one_shot_runs_are_isolated_and_leave_nothing() -> None:
     assert _holders(ns.strip()) == []
 
 
-def test_reattaching_process_joins_the_same_namespace() -> None:
+@pytest.mark.parametrize("network", ["none", "egress"])
+def test_reattaching_process_joins_the_same_namespace(network: str) -> None:
     """A kept sandbox used from another process: same namespace, so a server
     the first process left running is reachable; removal frees it."""
     require_tier("process")
-    sb = Sandbox.create(None, tier="process", keep=True)
+    policy = Egress() if network == "egress" else network
+    sb = Sandbox.create(None, tier="process", keep=True, network=policy)
     try:
         ns = _netns(sb)
         sb.run(["sh", "-c", "python3 -m http.server -b 127.0.0.1 47124 >/dev/null 2>&1 &"])
@@ -189,6 +194,7 @@ def test_reattaching_process_joins_the_same_namespace() -> None:
     finally:
         sb.close()
     assert _holders(ns) == []
+    assert _gateway_leftovers({sb.id}) == []
 
 
 _CRASH = """
@@ -223,3 +229,56 @@ def test_gc_frees_the_namespace_a_killed_creator_left() -> None:
     assert out.returncode == 0, out.stderr
     assert _holders(ns) == [], out.stdout
     assert_gone({sandbox_id})
+
+
+def _connects(sb: Sandbox, ip: str, port: int) -> bool:
+    r = sb.run(["python3", "-c", CONNECT, ip, str(port)], timeout_s=10)
+    assert b"CONNECTED" in r.stdout or b"REFUSED" in r.stdout, r
+    return b"CONNECTED" in r.stdout
+
+
+def test_egress_reaches_only_the_allow_list(testnet: Lab) -> None:  # noqa: F811
+    require_tier("process")
+    hosts_before = Path("/etc/hosts").read_bytes()
+    rule = AllowRule(
+        "svc.test:8080", "svc.test", testnet.port, testnet.port, (f"{testnet.allowed_ip}/32",)
+    )
+    egress = Egress(allow=("svc.test:8080",), dns=True, rules=(rule,))
+    with Sandbox.create(None, tier="process", network=egress, timeout_s=20) as sb:
+        ns = _netns(sb)
+        r = sb.run(["sh", "-c", LINKS])
+        assert _links(r.stdout.decode()) == {
+            "ip": {"lo", "eth0"},
+            "sys": {"lo", "eth0"},
+            "proc": {"lo", "eth0"},
+        }, r
+        assert _connects(sb, testnet.allowed_ip, testnet.port)
+        for ip, port in (
+            (testnet.allowed_ip, testnet.other_port),
+            (testnet.denied_ip, testnet.port),
+            (testnet.host_ip, testnet.port),
+        ):
+            assert not _connects(sb, ip, port), (ip, port)
+        # the pinned name resolves through the sandbox's own /etc/hosts
+        r = sb.run(["getent", "hosts", "svc.test"])
+        assert r.stdout.split()[:2] == [testnet.allowed_ip.encode(), b"svc.test"], r
+        assert _connects(sb, "svc.test", testnet.port)
+        resolv = sb.run(["cat", "/etc/resolv.conf"]).stdout
+        assert f"nameserver {netgw.DNS_ADDRESS}".encode() in resolv
+        assert not sb.run(["sh", "-c", "echo x >> /etc/hosts"]).ok  # read-only, and not ours
+        st = sb.stats()
+        assert st.net_tx_bytes and st.net_rx_bytes, st
+        sandbox_id = sb.id
+    assert Path("/etc/hosts").read_bytes() == hosts_before  # the host's is untouched
+    assert _gateway_leftovers({sandbox_id}) == []
+    assert _holders(ns) == []
+    assert_gone({sandbox_id})
+
+
+def test_egress_one_shot_and_without_dns(testnet: Lab) -> None:  # noqa: F811
+    require_tier("process")
+    egress = Egress(allow=(f"{testnet.allowed_ip}:{testnet.port}",))
+    script = 'cat /etc/resolv.conf; python3 -c "$0" $1 $2'
+    args = [CONNECT, testnet.allowed_ip, str(testnet.port)]
+    r = run(None, ["sh", "-c", script, *args], tier="process", network=egress)
+    assert b"CONNECTED" in r.stdout and b"nameserver" not in r.stdout, r

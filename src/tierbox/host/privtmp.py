@@ -29,7 +29,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,19 +136,31 @@ class PrivateTmp:
         *,
         isolate_network: bool = False,
         netns_pin: Path | None = None,
+        join_netns: Path | None = None,
+        files: Mapping[str, Path] | None = None,
     ) -> None:
         """``read_only``: host paths made read-only inside the namespace.
         ``isolate_network``: a network namespace of the sandbox's own;
         ``netns_pin``: where it is pinned, joined if one is pinned there
-        already, else made and pinned there (see the module docstring)."""
+        already, else made and pinned there (see the module docstring).
+        ``join_netns``: instead, join the namespace bound on that path (an
+        egress gateway's). ``files``: host path -> file shown read-only in
+        its place (an existing host file only: nothing is made on the host)."""
         self.directory = directory
         self.mountpoint = mountpoint
         self.read_only = list(read_only)
+        self.files = dict(files or {})
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
         )
         self._tid = 0
-        if netns_pin is not None and isolate_network:
+        if join_netns is not None:
+            try:
+                fd = os.open(join_netns, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise HostError(f"the sandbox's network namespace is gone: {exc}") from exc
+            self._start(True, fd)
+        elif netns_pin is not None and isolate_network:
             with file_lock(netns_pin.with_name(f".{netns_pin.name}.lock")):
                 join = open_pinned_netns(netns_pin)
                 self._start(isolate_network, join)
@@ -187,7 +199,7 @@ class PrivateTmp:
         try:
             self._tid = threading.get_native_id()
             if join is not None:
-                _check_net(_libc.setns(join, CLONE_NEWNET), "join the pinned namespace")
+                _check_net(_libc.setns(join, CLONE_NEWNET), "join the sandbox's namespace")
                 _check(_libc.unshare(CLONE_NEWNS), "unshare")
             elif isolate_network:
                 _check_net(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
@@ -206,6 +218,16 @@ class PrivateTmp:
                 ),
                 f"bind {self.directory} on {self.mountpoint}",
             )
+            for target_path, source in self.files.items():
+                if not os.path.exists(target_path):
+                    continue
+                target = target_path.encode()
+                _check(
+                    _libc.mount(str(source).encode(), target, None, MS_BIND, None),
+                    f"bind {source} on {target_path}",
+                )
+                flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+                _check(_libc.mount(None, target, None, flags, None), f"make {target_path} ro")
             for path in self.read_only:
                 target = path.encode()
                 _check(_libc.mount(target, target, None, MS_BIND | MS_REC, None), f"bind {path}")

@@ -25,14 +25,20 @@ filesystem and processes, and shares its kernel. What it does promise
   it, ``tierbox gc`` unmounts what a crash left, as any other mount in a
   sandbox directory. One-shot runs pin nothing: the namespace lives in the
   pooled slot's thread and its processes, and goes with them.
-  ``network="host"`` shares the host's network. A workload run as root
-  (``user="0"``) holds every capability and can re-join the host's
-  namespace: the network namespace bounds unprivileged workloads only.
+  ``network="host"`` shares the host's network. An ``Egress`` policy puts
+  the workload in the sandbox namespace of a per-sandbox gateway
+  (host/netgw.py), as on the container tier; the pinned names reach it
+  through an /etc/hosts (and /etc/resolv.conf) of the sandbox's, bound
+  read-only over the host's in its private mount namespace only. Ports are
+  not published. A workload run as root (``user="0"``) holds every
+  capability and can re-join the host's network namespace: these
+  namespaces bound unprivileged workloads only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -45,10 +51,11 @@ from tierbox.errors import HostError, SandboxClosedError, SandboxError, SpecErro
 from tierbox.host import helpers, mntns, pty, uids
 from tierbox.host.capture import Captured, PipePump
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
+from tierbox.host.netgw import Gateway
 from tierbox.host.privtmp import PrivateTmp, unpin_netns
 from tierbox.host.procs import process_info
 from tierbox.host.rootfs import RootDir
-from tierbox.network import NetworkPolicy
+from tierbox.network import Egress, NetworkPolicy
 from tierbox.spec import (
     DEFAULT_PATH,
     ExecResult,
@@ -69,8 +76,12 @@ DEFAULT_TMP_MIB = 64
 ZOMBIE_WAIT_S = 5.0
 NOFILE_LIMIT = 4096  # hard limit; root here cannot raise it past 20000 anyway
 TMP = "/tmp"
-#: commands can run on a pty (host/pty.py)
-CAPABILITIES = Capabilities(tty=True, networks=frozenset({NetworkPolicy.NONE, NetworkPolicy.HOST}))
+#: commands can run on a pty (host/pty.py); egress through a per-sandbox
+#: gateway (host/netgw.py) whose sandbox namespace the workload is born in
+CAPABILITIES = Capabilities(tty=True, networks=frozenset(NetworkPolicy))
+#: an egress sandbox's name files, shown read-only over the host's
+#: in its private mount namespace: sandbox path -> file in its directory
+NAME_FILES = {"/etc/hosts": "etc-hosts", "/etc/resolv.conf": "etc-resolv.conf"}
 
 
 class ProcessInstance(DirectoryFiles, Instance):
@@ -89,6 +100,7 @@ class ProcessInstance(DirectoryFiles, Instance):
         uid: int,
         gid: int,
         owns_uid: bool,
+        gateway: Gateway | None = None,
     ) -> None:
         self.id = sandbox_id
         self.spec = spec
@@ -97,6 +109,8 @@ class ProcessInstance(DirectoryFiles, Instance):
         self.uid, self.gid = uid, gid
         self.owns_uid = owns_uid
         self._ns: PrivateTmp | None = None
+        #: the egress gateway, whose sandbox namespace the workload is born in
+        self.gateway = gateway
         #: where the network namespace is pinned for other processes (None:
         #: held by the namespace thread alone, as for a one-shot run)
         self.netns_pin: Path | None = None
@@ -115,12 +129,16 @@ class ProcessInstance(DirectoryFiles, Instance):
     def _namespace(self) -> PrivateTmp:
         if self._ns is None:
             read_only = [m.host for m in self.spec.mounts if m.read_only]
+            gw = self.gateway
+            d = self.host_dir.parent
             self._ns = PrivateTmp(
                 self.host_dir,
                 TMP,
                 read_only=read_only,
                 isolate_network=self.spec.network != NetworkPolicy.HOST,
                 netns_pin=self.netns_pin,
+                join_netns=Path(gw.netns_path) if gw is not None else None,
+                files={k: d / v for k, v in NAME_FILES.items()} if gw is not None else None,
             )
         return self._ns
 
@@ -269,7 +287,16 @@ class ProcessInstance(DirectoryFiles, Instance):
         return PumpCommand(pipe, finish, signal_fn=signal_group, pid=proc.pid)
 
     def stats(self) -> Stats:
-        return self.cg.stats()
+        """The cgroup's figures, with the bytes sent and received through an
+        egress gateway (0 with network=none: loopback only; unknown with
+        the host's network)."""
+        stats = self.cg.stats()
+        if self.gateway is not None:
+            tx, rx = self.gateway.counters()
+            return dataclasses.replace(stats, net_tx_bytes=tx, net_rx_bytes=rx)
+        if self.spec.network == NetworkPolicy.NONE:
+            return dataclasses.replace(stats, net_tx_bytes=0, net_rx_bytes=0)
+        return stats
 
     def host_pids(self) -> list[int]:
         return self.cg.pids()
@@ -286,6 +313,7 @@ class ProcessInstance(DirectoryFiles, Instance):
             "uid": self.uid,
             "gid": self.gid,
             "owns_uid": self.owns_uid,
+            "gateway": self.gateway.state() if self.gateway is not None else None,
         }
 
     def release_handles(self) -> None:
@@ -305,6 +333,8 @@ class ProcessInstance(DirectoryFiles, Instance):
         self.release_handles()
         _unmount_tmp(self.host_dir)
         unpin_netns(netns_file(self.host_dir))
+        if self.gateway is not None:
+            self.gateway.close()
         if self.owns_uid:
             uids.release(self.uid)
         _pool.discard_dir(self.host_dir.parent)
@@ -322,6 +352,27 @@ def _unmount_tmp(host_dir: Path) -> None:
     mntns.umount(host_dir)
 
 
+def _write_name_files(d: Path, policy: Egress, gateway: Gateway) -> None:
+    """/etc/hosts with the allow-list's pinned names; /etc/resolv.conf naming
+    the gateway's DNS forwarder with ``dns=True``, else no server (a lookup
+    past /etc/hosts then fails at once on loopback instead of timing out
+    on the host's resolvers, which the filter does not let it reach)."""
+    hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    for name, addresses in sorted(policy.hosts().items()):
+        hosts += [f"{a}\t{name}" for a in addresses]
+    if gateway.dns_address is not None:
+        resolv = f"nameserver {gateway.dns_address}\noptions timeout:2\n"
+    else:
+        resolv = "# no DNS: the allow-list's names are pinned in /etc/hosts\n"
+    for text, name in (
+        ("\n".join(hosts) + "\n", NAME_FILES["/etc/hosts"]),
+        (resolv, NAME_FILES["/etc/resolv.conf"]),
+    ):
+        path = d / name
+        path.write_text(text)
+        path.chmod(0o644)
+
+
 def netns_file(host_dir: Path) -> Path:
     """Where a created sandbox's network namespace is pinned: beside its /tmp."""
     return host_dir.parent / "netns"
@@ -332,7 +383,8 @@ class ProcessTier(Tier):
     capabilities = CAPABILITIES
     isolation = (
         "none: host filesystem and processes are visible; own uid, own /tmp, "
-        "loopback-only network namespace (unless network=host), limits via cgroup"
+        "loopback-only network namespace (or egress allow-list; network=host shares "
+        "the host's), limits via cgroup"
     )
 
     def __init__(self) -> None:
@@ -387,7 +439,12 @@ class ProcessTier(Tier):
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """One-shot on a pooled slot (see tiers/_pool.py) whose uid, /tmp and
-        namespace thread are reused while they stay pristine."""
+        namespace thread are reused while they stay pristine (egress:
+        create, exec, close, since its gateway is made per sandbox)."""
+        if isinstance(spec.network, Egress):
+            return Tier._run(
+                self, spec, argv, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            )
         # a slot's uid is part of what it is: one asked-for user never shares
         # a pooled slot with the default
         slot = self._pool.acquire(spec.limits, variant=(spec.user, spec.mounts, spec.network))
@@ -431,10 +488,18 @@ class ProcessTier(Tier):
         slot = _pool.new_slot(spec.limits)
         try:
             inst = self._attach_slot(slot, spec)
-            # the namespaces are made now, the network one pinned for other processes
-            inst.netns_pin = netns_file(inst.host_dir)
-            slot.cleanups.append(lambda: unpin_netns(netns_file(inst.host_dir)))
-            inst._namespace()
+            if isinstance(spec.network, Egress):
+                # its namespaces exist on return; the link, filter and uplink
+                # are made while the mount namespace is
+                inst.gateway = gw = Gateway.start(slot.id, spec.network)
+                slot.cleanups.append(gw.close)
+                _write_name_files(slot.dir, spec.network, gw)
+            else:  # pinned for other processes of this sandbox
+                inst.netns_pin = netns_file(inst.host_dir)
+                slot.cleanups.append(lambda: unpin_netns(netns_file(inst.host_dir)))
+            inst._namespace()  # the namespaces are made now, not at the first command
+            if inst.gateway is not None:
+                inst.gateway.ready()
             return inst
         except BaseException:
             _pool.destroy(slot)
@@ -451,6 +516,7 @@ class ProcessTier(Tier):
             uid=int(state["uid"]),
             gid=int(state["gid"]),
             owns_uid=bool(state["owns_uid"]),
+            gateway=Gateway.attach(sandbox_id, state["gateway"]) if state.get("gateway") else None,
         )
         inst.netns_pin = netns_file(inst.host_dir)
         return inst
