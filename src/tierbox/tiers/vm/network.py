@@ -20,9 +20,10 @@ is, one step further out::
   is the router, not the namespace's loopback); it drops to ``nobody``;
 - QEMU connects to passt's socket (``-netdev stream``, given through
   libvirt's ``<qemu:commandline>``); QEMU runs as libvirt's unprivileged
-  user, so the socket's directory is ``nobody``'s, group QEMU's, mode 0710,
-  and the socket ``nobody``'s, group QEMU's, mode 0660: passt and QEMU reach
-  it, nobody else does;
+  user. passt binds the socket as ``nobody`` in a directory that is
+  ``nobody``'s for that moment; then the directory (mode 0710) and the
+  socket (0660) become root's with QEMU's group: only QEMU (and root)
+  connect, and no other process of ``nobody``'s can swap the socket;
 - published ports: the router sends them on to 10.200.0.2 in the sandbox
   netns (as for a container), where passt listens on them (``-t``) and
   forwards them to the guest;
@@ -131,14 +132,18 @@ def start(sandbox_id: str, spec: SandboxSpec) -> netgw.Gateway | None:
         sockets_dir().mkdir(parents=True, exist_ok=True)
         d.mkdir(mode=0o700)
         uid, gid = _passt_ids()
-        os.chown(d, uid, gid)
+        os.chown(d, uid, gid)  # passt binds its socket as nobody
         os.chmod(d, 0o710)
         gw.ready()  # passt copies the namespace's address and route: they must exist
         pid = _start_passt(gw, passt, d, [p.port for p in spec.ports])
         gw.record_helper("passt", pid)
+        # bound and listening: from now on root's, so no other process of
+        # nobody's can swap the socket or connect in QEMU's place
         sock = d / "passt.sock"
-        os.chown(sock, uid, gid)
+        os.chown(sock, 0, gid)
         os.chmod(sock, 0o660)
+        os.chown(d, 0, gid)
+        os.chmod(d, 0o710)
     except BaseException:
         remove(sandbox_id, gw)
         raise
@@ -162,7 +167,7 @@ def _start_passt(gw: netgw.Gateway, passt: str, d: Path, ports: list[int]) -> in
     ]  # fmt: skip
     what = f"passt for VM {gw.sandbox_id}"
 
-    def run_inside() -> int:
+    def run_inside() -> None:
         proc = spawn(
             argv,
             stdin=subprocess.DEVNULL,
@@ -180,7 +185,6 @@ def _start_passt(gw: netgw.Gateway, passt: str, d: Path, ports: list[int]) -> in
             ) from None
         if proc.returncode != 0:
             raise exit_error(proc, message=f"cannot start {what}", log=err)
-        return 0
 
     netgw.in_netns(Path(gw.netns_path), run_inside)
     deadline = time.monotonic() + PASST_START_S
