@@ -3,10 +3,13 @@
 A VM is a libvirt domain on ``qemu:///system``: a q35 PC with its own Linux
 kernel (the microVM tier's Debian cloud kernel, booted directly), a virtio
 disk that is a qcow2 overlay over a per-image base disk, the guest agent on
-a virtio-serial port, the serial console logged to a file, no network. The
-domain type is ``kvm`` only where a KVM test boot reached the guest, else
-``qemu`` (TCG, software emulation). See :mod:`tierbox.vmm.libvirt_domain`
-for the XML and :mod:`tierbox.vmm.libvirt_guest` for what it boots.
+a virtio-serial port, the serial console logged to a file, and no network
+unless the spec asks for egress (then a virtio-net NIC whose backend is passt
+inside the sandbox's gateway namespace, which also publishes ports: see
+:mod:`~tierbox.tiers.vm.network`). The domain type is ``kvm`` only where a
+KVM test boot reached the guest, else ``qemu`` (TCG, software emulation).
+See :mod:`tierbox.vmm.libvirt_domain` for the XML and
+:mod:`tierbox.vmm.libvirt_guest` for what it boots.
 
 Inside, workloads run as root by default (the guest kernel is the isolation
 boundary; ``SandboxSpec.user`` picks another uid). ``memory_mib`` is the
@@ -27,6 +30,8 @@ The modules, one job each:
   parity, and the fast in-place revert;
 - :mod:`~tierbox.tiers.vm.templates`: saved templates of VM shapes, so
   that only the first VM of a shape cold-boots;
+- :mod:`~tierbox.tiers.vm.network`: the egress NIC (gateway, passt) and
+  published ports;
 - :mod:`~tierbox.tiers.vm.records`: state records, finding and listing
   VMs, removing them, reaping the leftovers of crashed runs;
 - :mod:`~tierbox.tiers.vm.shared`: names, limits, deadlines and paths, and

@@ -86,7 +86,8 @@ class VMTier(TemplateOps, RecordOps, Tier):
     name = "vm"
     capabilities = CAPABILITIES
     isolation = (
-        "own guest kernel on an emulated q35 PC (libvirt + QEMU); "
+        "own guest kernel on an emulated q35 PC (libvirt + QEMU; a NIC only with egress, "
+        "its backend passt behind a per-sandbox router that passes only the allow-list); "
         "hardware virtualization where KVM works, else TCG"
     )
 
