@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -103,6 +104,25 @@ def test_none_cannot_reach_a_server_host_can(sb: Sandbox, testnet: Lab) -> None:
     with Sandbox.create(None, tier="process", network="host", timeout_s=20) as host:
         r = host.run(["python3", "-c", CONNECT, *target])
         assert b"CONNECTED" in r.stdout, r
+
+
+def test_none_cannot_reach_host_abstract_unix_sockets(sb: Sandbox) -> None:
+    """Abstract unix sockets belong to the network namespace: a host
+    listener on one is out of reach with none, reached with host."""
+    name = f"tierbox-test-{os.getpid()}"
+    code = (
+        "import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(b'\\0' + sys.argv[1].encode()); print('REACHED')\n"
+        "except OSError as exc:\n    print('NO', exc)"
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(b"\0" + name.encode())
+        srv.listen()
+        r = sb.run(["python3", "-c", code, name])
+        assert b"NO" in r.stdout, r
+        with Sandbox.create(None, tier="process", network="host") as host:
+            r = host.run(["python3", "-c", code, name])
+            assert b"REACHED" in r.stdout, r
 
 
 def test_host_sees_the_host_interfaces() -> None:
