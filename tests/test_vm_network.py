@@ -270,7 +270,9 @@ def test_create_close_cycles_leave_nothing(tier: VMTier, testnet: Lab) -> None:
         vm.close()
     assert _gateway_leftovers(ids) == [] and _passt_leftovers(ids) == []
     assert _host_tables() == tables
-    assert _host_links() - links == set()
+    # links of the tests' own server namespaces (tbt*, this or a concurrent
+    # test's) are not the gateways'
+    assert {n for n in _host_links() - links if not n.startswith("tbt")} == set()
 
 
 _MID_CREATE = """
