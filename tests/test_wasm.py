@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_clean, leftovers, require_image
-from tierbox import Sandbox, make_spec
+from tierbox import Sandbox, make_spec, wait_closed
 from tierbox.errors import (
     InvalidModuleError,
     NotSupportedError,
@@ -149,6 +149,76 @@ def test_long_lived_sandbox_files_env_and_stats(guest: Guests) -> None:
     with pytest.raises(SandboxClosedError):
         inst.exec(["fileops", "ls", "/"])
     assert_clean(before)
+
+
+def test_a_sandbox_directory_is_reused_only_as_it_was_made(guest: Guests) -> None:
+    """A closed sandbox's directory its workload left as made serves the
+    next create (tiers/_state.DirSlots); one that was written to is deleted:
+    nothing of one sandbox, files or usage, reaches the next."""
+    tier = WasmTier()
+    wasm_mod = sys.modules[WasmTier.__module__]
+    first = tier.create(spec(guest("fileops")))
+    assert first.exec(["fileops", "ls", "/"]).ok  # leaves a usage record, nothing else
+    first.close()
+    assert wait_closed(timeout_s=30)
+    kept = list(wasm_mod._SLOTS._ready)
+    assert kept, "a directory left as made was not kept for the next create"
+    second = tier.create(spec(guest("fileops")))
+    try:
+        assert second.root.parent.name == second.id
+        assert second.list_dir("/") == ["tmp"] and second.list_dir("/tmp") == []
+        st = second.stats()
+        assert st.cpu_s == 0 and st.memory_peak_bytes == 0, st  # not the first one's usage
+        assert second.exec(["fileops", "write", "/tmp/secret", "mine"]).ok
+    finally:
+        second.close()
+    assert wait_closed(timeout_s=30)
+    third = tier.create(spec(guest("fileops")))
+    try:
+        assert third.list_dir("/tmp") == []
+        assert not (second.root.parent).exists()  # written to: deleted, not kept
+    finally:
+        third.close()
+
+
+SLOT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from tierbox import wait_closed
+    from tierbox.spec import Limits, SandboxSpec
+    from tierbox.tiers.wasm import WasmTier, _SLOTS
+    inst = WasmTier().create(SandboxSpec(image=sys.argv[1], limits=Limits(timeout_s=10)))
+    inst.close()
+    wait_closed()
+    print(" ".join(str(p) for p in _SLOTS._ready), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_directories_kept_by_a_killed_process_are_reaped_by_gc(guest: Guests) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-c", SLOT_SCRIPT, str(guest("hello"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        slots = [Path(x) for x in p.stdout.readline().split()]
+        assert slots and all(s.is_dir() for s in slots), p.stderr.read() if p.stderr else ""
+        from tierbox import gc
+
+        assert not any(str(s) in line for line in gc.collect() for s in slots)  # owner alive
+        assert all(s.is_dir() for s in slots)
+        p.kill()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    removed = gc.collect()
+    assert not any(s.exists() for s in slots), removed
 
 
 def test_exec_env_overrides_spec_env(guest: Guests) -> None:

@@ -99,6 +99,8 @@ def _is_leftover_dir(d: Path, live: set[str]) -> bool:
             return time.time() - d.stat().st_mtime > NEW_DIR_GRACE_S
         except OSError:
             return False
+    if d.name.startswith(_state.SLOT_PREFIX):  # made ahead by a process that is gone
+        return not _state.owner_alive(d)
     return not d.name.startswith(".") and d.name not in live
 
 

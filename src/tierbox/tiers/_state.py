@@ -6,12 +6,16 @@ lets another tierbox process (the CLI, the daemon, ``tierbox gc``) find it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,110 @@ def make_dir(sandbox_id: str) -> Path:
     (tmp / "owner").write_text(f"{pid} {start_time(pid)}")
     os.rename(tmp, final)
     return final
+
+
+SLOT_PREFIX = ".slot-"
+
+
+class DirSlots:
+    """Sandbox directories made ahead: owned by this process, holding
+    ``root/`` with an empty ``tmp/``, under a hidden name (``.slot-<id>``)
+    that ``tierbox gc`` removes once this process is gone.
+
+    Why: on a disk-backed ``/run`` making a sandbox directory costs ~0.5 ms
+    and removing one 0.5-0.9 ms, more than a whole small Wasm run; so a
+    closed sandbox's directory that its workload left exactly as made comes
+    back here (renamed, ~0.05 ms) instead of being deleted and made anew.
+    Any other directory is deleted as before."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._ready: list[Path] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        atexit.register(self.close_all)
+        os.register_at_fork(after_in_child=self._forget)
+
+    def take(self) -> tuple[str, Path]:
+        """A new sandbox id and its directory's ``root/``."""
+        sandbox_id = new_id()
+        final = sandbox_dir(sandbox_id)
+        while True:
+            with self._lock:
+                slot = self._ready.pop() if self._ready else None
+            if slot is None:
+                break
+            try:
+                os.rename(slot, final)
+                return sandbox_id, final / "root"
+            except OSError:
+                shutil.rmtree(slot, ignore_errors=True)
+        root = make_dir(sandbox_id) / "root"
+        try:
+            root.mkdir()
+            (root / "tmp").mkdir(mode=0o1777)
+        except BaseException:
+            remove_dir(sandbox_id)
+            raise
+        return sandbox_id, root
+
+    def give_back(self, d: Path, *, extra: Sequence[str] = ()) -> bool:
+        """Keep a closed sandbox's directory for a later ``take`` if it is as
+        made (``extra``: files of this process's own that may be dropped);
+        False: not kept, the caller deletes it. ~0.1 ms."""
+        if not self._closed and self._as_made(d, extra):
+            for name in extra:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / name)
+            with self._lock:
+                keep = not self._closed and len(self._ready) < self.KEEP
+                if keep:
+                    slot = d.with_name(f"{SLOT_PREFIX}{new_id()}")
+                    try:
+                        os.rename(d, slot)
+                    except OSError:
+                        keep = False
+                    else:
+                        self._ready.append(slot)
+            return keep
+        return False
+
+    @staticmethod
+    def _as_made(d: Path, extra: Sequence[str]) -> bool:
+        """Only ``owner`` (this process's), ``root/tmp/`` empty, and ``extra``."""
+        try:
+            if set(os.listdir(d)) - {"owner", "root", *extra}:
+                return False
+            if os.listdir(d / "root") != ["tmp"] or os.listdir(d / "root" / "tmp"):
+                return False
+            pid = os.getpid()
+            return (d / "owner").read_text() == f"{pid} {start_time(pid)}"
+        except OSError:
+            return False
+
+    def close_all(self) -> None:
+        """Delete the kept directories (at exit; gc does it after a crash)."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        for slot in ready:
+            shutil.rmtree(slot, ignore_errors=True)
+
+    def _forget(self) -> None:
+        """A forked child owns none of its parent's directories."""
+        self._lock = threading.Lock()
+        self._ready = []
+
+
+def owner_alive(d: Path) -> bool:
+    """The process named by ``d/owner`` still runs (same start time)."""
+    try:
+        pid_s, _, start = (d / "owner").read_text().partition(" ")
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return False
+    return start_time(pid) == start and start != ""
 
 
 def claim(sandbox_id: str) -> None:
@@ -80,12 +188,7 @@ def is_live(sandbox_id: str) -> bool:
             return expires is None or time.time() < float(expires)
     except (OSError, ValueError, TypeError):
         pass
-    try:
-        pid_s, _, start = (d / "owner").read_text().partition(" ")
-        pid = int(pid_s)
-    except (OSError, ValueError):
-        return False
-    return start_time(pid) == start and start != ""
+    return owner_alive(d)
 
 
 class LiveIds(set[str]):

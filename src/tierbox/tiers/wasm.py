@@ -36,7 +36,9 @@ CPU budget: ``WasmTier(fuel=N)`` or ``TIERBOX_WASM_FUEL=N`` sets N fuel units
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import functools
 import itertools
 import json
 import os
@@ -96,6 +98,8 @@ from tierbox.wasm.runner import fuel_budget, run_wasi
 FUEL_PER_CPU_S = 2_000_000_000
 FUEL_ENV = "TIERBOX_WASM_FUEL"
 USAGE_PREFIX = "wasm-usage."
+#: sandbox directories made ahead and reused (tiers/_state.py)
+_SLOTS = _state.DirSlots()
 #: The largest module ``exec`` reads from inside a sandbox (it is compiled in memory).
 MAX_SANDBOX_MODULE_BYTES = 256 * MIB
 #: Modules from inside one sandbox remembered (by path and inode) between execs.
@@ -154,6 +158,7 @@ class WasmInstance(DirectoryFiles, Instance):
         self._ooms = 0
         self._serial = next(_serials)  # names this object's usage record
         self._root_dir: RootDir | None = None
+        self._usage_fd = -1
         #: running commands: a number of tierbox's own -> argv (no pids in WASI)
         self._commands: dict[int, list[str]] = {}
         #: runs going on now, whose linear memory sample() reads
@@ -214,6 +219,8 @@ class WasmInstance(DirectoryFiles, Instance):
         timeout = req.timeout(self.spec.limits.timeout_s)
         token = next(_serials)
         with self._lock:
+            if self._closed:
+                raise SandboxClosedError(f"sandbox {self.id} is closed")
             self._running += 1
             self._commands[token] = list(argv)
 
@@ -299,21 +306,28 @@ class WasmInstance(DirectoryFiles, Instance):
     # this is on every exec's path), so that `tierbox sandbox stats` in another
     # process sees what every exec used.
 
+    def _usage_name(self) -> str:
+        return f"{USAGE_PREFIX}{os.getpid()}-{self._serial}"
+
     def _record_usage(self) -> None:
+        # the file is opened once and kept (an open and a close per exec cost
+        # ~30 us on a disk-backed /run); written under the lock, which close()
+        # takes to close it, so a write never lands in a reused descriptor
         with self._lock:
+            if self._closed:
+                return
             record = f"{self._peak} {self._cpu_s:.6f} {self._ooms}".encode().ljust(64)
-        try:
-            fd = os.open(
-                self.root.parent / f"{USAGE_PREFIX}{os.getpid()}-{self._serial}",
-                os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
-                0o644,
-            )
-        except OSError:
-            return  # closed meanwhile
-        try:
-            os.pwrite(fd, record, 0)
-        finally:
-            os.close(fd)
+            if self._usage_fd < 0:
+                try:
+                    self._usage_fd = os.open(
+                        self.root.parent / self._usage_name(),
+                        os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                        0o644,
+                    )
+                except OSError:
+                    return
+            with contextlib.suppress(OSError):
+                os.pwrite(self._usage_fd, record, 0)
 
     def _recorded_usage(self) -> tuple[int, float, int]:
         """Sum of every process's record: peak memory, CPU seconds, OOM kills."""
@@ -420,9 +434,27 @@ class WasmInstance(DirectoryFiles, Instance):
             # at their next epoch tick, as a SIGKILL would stop them
             for run in self._live.values():
                 run.cancel()
-        # the directory goes off the caller's path (tiers/teardown.py)
+            if self._usage_fd >= 0:
+                os.close(self._usage_fd)
+                self._usage_fd = -1
+            # a command still running holds the directory open: it is not
+            # handed to another sandbox (commands count themselves in under
+            # this lock, or see the sandbox closed)
+            reusable = self._running == 0
+        # the directory is kept for the next create if the workload left it
+        # as made (a check and a rename, ~0.1 ms: here, since handing it to
+        # the teardown thread costs more), else deleted off the caller's
+        # path (tiers/teardown.py)
         directory = self.root.parent
-        teardown.later(f"sandbox {self.id}", lambda: shutil.rmtree(directory, ignore_errors=True))
+        if (
+            reusable
+            and self.root == directory / "root"
+            and _SLOTS.give_back(directory, extra=[self._usage_name()])
+        ):
+            return None
+        teardown.later(
+            f"sandbox {self.id}", functools.partial(shutil.rmtree, directory, ignore_errors=True)
+        )
         return None
 
 
@@ -503,11 +535,8 @@ class WasmTier(Tier):
         workload = resolve_workload(spec.image) if spec.image else None
         if workload is not None:
             _check_memory(workload, spec)
-        sandbox_id = _state.new_id()
-        root = _state.make_dir(sandbox_id) / "root"
+        sandbox_id, root = _SLOTS.take()  # root/ with an empty tmp/: every sandbox has a /tmp
         try:
-            root.mkdir()
-            (root / "tmp").mkdir(mode=0o1777)  # every tier's sandbox has a /tmp
             if workload is not None:
                 workload.populate(root)
         except BaseException:
