@@ -11,6 +11,7 @@ goes anywhere else.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_network
-from tests.conftest import TIERBOX, require_image, require_tier, wait_until
+from tests.conftest import TIERBOX, cli, require_image, require_tier, wait_until
 from tests.test_network import Lab, _gateway_leftovers, _host_links, _host_tables
 from tierbox import make_spec
 from tierbox.errors import SpecError
@@ -320,3 +321,32 @@ def test_ports_need_egress(tier: VMTier) -> None:
     spec = make_spec(IMAGE, memory_mib=256, ports=["80"])
     with pytest.raises(SpecError, match="needs network=egress"):
         tier.create(spec)
+
+
+def test_vm_create_from_the_cli_with_egress(tier: VMTier, testnet: Lab) -> None:
+    """`tierbox vm create --network egress --allow ...`: the VM outlives the
+    command that made it with its NIC working; `vm rm` removes the gateway."""
+    name = f"tbnet{secrets.token_hex(4)}"
+    allow = f"{testnet.allowed_ip}:{testnet.port}"
+    p = cli("vm", "create", name, "--network", "egress", "--allow", allow, timeout=300)
+    assert p.returncode == 0, p.stderr
+    try:
+        gc = cli("gc", "--json")  # the VM lives on without its creator: nothing of it is reaped
+        assert gc.returncode == 0 and name.encode() not in gc.stdout, gc.stdout
+        for addr, answered in ((testnet.allowed_ip, True), (testnet.denied_ip, False)):
+            script = (
+                f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout {CLIENT_TIMEOUT_S} "
+                f"nc {addr} {testnet.port} | head -c 15"
+            )
+            r = cli("vm", "exec", name, "--", "sh", "-c", script, timeout=120)
+            assert (b"200 OK" in r.stdout) is answered, (addr, r.stdout, r.stderr)
+    finally:
+        rm = cli("vm", "rm", name, timeout=300)
+    assert rm.returncode == 0, rm.stderr
+    assert _gateway_leftovers({name}) == []
+    assert _passt_leftovers({name}) == []
+
+
+def test_vm_create_from_the_cli_refuses_bad_network_input(tier: VMTier) -> None:
+    p = cli("vm", "create", "tbnetbad", "--network", "egress", "--allow", "nope", timeout=60)
+    assert p.returncode != 0 and b"nope" in p.stderr, p.stderr

@@ -26,12 +26,17 @@ from rich.table import Column, Table
 
 from tierbox.cli_common import (
     PASSTHROUGH,
+    AllowOpt,
+    DnsOpt,
     EnvOpt,
     JsonOpt,
+    NetOpt,
+    PublishOpt,
     emit_result,
     err,
     fail,
     fmt_mib,
+    network_options,
     out,
     parse_env,
     workload_argv,
@@ -111,12 +116,17 @@ def vm_create(
         str, typer.Option("--timeout", help="Default wall-clock limit of each exec.")
     ] = "60s",
     env: EnvOpt = None,
+    network: NetOpt = "none",
+    allow: AllowOpt = None,
+    dns: DnsOpt = False,
+    publish: PublishOpt = None,
     cold: Annotated[
         bool, typer.Option("--cold", help="Cold-boot even where a saved template exists.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Define and start a VM (a libvirt domain called NAME); it lives until `vm rm`."""
+    """Define and start a VM (a libvirt domain called NAME); it lives until `vm rm`.
+    With `--network egress` it gets a NIC that reaches only the `--allow` list."""
     try:
         spec = make_spec(
             image,
@@ -126,6 +136,7 @@ def vm_create(
             timeout_s=parse_duration_s(timeout),
             disk_mib=parse_memory_mib(disk) if disk else None,
             env=parse_env(env),
+            **network_options(network, allow, dns, publish),
         )
         tier = _tier()
         inst = tier.create_vm(spec, name=name, persistent=True, template=False if cold else None)
