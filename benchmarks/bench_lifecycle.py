@@ -46,6 +46,7 @@ from _common import Promise, enter_runtime_namespace, p50, report
 from bench_core import raw_bundle
 from tierbox import make_spec
 from tierbox.errors import TierboxError
+from tierbox.host.cgroups import CGROUP_ROOT, own_paths
 from tierbox.spec import DEFAULT_PATH, Limits, SandboxSpec
 from tierbox.tiers import get_tier, oci, teardown
 from tierbox.tiers.base import Instance
@@ -449,7 +450,13 @@ def main() -> int:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        for d in Path("/sys/fs/cgroup").glob(f"*/{RAW_CGROUP}"):  # the parent crun made
+        # the parent crun made for the relative cgroupsPath: at the top of a
+        # controller or under this process's own cgroup there
+        parents = [*CGROUP_ROOT.glob(f"*/{RAW_CGROUP}")]
+        for ctrl, path in own_paths().items():
+            d = CGROUP_ROOT / (ctrl.removeprefix("name=") or "unified") / path.lstrip("/")
+            parents.append(d / RAW_CGROUP)
+        for d in parents:
             with contextlib.suppress(OSError):
                 d.rmdir()
     return report(promises) or int(bool(failed))

@@ -99,6 +99,12 @@ def _thread_home() -> dict[str, str]:
     return home
 
 
+def own_paths() -> dict[str, str]:
+    """The calling thread's cgroup per controller (v1 names, ``""`` for
+    cgroup2): where a runtime puts a relative ``cgroupsPath``."""
+    return dict(_thread_home())
+
+
 @cache
 def _v1_mounted() -> tuple[str, ...]:
     return tuple(c for c in V1_CONTROLLERS if (CGROUP_ROOT / c).is_dir())
