@@ -434,7 +434,8 @@ class Tier(abc.ABC):
 
     def check_spec(self, spec: SandboxSpec) -> None:
         """What every tier refuses the same way, checked once: too little
-        memory, a network policy or published ports the tier cannot give."""
+        memory, a network policy or published ports the tier cannot give,
+        published ports without egress (the interface they arrive through)."""
         mem = spec.limits.memory_mib
         least = self.capabilities.min_memory_mib
         if mem is not None and mem < least:
@@ -453,6 +454,12 @@ class Tier(abc.ABC):
             raise NotSupportedError(
                 f"the {self.name} tier cannot publish ports: drop ports=, "
                 f"or use a tier that can ({', '.join(can) or 'none'})"
+            )
+        if spec.ports and not isinstance(spec.network, Egress):
+            raise SpecError(
+                f"publishing ports on the {self.name} tier needs network=egress "
+                "(an empty allow-list lets nothing out): "
+                f"network={mode.value} has no interface to publish on"
             )
 
     def prepare(self, spec: SandboxSpec) -> SandboxSpec:

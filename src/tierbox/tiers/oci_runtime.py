@@ -382,17 +382,6 @@ class OciTier(Tier):
     tty_console_socket = True
     seccomp = True
 
-    def check_spec(self, spec: SandboxSpec) -> None:
-        """As every tier, and: published ports need an egress sandbox (it
-        has the interface and gateway they arrive through)."""
-        super().check_spec(spec)
-        if spec.ports and not isinstance(spec.network, Egress):
-            raise SpecError(
-                f"publishing ports on the {self.name} tier needs network=egress "
-                "(an empty allow-list lets nothing out): "
-                f"network={spec.network_mode.value} has no interface to publish on"
-            )
-
     def prepare(self, spec: SandboxSpec) -> SandboxSpec:
         """As every tier, and the gateway's rules built once from the pinned
         allow-list, so an entry the gateway cannot carry (IPv6 only) is

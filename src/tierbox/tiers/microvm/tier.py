@@ -27,7 +27,6 @@ from tierbox.errors import (
     AgentTimeoutError,
     HostError,
     SandboxError,
-    SpecError,
     TierUnavailableError,
 )
 from tierbox.host.cgroups import SandboxCgroup, cgroup_version
@@ -168,17 +167,6 @@ class MicroVMTier(RestoreOps, Tier):
             image_env=disk.env if disk is not None else {},
             image_workdir=disk.workdir if disk is not None else None,
         )
-
-    def check_spec(self, spec: SandboxSpec) -> None:
-        """As every tier, and: published ports need egress (the NIC and
-        gateway they arrive through)."""
-        super().check_spec(spec)
-        if spec.ports and not isinstance(spec.network, Egress):
-            raise SpecError(
-                "publishing ports on the microvm tier needs network=egress "
-                "(an empty allow-list lets nothing out): "
-                f"network={spec.network_mode.value} has no interface to publish on"
-            )
 
     def _create(self, spec: SandboxSpec) -> MicroVMInstance:
         if qemu.qemu_path() is None:

@@ -34,7 +34,6 @@ from tierbox.errors import (
     TierboxError,
 )
 from tierbox.host.runner import which
-from tierbox.network import Egress
 from tierbox.paths import MARKER
 from tierbox.spec import SandboxSpec
 from tierbox.tiers import _state
@@ -143,17 +142,6 @@ class VMTier(TemplateOps, RecordOps, Tier):
         return self._accel.choice()
 
     # ---- create ---------------------------------------------------------------------------
-    def check_spec(self, spec: SandboxSpec) -> None:
-        """As every tier, and: published ports need egress (the NIC and
-        gateway they arrive through)."""
-        super().check_spec(spec)
-        if spec.ports and not isinstance(spec.network, Egress):
-            raise SpecError(
-                "publishing ports on the vm tier needs network=egress "
-                "(an empty allow-list lets nothing out): "
-                f"network={spec.network_mode.value} has no interface to publish on"
-            )
-
     def _create(self, spec: SandboxSpec) -> VMInstance:
         return self.create_vm(spec)
 
