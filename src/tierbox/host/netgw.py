@@ -578,16 +578,7 @@ class Gateway:
         """pasta forks to the background once set up: its first process
         exits then, having written the daemon's pid."""
         try:
-            try:
-                _out, err = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _out, err = proc.communicate()
-                raise exit_error(
-                    proc, message=f"pasta for {self._what} was not up in 10 s", log=err
-                ) from None
-            if proc.returncode != 0:
-                raise exit_error(proc, message=f"cannot start pasta for {self._what}", log=err)
+            wait_forked(proc, f"pasta for {self._what}", timeout_s=10)
             try:
                 pid = int(pid_file.read_text().strip())
             except (OSError, ValueError) as exc:
@@ -694,6 +685,20 @@ def namespaces() -> list[str]:
     except OSError:
         return []
     return sorted(n for n in names if n.startswith((SANDBOX_PREFIX, ROUTER_PREFIX)))
+
+
+def wait_forked(proc: subprocess.Popen[bytes], what: str, *, timeout_s: float) -> None:
+    """Wait for a program that goes to the background once set up (pasta,
+    passt): its first process exits then; a failure or a hang is raised
+    with its stderr."""
+    try:
+        _out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _out, err = proc.communicate()
+        raise exit_error(proc, message=f"{what} was not up in {timeout_s:g} s", log=err) from None
+    if proc.returncode != 0:
+        raise exit_error(proc, message=f"cannot start {what}", log=err)
 
 
 def reap(live: Iterable[str]) -> list[str]:

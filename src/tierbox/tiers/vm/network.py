@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from tierbox.errors import HostError, SpecError
 from tierbox.host import netgw
-from tierbox.host.runner import exit_error, require, spawn
+from tierbox.host.runner import require, spawn
 from tierbox.network import Egress
 from tierbox.spec import SandboxSpec
 from tierbox.tiers.vm.shared import sockets_dir
@@ -175,16 +175,7 @@ def _start_passt(gw: netgw.Gateway, passt: str, d: Path, ports: list[int]) -> in
             stderr=subprocess.PIPE,
             message=f"cannot start {what}",
         )
-        try:
-            _out, err = proc.communicate(timeout=PASST_START_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _out, err = proc.communicate()
-            raise exit_error(
-                proc, message=f"{what} was not up in {PASST_START_S:.0f} s", log=err
-            ) from None
-        if proc.returncode != 0:
-            raise exit_error(proc, message=f"cannot start {what}", log=err)
+        netgw.wait_forked(proc, what, timeout_s=PASST_START_S)
 
     netgw.in_netns(Path(gw.netns_path), run_inside)
     deadline = time.monotonic() + PASST_START_S
