@@ -119,10 +119,18 @@ class DirSlots:
     def _as_made(d: Path, extra: Sequence[str]) -> bool:
         """Only ``owner`` (this process's), ``root/tmp/`` empty, and ``extra``."""
         try:
-            if set(os.listdir(d)) - {"owner", "root", *extra}:
+            if set(os.listdir(d)) - {"owner", "root", *extra}:  # tierbox's own directory
                 return False
-            if os.listdir(d / "root") != ["tmp"] or os.listdir(d / "root" / "tmp"):
+            # root/ is the workload's: read at most two entries, follow no link
+            with os.scandir(d / "root") as it:
+                entries = [e for _, e in zip(range(2), it, strict=False)]
+            if len(entries) != 1 or entries[0].name != "tmp":
                 return False
+            if not entries[0].is_dir(follow_symlinks=False):
+                return False
+            with os.scandir(d / "root" / "tmp") as it:
+                if next(it, None) is not None:
+                    return False
             pid = os.getpid()
             return (d / "owner").read_text() == f"{pid} {start_time(pid)}"
         except OSError:
