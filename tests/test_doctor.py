@@ -32,7 +32,8 @@ MIB = 1 << 20
 #: scenario -> (memshape arguments, extra limits, the cause doctor must name)
 SCENARIOS: dict[str, tuple[list[str], dict[str, Any], Cause]] = {
     "leak": (["leak", "4", "100"], {}, Cause.LEAK),  # 4 MiB per 100 ms
-    "spike": (["spike", "1000", "100"], {}, Cause.SPIKE),  # steady 1 s, then 100 MiB at once
+    # steady 2 s, then 100 MiB at once (a loaded host can take over a second to show it)
+    "spike": (["spike", "2000", "100"], {}, Cause.SPIKE),
     "working_set": (["workingset", "80", "8", "40"], {}, Cause.WORKING_SET_TOO_LARGE),
     "child_oom": (["childoom", "100"], {}, Cause.CHILD_OOM),
     "cpu": (["cpu", "3"], {"cpus": 0.2, "timeout_s": 3}, Cause.CPU_THROTTLED),

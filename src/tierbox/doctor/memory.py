@@ -9,8 +9,8 @@ The series is split where the growth that ended at the peak began:
   slope is an ordinary least-squares fit (numpy) with its standard error.
 - **spike**: memory was steady for at least :data:`STEADY_MIN_S`, then rose
   to the peak in less time than it had been steady and in under
-  :data:`LEAK_MIN_S` or over fewer than :data:`LEAK_MIN_POINTS` samples: one
-  large allocation after normal running.
+  :data:`LEAK_MIN_S`, over fewer than :data:`LEAK_MIN_POINTS` samples or in
+  bursts no line fits: one large allocation after normal running.
 - **working set too large**: memory climbed to the limit quickly from the
   start (loading what it works on), or ran for :data:`PLATEAU_MIN_S` within
   :data:`PLATEAU_FRACTION` of the limit before a small rise pushed it over.
@@ -168,8 +168,11 @@ def shape(points: list[tuple[float, float]], limit_mib: float | None) -> Shape:
                 **common,  # type: ignore[arg-type]
             )
     # fewer samples than a line needs is one allocation too, however long a
-    # loaded host (or a TCG guest touching its pages) took to show it
-    sudden = growth_s < LEAK_MIN_S or e - first < LEAK_MIN_POINTS
+    # loaded host (or a TCG guest touching its pages) took to show it; so is a
+    # rise in bursts that no line fits (a sandbox whose page faults stalled)
+    sudden = (
+        growth_s < LEAK_MIN_S or e - first < LEAK_MIN_POINTS or fit is None or fit.r2 < LEAK_MIN_R2
+    )
     if steady_s >= STEADY_MIN_S and sudden and growth_s <= steady_s:
         return Shape(
             "spike",
