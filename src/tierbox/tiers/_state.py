@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import mmap
 import os
 import re
 import secrets
@@ -17,11 +18,34 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tierbox.errors import SandboxNotFoundError, UsageError
 from tierbox.host.pinned import start_time
 from tierbox.paths import sandboxes_dir
+
+_mark: tuple[int, str] = (0, "")
+
+
+def own_mark() -> str:
+    """``"<pid> <start time>"`` of this process, as owner files hold it
+    (kept per pid: a process's start time never changes, and reading it from
+    /proc costs ~20 us on every create and close)."""
+    global _mark
+    pid = os.getpid()
+    if _mark[0] != pid:
+        _mark = (pid, f"{pid} {start_time(pid)}")
+    return _mark[1]
+
+
+def _read_owner(d: Path | str) -> str:
+    """``d/owner``, read with bare os calls: a text-mode open costs ~20 us
+    here, and this is on every wasm create and close."""
+    fd = os.open(f"{d}/owner", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 256).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def new_id() -> str:
@@ -42,13 +66,25 @@ def make_dir(sandbox_id: str) -> Path:
         return final
     tmp = final.with_name(f".new-{sandbox_id}")
     tmp.mkdir(parents=True)
-    pid = os.getpid()
-    (tmp / "owner").write_text(f"{pid} {start_time(pid)}")
+    (tmp / "owner").write_text(own_mark())
     os.rename(tmp, final)
     return final
 
 
 SLOT_PREFIX = ".slot-"
+
+
+class Record(NamedTuple):
+    """A small file of tierbox's own in a sandbox directory, open and mapped
+    for writing (a write to ``view`` is a store to memory, no system call)."""
+
+    fd: int
+    name: str
+    view: mmap.mmap
+
+    def close(self) -> None:
+        self.view.close()
+        os.close(self.fd)
 
 
 class DirSlots:
@@ -65,25 +101,35 @@ class DirSlots:
     KEEP = 4
 
     def __init__(self) -> None:
-        self._ready: list[Path] = []
+        self._ready: list[str] = []
+        #: per kept slot: an open record file in it, handed to the next sandbox
+        #: with the directory (creating and deleting a file costs ~40 us here)
+        self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
         self._closed = False
         atexit.register(self.close_all)
         os.register_at_fork(after_in_child=self._forget)
 
-    def take(self) -> tuple[str, Path]:
-        """A new sandbox id and its directory's ``root/``."""
+    # (paths are handled as str here: each pathlib operation costs a few
+    # microseconds, and a wasm create and close make a dozen of them)
+
+    def take(self) -> tuple[str, Path, Record | None]:
+        """A new sandbox id, its directory's ``root/``, and the record file
+        the slot kept (None: none yet)."""
         sandbox_id = new_id()
-        final = sandbox_dir(sandbox_id)
         while True:
             with self._lock:
                 slot = self._ready.pop() if self._ready else None
+                record = self._records.pop(slot, None) if slot is not None else None
             if slot is None:
                 break
+            final = f"{os.path.dirname(slot)}/{sandbox_id}"
             try:
                 os.rename(slot, final)
-                return sandbox_id, final / "root"
+                return sandbox_id, Path(final, "root"), record
             except OSError:
+                if record is not None:
+                    record.close()
                 shutil.rmtree(slot, ignore_errors=True)
         root = make_dir(sandbox_id) / "root"
         try:
@@ -92,47 +138,54 @@ class DirSlots:
         except BaseException:
             remove_dir(sandbox_id)
             raise
-        return sandbox_id, root
+        return sandbox_id, root, None
 
-    def give_back(self, d: Path, *, extra: Sequence[str] = ()) -> bool:
+    def give_back(
+        self, d: Path, *, extra: Sequence[str] = (), record: Record | None = None
+    ) -> bool:
         """Keep a closed sandbox's directory for a later ``take`` if it is as
-        made (``extra``: files of this process's own that may be dropped);
-        False: not kept, the caller deletes it. ~0.1 ms."""
-        if not self._closed and self._as_made(d, extra):
+        made (``extra``: files of this process's own that may be dropped;
+        ``record``: one to keep, open, for the next sandbox, its content
+        already cleared); False: not kept, the caller deletes the directory
+        and closes ``record``. ~0.1 ms."""
+        path = os.fspath(d)
+        kept = [record.name] if record is not None else []
+        if not self._closed and self._as_made(path, [*extra, *kept]):
             for name in extra:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(d / name)
+                    os.unlink(f"{path}/{name}")
             with self._lock:
                 keep = not self._closed and len(self._ready) < self.KEEP
                 if keep:
-                    slot = d.with_name(f"{SLOT_PREFIX}{new_id()}")
+                    slot = f"{os.path.dirname(path)}/{SLOT_PREFIX}{new_id()}"
                     try:
-                        os.rename(d, slot)
+                        os.rename(path, slot)
                     except OSError:
                         keep = False
                     else:
                         self._ready.append(slot)
+                        if record is not None:
+                            self._records[slot] = record
             return keep
         return False
 
     @staticmethod
-    def _as_made(d: Path, extra: Sequence[str]) -> bool:
+    def _as_made(d: str, extra: Sequence[str]) -> bool:
         """Only ``owner`` (this process's), ``root/tmp/`` empty, and ``extra``."""
         try:
             if set(os.listdir(d)) - {"owner", "root", *extra}:  # tierbox's own directory
                 return False
             # root/ is the workload's: read at most two entries, follow no link
-            with os.scandir(d / "root") as it:
+            with os.scandir(f"{d}/root") as it:
                 entries = [e for _, e in zip(range(2), it, strict=False)]
             if len(entries) != 1 or entries[0].name != "tmp":
                 return False
             if not entries[0].is_dir(follow_symlinks=False):
                 return False
-            with os.scandir(d / "root" / "tmp") as it:
+            with os.scandir(f"{d}/root/tmp") as it:
                 if next(it, None) is not None:
                     return False
-            pid = os.getpid()
-            return (d / "owner").read_text() == f"{pid} {start_time(pid)}"
+            return _read_owner(d) == own_mark()
         except OSError:
             return False
 
@@ -141,19 +194,26 @@ class DirSlots:
         with self._lock:
             self._closed = True
             ready, self._ready = self._ready, []
+            records, self._records = self._records, {}
+        for record in records.values():
+            record.close()
         for slot in ready:
             shutil.rmtree(slot, ignore_errors=True)
 
     def _forget(self) -> None:
         """A forked child owns none of its parent's directories."""
+        for record in self._records.values():
+            with contextlib.suppress(OSError):
+                record.close()
         self._lock = threading.Lock()
         self._ready = []
+        self._records = {}
 
 
 def owner_alive(d: Path) -> bool:
     """The process named by ``d/owner`` still runs (same start time)."""
     try:
-        pid_s, _, start = (d / "owner").read_text().partition(" ")
+        pid_s, _, start = _read_owner(d).partition(" ")
         pid = int(pid_s)
     except (OSError, ValueError):
         return False
@@ -163,8 +223,7 @@ def owner_alive(d: Path) -> bool:
 def claim(sandbox_id: str) -> None:
     """Mark the sandbox as owned by this process. ``tierbox gc`` treats a
     sandbox whose owner died (and that is not kept) as a leftover."""
-    pid = os.getpid()
-    (sandbox_dir(sandbox_id) / "owner").write_text(f"{pid} {start_time(pid)}")
+    (sandbox_dir(sandbox_id) / "owner").write_text(own_mark())
 
 
 def retire(sandbox_id: str) -> None:
@@ -174,9 +233,9 @@ def retire(sandbox_id: str) -> None:
     the process lives and reaps what is left if it dies."""
     d = sandbox_dir(sandbox_id)
     pid = os.getpid()
-    mine = f"{pid} {start_time(pid)}"
+    mine = own_mark()
     try:
-        if (d / "owner").read_text() != mine:
+        if _read_owner(d) != mine:
             tmp = d / f"owner.{pid}"
             tmp.write_text(mine)
             os.replace(tmp, d / "owner")

@@ -50,6 +50,8 @@ from tierbox.wasm.modules import WASM_PAGE, WasmModule, first_line
 
 #: Output files up to this size are left for the next run's open (which truncates).
 _KEEP_BYTES = MIB
+#: What the first read of an output file asks for (most output is smaller).
+_FIRST_READ = 64 * 1024
 
 #: Native signal that best matches each trap, so shell status and `describe()`
 #: read like a crashed process: unreachable (abort()) -> SIGABRT, bad memory
@@ -225,12 +227,12 @@ def _run_guarded(
             except wasmtime.WasmtimeError as exc:
                 raise _instantiate_error(module, limits, exc) from exc
             else:
-                exports = instance.exports(store)
-                start = exports["_start"]
+                export = _exports(store, instance)
+                start = export("_start")
                 assert isinstance(start, wasmtime.Func)
-                grown = exports.get("memory")
-                if isinstance(grown, wasmtime.Memory):  # sampled at each tick
-                    run.memory, run.store = grown, store
+                memory = export("memory")
+                if isinstance(memory, wasmtime.Memory):  # sampled at each tick
+                    run.memory, run.store = memory, store
                     run.measure()
                 try:
                     start(store)
@@ -241,11 +243,10 @@ def _run_guarded(
                     trap = exc
                 except Exception as exc:  # WasmtimeError from the epoch callback, or stray
                     error = exc
-                memory = exports.get("memory")
                 if isinstance(memory, wasmtime.Memory):
                     memory_bytes = memory.data_len(store)
                 if module.grow_counted:
-                    refusals = _grow_refusals(exports, store)
+                    refusals = _grow_refusals(export, store)
             with contextlib.suppress(wasmtime.WasmtimeError):
                 fuel_left = store.get_fuel()
         finally:
@@ -258,8 +259,9 @@ def _run_guarded(
         run.stream()  # what the guest wrote after the last tick
     duration = time.monotonic() - started
     cpu_s = time.thread_time() - cpu_started
-    stdout, out_over = _read_capped(out_path, cap)
-    stderr, err_over = _read_capped(err_path, cap)
+    out_fd, err_fd = scratch.output_readers(out_path, err_path)
+    stdout, out_over = _read_capped(out_fd, out_path, cap)
+    stderr, err_over = _read_capped(err_fd, err_path, cap)
     fuel_used = max(0, budget - fuel_left)
     term = _classify(
         run=run,
@@ -287,29 +289,27 @@ def _run_guarded(
     return WasiRun(result=result, memory_bytes=memory_bytes, cpu_s=cpu_s)
 
 
-def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
-    """At most ``cap`` bytes of the file, and whether there was more; then empty it."""
-    try:
-        if os.stat(path).st_size == 0:  # most stderr: one call instead of three
-            return b"", False
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b"", False
-    try:
-        size = os.fstat(fd).st_size
-        want = min(size, cap)
-        chunks = []
-        while want > 0:
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            want -= len(chunk)
-    finally:
-        os.close(fd)
+def _read_capped(fd: int, path: str, cap: int) -> tuple[bytes, bool]:
+    """At most ``cap`` bytes of the file open as ``fd``, and whether there was
+    more; a large file is emptied afterwards. Most output fits the first read,
+    so a run's output costs one system call per stream."""
+    first = min(cap + 1, _FIRST_READ)
+    data = os.pread(fd, first, 0)
+    if len(data) < first:
+        return data, False
+    size = os.fstat(fd).st_size
+    chunks = [data]
+    got = len(data)
+    while got < min(size, cap + 1):
+        chunk = os.pread(fd, min(size, cap + 1) - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
     if size > _KEEP_BYTES:
         os.truncate(path, 0)  # give a flood's space back now, not at the next run
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks), size > cap
+    out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return out[:cap], got > cap or size > cap
 
 
 def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -> Exception:
@@ -321,22 +321,38 @@ def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -
     return SandboxError(f"{module.source} could not be instantiated: {text}")
 
 
-def _grow_refusals(exports: Any, store: wasmtime.Store) -> GrowRefusals | None:
+def _exports(store: wasmtime.Store, instance: wasmtime.Instance) -> Callable[[str], Any]:
+    """Look up ``instance``'s exports one by one (through the C API when
+    tierbox's private calls load: wrapping all of them costs more)."""
+    api = control.c_api()
+    if api is None:
+        return instance.exports(store).get
+    return lambda name: api.export(store, instance, name.encode())
+
+
+def _grow_refusals(export: Callable[[str], Any], store: wasmtime.Store) -> GrowRefusals | None:
     """The counters the rewritten module kept, read before its Store goes
     (the sizes only when something was refused: each read is a host call)."""
-    count = exports.get(growtrack.COUNT)
-    if not isinstance(count, wasmtime.Global):
-        return None
-    if count.value(store) == 0:
-        return GrowRefusals(count=0, last_pages=0, max_pages=0)
-    values = []
-    for name in growtrack.EXPORTS:
-        g = exports.get(name)
+    api = control.c_api()
+
+    def read(name: str) -> int | None:
+        g = export(name)
         if not isinstance(g, wasmtime.Global):
             return None
+        if api is not None:
+            return api.global_i64(store, g)
         value = g.value(store)
-        values.append(int(value) if isinstance(value, int) else 0)
-    return GrowRefusals(count=values[0], last_pages=values[1], max_pages=values[2])
+        return int(value) if isinstance(value, int) else None
+
+    count = read(growtrack.COUNT)
+    if count is None:
+        return None
+    if count == 0:
+        return GrowRefusals(count=0, last_pages=0, max_pages=0)
+    values = [read(name) for name in growtrack.EXPORTS]
+    if any(v is None for v in values):
+        return None
+    return GrowRefusals(count=values[0] or 0, last_pages=values[1] or 0, max_pages=values[2] or 0)
 
 
 def _oom_suspected(

@@ -30,6 +30,17 @@ used, and why:
     The ``wasmtime_store_t*`` the deadline callback is set on. Public in name
     (``Managed.ptr``) but a raw pointer meant for wasmtime-py's own calls.
 
+``wasmtime._ffi.wasmtime_instance_export_get``, ``wasmtime._ffi.wasmtime_extern_t``,
+``wasmtime._extern.wrap_extern``, ``Instance._instance``, ``Store._context()``
+    One export by name. The public ``Instance.exports(store)`` wraps every
+    export of the instance (~28 us for a small module with tierbox's counters,
+    more than a tenth of a whole small run); a run needs two or three of them.
+
+``wasmtime._ffi.wasmtime_global_get``, ``wasmtime._ffi.wasmtime_val_t``,
+``wasmtime._ffi.WASMTIME_I64``, ``Global._global``
+    An integer global's value: ``Global.value`` goes through the general
+    ``Val`` conversion (~6 us); tierbox reads its i64 counter after every run.
+
 :func:`problems` checks each of these against the installed wasmtime (names,
 C symbols, and the C signatures wasmtime-py itself declares for them);
 ``tests/test_wasmtime_private.py`` fails on any change, naming it. Without
@@ -74,7 +85,7 @@ def _dll() -> ctypes.CDLL:
 
 
 class CApi:
-    """The three C calls, typed the way tierbox calls them."""
+    """The C calls, typed the way tierbox calls them."""
 
     def __init__(self) -> None:
         dll = _dll()
@@ -86,6 +97,14 @@ class CApi:
             (SYMBOLS[2], dll)
         )
         self._no_finalizer = _Finalizer()  # a NULL function pointer
+        from wasmtime import _extern, _ffi
+
+        self._export_get = _ffi.wasmtime_instance_export_get
+        self._extern_t = _ffi.wasmtime_extern_t
+        self._wrap = _extern.wrap_extern
+        self._global_get = _ffi.wasmtime_global_get
+        self._val_t = _ffi.wasmtime_val_t
+        self._i64 = _ffi.WASMTIME_I64.value
 
     def set_deadline_callback(self, store: wasmtime.Store, callback: Any, data: int) -> None:
         """Call ``callback`` (a :data:`DeadlineCallback`) with ``data`` each
@@ -96,6 +115,21 @@ class CApi:
         """A new ``wasmtime_error_t*``: the deadline callback's "stop"."""
         result: int | None = self._error_new(message)
         return result
+
+    def export(self, store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> Any:
+        """``instance``'s export ``name`` (a Func, Memory, Global, ...), or None."""
+        item = self._extern_t()
+        found = self._export_get(
+            store._context(), ctypes.byref(instance._instance), name, len(name), ctypes.byref(item)
+        )
+        return self._wrap(item) if found else None
+
+    def global_i64(self, store: wasmtime.Store, g: wasmtime.Global) -> int | None:
+        """The value of an i64 global (None: it is of another type)."""
+        raw = self._val_t()
+        self._global_get(store._context(), ctypes.byref(g._global), ctypes.byref(raw))
+        kind: Any = raw.kind  # ctypes gives an int for a c_uint8 field
+        return int(raw.of.i64) if kind == self._i64 else None
 
     def stop_at_next_check(self, caller: wasmtime.Caller) -> None:
         """From inside a host call: the guest traps at its next function entry
@@ -132,6 +166,33 @@ def problems() -> list[str]:
     ptr = getattr(wasmtime.Store, "ptr", None)
     if not callable(ptr):
         found.append("wasmtime.Store.ptr() is gone (the Store's wasmtime_store_t*)")
+    if not callable(getattr(wasmtime.Store, "_context", None)):
+        found.append("wasmtime.Store._context() is gone (the Store's wasmtime_context_t*)")
+    found += _export_names()
+    return found
+
+
+def _export_names() -> list[str]:
+    """What :meth:`CApi.export` uses of wasmtime-py's internals."""
+    found: list[str] = []
+    try:
+        from wasmtime import _extern, _ffi
+    except ImportError as exc:
+        return [f"wasmtime._ffi or wasmtime._extern is gone: {exc}"]
+    for name in (
+        "wasmtime_instance_export_get",
+        "wasmtime_extern_t",
+        "wasmtime_global_get",
+        "wasmtime_val_t",
+        "WASMTIME_I64",
+    ):
+        if not hasattr(_ffi, name):
+            found.append(f"wasmtime._ffi.{name} is gone (an export by name, a global's value)")
+    if not callable(getattr(_extern, "wrap_extern", None)):
+        found.append("wasmtime._extern.wrap_extern is gone (a C extern as a Python object)")
+    for cls, attr in ((wasmtime.Instance, "_instance"), (wasmtime.Global, "_global")):
+        if attr not in getattr(cls, "__annotations__", {}):
+            found.append(f"wasmtime.{cls.__name__} no longer declares {attr} (its C handle)")
     return found
 
 
