@@ -90,7 +90,7 @@ from tierbox.wasm import engine as eng
 from tierbox.wasm.control import RunControl
 from tierbox.wasm.images import Workload, import_wasm, resolve_workload
 from tierbox.wasm.modules import WasmModule
-from tierbox.wasm.runner import fuel_budget, run_wasi
+from tierbox.wasm.runner import WasiRun, fuel_budget, run_wasi
 
 #: Fuel per CPU-second used to turn ``cpus * timeout_s`` into a fuel budget:
 #: wasmtime's fuel is roughly one unit per Wasm instruction; this is a round
@@ -234,6 +234,7 @@ class WasmInstance(DirectoryFiles, Instance):
             self._live[token] = run
             on_start(run)
 
+        run: WasiRun | None = None
         try:
             run = run_wasi(
                 module,
@@ -254,12 +255,12 @@ class WasmInstance(DirectoryFiles, Instance):
                 self._running -= 1
                 self._commands.pop(token, None)
                 self._live.pop(token, None)
-        oom = run.result.termination.kind is TerminationKind.OOM_KILLED
-        with self._lock:
-            self._peak = max(self._peak, run.memory_bytes)
-            self._cpu_s += run.cpu_s
-            self._ooms += oom
-        self._record_usage()
+                if run is not None:
+                    self._peak = max(self._peak, run.memory_bytes)
+                    self._cpu_s += run.cpu_s
+                    self._ooms += run.result.termination.kind is TerminationKind.OOM_KILLED
+                    self._write_usage()
+        assert run is not None
         return run.result
 
     def _sandbox_module(self, name: str) -> WasmModule | OSError:
@@ -312,19 +313,18 @@ class WasmInstance(DirectoryFiles, Instance):
     # this is on every exec's path), so that `tierbox sandbox stats` in another
     # process sees what every exec used.
 
-    def _record_usage(self) -> None:
-        # the file is opened once and kept (an open and a close per exec cost
-        # ~30 us on a disk-backed /run); written under the lock, which close()
-        # takes to give it up, so a write never lands in a reused descriptor
-        with self._lock:
-            if self._closed:
-                return
-            text = f"{self._peak} {self._cpu_s:.6f} {self._ooms}"
+    def _write_usage(self) -> None:
+        """Under the lock, which close() takes to give the record up, so a
+        write never lands in a record handed to another sandbox. The file is
+        opened once and kept (an open and a close per exec cost ~30 us on a
+        disk-backed /run) and mapped (a write is then a store to memory)."""
+        if self._closed:
+            return
+        if self._usage is None:
+            self._usage = _open_usage(self.root.parent)
             if self._usage is None:
-                self._usage = _open_usage(self.root.parent)
-                if self._usage is None:
-                    return
-            self._usage.view[:] = _usage_bytes(text)
+                return
+        self._usage.view[:] = _usage_bytes(f"{self._peak} {self._cpu_s:.6f} {self._ooms}")
 
     def _recorded_usage(self) -> tuple[int, float, int]:
         """Sum of every process's record: peak memory, CPU seconds, OOM kills."""

@@ -63,10 +63,14 @@ def precise_stops() -> bool:
 _shutting_down = False
 
 
+_wake_lock = threading.Lock()
+
+
 class RunControl:
     """What the epoch callback needs to decide whether one run goes on."""
 
     __slots__ = (
+        "_wake",
         "cap",
         "deadline",
         "exit_code",
@@ -79,7 +83,6 @@ class RunControl:
         "sinks",
         "stop_reason",
         "store",
-        "wake",
     )
 
     def __init__(self, *, timeout_s: float | None, outputs: tuple[str, ...], cap: int) -> None:
@@ -91,7 +94,7 @@ class RunControl:
         # KeyboardInterrupt (Ctrl-C, or the CLI's SIGTERM) caught in a callback on this
         # run's thread: the run stops and run_wasi raises it once the Store is gone.
         self.interrupt: BaseException | None = None
-        self.wake = threading.Event()  # interrupts a guest sleeping in poll_oneoff
+        self._wake: threading.Event | None = None
         self.key = 0
         #: per output file: a callback for what the guest wrote since the last tick
         self.sinks: tuple[Callable[[bytes], object] | None, ...] = ()
@@ -102,6 +105,18 @@ class RunControl:
         self.memory: wasmtime.Memory | None = None
         self.store: wasmtime.Store | None = None
         self.memory_bytes = 0
+
+    @property
+    def wake(self) -> threading.Event:
+        """Set to interrupt a guest sleeping in poll_oneoff; made on first
+        use (most runs never sleep nor are stopped, and an Event costs ~2 us)."""
+        wake = self._wake
+        if wake is None:
+            with _wake_lock:
+                if self._wake is None:
+                    self._wake = threading.Event()
+                wake = self._wake
+        return wake
 
     def measure(self) -> None:
         """Note the linear memory's size (called on the run's thread)."""

@@ -171,7 +171,8 @@ def _run_guarded(
     on_start: Callable[[control.RunControl], object] | None,
     preopens: Sequence[tuple[str, str, bool]],
 ) -> WasiRun:
-    out_path, err_path, in_path = scratch.stdio_files(scratch.thread_dir())
+    files = scratch.thread_files()
+    out_path, err_path, in_path = files.stdout, files.stderr, files.stdin
     cap = limits.output_bytes
     run = control.RunControl(timeout_s=timeout_s, outputs=(out_path, err_path), cap=cap)
     if any(sinks):
@@ -227,6 +228,7 @@ def _run_guarded(
             except wasmtime.WasmtimeError as exc:
                 raise _instantiate_error(module, limits, exc) from exc
             else:
+                api = control.c_api()
                 export = _exports(store, instance)
                 start = export("_start")
                 assert isinstance(start, wasmtime.Func)
@@ -235,7 +237,10 @@ def _run_guarded(
                     run.memory, run.store = memory, store
                     run.measure()
                 try:
-                    start(store)
+                    if api is not None:
+                        api.call_nullary(store, start)  # _start is () -> (): checked at link
+                    else:
+                        start(store)
                     exit_code = 0
                 except wasmtime.ExitTrap as exc:
                     exit_code = exc.code
@@ -259,9 +264,8 @@ def _run_guarded(
         run.stream()  # what the guest wrote after the last tick
     duration = time.monotonic() - started
     cpu_s = time.thread_time() - cpu_started
-    out_fd, err_fd = scratch.output_readers(out_path, err_path)
-    stdout, out_over = _read_capped(out_fd, out_path, cap)
-    stderr, err_over = _read_capped(err_fd, err_path, cap)
+    stdout, out_over = _read_capped(files.stdout_fd, out_path, cap)
+    stderr, err_over = _read_capped(files.stderr_fd, err_path, cap)
     fuel_used = max(0, budget - fuel_left)
     term = _classify(
         run=run,

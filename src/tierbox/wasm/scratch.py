@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from tierbox.errors import SandboxError
 
@@ -54,37 +55,42 @@ def thread_dir() -> Path:
     return local
 
 
-def stdio_files(scratch: Path) -> tuple[str, str, str]:
-    """Paths of the stdout, stderr and stdin files in a thread's scratch directory."""
-    files: tuple[str, str, str] | None = getattr(_tls, "files", None)
-    if files is None or not files[0].startswith(str(scratch)):
-        base = str(scratch)
-        files = (f"{base}/stdout", f"{base}/stderr", f"{base}/stdin")
-        _tls.files = files
-    return files
+class ThreadFiles(NamedTuple):
+    """A thread's stdout, stderr and stdin file paths, and read-only
+    descriptors of the first two, opened once and kept: each run's open
+    truncates the same files (one inode each), so reading output back costs a
+    ``pread`` rather than stat, open, read and close (system calls cost
+    several microseconds each in a VM)."""
+
+    stdout: str
+    stderr: str
+    stdin: str
+    stdout_fd: int
+    stderr_fd: int
 
 
-def output_readers(out_path: str, err_path: str) -> tuple[int, int]:
-    """Read-only descriptors of this thread's stdout and stderr files, opened
-    once and kept: each run's open truncates the same files (one inode each),
-    so reading back costs a ``pread`` instead of stat, open, read and close,
-    system calls that cost several microseconds each in a VM."""
-    kept: tuple[str, int, int] | None = getattr(_tls, "readers", None)
-    if kept is not None and kept[0] == out_path:
-        return kept[1], kept[2]
-    if kept is not None:  # a new scratch directory (after a fork): not ours any more
-        for fd in kept[1:]:
+def thread_files() -> ThreadFiles:
+    """This thread's :class:`ThreadFiles` in its scratch directory."""
+    files: ThreadFiles | None = getattr(_tls, "files", None)
+    if files is not None and _tls.files_pid == _scratch_pid == os.getpid():
+        return files
+    if files is not None:  # made before a fork: the child makes its own
+        for fd in (files.stdout_fd, files.stderr_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        _tls.files = None
+    base = str(thread_dir())
+    out, err = f"{base}/stdout", f"{base}/stderr"
     flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC
-    out_fd = os.open(out_path, flags, 0o600)
+    out_fd = os.open(out, flags, 0o600)
     try:
-        err_fd = os.open(err_path, flags, 0o600)
+        err_fd = os.open(err, flags, 0o600)
     except BaseException:
         os.close(out_fd)
         raise
-    _tls.readers = (out_path, out_fd, err_fd)
-    return out_fd, err_fd
+    files = ThreadFiles(out, err, f"{base}/stdin", out_fd, err_fd)
+    _tls.files, _tls.files_pid = files, _scratch_pid
+    return files
 
 
 def one_shot_root() -> Path:

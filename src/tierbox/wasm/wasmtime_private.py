@@ -36,6 +36,14 @@ used, and why:
     export of the instance (~28 us for a small module with tierbox's counters,
     more than a tenth of a whole small run); a run needs two or three of them.
 
+``wasmtime._ffi.wasmtime_func_call``, ``wasmtime._func.enter_wasm``,
+``WasmtimeError._from_ptr``, ``Func._func``
+    A call of ``_start``, which every linked module has as () -> ():
+    ``Func.__call__`` first builds the function's type and parameter arrays
+    (~5 us); the call goes through wasmtime-py's own ``enter_wasm``, so traps,
+    ``proc_exit`` and exceptions raised in host calls come out as they do
+    from ``Func.__call__``.
+
 ``wasmtime._ffi.wasmtime_global_get``, ``wasmtime._ffi.wasmtime_val_t``,
 ``wasmtime._ffi.WASMTIME_I64``, ``Global._global``
     An integer global's value: ``Global.value`` goes through the general
@@ -97,12 +105,14 @@ class CApi:
             (SYMBOLS[2], dll)
         )
         self._no_finalizer = _Finalizer()  # a NULL function pointer
-        from wasmtime import _extern, _ffi
+        from wasmtime import _extern, _ffi, _func
 
         self._export_get = _ffi.wasmtime_instance_export_get
         self._extern_t = _ffi.wasmtime_extern_t
         self._wrap = _extern.wrap_extern
         self._global_get = _ffi.wasmtime_global_get
+        self._func_call = _ffi.wasmtime_func_call
+        self._enter_wasm = _func.enter_wasm
         self._val_t = _ffi.wasmtime_val_t
         self._i64 = _ffi.WASMTIME_I64.value
 
@@ -123,6 +133,15 @@ class CApi:
             store._context(), ctypes.byref(instance._instance), name, len(name), ctypes.byref(item)
         )
         return self._wrap(item) if found else None
+
+    def call_nullary(self, store: wasmtime.Store, func: wasmtime.Func) -> None:
+        """``func(store)`` for a function () -> (), raising what ``Func.__call__`` would."""
+        with self._enter_wasm(store) as trap:
+            error = self._func_call(
+                store._context(), ctypes.byref(func._func), None, 0, None, 0, trap
+            )
+            if error:
+                raise wasmtime.WasmtimeError._from_ptr(error)
 
     def global_i64(self, store: wasmtime.Store, g: wasmtime.Global) -> int | None:
         """The value of an i64 global (None: it is of another type)."""
@@ -180,6 +199,7 @@ def _export_names() -> list[str]:
     except ImportError as exc:
         return [f"wasmtime._ffi or wasmtime._extern is gone: {exc}"]
     for name in (
+        "wasmtime_func_call",
         "wasmtime_instance_export_get",
         "wasmtime_extern_t",
         "wasmtime_global_get",
@@ -190,7 +210,17 @@ def _export_names() -> list[str]:
             found.append(f"wasmtime._ffi.{name} is gone (an export by name, a global's value)")
     if not callable(getattr(_extern, "wrap_extern", None)):
         found.append("wasmtime._extern.wrap_extern is gone (a C extern as a Python object)")
-    for cls, attr in ((wasmtime.Instance, "_instance"), (wasmtime.Global, "_global")):
+    from wasmtime import _func
+
+    if not callable(getattr(_func, "enter_wasm", None)):
+        found.append("wasmtime._func.enter_wasm is gone (how a call's trap becomes an exception)")
+    if not callable(getattr(wasmtime.WasmtimeError, "_from_ptr", None)):
+        found.append("wasmtime.WasmtimeError._from_ptr is gone (a C error as an exception)")
+    for cls, attr in (
+        (wasmtime.Instance, "_instance"),
+        (wasmtime.Global, "_global"),
+        (wasmtime.Func, "_func"),
+    ):
         if attr not in getattr(cls, "__annotations__", {}):
             found.append(f"wasmtime.{cls.__name__} no longer declares {attr} (its C handle)")
     return found
