@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import mmap
 import os
@@ -87,6 +88,9 @@ class Record(NamedTuple):
         os.close(self.fd)
 
 
+_slot_names = itertools.count(1)
+
+
 class DirSlots:
     """Sandbox directories made ahead: owned by this process, holding
     ``root/`` with an empty ``tmp/``, under a hidden name (``.slot-<id>``)
@@ -157,7 +161,8 @@ class DirSlots:
             with self._lock:
                 keep = not self._closed and len(self._ready) < self.KEEP
                 if keep:
-                    slot = f"{os.path.dirname(path)}/{SLOT_PREFIX}{new_id()}"
+                    # unique: the pid and a count (no random bytes to draw)
+                    slot = f"{os.path.dirname(path)}/{SLOT_PREFIX}{os.getpid()}-{next(_slot_names)}"
                     try:
                         os.rename(path, slot)
                     except OSError:

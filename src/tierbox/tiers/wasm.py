@@ -443,11 +443,7 @@ class WasmInstance(DirectoryFiles, Instance):
         directory = self.root.parent
         if usage is not None:  # cleared for whoever gets the directory next
             usage.view[:] = _usage_bytes("")
-        if (
-            reusable
-            and self.root == directory / "root"
-            and _SLOTS.give_back(directory, record=usage)
-        ):
+        if reusable and self.root.name == "root" and _SLOTS.give_back(directory, record=usage):
             return None
         if usage is not None:
             usage.close()
@@ -557,8 +553,7 @@ class WasmTier(Tier):
         _check_spec(spec)
         fuel = self.fuel
         workload = resolve_workload(spec.image) if spec.image else None
-        if workload is not None:
-            _check_memory(workload, spec)
+        module = _check_memory(workload, spec) if workload is not None else None
         # root/ with an empty tmp/ (every sandbox has a /tmp), perhaps a usage record
         sandbox_id, root, record = _SLOTS.take()
         try:
@@ -572,8 +567,7 @@ class WasmTier(Tier):
         inst = WasmInstance(
             sandbox_id, spec, workload, root, fuel=fuel, fuel_per_cpu_s=self.fuel_per_cpu_s
         )
-        if record is not None:
-            inst._usage = record
+        inst._usage, inst._module = record, module
         return inst
 
     def _run(
@@ -672,7 +666,8 @@ class WasmTier(Tier):
         return scratch.reap()
 
 
-def _check_memory(workload: Workload, spec: SandboxSpec) -> None:
+def _check_memory(workload: Workload, spec: SandboxSpec) -> WasmModule:
+    """The workload's module, if it can start within the memory limit."""
     limit = spec.limits.memory_mib
     module = workload.module()
     if limit is not None and module.min_memory_bytes > limit * MIB:
@@ -680,6 +675,7 @@ def _check_memory(workload: Workload, spec: SandboxSpec) -> None:
             f"{workload.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB "
             f"of linear memory at start but memory_mib={limit}: raise the memory limit"
         )
+    return module
 
 
 # ------------------------------------------------------------------------ CLI

@@ -310,8 +310,9 @@ def _read_capped(fd: int, path: str, cap: int) -> tuple[bytes, bool]:
             break
         chunks.append(chunk)
         got += len(chunk)
-    if size > _KEEP_BYTES:
-        os.truncate(path, 0)  # give a flood's space back now, not at the next run
+    if size > _KEEP_BYTES:  # give a flood's space back now, not at the next run
+        with contextlib.suppress(FileNotFoundError):  # removed at interpreter exit
+            os.truncate(path, 0)
     out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     return out[:cap], got > cap or size > cap
 
