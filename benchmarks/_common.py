@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -32,6 +33,37 @@ def enter_runtime_namespace() -> None:
                 *sys.argv[1:],
             ],
         )
+
+
+def count_args(doc: str | None, *args: tuple[str, type, float, str]) -> list[float]:
+    """Positional numbers from the command line (``script.py [N] ...``), each
+    ``(name, type, default, help)``, with ``--help`` from the script's docstring."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, kind, default, text in args:
+
+        def positive(value: str, kind: type = kind, name: str = name) -> float:
+            try:
+                number = kind(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{name} must be a number, not {value!r}"
+                ) from None
+            if number <= 0:
+                raise argparse.ArgumentTypeError(f"{name} must be positive, not {value}")
+            return number  # type: ignore[no-any-return]
+
+        parser.add_argument(
+            name, nargs="?", type=positive, default=default, help=f"{text} (default: {default})"
+        )
+    ns = parser.parse_args()
+    return [getattr(ns, name) for name, *_ in args]
+
+
+def runs_arg(doc: str | None, default: int, text: str = "measured runs per side") -> int:
+    """``script.py [N]``: how many runs, with ``--help`` from the docstring."""
+    return int(count_args(doc, ("N", int, default, text))[0])
 
 
 def interleaved(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, report
+from _common import Promise, report, runs_arg
 from tierbox.build.buildah import Buildah, choose_runtime, version
 from tierbox.build.builder import BuildOptions, build_image
 from tierbox.errors import ImageNotFoundError
@@ -46,7 +46,7 @@ def timed_build(context: Path, bh: Buildah) -> tuple[float, int, int]:
 
 
 def main() -> int:
-    warm_runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    warm_runs = runs_arg(__doc__, 5)
     store = default_store()
     try:
         store.resolve("python:3.11")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, enter_runtime_namespace, interleaved, p50, p95, report
+from _common import Promise, enter_runtime_namespace, interleaved, p50, p95, report, runs_arg
 from tierbox import make_spec
 from tierbox.images.store import default_store
 from tierbox.spec import DEFAULT_PATH
@@ -62,7 +62,7 @@ def raw_bundle(
 
 def main() -> int:
     enter_runtime_namespace()
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    n = runs_arg(__doc__, 60)
     promises: list[Promise] = []
     root = Path(tempfile.mkdtemp(prefix="tierbox-bench-state-"))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, interleaved, p50, report
+from _common import Promise, interleaved, p50, report, runs_arg
 from tierbox.images.store import default_store
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import get_tier
@@ -47,7 +47,7 @@ def _unjailed(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    n = runs_arg(__doc__, 10)
     tier = get_tier("microvm")
     assert isinstance(tier, MicroVMTier)
     a = tier.available()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import p50, p95
+from _common import p50, p95, runs_arg
 from tierbox.images.store import default_store
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import get_tier
@@ -117,7 +117,7 @@ def raw_restore(tier: MicroVMTier, snap_dir: Path, machine: qemu.Machine) -> flo
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+    n = runs_arg(__doc__, 7)
     tier = get_tier("microvm")
     a = tier.available()
     if not a.available:

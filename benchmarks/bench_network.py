@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, p50, p95, report
+from _common import Promise, p50, p95, report, runs_arg
 from tierbox import Sandbox
 from tierbox.errors import TierboxError
 from tierbox.network import Egress
@@ -118,7 +118,7 @@ def measure(server: Server, n: int) -> dict[str, list[float]]:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    n = runs_arg(__doc__, 30)
     server = Server()
     try:
         times = measure(server, n)

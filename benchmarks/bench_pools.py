@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import p50, p95
+from _common import count_args, p50, p95
 from tierbox import Sandbox
 from tierbox.images.store import default_store
 from tierbox.pools import Pool
@@ -216,8 +216,10 @@ def steady_load(duration_s: float, rate_per_s: float = 5.0, skip_s: float = 10.0
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    load_s = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
+    n_f, load_s = count_args(
+        __doc__, ("N", int, 20, "measured runs"), ("LOAD_S", float, 60.0, "seconds of load")
+    )
+    n = int(n_f)
     default_store().ensure_busybox()
     lines: list[Line] = []
     tier = get_tier("microvm")

@@ -23,14 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, interleaved, p50, p95, report
+from _common import Promise, interleaved, p50, p95, report, runs_arg
 from tierbox import make_spec
 from tierbox.spec import SandboxSpec
 from tierbox.tiers import Instance, get_tier
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    n = runs_arg(__doc__, 40)
     tier = get_tier("process")
     specs = {
         net: tier.prepare(make_spec(None, memory_mib=128, pids=64, timeout_s=30, network=net))

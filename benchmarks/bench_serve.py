@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, interleaved, p50, p95, report
+from _common import Promise, interleaved, p50, p95, report, runs_arg
 from tierbox import Client, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +173,7 @@ def dashboard_promise(d: Daemon) -> list[Promise]:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    n = runs_arg(__doc__, 100)
     _wasm_image()
     d = Daemon()
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, interleaved, p50, p95, report
+from _common import Promise, interleaved, p50, p95, report, runs_arg
 from tierbox import Sandbox, make_spec
 from tierbox.errors import TierboxError
 from tierbox.tiers import get_tier
@@ -107,7 +107,7 @@ def overhead(tier: str, image: str | None, n: int) -> tuple[float, float, float]
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    n = runs_arg(__doc__, 40)
     promises: list[Promise] = []
     print("write -> callback latency (one way)")
     cases = [("process", None), ("container", "busybox"), ("gvisor", "busybox")]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, p50, p95, report
+from _common import Promise, p50, p95, report, runs_arg
 from tierbox.spec import Limits, SandboxSpec
 from tierbox.tiers import get_tier
 from tierbox.tiers.vm import VMInstance, VMTier
@@ -53,7 +53,7 @@ def timed_create(tier: VMTier, *, template: bool) -> float:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    n = runs_arg(__doc__, 5)
     tier = get_tier("vm")
     assert isinstance(tier, VMTier)
     a = tier.available()

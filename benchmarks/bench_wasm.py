@@ -26,9 +26,11 @@ from pathlib import Path
 
 import wasmtime
 
+import tierbox
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Promise, interleaved, p50, p95, report
+from _common import Promise, interleaved, p50, p95, report, runs_arg
 from tierbox import make_spec
 from tierbox.errors import TierboxError
 from tierbox.spec import Limits, SandboxSpec
@@ -123,7 +125,9 @@ def bench_hello(n: int) -> list[Promise]:
 
 def bench_vs_container(tier: WasmTier, spec: SandboxSpec, n: int) -> list[Promise]:
     """The wasm one-shot against the container tier's one-shot of the same
-    trivial job (busybox /bin/true), interleaved in one run."""
+    trivial job (busybox /bin/true), interleaved in one run. The container is
+    timed until its background teardown is done (as in bench_lifecycle.py):
+    its whole cost, and none of it left to slow the next wasm run."""
     container = get_tier("container")
     if not container.available().available:
         print(f"container tier unavailable: {container.available().reason}")
@@ -132,7 +136,10 @@ def bench_vs_container(tier: WasmTier, spec: SandboxSpec, n: int) -> list[Promis
     t = interleaved(
         {
             "wasm one-shot hello": lambda: tier.run(spec, ["hello", "0"]),
-            "container one-shot true": lambda: container.run(cspec, ["/bin/true"]),
+            "container one-shot true": lambda: (
+                container.run(cspec, ["/bin/true"]),
+                tierbox.wait_closed(),
+            ),
         },
         n,
     )
@@ -213,7 +220,7 @@ def bench_idle_rss(count: int) -> Promise:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    n = runs_arg(__doc__, 300)
     print(f"wasm tier benchmarks: wasmtime {engine.wasmtime_version()}, {os.cpu_count()} CPUs")
     promises = bench_hello(n)
     promises.append(
