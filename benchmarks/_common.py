@@ -67,19 +67,28 @@ def runs_arg(doc: str | None, default: int, text: str = "measured runs per side"
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], n: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]],
+    n: int,
+    warmup: int = 3,
+    settle: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Time each fn n times, alternating between them so that machine noise
-    hits all of them alike. Returns seconds per call."""
+    hits all of them alike. Returns seconds per call. ``settle``, untimed
+    after each call, waits for work a call left running in the background
+    (a teardown), so that it is not timed as part of the next call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            if settle is not None:
+                settle()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(n):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             out[name].append(time.perf_counter() - t0)
+            if settle is not None:
+                settle()
     return out
 
 

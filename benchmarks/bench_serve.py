@@ -27,18 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Promise, interleaved, p50, p95, report, runs_arg
-from tierbox import Client, Sandbox
+from tierbox import Client, Sandbox, wait_closed
+from tierbox.paths import sandboxes_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-WASM_IMAGE = "tierbox-server-toolbox:latest"
 
 
 def _wasm_image() -> str:
-    """The tests' WASI toolbox image (built and imported once)."""
+    """The contract suite's WASI toolbox image (built and imported once)."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_server import wasm_image
+    from tests.tiers.test_contract import _toolbox_image
 
-    return wasm_image()
+    return _toolbox_image()
 
 
 def _free_port() -> int:
@@ -87,8 +87,18 @@ class Daemon:
 
 
 def cycle_promises(d: Daemon, n: int) -> list[Promise]:
+    """Both sides close with their teardown in the background (this process's
+    and the daemon's); each cycle is timed until its close returns, and both
+    teardowns are waited for, untimed, before the next cycle starts."""
     client = Client(str(d.socket), api_key=d.key)
     out: list[Promise] = []
+    closed: list[str] = []
+
+    def settle() -> None:
+        wait_closed()
+        while closed:
+            _wait_torn_down(closed.pop())
+
     for tier, image, argv, runs in (
         ("container", "busybox", ["true"], max(10, n // 4)),
         ("wasm", _wasm_image(), ["toolbox", "echo", "x"], n),
@@ -103,8 +113,9 @@ def cycle_promises(d: Daemon, n: int) -> list[Promise]:
             sb = client.sandboxes.create(image, tier=tier, memory_mib=64)
             assert sb.run(argv).ok
             sb.close()
+            closed.append(sb.id)
 
-        t = interleaved({"in-process": local, "daemon": remote}, runs, warmup=5)
+        t = interleaved({"in-process": local, "daemon": remote}, runs, warmup=5, settle=settle)
         a, b = p50(t["in-process"]), p50(t["daemon"])
         print(
             f"{tier}: create -> first exec result -> delete, n={runs}: "
@@ -120,6 +131,17 @@ def cycle_promises(d: Daemon, n: int) -> list[Promise]:
     return out
 
 
+def _wait_torn_down(sandbox_id: str, timeout_s: float = 60.0) -> None:
+    """Until the daemon's teardown of ``sandbox_id`` is done: its directory
+    gone from the sandboxes directory and from the trash it is deleted in."""
+    base = sandboxes_dir()
+    give_up = time.monotonic() + timeout_s
+    while (base / sandbox_id).exists() or any((base / ".trash").glob(f"{sandbox_id}-*")):
+        if time.monotonic() > give_up:
+            raise SystemExit(f"the daemon's teardown of {sandbox_id} took over {timeout_s} s")
+        time.sleep(0.001)
+
+
 def dashboard_promise(d: Daemon) -> list[Promise]:
     chromium, driver_path = "/usr/bin/chromium", "/usr/bin/chromedriver"
     if not (os.path.exists(chromium) and os.path.exists(driver_path)):
@@ -130,7 +152,8 @@ def dashboard_promise(d: Daemon) -> list[Promise]:
     from selenium.webdriver.common.by import By
 
     client = Client(str(d.socket), api_key=d.key)
-    made = [client.sandboxes.create(WASM_IMAGE, tier="wasm", memory_mib=16) for _ in range(200)]
+    image = _wasm_image()
+    made = [client.sandboxes.create(image, tier="wasm", memory_mib=16) for _ in range(200)]
     profile = tempfile.mkdtemp(prefix="tierbox-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
