@@ -42,10 +42,14 @@ def leftovers(ids: set[str]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--tier", default="container")
-    ap.add_argument("--cycles", type=int, default=1000)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--tier", default="container", help="the tier (default: container)")
+    ap.add_argument("--cycles", type=int, default=1000, help="how many (default: 1000)")
     args = ap.parse_args()
+    if args.cycles < 1:
+        ap.error(f"--cycles must be positive, not {args.cycles}")
     image = None if args.tier == "process" else "busybox"
     ids: set[str] = set()
     closes: list[float] = []

@@ -398,8 +398,13 @@ def show(tier: str, ours: Side, raw: Side | None) -> None:
 
 def main() -> int:
     enter_runtime_namespace()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--runs", type=int, default=None, help="cycles per side (default: RUNS)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    per_tier = ", ".join(f"{t} {n}" for t, (n, _) in RUNS.items())
+    ap.add_argument(
+        "--runs", type=int, default=None, help=f"cycles per side (default per tier: {per_tier})"
+    )
     ap.add_argument("--execs", type=int, default=3, help="execs after the first, per cycle")
     ap.add_argument("--tiers", default=",".join(TIERS), help="comma-separated tiers")
     ap.add_argument("--quick", action="store_true", help="fewer cycles (2 on microvm and vm)")
