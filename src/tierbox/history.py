@@ -249,24 +249,41 @@ def flush(timeout_s: float = 10.0) -> None:
 
 
 def write_record(record: dict[str, Any]) -> Path:
-    d = history_dir()
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = d / f"{record['started_ns']:020d}-{record['run_id']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, separators=(",", ":"))
-    os.replace(tmp, path)
-    return path
+    # bare os calls on bytes encoded first: this runs after every command,
+    # on a thread that competes with the caller's for the GIL (~0.16 ms with
+    # a text-mode file and pathlib, about half that now)
+    d = str(history_dir())
+    data = json.dumps(record, separators=(",", ":")).encode()
+    name = f"{record['started_ns']:020d}-{record['run_id']}.json"
+    tmp = f"{d}/.{name}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, f"{d}/{name}")
+    return Path(d, name)
 
 
 def prune(keep: int = MAX_RUNS) -> int:
-    """Delete all but the newest ``keep`` records; returns how many went."""
-    files = _files()
+    """Delete all but the newest ``keep`` records; returns how many went.
+    Names sort by start time, so one listing of names is enough (no stat,
+    no pathlib: ~4 ms for 220 records with glob and Path objects)."""
+    d = str(history_dir())
+    try:
+        names = sorted(n for n in os.listdir(d) if n.endswith(".json") and n[:1] != ".")
+    except FileNotFoundError:
+        return 0
     gone = 0
-    for old in files[: max(0, len(files) - keep)]:
+    for name in names[: max(0, len(names) - keep)]:
         with contextlib.suppress(OSError):
-            old.unlink()
+            os.unlink(f"{d}/{name}")
             gone += 1
     return gone
 
