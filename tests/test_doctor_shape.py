@@ -48,3 +48,12 @@ def test_a_late_slow_even_climb_is_not_a_spike() -> None:
     # steady 0.5 s, then a 2 s climb a line fits: a leak, not one allocation
     got = shape(_series([5.0] * 5 + [5.0 + 3 * i for i in range(1, 21)]), 64)
     assert got.kind == "leak", got.to_dict()
+
+
+def test_a_long_stepwise_rise_after_a_long_steady_phase_is_not_a_spike() -> None:
+    # steady 10 s, then three uneven steps over 5.6 s: no line fits them, but
+    # no single allocation takes that long
+    steady = [8.0] * 100
+    stairs = [32.0] * 30 + [46.0] * 25 + [64.0] * 5
+    got = shape(_series(steady + stairs), 64)
+    assert got.kind != "spike", got.to_dict()

@@ -3,6 +3,7 @@ the built-in CPython and MicroPython images, limits, escapes and bad input."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tierbox.errors import (
     UnsupportedImageError,
     UsageError,
 )
+from tierbox.runloop import drive
 from tierbox.spec import ExecResult, Limits, NetworkPolicy, SandboxSpec, TerminationKind
 from tierbox.tiers import _state, get_tier
 from tierbox.tiers.wasm import WasmInstance, WasmTier
@@ -179,6 +182,54 @@ def test_a_sandbox_directory_is_reused_only_as_it_was_made(guest: Guests) -> Non
         assert not (second.root.parent).exists()  # written to: deleted, not kept
     finally:
         third.close()
+
+
+def test_a_directory_another_instance_still_runs_in_is_not_handed_on(guest: Guests) -> None:
+    """Two Instance objects of one sandbox (as two processes attached to it
+    have): one closing while the other runs a command must not hand the
+    directory to a new sandbox, where that command would go on writing."""
+    tier = WasmTier()
+    first = tier.create(spec(guest("sleeper")))
+    other = tier.attach(first.id, first.state())
+    cmd = other.start(["sleeper", "2"])
+    pump = cmd.pump()
+    pump.interests()  # the command starts, on a thread of its own
+    deadline = time.monotonic() + 10
+    while not other.processes():
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.005)
+    inode = first.root.parent.stat().st_ino
+    first.close()
+    assert wait_closed(timeout_s=30)
+    wasm_mod = sys.modules[WasmTier.__module__]
+    kept = [os.stat(slot).st_ino for slot in wasm_mod._SLOTS._ready]
+    assert inode not in kept, "a directory with a command still running in it was kept for reuse"
+    drive(pump)
+    assert cmd.result().ok
+    other.close()
+    assert wait_closed(timeout_s=30)
+
+
+def test_commands_on_threads_of_their_own_leave_no_descriptors(guest: Guests) -> None:
+    """Background commands each run on a thread of their own; the output
+    descriptors a run keeps per thread go with the thread."""
+    inst = WasmTier().create(spec(guest("fileops")))
+    try:
+        for _ in range(5):  # the tier's own threads and files, made once
+            cmd = inst.start(["fileops", "ls", "/"])
+            drive(cmd.pump())
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(60):
+            cmd = inst.start(["fileops", "ls", "/"])
+            drive(cmd.pump())
+            assert cmd.result().ok
+        deadline = time.monotonic() + 10
+        while len(os.listdir("/proc/self/fd")) > before + 4 and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= before + 4, (before, os.listdir("/proc/self/fd"))
+    finally:
+        inst.close()
 
 
 SLOT_SCRIPT = textwrap.dedent(

@@ -10,7 +10,8 @@ The series is split where the growth that ended at the peak began:
 - **spike**: memory was steady for at least :data:`STEADY_MIN_S`, then rose
   to the peak in less time than it had been steady and in under
   :data:`LEAK_MIN_S`, over fewer than :data:`LEAK_MIN_POINTS` samples or in
-  bursts no line fits: one large allocation after normal running.
+  bursts no line fits within :data:`SPIKE_MAX_S`: one large allocation
+  after normal running.
 - **working set too large**: memory climbed to the limit quickly from the
   start (loading what it works on), or ran for :data:`PLATEAU_MIN_S` within
   :data:`PLATEAU_FRACTION` of the limit before a small rise pushed it over.
@@ -32,6 +33,10 @@ LEAK_MIN_R2 = 0.9
 #: the largest single step a leak may have, as a share of the whole rise
 LEAK_MAX_STEP = 0.35
 STEADY_MIN_S = 0.3
+#: the longest a rise in bursts may take and still be one allocation (a
+#: stalled sandbox showing it slowly); longer, stepwise growth is a leak
+#: or loading, not a spike
+SPIKE_MAX_S = 3.0
 PLATEAU_MIN_S = 1.0
 PLATEAU_FRACTION = 0.85
 
@@ -171,7 +176,10 @@ def shape(points: list[tuple[float, float]], limit_mib: float | None) -> Shape:
     # loaded host (or a TCG guest touching its pages) took to show it; so is a
     # rise in bursts that no line fits (a sandbox whose page faults stalled)
     sudden = (
-        growth_s < LEAK_MIN_S or e - first < LEAK_MIN_POINTS or fit is None or fit.r2 < LEAK_MIN_R2
+        growth_s < LEAK_MIN_S
+        or e - first < LEAK_MIN_POINTS
+        or fit is None
+        or (fit.r2 < LEAK_MIN_R2 and growth_s <= SPIKE_MAX_S)
     )
     if steady_s >= STEADY_MIN_S and sudden and growth_s <= steady_s:
         return Shape(

@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import itertools
 import json
-import mmap
 import os
 import re
 import secrets
@@ -53,6 +52,19 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
+_base: tuple[str | None, str] = ("", "")
+
+
+def _sandboxes_path() -> str:
+    """``sandboxes_dir()`` as a str, kept while $TIERBOX_RUN stays the same
+    (the wasm tier's create asks for it every time; pathlib costs ~5 us)."""
+    global _base
+    key = os.environ.get("TIERBOX_RUN")
+    if _base[0] != key or not _base[1]:
+        _base = (key, str(sandboxes_dir()))
+    return _base[1]
+
+
 def sandbox_dir(sandbox_id: str) -> Path:
     return sandboxes_dir() / sandbox_id
 
@@ -76,15 +88,14 @@ SLOT_PREFIX = ".slot-"
 
 
 class Record(NamedTuple):
-    """A small file of tierbox's own in a sandbox directory, open and mapped
-    for writing (a write to ``view`` is a store to memory, no system call)."""
+    """A small file of tierbox's own in a sandbox directory, open for
+    writing by process ``pid``."""
 
     fd: int
     name: str
-    view: mmap.mmap
+    pid: int
 
     def close(self) -> None:
-        self.view.close()
         os.close(self.fd)
 
 
@@ -93,8 +104,9 @@ _slot_names = itertools.count(1)
 
 class DirSlots:
     """Sandbox directories made ahead: owned by this process, holding
-    ``root/`` with an empty ``tmp/``, under a hidden name (``.slot-<id>``)
-    that ``tierbox gc`` removes once this process is gone.
+    ``root/`` with an empty ``tmp/`` (and perhaps this process's blanked
+    usage record, open), under a hidden name (``.slot-<pid>-<n>``) that
+    ``tierbox gc`` removes once this process is gone.
 
     Why: on a disk-backed ``/run`` making a sandbox directory costs ~0.5 ms
     and removing one 0.5-0.9 ms, more than a whole small Wasm run; so a
@@ -127,7 +139,7 @@ class DirSlots:
                 record = self._records.pop(slot, None) if slot is not None else None
             if slot is None:
                 break
-            final = f"{os.path.dirname(slot)}/{sandbox_id}"
+            final = f"{_sandboxes_path()}/{sandbox_id}"
             try:
                 os.rename(slot, final)
                 return sandbox_id, Path(final, "root"), record

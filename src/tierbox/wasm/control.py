@@ -49,9 +49,10 @@ _C = wasmtime_private.load()
 _csignal: Any = importlib.import_module("_signal")
 
 
-def c_api() -> wasmtime_private.CApi | None:
-    """tierbox's calls into wasmtime's C API, or None without them."""
-    return _C
+def fast_api() -> wasmtime_private.CApi | None:
+    """tierbox's faster export lookups and calls through wasmtime's C API,
+    or None without them (the public wasmtime-py calls then run)."""
+    return _C if _C is not None and _C.fast else None
 
 
 def precise_stops() -> bool:
@@ -64,6 +65,15 @@ _shutting_down = False
 
 
 _wake_lock = threading.Lock()
+
+
+def _new_wake_lock() -> None:
+    """A forked child's lock: the parent's may have been held at the fork."""
+    global _wake_lock
+    _wake_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_wake_lock)
 
 
 class RunControl:

@@ -228,7 +228,7 @@ def _run_guarded(
             except wasmtime.WasmtimeError as exc:
                 raise _instantiate_error(module, limits, exc) from exc
             else:
-                api = control.c_api()
+                api = control.fast_api()
                 export = _exports(store, instance)
                 start = export("_start")
                 assert isinstance(start, wasmtime.Func)
@@ -329,7 +329,7 @@ def _instantiate_error(module: WasmModule, limits: Limits, exc: BaseException) -
 def _exports(store: wasmtime.Store, instance: wasmtime.Instance) -> Callable[[str], Any]:
     """Look up ``instance``'s exports one by one (through the C API when
     tierbox's private calls load: wrapping all of them costs more)."""
-    api = control.c_api()
+    api = control.fast_api()
     if api is None:
         return instance.exports(store).get
     return lambda name: api.export(store, instance, name.encode())
@@ -338,7 +338,7 @@ def _exports(store: wasmtime.Store, instance: wasmtime.Instance) -> Callable[[st
 def _grow_refusals(export: Callable[[str], Any], store: wasmtime.Store) -> GrowRefusals | None:
     """The counters the rewritten module kept, read before its Store goes
     (the sizes only when something was refused: each read is a host call)."""
-    api = control.c_api()
+    api = control.fast_api()
 
     def read(name: str) -> int | None:
         g = export(name)

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 from tierbox.errors import SandboxError
 
@@ -55,41 +54,54 @@ def thread_dir() -> Path:
     return local
 
 
-class ThreadFiles(NamedTuple):
+class ThreadFiles:
     """A thread's stdout, stderr and stdin file paths, and read-only
-    descriptors of the first two, opened once and kept: each run's open
-    truncates the same files (one inode each), so reading output back costs a
-    ``pread`` rather than stat, open, read and close (system calls cost
-    several microseconds each in a VM)."""
+    descriptors of the first two, opened once per thread and kept: each
+    run's open truncates the same files (one inode each), so reading output
+    back costs a ``pread`` rather than stat, open, read and close (system
+    calls cost several microseconds each in a VM). The descriptors are
+    closed when the thread's locals go (the thread ended), or on a fork."""
 
-    stdout: str
-    stderr: str
-    stdin: str
-    stdout_fd: int
-    stderr_fd: int
+    __slots__ = ("pid", "stderr", "stderr_fd", "stdin", "stdout", "stdout_fd")
+
+    def __init__(self, base: str) -> None:
+        self.stdout, self.stderr, self.stdin = f"{base}/stdout", f"{base}/stderr", f"{base}/stdin"
+        self.pid = os.getpid()
+        self.stdout_fd = self.stderr_fd = -1
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.stdout_fd = os.open(self.stdout, flags, 0o600)
+            self.stderr_fd = os.open(self.stderr, flags, 0o600)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (self.stdout_fd, self.stderr_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.stdout_fd = self.stderr_fd = -1
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # a forked child's copy: its own close does it
+            self.close()
 
 
 def thread_files() -> ThreadFiles:
     """This thread's :class:`ThreadFiles` in its scratch directory."""
     files: ThreadFiles | None = getattr(_tls, "files", None)
-    if files is not None and _tls.files_pid == _scratch_pid == os.getpid():
+    if files is not None and files.pid == _scratch_pid == os.getpid():
         return files
     if files is not None:  # made before a fork: the child makes its own
-        for fd in (files.stdout_fd, files.stderr_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        files.close()
         _tls.files = None
     base = str(thread_dir())
-    out, err = f"{base}/stdout", f"{base}/stderr"
-    flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC
-    out_fd = os.open(out, flags, 0o600)
     try:
-        err_fd = os.open(err, flags, 0o600)
-    except BaseException:
-        os.close(out_fd)
-        raise
-    files = ThreadFiles(out, err, f"{base}/stdin", out_fd, err_fd)
-    _tls.files, _tls.files_pid = files, _scratch_pid
+        files = ThreadFiles(base)
+    except OSError as exc:
+        raise SandboxError(f"cannot open a Wasm run's output files in {base}: {exc}") from exc
+    _tls.files = files
     return files
 
 

@@ -52,8 +52,10 @@ used, and why:
 :func:`problems` checks each of these against the installed wasmtime (names,
 C symbols, and the C signatures wasmtime-py itself declares for them);
 ``tests/test_wasmtime_private.py`` fails on any change, naming it. Without
-them the tier still runs (:func:`load` returns None): timeouts fall back to
-plain epoch deadlines and the output cap is applied after the run.
+the three C functions the tier still runs (:func:`load` returns None):
+timeouts fall back to plain epoch deadlines and the output cap is applied
+after the run. Without the names the faster lookups and calls use
+(``CApi.fast`` False) only those fall back to wasmtime-py's public calls.
 """
 
 from __future__ import annotations
@@ -105,16 +107,20 @@ class CApi:
             (SYMBOLS[2], dll)
         )
         self._no_finalizer = _Finalizer()  # a NULL function pointer
-        from wasmtime import _extern, _ffi, _func
+        #: the faster lookups and calls (export by name, _start, an i64
+        #: global): without them the public calls run, stops stay precise
+        self.fast = _export_names() == []
+        if self.fast:
+            from wasmtime import _extern, _ffi, _func
 
-        self._export_get = _ffi.wasmtime_instance_export_get
-        self._extern_t = _ffi.wasmtime_extern_t
-        self._wrap = _extern.wrap_extern
-        self._global_get = _ffi.wasmtime_global_get
-        self._func_call = _ffi.wasmtime_func_call
-        self._enter_wasm = _func.enter_wasm
-        self._val_t = _ffi.wasmtime_val_t
-        self._i64 = _ffi.WASMTIME_I64.value
+            self._export_get = _ffi.wasmtime_instance_export_get
+            self._extern_t = _ffi.wasmtime_extern_t
+            self._wrap = _extern.wrap_extern
+            self._global_get = _ffi.wasmtime_global_get
+            self._func_call = _ffi.wasmtime_func_call
+            self._enter_wasm = _func.enter_wasm
+            self._val_t = _ffi.wasmtime_val_t
+            self._i64 = _ffi.WASMTIME_I64.value
 
     def set_deadline_callback(self, store: wasmtime.Store, callback: Any, data: int) -> None:
         """Call ``callback`` (a :data:`DeadlineCallback`) with ``data`` each
@@ -195,9 +201,9 @@ def _export_names() -> list[str]:
     """What :meth:`CApi.export` uses of wasmtime-py's internals."""
     found: list[str] = []
     try:
-        from wasmtime import _extern, _ffi
+        from wasmtime import _extern, _ffi, _func
     except ImportError as exc:
-        return [f"wasmtime._ffi or wasmtime._extern is gone: {exc}"]
+        return [f"wasmtime._ffi, _extern or _func is gone: {exc}"]
     for name in (
         "wasmtime_func_call",
         "wasmtime_instance_export_get",
@@ -210,8 +216,6 @@ def _export_names() -> list[str]:
             found.append(f"wasmtime._ffi.{name} is gone (an export by name, a global's value)")
     if not callable(getattr(_extern, "wrap_extern", None)):
         found.append("wasmtime._extern.wrap_extern is gone (a C extern as a Python object)")
-    from wasmtime import _func
-
     if not callable(getattr(_func, "enter_wasm", None)):
         found.append("wasmtime._func.enter_wasm is gone (how a call's trap becomes an exception)")
     if not callable(getattr(wasmtime.WasmtimeError, "_from_ptr", None)):
