@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from tierbox.errors import SandboxError
@@ -76,16 +77,21 @@ class ThreadFiles:
             self.close()
             raise
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
         for fd in (self.stdout_fd, self.stderr_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    _close(fd)
         self.stdout_fd = self.stderr_fd = -1
 
-    def __del__(self) -> None:
-        if self.pid == os.getpid():  # a forked child's copy: its own close does it
-            self.close()
+    def __del__(self, _getpid: Callable[[], int] = os.getpid) -> None:
+        # also runs while the interpreter shuts down, when module globals may
+        # be gone: the os functions are bound as defaults, and nothing raises
+        try:
+            if self.pid == _getpid():  # a forked child's copy: its own close does it
+                self.close()
+        except Exception:  # a finalizer must not print at exit
+            pass
 
 
 def thread_files() -> ThreadFiles:
