@@ -157,7 +157,7 @@ class WasmInstance(DirectoryFiles, Instance):
         self._cpu_s = 0.0
         self._ooms = 0
         self._root_dir: RootDir | None = None
-        #: this object's usage record, opened at the first exec (or kept from
+        #: this object's usage record, opened when its first command starts (or kept from
         #: a reused directory's last sandbox, cleared)
         self._usage: _state.Record | None = None
         #: running commands: a number of tierbox's own -> argv (no pids in WASI)
@@ -165,7 +165,6 @@ class WasmInstance(DirectoryFiles, Instance):
         #: runs going on now, whose linear memory sample() reads
         self._live: dict[int, RunControl] = {}
         self._modules: dict[str, tuple[tuple[int, ...], WasmModule]] = {}
-        self._module: WasmModule | None = None
 
     @property
     def image(self) -> str | None:
@@ -212,11 +211,8 @@ class WasmInstance(DirectoryFiles, Instance):
         argv, env = req.argv, req.env
         w = self.workload
         if w is not None and argv[0] in w.programs:
-            # the image's module as of the sandbox's first run: a sandbox keeps
-            # the image it started with (and skips a stat of it per exec)
-            if self._module is None:
-                self._module = w.module()
-            module: WasmModule | OSError = self._module
+            # kept with the workload: a sandbox keeps the image it started with
+            module: WasmModule | OSError = w.module()
         else:
             module = self._sandbox_module(argv[0])
         if isinstance(module, OSError):
@@ -565,7 +561,8 @@ class WasmTier(Tier):
         _check_spec(spec)
         fuel = self.fuel
         workload = resolve_workload(spec.image) if spec.image else None
-        module = _check_memory(workload, spec) if workload is not None else None
+        if workload is not None:
+            _check_memory(workload, spec)
         # root/ with an empty tmp/ (every sandbox has a /tmp), perhaps a usage record
         sandbox_id, root, record = _SLOTS.take()
         try:
@@ -579,7 +576,7 @@ class WasmTier(Tier):
         inst = WasmInstance(
             sandbox_id, spec, workload, root, fuel=fuel, fuel_per_cpu_s=self.fuel_per_cpu_s
         )
-        inst._usage, inst._module = record, module
+        inst._usage = record
         return inst
 
     def _run(
@@ -678,8 +675,7 @@ class WasmTier(Tier):
         return scratch.reap()
 
 
-def _check_memory(workload: Workload, spec: SandboxSpec) -> WasmModule:
-    """The workload's module, if it can start within the memory limit."""
+def _check_memory(workload: Workload, spec: SandboxSpec) -> None:
     limit = spec.limits.memory_mib
     module = workload.module()
     if limit is not None and module.min_memory_bytes > limit * MIB:
@@ -687,7 +683,6 @@ def _check_memory(workload: Workload, spec: SandboxSpec) -> WasmModule:
             f"{workload.source} needs at least {module.min_memory_bytes / MIB:.1f} MiB "
             f"of linear memory at start but memory_mib={limit}: raise the memory limit"
         )
-    return module
 
 
 # ------------------------------------------------------------------------ CLI
